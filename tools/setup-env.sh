@@ -1,0 +1,44 @@
+# setup-env.sh: sourced by tools/run-demo and tools/run-tests. Installs the Debian 12 packages a
+# step needs (only those missing), and configures and builds a meson build directory.
+
+# What building needled needs.
+NEEDLED_BUILD_PACKAGES="gcc libc6-dev pkg-config meson ninja-build check libyaml-dev nettle-dev
+  libsystemd-dev libusb-1.0-0-dev libsqlite3-dev libjson-c-dev zlib1g-dev"
+# What running the whole test suite needs on top: fuzzing (clang, libFuzzer runtime), valgrind,
+# USB emulation (umockdev), a private bus and polkit's test double (dbus, python3-dbusmock),
+# systemd-analyze for the unit's exposure score.
+NEEDLED_TEST_PACKAGES="clang libclang-rt-14-dev valgrind umockdev libumockdev-dev libglib2.0-dev
+  dbus python3 python3-dbus python3-dbusmock python3-gi systemd util-linux"
+# What the demo needs on top of the build: a private bus.
+NEEDLED_DEMO_PACKAGES="dbus"
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+
+# install_packages PKG...: apt-get installs those not yet installed (root, or sudo when present).
+install_packages() {
+        local missing=() p
+        for p in "$@"; do
+                dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        done
+        [ ${#missing[@]} -eq 0 ] && return 0
+        local sudo=()
+        if [ "$(id -u)" -ne 0 ]; then
+                command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${missing[*]}" >&2; return 1; }
+                sudo=(sudo)
+        fi
+        log "installing ${missing[*]}"
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# configure_build DIR [meson options...]: sets up (or reconfigures) DIR and builds it.
+configure_build() {
+        local dir=$1; shift
+        if [ -f "$dir/build.ninja" ]; then
+                meson setup --reconfigure "$dir" "$@" >/dev/null
+        else
+                meson setup "$dir" "$@" >/dev/null
+        fi
+        log "building $dir"
+        ninja -C "$dir" >/dev/null || ninja -C "$dir"
+}
