@@ -15,6 +15,7 @@ typedef struct verb {
 static const verb verbs[] = {
         { "check-limits",  verb_check_limits,  "check a limits file offline (like nginx -t)" },
         { "check-profile", verb_check_profile, "check a treatment profile offline against a limits file" },
+        { "audit",         verb_audit,         "verify the ledger's hash-chained audit trail" },
 };
 
 static void usage(FILE *out) {

@@ -1,0 +1,75 @@
+/* log.c: journal-aware logging (see log.h). */
+#define SD_JOURNAL_SUPPRESS_LOCATION 1
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <systemd/sd-journal.h>
+
+#include "log.h"
+
+#define LOG_FIELDS_MAX 16
+
+static int max_level = LOG_INFO;
+static const char *ident = "needled";
+static int to_journal = -1; /* unknown until the first line */
+
+void nd_log_set_max_level(int level) { max_level = level; }
+int nd_log_get_max_level(void) { return max_level; }
+void nd_log_set_ident(const char *name) { ident = name ? name : "needled"; }
+
+/* systemd sets JOURNAL_STREAM=dev:inode when stderr is connected to the journal. */
+static bool stderr_is_journal(void) {
+        const char *e = getenv("JOURNAL_STREAM");
+        unsigned long long dev, ino;
+        struct stat st;
+        if (!e || sscanf(e, "%llu:%llu", &dev, &ino) != 2 || fstat(STDERR_FILENO, &st) < 0)
+                return false;
+        return (unsigned long long) st.st_dev == dev && (unsigned long long) st.st_ino == ino;
+}
+
+static const char *level_name(int level) {
+        switch (level) {
+        case LOG_EMERG: case LOG_ALERT: case LOG_CRIT: case LOG_ERR: return "error";
+        case LOG_WARNING: return "warning";
+        case LOG_NOTICE: return "notice";
+        case LOG_INFO: return "info";
+        default: return "debug";
+        }
+}
+
+void nd_log_fullv(int level, const char *const *fields, const char *fmt, va_list ap) {
+        if (level > max_level)
+                return;
+        int saved_errno = errno;
+        char message[2048];
+        vsnprintf(message, sizeof message, fmt, ap);
+
+        if (to_journal < 0)
+                to_journal = stderr_is_journal();
+        if (to_journal) {
+                struct iovec iov[LOG_FIELDS_MAX + 3];
+                char priority[32];
+                _cleanup_free_ char *msg_field = NULL;
+                size_t n = 0;
+                if (asprintf(&msg_field, "MESSAGE=%s", message) >= 0) {
+                        snprintf(priority, sizeof priority, "PRIORITY=%d", level);
+                        iov[n++] = (struct iovec) { .iov_base = msg_field, .iov_len = strlen(msg_field) };
+                        iov[n++] = (struct iovec) { .iov_base = priority, .iov_len = strlen(priority) };
+                        for (size_t i = 0; fields && fields[i] && i < LOG_FIELDS_MAX; i++)
+                                iov[n++] = (struct iovec) { .iov_base = (void *) fields[i], .iov_len = strlen(fields[i]) };
+                        if (sd_journal_sendv(iov, (int) n) >= 0) {
+                                errno = saved_errno;
+                                return;
+                        }
+                }
+        }
+        fprintf(stderr, "%s: %s: %s\n", ident, level_name(level), message);
+        errno = saved_errno;
+}
+
+void nd_log_full(int level, const char *const *fields, const char *fmt, ...) {
+        va_list ap;
+        va_start(ap, fmt);
+        nd_log_fullv(level, fields, fmt, ap);
+        va_end(ap);
+}

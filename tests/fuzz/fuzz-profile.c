@@ -1,0 +1,95 @@
+/* fuzz-profile.c: the profile parser on arbitrary bytes, against fixed limits (the defaults of
+ * formats.md), then the pen checks of a simulated pen. Checks the parser's contract: success
+ * means a valid profile with every field, -EINVAL means at least one violation. */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "diag.h"
+#include "profile.h"
+#include "safety-limits.h"
+#include "util.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static const char LIMITS[] =
+        "version: 1\n"
+        "pen:\n"
+        "  speed_hz: {min: 50, max: 150}\n"
+        "  depth_tolerance_mm: 0.15\n"
+        "  warn_temperature_c: 41\n"
+        "  max_temperature_c: 43\n"
+        "  max_current_ma: 1200\n"
+        "  stall_speed_fraction: 0.7\n"
+        "  stall_time_ms: 250\n"
+        "  min_battery_percent: 20\n"
+        "  stop_battery_percent: 5\n"
+        "  heartbeat_timeout_ms: 500\n"
+        "session:\n"
+        "  max_duration_s: 2700\n"
+        "  client_heartbeat_timeout_ms: 0\n"
+        "cartridge:\n"
+        "  single_use: true\n"
+        "  max_runtime_s: 3600\n"
+        "  allowed_needles: [12, 14, 16, 24, 36, 42]\n"
+        "areas:\n"
+        "  periorbital: {max_depth_mm: 0.5}\n"
+        "  forehead:    {max_depth_mm: 0.75}\n"
+        "  cheeks:      {max_depth_mm: 1.5}\n"
+        "  neck:        {max_depth_mm: 1.0}\n"
+        "  scalp:       {max_depth_mm: 1.5}\n"
+        "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800}\n";
+
+static const nd_pen_caps SIM_PEN = { 0.0, 2.5, 0.05, 25, 150 };
+
+static nd_limits *limits(void) {
+        /* Loaded once: the fuzzer calls the target millions of times. */
+        static nd_limits *l;
+        if (!l && nd_limits_load_data(LIMITS, strlen(LIMITS), "limits.yaml", &l, NULL) < 0)
+                abort();
+        return l;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+        const nd_limits *l = limits();
+        nd_diags d = ND_DIAGS_INIT;
+        nd_profile *p = NULL;
+
+        int r = nd_profile_parse(data, size, NULL, l, &p, &d);
+        if (r == 0) {
+                if (!p || !p->valid || nd_diags_count(&d) != 0 || !p->has_name || !p->has_indication ||
+                    !p->has_area || !p->has_depth_mm || !p->has_speed_hz || !p->has_duration_s || !p->has_needles)
+                        abort();
+                const nd_area_limits *a = nd_limits_find_area(l, p->area);
+                if (!a || !(p->depth_mm > 0 && p->depth_mm <= a->max_depth_mm) ||
+                    !(p->speed_hz >= l->pen.speed_min_hz && p->speed_hz <= nd_limits_area_max_speed_hz(l, a)) ||
+                    p->duration_s > nd_limits_area_max_duration_s(l, a))
+                        abort();
+                /* What was validated, the daemon re-checks on adjustment: it must agree. */
+                if (nd_limits_check_depth(l, p->area, p->depth_mm, &d) != 0 ||
+                    nd_limits_check_speed(l, p->area, p->speed_hz, &d) != 0)
+                        abort();
+        } else if (r == -EINVAL) {
+                if (p && p->valid)
+                        abort();
+                if (nd_diags_count(&d) == 0)
+                        abort();
+        } else if (r != -ENOMEM)
+                abort();
+
+        if (p) {
+                int k = nd_profile_check_pen(p, &SIM_PEN, true, 12, &d);
+                if (k != 0 && k != -EINVAL)
+                        abort();
+        }
+        for (size_t i = 0; i < nd_diags_count(&d); i++) {
+                char *line = nd_diag_format(&d.items[i]);
+                if (!line || !*d.items[i].code || !*d.items[i].message)
+                        abort();
+                free(line);
+        }
+        nd_profile_free(p);
+        nd_diags_clear(&d);
+        return 0;
+}
