@@ -1,0 +1,1650 @@
+/* ledger.c: the treatment ledger on SQLite (see ledger.h and docs/ledger.md). */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <systemd/sd-id128.h>
+#include <unistd.h>
+
+#include "ledger.h"
+
+/* Long enough for a writer that holds the lock for one commit; short enough never to stall the
+ * event loop noticeably. Another process holding the database longer gets -EBUSY (Storage). */
+#define LEDGER_BUSY_TIMEOUT_MS 250
+#define REASON_MAX 64
+#define HASH_HEX_LEN (ND_SHA256_HEX_SIZE - 1)
+#define ROW_DIGEST_PREFIX "row-sha256="
+#define AUDIT_ACTION_BEGIN "session-begin"
+#define AUDIT_ACTION_END "session-end"
+#define LEDGER_SYNC_NORMAL 1
+#define LEDGER_SYNC_FULL 2
+
+/* The domain tags make a digest of one kind of record unusable as another kind's. */
+#define AUDIT_HASH_TAG "needled-audit-v1\n"
+#define SESSION_BEGIN_TAG "needled-session-begin-v1\n"
+#define SESSION_END_TAG "needled-session-end-v1\n"
+
+static const char zero_hash[ND_SHA256_HEX_SIZE] =
+        "0000000000000000000000000000000000000000000000000000000000000000";
+
+struct nd_ledger {
+        sqlite3 *db;
+        char *path;
+        int synchronous;        /* the PRAGMA synchronous in force; -1: unknown */
+        char error[1024];
+};
+
+static inline void sqlite3_finalizep(sqlite3_stmt **s) {
+        if (*s)
+                sqlite3_finalize(*s);
+}
+static inline void sqlite3_closep(sqlite3 **db) {
+        if (*db)
+                sqlite3_close_v2(*db);
+}
+#define _cleanup_stmt_ _cleanup_(sqlite3_finalizep)
+
+/* ---- errors ---- */
+
+/* The errno class of an SQLite result code (see ledger.h for what callers do with it). */
+static int errno_from_sqlite(sqlite3 *db, int rc) {
+        int sys = db ? sqlite3_system_errno(db) : 0;
+
+        switch (rc & 0xff) {
+        case SQLITE_FULL:
+                return -ENOSPC;
+        case SQLITE_READONLY:
+        case SQLITE_CANTOPEN:
+        case SQLITE_PERM:
+        case SQLITE_AUTH:
+                return -EROFS;
+        case SQLITE_CORRUPT:
+        case SQLITE_NOTADB:
+        case SQLITE_FORMAT:
+                return -EBADMSG;
+        case SQLITE_BUSY:
+        case SQLITE_LOCKED:
+                return -EBUSY;
+        case SQLITE_NOMEM:
+                return -ENOMEM;
+        case SQLITE_CONSTRAINT:
+                return -EEXIST;
+        case SQLITE_IOERR:
+                if (sys == ENOSPC || sys == EDQUOT)
+                        return -ENOSPC;
+                if (sys == EROFS || sys == EACCES || sys == EPERM)
+                        return -EROFS;
+                return -EIO;
+        default:
+                return -EIO;
+        }
+}
+
+_printf_(3, 4)
+static int set_error(nd_ledger *l, int r, const char *fmt, ...) {
+        va_list ap;
+        int n = snprintf(l->error, sizeof l->error, "%s: ", l->path);
+        if (n < 0 || (size_t) n >= sizeof l->error)
+                n = 0;
+        va_start(ap, fmt);
+        vsnprintf(l->error + n, sizeof l->error - (size_t) n, fmt, ap);
+        va_end(ap);
+        return r;
+}
+
+/* Records an SQLite failure with what was being done; returns its -errno. */
+static int sql_error(nd_ledger *l, int rc, const char *what) {
+        int r = errno_from_sqlite(l->db, rc);
+        int sys = sqlite3_system_errno(l->db);
+
+        if (sys != 0 && (rc & 0xff) != SQLITE_CONSTRAINT)
+                return set_error(l, r, "%s: %s (%s)", what, sqlite3_errmsg(l->db), strerror(sys));
+        return set_error(l, r, "%s: %s", what, sqlite3_errmsg(l->db));
+}
+
+/* ---- argument checks ---- */
+
+static bool utf8_valid(const char *s) {
+        const unsigned char *p = (const unsigned char *) s;
+
+        while (*p) {
+                unsigned c = *p, n;
+                uint32_t cp;
+                if (c < 0x80) {
+                        p++;
+                        continue;
+                } else if ((c & 0xe0) == 0xc0) {
+                        n = 1;
+                        cp = c & 0x1f;
+                } else if ((c & 0xf0) == 0xe0) {
+                        n = 2;
+                        cp = c & 0x0f;
+                } else if ((c & 0xf8) == 0xf0) {
+                        n = 3;
+                        cp = c & 0x07;
+                } else
+                        return false;
+                for (unsigned i = 1; i <= n; i++) {
+                        if ((p[i] & 0xc0) != 0x80)
+                                return false;
+                        cp = (cp << 6) | (p[i] & 0x3f);
+                }
+                /* Overlong forms, surrogates and values beyond Unicode are not UTF-8. */
+                if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
+                    (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff)
+                        return false;
+                p += n + 1;
+        }
+        return true;
+}
+
+/* Text must be present, valid UTF-8 (it goes out over D-Bus) and bounded. */
+static int check_text(nd_ledger *l, const char *field, const char *s, size_t max, bool allow_empty) {
+        if (!s)
+                return set_error(l, -EINVAL, "%s is missing", field);
+        size_t n = strnlen(s, max + 1);
+        if (n > max)
+                return set_error(l, -EINVAL, "%s is longer than %zu bytes", field, max);
+        if (n == 0 && !allow_empty)
+                return set_error(l, -EINVAL, "%s is empty", field);
+        if (!utf8_valid(s))
+                return set_error(l, -EINVAL, "%s is not valid UTF-8", field);
+        return 0;
+}
+
+static bool is_session_id(const char *s) {
+        if (!s || strlen(s) != ND_LEDGER_SESSION_ID_SIZE - 1)
+                return false;
+        for (size_t i = 0; i < ND_LEDGER_SESSION_ID_SIZE - 1; i++) {
+                bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+                if (dash ? s[i] != '-' : !((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+                        return false;
+        }
+        return true;
+}
+
+static int check_session_id(nd_ledger *l, const char *id) {
+        if (!is_session_id(id))
+                return set_error(l, -EINVAL, "'%s' is not a session id (a lower-case UUID)", strempty(id));
+        return 0;
+}
+
+/* Reasons are the kebab codes of SessionEnded: "completed", "fault:over-temperature", ... */
+static int check_reason(nd_ledger *l, const char *reason) {
+        if (!reason || !*reason || strlen(reason) > REASON_MAX)
+                return set_error(l, -EINVAL, "end reason '%s' is empty or too long", strempty(reason));
+        for (const char *p = reason; *p; p++)
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '-' || *p == ':'))
+                        return set_error(l, -EINVAL, "end reason '%s' is not a kebab code", reason);
+        return 0;
+}
+
+static bool value_ok(double v) {
+        return isfinite(v) && v >= 0;
+}
+
+static int check_stats(nd_ledger *l, const nd_ledger_stats *st) {
+        if (!st)
+                return set_error(l, -EINVAL, "no session figures");
+        if (!value_ok(st->duration_s) || !value_ok(st->max_depth_mm) || !value_ok(st->max_speed_hz) ||
+            !value_ok(st->max_current_ma) || !isfinite(st->max_temperature_c))
+                return set_error(l, -EINVAL, "session figures must be finite (and not negative)");
+        if (st->strokes > (uint64_t) INT64_MAX)
+                return set_error(l, -EINVAL, "stroke count %" PRIu64 " out of range", st->strokes);
+        return 0;
+}
+
+static bool time_ok(uint64_t t_us) {
+        return t_us <= (uint64_t) INT64_MAX;
+}
+
+/* ---- canonical encodings for the hashes (docs/ledger.md, "Hashes") ---- */
+
+typedef struct enc {
+        char *data;
+        size_t len, cap;
+        bool oom;
+} enc;
+
+static void enc_done(enc *e) {
+        free(e->data);
+        *e = (enc) { 0 };
+}
+
+static void enc_bytes(enc *e, const void *p, size_t n) {
+        if (e->oom)
+                return;
+        if (e->len + n + 1 > e->cap) {
+                size_t cap = MAX(e->cap * 2, e->len + n + 1);
+                char *d = realloc(e->data, MAX(cap, (size_t) 256));
+                if (!d) {
+                        e->oom = true;
+                        return;
+                }
+                e->data = d;
+                e->cap = MAX(cap, (size_t) 256);
+        }
+        memcpy(e->data + e->len, p, n);
+        e->len += n;
+}
+
+static void enc_fmt(enc *e, const char *fmt, ...) _printf_(2, 3);
+static void enc_fmt(enc *e, const char *fmt, ...) {
+        char buf[64];
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
+        if (n < 0 || (size_t) n >= sizeof buf) {
+                e->oom = true;
+                return;
+        }
+        enc_bytes(e, buf, (size_t) n);
+}
+
+/* i<decimal>\n ; r<16 hex digits of the IEEE-754 bits>\n ; t<length>:<bytes>\n ;
+ * b<length>:<bytes>\n ; n\n. Locale-independent and unambiguous: every field says its type and
+ * text says its length before its bytes. */
+static void enc_int(enc *e, int64_t v) {
+        enc_fmt(e, "i%" PRId64 "\n", v);
+}
+static void enc_real(enc *e, double v) {
+        uint64_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        enc_fmt(e, "r%016" PRIx64 "\n", bits);
+}
+static void enc_text(enc *e, const char *s, size_t n) {
+        enc_fmt(e, "t%zu:", n);
+        enc_bytes(e, s, n);
+        enc_bytes(e, "\n", 1);
+}
+static void enc_str(enc *e, const char *s) {
+        enc_text(e, s, strlen(s));
+}
+
+/* Encodes a result column by its stored type, so a value whose type was changed hashes differently. */
+static void enc_column(enc *e, sqlite3_stmt *st, int col) {
+        switch (sqlite3_column_type(st, col)) {
+        case SQLITE_INTEGER:
+                enc_int(e, sqlite3_column_int64(st, col));
+                break;
+        case SQLITE_FLOAT:
+                enc_real(e, sqlite3_column_double(st, col));
+                break;
+        case SQLITE_TEXT: {
+                const char *t = (const char *) sqlite3_column_text(st, col);
+                enc_text(e, t ? t : "", (size_t) sqlite3_column_bytes(st, col));
+                break;
+        }
+        case SQLITE_BLOB: {
+                const void *b = sqlite3_column_blob(st, col);
+                size_t n = (size_t) sqlite3_column_bytes(st, col);
+                enc_fmt(e, "b%zu:", n);
+                enc_bytes(e, b, n);
+                enc_bytes(e, "\n", 1);
+                break;
+        }
+        default:
+                enc_bytes(e, "n\n", 2);
+        }
+}
+
+static int enc_digest(enc *e, char out[static ND_SHA256_HEX_SIZE]) {
+        if (e->oom)
+                return -ENOMEM;
+        nd_sha256_hex(e->data, e->len, out);
+        return 0;
+}
+
+/* The hash of an audit entry: AUDIT_HASH_TAG, then seq, time_us, uid, pid as integers and actor,
+ * action, object, detail, prev_hash as text. */
+static int audit_entry_hash(int64_t seq, int64_t time_us, int64_t uid, int64_t pid, const char *actor,
+                            const char *action, const char *object, const char *detail, const char *prev_hash,
+                            char out[static ND_SHA256_HEX_SIZE]) {
+        _cleanup_(enc_done) enc e = { 0 };
+        enc_bytes(&e, AUDIT_HASH_TAG, strlen(AUDIT_HASH_TAG));
+        enc_int(&e, seq);
+        enc_int(&e, time_us);
+        enc_int(&e, uid);
+        enc_int(&e, pid);
+        enc_str(&e, actor);
+        enc_str(&e, action);
+        enc_str(&e, object);
+        enc_str(&e, detail);
+        enc_str(&e, prev_hash);
+        return enc_digest(&e, out);
+}
+
+/* The columns of a session fixed when it starts, and all its columns once it has ended: the
+ * audit entries of its start and end carry their digests, which ties the rows to the chain. */
+#define SESSION_BEGIN_DIGEST_COLUMNS \
+        "id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, profile_digest, " \
+        "limits_digest, label, owner_uid, owner_pid, owner_name, start_us, single_use, max_runtime_s"
+#define SESSION_END_DIGEST_COLUMNS SESSION_BEGIN_DIGEST_COLUMNS ", " \
+        "end_us, duration_s, strokes, max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, end_reason"
+
+static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE],
+                              int *ret_sqlite_rc) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        const char *sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS " FROM sessions WHERE id = ?1"
+                                : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS " FROM sessions WHERE id = ?1";
+        int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return -ENOENT;
+        if (rc != SQLITE_ROW) {
+                *ret_sqlite_rc = rc;
+                return -EIO;
+        }
+        _cleanup_(enc_done) enc e = { 0 };
+        const char *tag = ended ? SESSION_END_TAG : SESSION_BEGIN_TAG;
+        enc_bytes(&e, tag, strlen(tag));
+        for (int i = 0; i < sqlite3_column_count(st); i++)
+                enc_column(&e, st, i);
+        return enc_digest(&e, out);
+}
+
+/* ---- small SQL helpers ---- */
+
+static int exec(nd_ledger *l, const char *sql, const char *what) {
+        int rc = sqlite3_exec(l->db, sql, NULL, NULL, NULL);
+        if (rc != SQLITE_OK)
+                return sql_error(l, rc, what);
+        return 0;
+}
+
+static int prepare(nd_ledger *l, const char *sql, sqlite3_stmt **ret) {
+        int rc = sqlite3_prepare_v2(l->db, sql, -1, ret, NULL);
+        if (rc != SQLITE_OK)
+                return sql_error(l, rc, "preparing a statement");
+        return 0;
+}
+
+/* Steps a statement that returns no row. */
+static int step_done(nd_ledger *l, sqlite3_stmt *st, const char *what) {
+        int rc = sqlite3_step(st);
+        if (rc != SQLITE_DONE)
+                return sql_error(l, rc, what);
+        return 0;
+}
+
+static int set_synchronous(nd_ledger *l, int level) {
+        if (l->synchronous == level)
+                return 0;
+        int r = exec(l, level == LEDGER_SYNC_FULL ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL",
+                     "setting the sync mode");
+        if (r < 0)
+                return r;
+        l->synchronous = level;
+        return 0;
+}
+
+static void tx_rollback(nd_ledger *l) {
+        /* SQLite may already have rolled back after a full disk or I/O error. */
+        if (!sqlite3_get_autocommit(l->db))
+                (void) sqlite3_exec(l->db, "ROLLBACK", NULL, NULL, NULL);
+}
+
+/* IMMEDIATE: take the write lock now, so a transaction never fails half way for a lock. */
+static int tx_begin(nd_ledger *l, int sync_level) {
+        int r = set_synchronous(l, sync_level);
+        if (r < 0)
+                return r;
+        return exec(l, "BEGIN IMMEDIATE", "starting a transaction");
+}
+
+static int tx_commit(nd_ledger *l) {
+        int r = exec(l, "COMMIT", "committing");
+        if (r < 0)
+                tx_rollback(l);
+        return r;
+}
+
+static int bind_text(sqlite3_stmt *st, int i, const char *s) {
+        return sqlite3_bind_text(st, i, s, -1, SQLITE_STATIC);
+}
+
+/* ---- schema and migrations ---- */
+
+static int migrate_to_1(nd_ledger *l) {
+        static const char schema[] =
+                "CREATE TABLE cartridges ("
+                "  id TEXT PRIMARY KEY NOT NULL,"
+                "  needles INTEGER NOT NULL CHECK (needles > 0),"
+                "  first_used_us INTEGER NOT NULL,"
+                "  state TEXT NOT NULL CHECK (state IN ('fresh', 'in-use', 'spent'))"
+                ") STRICT;"
+                "CREATE TABLE sessions ("
+                "  id TEXT PRIMARY KEY NOT NULL,"
+                "  pen_serial TEXT NOT NULL,"
+                "  cartridge_id TEXT NOT NULL REFERENCES cartridges(id),"
+                "  needles INTEGER NOT NULL,"
+                "  profile_name TEXT NOT NULL,"
+                "  profile_yaml TEXT NOT NULL,"
+                "  profile_digest TEXT NOT NULL,"
+                "  limits_digest TEXT NOT NULL,"
+                "  label TEXT NOT NULL,"
+                "  owner_uid INTEGER NOT NULL,"
+                "  owner_pid INTEGER NOT NULL,"
+                "  owner_name TEXT NOT NULL,"
+                "  single_use INTEGER NOT NULL CHECK (single_use IN (0, 1)),"
+                "  max_runtime_s INTEGER NOT NULL,"
+                "  start_us INTEGER NOT NULL,"
+                "  updated_us INTEGER NOT NULL,"
+                "  end_us INTEGER,"                     /* NULL while running */
+                "  duration_s REAL NOT NULL DEFAULT 0,"
+                "  strokes INTEGER NOT NULL DEFAULT 0,"
+                "  max_depth_mm REAL NOT NULL DEFAULT 0,"
+                "  max_speed_hz REAL NOT NULL DEFAULT 0,"
+                "  max_temperature_c REAL NOT NULL DEFAULT 0,"
+                "  max_current_ma REAL NOT NULL DEFAULT 0,"
+                "  end_reason TEXT,"                    /* NULL while running */
+                "  CHECK ((end_us IS NULL) = (end_reason IS NULL))"
+                ") STRICT;"
+                "CREATE INDEX sessions_by_start ON sessions(start_us);"
+                "CREATE INDEX sessions_by_pen ON sessions(pen_serial, start_us);"
+                "CREATE INDEX sessions_by_cartridge ON sessions(cartridge_id);"
+                "CREATE INDEX sessions_running ON sessions(end_us) WHERE end_us IS NULL;"
+                "CREATE TABLE audit ("
+                "  seq INTEGER PRIMARY KEY,"
+                "  time_us INTEGER NOT NULL,"
+                "  uid INTEGER NOT NULL,"
+                "  pid INTEGER NOT NULL,"
+                "  actor TEXT NOT NULL,"
+                "  action TEXT NOT NULL,"
+                "  object TEXT NOT NULL,"
+                "  detail TEXT NOT NULL,"
+                "  prev_hash TEXT NOT NULL,"
+                "  hash TEXT NOT NULL"
+                ") STRICT;"
+                "CREATE INDEX audit_by_object ON audit(object, action);"
+                /* The count and hash of the last entry, written in the same transaction as every
+                 * entry: the chain alone cannot show that entries were cut from its end. */
+                "CREATE TABLE audit_head ("
+                "  id INTEGER PRIMARY KEY CHECK (id = 1),"
+                "  count INTEGER NOT NULL,"
+                "  head_hash TEXT NOT NULL"
+                ") STRICT;"
+                "INSERT INTO audit_head (id, count, head_hash) VALUES "
+                "  (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');";
+        return exec(l, schema, "creating the schema (version 1)");
+}
+
+/* migrations[v - 1] brings a database at version v - 1 to version v. Version 2 is one more
+ * function here; the loop in migrate() runs every step a file needs, each in its own
+ * transaction, with the version written in that same transaction. */
+static int (*const migrations[])(nd_ledger *l) = {
+        migrate_to_1,
+};
+_Static_assert(ELEMENTSOF(migrations) == ND_LEDGER_SCHEMA_VERSION, "one migration per schema version");
+
+static int pragma_int(sqlite3 *db, const char *sql, int64_t *ret, int *ret_rc) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st);
+        if (rc != SQLITE_ROW) {
+                *ret_rc = rc;
+                return -EIO;
+        }
+        *ret = sqlite3_column_int64(st, 0);
+        return 0;
+}
+
+static int migrate(nd_ledger *l, int64_t from) {
+        for (int64_t v = from + 1; v <= ND_LEDGER_SCHEMA_VERSION; v++) {
+                char sql[64];
+                int r = tx_begin(l, LEDGER_SYNC_FULL);
+                if (r < 0)
+                        return r;
+                r = migrations[v - 1](l);
+                if (r >= 0 && v == 1) {
+                        snprintf(sql, sizeof sql, "PRAGMA application_id=%d", ND_LEDGER_APPLICATION_ID);
+                        r = exec(l, sql, "writing the application id");
+                }
+                if (r >= 0) {
+                        snprintf(sql, sizeof sql, "PRAGMA user_version=%" PRId64, v);
+                        r = exec(l, sql, "writing the schema version");
+                }
+                if (r < 0) {
+                        tx_rollback(l);
+                        return r;
+                }
+                r = tx_commit(l);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+/* Reads the file without writing: it must be a database, intact, ours, and not from the future. */
+static int check_file(nd_ledger *l, int64_t *ret_version) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int64_t app_id, version, tables;
+        int rc = SQLITE_OK;
+
+        rc = sqlite3_prepare_v2(l->db, "PRAGMA quick_check", -1, &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st);
+        if (rc != SQLITE_ROW) {
+                int code = rc & 0xff;
+                const char *what = code == SQLITE_NOTADB  ? "not an SQLite database" :
+                                   code == SQLITE_CORRUPT ? "the database is corrupt" :
+                                   code == SQLITE_READONLY || code == SQLITE_CANTOPEN ?
+                                           "cannot read the database: write-ahead logging needs its directory "
+                                           "writable" :
+                                   "cannot read the database";
+                return set_error(l, errno_from_sqlite(l->db, rc), "%s (%s); left as it is", what,
+                                 sqlite3_errmsg(l->db));
+        }
+        const char *res = (const char *) sqlite3_column_text(st, 0);
+        if (!res || !STREQ(res, "ok"))
+                return set_error(l, -EBADMSG, "the database is corrupt (quick_check: %s); left as it is", strempty(res));
+
+        if (pragma_int(l->db, "PRAGMA application_id", &app_id, &rc) < 0 ||
+            pragma_int(l->db, "PRAGMA user_version", &version, &rc) < 0 ||
+            pragma_int(l->db, "SELECT count(*) FROM sqlite_schema", &tables, &rc) < 0)
+                return sql_error(l, rc, "reading the schema version");
+
+        if (app_id != 0 && app_id != ND_LEDGER_APPLICATION_ID)
+                return set_error(l, -EBADMSG, "not a needled ledger (application id 0x%08" PRIx64 "); left as it is",
+                                 (uint64_t) app_id);
+        if (app_id == 0 && (version != 0 || tables != 0))
+                return set_error(l, -EBADMSG, "a database of another program (no needled application id); left as it is");
+        if (version > ND_LEDGER_SCHEMA_VERSION || version < 0)
+                return set_error(l, -ENOTSUP,
+                                 "schema version %" PRId64 " is newer than this needled understands (%d); "
+                                 "refusing to touch it (downgrade is not supported)",
+                                 version, ND_LEDGER_SCHEMA_VERSION);
+        *ret_version = version;
+        return 0;
+}
+
+int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
+        _cleanup_(nd_ledger_closep) nd_ledger *l = NULL;
+        struct stat stbuf;
+        int64_t version = 0;
+        int r, rc;
+
+        if (!ret)
+                return -EINVAL;
+        *ret = NULL;
+        if (error)
+                *error = NULL;
+        if (!state_dir || !*state_dir) {
+                if (error)
+                        *error = strdup("no state directory given");
+                return -EINVAL;
+        }
+
+        l = calloc(1, sizeof *l);
+        if (!l)
+                return -ENOMEM;
+        l->synchronous = -1;
+        if (asprintf(&l->path, "%s/%s", state_dir, ND_LEDGER_FILE_NAME) < 0) {
+                l->path = NULL;
+                return -ENOMEM;
+        }
+
+        if (stat(state_dir, &stbuf) < 0)
+                r = set_error(l, -errno, "state directory %s: %s", state_dir, strerror(errno));
+        else if (!S_ISDIR(stbuf.st_mode))
+                r = set_error(l, -ENOTDIR, "state directory %s is not a directory", state_dir);
+        else if (lstat(l->path, &stbuf) == 0 && !S_ISREG(stbuf.st_mode))
+                r = set_error(l, S_ISDIR(stbuf.st_mode) ? -EISDIR : -EBADMSG, "not a regular file");
+        else {
+                rc = sqlite3_open_v2(l->path, &l->db,
+                                     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOFOLLOW |
+                                     SQLITE_OPEN_EXRESCODE,
+                                     NULL);
+                if (rc != SQLITE_OK && access(state_dir, W_OK | X_OK) < 0)
+                        r = set_error(l, errno_from_sqlite(l->db, rc),
+                                      "cannot open or create the ledger: state directory %s is not writable (%s)",
+                                      state_dir, strerror(errno));
+                else if (rc != SQLITE_OK)
+                        r = sql_error(l, rc, "cannot open or create the ledger");
+                else if (sqlite3_db_readonly(l->db, "main") == 1)
+                        /* SQLite quietly falls back to read-only when the file is not writable. */
+                        r = set_error(l, -EROFS, "the ledger is not writable");
+                else
+                        r = 0;
+        }
+        if (r >= 0) {
+                sqlite3_extended_result_codes(l->db, 1);
+                sqlite3_busy_timeout(l->db, LEDGER_BUSY_TIMEOUT_MS);
+                r = check_file(l, &version);
+        }
+        /* Only now, with the file known to be ours, is anything written. */
+        if (r >= 0)
+                r = exec(l, "PRAGMA trusted_schema=OFF; PRAGMA foreign_keys=ON", "configuring the connection");
+        if (r >= 0) {
+                _cleanup_stmt_ sqlite3_stmt *st = NULL;
+                r = prepare(l, "PRAGMA journal_mode=WAL", &st);
+                if (r >= 0) {
+                        rc = sqlite3_step(st);
+                        const char *mode = rc == SQLITE_ROW ? (const char *) sqlite3_column_text(st, 0) : NULL;
+                        if (rc != SQLITE_ROW)
+                                r = sql_error(l, rc, "switching to write-ahead logging");
+                        else if (!mode || strcasecmp(mode, "wal") != 0)
+                                r = set_error(l, -EIO, "cannot switch to write-ahead logging (journal mode %s)",
+                                              strempty(mode));
+                }
+        }
+        if (r >= 0)
+                r = set_synchronous(l, LEDGER_SYNC_FULL);
+        if (r >= 0)
+                r = migrate(l, version);
+        if (r < 0) {
+                if (error)
+                        *error = strdup(l->error);
+                return r;
+        }
+
+        l->error[0] = '\0';
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+nd_ledger *nd_ledger_close(nd_ledger *l) {
+        if (!l)
+                return NULL;
+        if (l->db)
+                sqlite3_close_v2(l->db);
+        free(l->path);
+        free(l);
+        return NULL;
+}
+
+const char *nd_ledger_path(const nd_ledger *l) {
+        return l ? l->path : NULL;
+}
+
+const char *nd_ledger_last_error(const nd_ledger *l) {
+        return l ? l->error : "";
+}
+
+int nd_ledger_set_max_pages(nd_ledger *l, uint32_t pages) {
+        char sql[64];
+        if (!l)
+                return -EINVAL;
+        /* SQLite's compiled-in maximum applies for 0. */
+        snprintf(sql, sizeof sql, "PRAGMA max_page_count=%" PRIu32, pages ? pages : UINT32_MAX - 1);
+        return exec(l, sql, "setting the page cap");
+}
+
+int nd_ledger_session_id_new(char out[static ND_LEDGER_SESSION_ID_SIZE]) {
+        sd_id128_t id;
+        int r = sd_id128_randomize(&id); /* getrandom(2); sets the version 4 and variant bits */
+        if (r < 0)
+                return r;
+        sd_id128_to_uuid_string(id, out);
+        return 0;
+}
+
+/* ---- the audit trail ---- */
+
+static int audit_append_tx(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_t pid, const char *actor,
+                           const char *action, const char *object, const char *detail) {
+        _cleanup_stmt_ sqlite3_stmt *last = NULL, *ins = NULL, *head = NULL;
+        char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE];
+        int64_t seq = 1;
+        int r, rc;
+
+        /* The chain continues from the last entry as stored. */
+        r = prepare(l, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &last);
+        if (r < 0)
+                return r;
+        rc = sqlite3_step(last);
+        if (rc == SQLITE_ROW) {
+                const char *h = (const char *) sqlite3_column_text(last, 1);
+                if (sqlite3_column_type(last, 0) != SQLITE_INTEGER || !h || strlen(h) != HASH_HEX_LEN)
+                        return set_error(l, -EBADMSG, "the last audit entry is malformed");
+                seq = sqlite3_column_int64(last, 0) + 1;
+                memcpy(prev, h, sizeof prev);
+        } else if (rc == SQLITE_DONE)
+                memcpy(prev, zero_hash, sizeof prev);
+        else
+                return sql_error(l, rc, "reading the audit trail");
+
+        r = audit_entry_hash(seq, (int64_t) time_us, uid, pid, actor, action, object, detail, prev, hash);
+        if (r < 0)
+                return set_error(l, r, "hashing an audit entry: out of memory");
+
+        r = prepare(l, "INSERT INTO audit (seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash) "
+                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)", &ins);
+        if (r < 0)
+                return r;
+        sqlite3_bind_int64(ins, 1, seq);
+        sqlite3_bind_int64(ins, 2, (int64_t) time_us);
+        sqlite3_bind_int64(ins, 3, uid);
+        sqlite3_bind_int64(ins, 4, pid);
+        bind_text(ins, 5, actor);
+        bind_text(ins, 6, action);
+        bind_text(ins, 7, object);
+        bind_text(ins, 8, detail);
+        bind_text(ins, 9, prev);
+        bind_text(ins, 10, hash);
+        r = step_done(l, ins, "appending to the audit trail");
+        if (r < 0)
+                return r;
+
+        r = prepare(l, "UPDATE audit_head SET count = ?1, head_hash = ?2 WHERE id = 1", &head);
+        if (r < 0)
+                return r;
+        sqlite3_bind_int64(head, 1, seq);
+        bind_text(head, 2, hash);
+        r = step_done(l, head, "updating the audit head");
+        if (r < 0)
+                return r;
+        if (sqlite3_changes(l->db) != 1)
+                return set_error(l, -EBADMSG, "the audit head record is missing");
+        return 0;
+}
+
+static int check_audit_fields(nd_ledger *l, const char *actor, const char *action, const char *object,
+                              const char *detail) {
+        int r;
+        if ((r = check_text(l, "audit actor", actor, ND_LEDGER_AUDIT_TEXT_MAX, false)) < 0 ||
+            (r = check_text(l, "audit action", action, ND_LEDGER_AUDIT_TEXT_MAX, false)) < 0 ||
+            (r = check_text(l, "audit object", object, ND_LEDGER_AUDIT_TEXT_MAX, true)) < 0 ||
+            (r = check_text(l, "audit detail", detail, ND_LEDGER_AUDIT_TEXT_MAX, true)) < 0)
+                return r;
+        return 0;
+}
+
+int nd_ledger_audit(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_t pid, const char *actor,
+                    const char *action, const char *object, const char *detail) {
+        int r;
+
+        if (!l)
+                return -EINVAL;
+        if (!time_ok(time_us))
+                return set_error(l, -EINVAL, "audit time out of range");
+        r = check_audit_fields(l, actor, action, object, detail);
+        if (r < 0)
+                return r;
+        r = tx_begin(l, LEDGER_SYNC_FULL);
+        if (r < 0)
+                return r;
+        r = audit_append_tx(l, time_us, uid, pid, actor, action, object, detail);
+        if (r < 0) {
+                tx_rollback(l);
+                return r;
+        }
+        return tx_commit(l);
+}
+
+int nd_ledger_audit_head(nd_ledger *l, uint64_t *ret_seq, char ret_hash[static ND_SHA256_HEX_SIZE]) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int r, rc;
+
+        if (!l || !ret_seq)
+                return -EINVAL;
+        r = prepare(l, "SELECT count, head_hash FROM audit_head WHERE id = 1", &st);
+        if (r < 0)
+                return r;
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return set_error(l, -EBADMSG, "the audit head record is missing");
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "reading the audit head");
+        const char *h = (const char *) sqlite3_column_text(st, 1);
+        if (!h || strlen(h) != HASH_HEX_LEN)
+                return set_error(l, -EBADMSG, "the audit head record is malformed");
+        *ret_seq = (uint64_t) sqlite3_column_int64(st, 0);
+        memcpy(ret_hash, h, ND_SHA256_HEX_SIZE);
+        return 0;
+}
+
+/* ---- sessions ---- */
+
+static int check_start(nd_ledger *l, const nd_ledger_session_start *s) {
+        int r;
+        if (!s)
+                return set_error(l, -EINVAL, "no session");
+        if ((r = check_session_id(l, s->id)) < 0)
+                return r;
+        if ((r = check_text(l, "pen serial", s->pen_serial, ND_LEDGER_NAME_MAX, false)) < 0 ||
+            (r = check_text(l, "cartridge id", s->cartridge_id, ND_LEDGER_NAME_MAX, false)) < 0 ||
+            (r = check_text(l, "profile name", s->profile_name, ND_LEDGER_NAME_MAX, false)) < 0 ||
+            (r = check_text(l, "profile snapshot", s->profile_yaml, ND_LEDGER_PROFILE_MAX, false)) < 0 ||
+            (r = check_text(l, "profile digest", s->profile_digest, ND_LEDGER_NAME_MAX, false)) < 0 ||
+            (r = check_text(l, "limits digest", s->limits_digest, ND_LEDGER_NAME_MAX, false)) < 0 ||
+            (r = check_text(l, "label", s->label, ND_LEDGER_NAME_MAX, true)) < 0 ||
+            (r = check_text(l, "owner bus name", s->owner_name, ND_LEDGER_NAME_MAX, false)) < 0)
+                return r;
+        if (s->needles == 0)
+                return set_error(l, -EINVAL, "cartridge %s: needle count 0", s->cartridge_id);
+        if (!time_ok(s->start_us))
+                return set_error(l, -EINVAL, "start time out of range");
+        return 0;
+}
+
+/* May this cartridge run now? -ESTALE with the reason when not. */
+static int cartridge_admit_tx(nd_ledger *l, const nd_ledger_session_start *s) {
+        _cleanup_stmt_ sqlite3_stmt *cart = NULL, *use = NULL;
+        int r, rc;
+
+        r = prepare(l, "SELECT needles, state FROM cartridges WHERE id = ?1", &cart);
+        if (r < 0)
+                return r;
+        bind_text(cart, 1, s->cartridge_id);
+        rc = sqlite3_step(cart);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+                return sql_error(l, rc, "reading the cartridge");
+
+        /* The session rows are checked as well as the state: they are tied to the audit chain,
+         * so a hand-edited state alone cannot make a used cartridge fresh again. */
+        r = prepare(l, "SELECT count(*), coalesce(sum(duration_s), 0), "
+                       "  (SELECT id FROM sessions WHERE cartridge_id = ?1 AND end_us IS NULL LIMIT 1) "
+                       "FROM sessions WHERE cartridge_id = ?1", &use);
+        if (r < 0)
+                return r;
+        bind_text(use, 1, s->cartridge_id);
+        int rc2 = sqlite3_step(use);
+        if (rc2 != SQLITE_ROW)
+                return sql_error(l, rc2, "reading the cartridge's sessions");
+        int64_t uses = sqlite3_column_int64(use, 0);
+        double runtime_s = sqlite3_column_double(use, 1);
+        const char *running = (const char *) sqlite3_column_text(use, 2);
+
+        if (running)
+                return set_error(l, -ESTALE, "cartridge %s is in use by session %s", s->cartridge_id, running);
+        if (rc == SQLITE_ROW) {
+                const char *state = (const char *) sqlite3_column_text(cart, 1);
+                int64_t needles = sqlite3_column_int64(cart, 0);
+                if (state && STREQ(state, "spent"))
+                        return set_error(l, -ESTALE, "cartridge %s is spent (single use)", s->cartridge_id);
+                if (needles != s->needles)
+                        return set_error(l, -ESTALE,
+                                         "cartridge %s was recorded with %" PRId64 " needles and now reports %" PRIu32,
+                                         s->cartridge_id, needles, s->needles);
+        }
+        if (s->single_use && uses > 0)
+                return set_error(l, -ESTALE, "cartridge %s has already run (single use)", s->cartridge_id);
+        if (s->cartridge_max_runtime_s > 0 && runtime_s >= s->cartridge_max_runtime_s)
+                return set_error(l, -ESTALE, "cartridge %s has reached its %" PRIu32 " s runtime", s->cartridge_id,
+                                 s->cartridge_max_runtime_s);
+        return 0;
+}
+
+static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
+        _cleanup_stmt_ sqlite3_stmt *cart = NULL, *ins = NULL;
+        char digest[ND_SHA256_HEX_SIZE];
+        _cleanup_free_ char *detail = NULL;
+        int r, rc = SQLITE_OK;
+
+        r = cartridge_admit_tx(l, s);
+        if (r < 0)
+                return r;
+
+        r = prepare(l, "INSERT INTO cartridges (id, needles, first_used_us, state) VALUES (?1, ?2, ?3, 'in-use') "
+                       "ON CONFLICT (id) DO UPDATE SET state = 'in-use'", &cart);
+        if (r < 0)
+                return r;
+        bind_text(cart, 1, s->cartridge_id);
+        sqlite3_bind_int64(cart, 2, s->needles);
+        sqlite3_bind_int64(cart, 3, (int64_t) s->start_us);
+        r = step_done(l, cart, "recording the cartridge");
+        if (r < 0)
+                return r;
+
+        r = prepare(l, "INSERT INTO sessions (id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, "
+                       "  profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, single_use, "
+                       "  max_runtime_s, start_us, updated_us) "
+                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)", &ins);
+        if (r < 0)
+                return r;
+        bind_text(ins, 1, s->id);
+        bind_text(ins, 2, s->pen_serial);
+        bind_text(ins, 3, s->cartridge_id);
+        sqlite3_bind_int64(ins, 4, s->needles);
+        bind_text(ins, 5, s->profile_name);
+        bind_text(ins, 6, s->profile_yaml);
+        bind_text(ins, 7, s->profile_digest);
+        bind_text(ins, 8, s->limits_digest);
+        bind_text(ins, 9, s->label);
+        sqlite3_bind_int64(ins, 10, s->owner_uid);
+        sqlite3_bind_int64(ins, 11, s->owner_pid);
+        bind_text(ins, 12, s->owner_name);
+        sqlite3_bind_int(ins, 13, s->single_use);
+        sqlite3_bind_int64(ins, 14, s->cartridge_max_runtime_s);
+        sqlite3_bind_int64(ins, 15, (int64_t) s->start_us);
+        r = step_done(l, ins, "recording the session");
+        if (r == -EEXIST)
+                return set_error(l, r, "session %s already exists", s->id);
+        if (r < 0)
+                return r;
+
+        r = session_row_digest(l->db, s->id, false, digest, &rc);
+        if (r < 0)
+                return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
+        if (asprintf(&detail, ROW_DIGEST_PREFIX "%s pen=%s cartridge=%s needles=%" PRIu32 " profile=%s "
+                     "profile-digest=%s limits-digest=%s label=%s",
+                     digest, s->pen_serial, s->cartridge_id, s->needles, s->profile_name, s->profile_digest,
+                     s->limits_digest, s->label) < 0) {
+                detail = NULL;
+                return set_error(l, -ENOMEM, "out of memory");
+        }
+        return audit_append_tx(l, s->start_us, s->owner_uid, s->owner_pid, s->owner_name, AUDIT_ACTION_BEGIN,
+                               s->id, detail);
+}
+
+int nd_ledger_session_begin(nd_ledger *l, const nd_ledger_session_start *s) {
+        int r;
+
+        if (!l)
+                return -EINVAL;
+        r = check_start(l, s);
+        if (r < 0)
+                return r;
+        r = tx_begin(l, LEDGER_SYNC_FULL);
+        if (r < 0)
+                return r;
+        r = session_begin_tx(l, s);
+        if (r < 0) {
+                tx_rollback(l);
+                return r;
+        }
+        return tx_commit(l);
+}
+
+/* Tells a missing session from an ended one after an UPDATE ... WHERE end_us IS NULL changed nothing. */
+static int session_not_running(nd_ledger *l, const char *id) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int r = prepare(l, "SELECT end_reason FROM sessions WHERE id = ?1", &st);
+        if (r < 0)
+                return r;
+        bind_text(st, 1, id);
+        int rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return set_error(l, -ENOENT, "no session %s", id);
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "reading the session");
+        return set_error(l, -EALREADY, "session %s has already ended (%s)", id,
+                         strempty((const char *) sqlite3_column_text(st, 0)));
+}
+
+static void bind_stats(sqlite3_stmt *st, int first, const nd_ledger_stats *s) {
+        sqlite3_bind_double(st, first, s->duration_s);
+        sqlite3_bind_int64(st, first + 1, (int64_t) s->strokes);
+        sqlite3_bind_double(st, first + 2, s->max_depth_mm);
+        sqlite3_bind_double(st, first + 3, s->max_speed_hz);
+        sqlite3_bind_double(st, first + 4, s->max_temperature_c);
+        sqlite3_bind_double(st, first + 5, s->max_current_ma);
+}
+
+/* Maxima never go down, whatever a caller passes. */
+#define STATS_ASSIGNMENTS \
+        "duration_s = ?1, strokes = ?2, max_depth_mm = max(max_depth_mm, ?3), " \
+        "max_speed_hz = max(max_speed_hz, ?4), max_temperature_c = max(max_temperature_c, ?5), " \
+        "max_current_ma = max(max_current_ma, ?6)"
+
+int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, const nd_ledger_stats *stats) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int r;
+
+        if (!l)
+                return -EINVAL;
+        if ((r = check_session_id(l, id)) < 0 || (r = check_stats(l, stats)) < 0)
+                return r;
+        if (!time_ok(now_us))
+                return set_error(l, -EINVAL, "time out of range");
+        /* One statement is its own transaction. NORMAL: in WAL mode the commit is not fsync'ed; the
+         * next synced commit (or checkpoint) makes it durable. A power cut can lose the last few
+         * seconds of figures, never the session itself (written with FULL by session_begin). */
+        r = set_synchronous(l, LEDGER_SYNC_NORMAL);
+        if (r < 0)
+                return r;
+        r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", updated_us = ?7 WHERE id = ?8 AND end_us IS NULL",
+                    &st);
+        if (r < 0)
+                return r;
+        bind_stats(st, 1, stats);
+        sqlite3_bind_int64(st, 7, (int64_t) now_us);
+        bind_text(st, 8, id);
+        r = step_done(l, st, "updating the session");
+        if (r < 0)
+                return r;
+        if (sqlite3_changes(l->db) == 0)
+                return session_not_running(l, id);
+        return 0;
+}
+
+/* Ends a running session inside a transaction. end_us 0: at its last update (recovery).
+ * force_spent: the cartridge is spent whatever the limits say (recovery: it ran for an unknown time). */
+static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
+                            const char *reason, bool force_spent, uint64_t audit_time_us) {
+        _cleanup_stmt_ sqlite3_stmt *upd = NULL, *info = NULL, *spend = NULL;
+        char digest[ND_SHA256_HEX_SIZE];
+        _cleanup_free_ char *detail = NULL;
+        int r, rc = SQLITE_OK;
+
+        if (stats)
+                r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", end_us = ?7, updated_us = ?7, "
+                               "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
+        else
+                r = prepare(l, "UPDATE sessions SET end_us = CASE WHEN ?7 = 0 THEN updated_us ELSE ?7 END, "
+                               "updated_us = CASE WHEN ?7 = 0 THEN updated_us ELSE ?7 END, "
+                               "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
+        if (r < 0)
+                return r;
+        if (stats)
+                bind_stats(upd, 1, stats);
+        sqlite3_bind_int64(upd, 7, (int64_t) end_us);
+        bind_text(upd, 8, id);
+        bind_text(upd, 9, reason);
+        r = step_done(l, upd, "ending the session");
+        if (r < 0)
+                return r;
+        if (sqlite3_changes(l->db) == 0)
+                return session_not_running(l, id);
+
+        r = prepare(l, "SELECT s.cartridge_id, s.single_use, s.max_runtime_s, s.pen_serial, s.strokes, "
+                       "  s.duration_s, (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = s.cartridge_id) "
+                       "FROM sessions s WHERE s.id = ?1", &info);
+        if (r < 0)
+                return r;
+        bind_text(info, 1, id);
+        rc = sqlite3_step(info);
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "reading the ended session");
+        const char *cartridge = (const char *) sqlite3_column_text(info, 0);
+        bool single_use = sqlite3_column_int(info, 1) != 0;
+        int64_t max_runtime_s = sqlite3_column_int64(info, 2);
+        const char *pen = (const char *) sqlite3_column_text(info, 3);
+        int64_t strokes = sqlite3_column_int64(info, 4);
+        double duration_s = sqlite3_column_double(info, 5);
+        double runtime_s = sqlite3_column_double(info, 6);
+
+        if (force_spent || single_use || (max_runtime_s > 0 && runtime_s >= (double) max_runtime_s)) {
+                r = prepare(l, "UPDATE cartridges SET state = 'spent' WHERE id = ?1", &spend);
+                if (r < 0)
+                        return r;
+                bind_text(spend, 1, cartridge);
+                r = step_done(l, spend, "spending the cartridge");
+                if (r < 0)
+                        return r;
+        }
+
+        r = session_row_digest(l->db, id, true, digest, &rc);
+        if (r < 0)
+                return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
+        /* Integers only: the text must not depend on the locale of whoever wrote it. */
+        if (asprintf(&detail, ROW_DIGEST_PREFIX "%s reason=%s pen=%s cartridge=%s duration-ms=%" PRId64
+                     " strokes=%" PRId64,
+                     digest, reason, strempty(pen), strempty(cartridge), (int64_t) llround(duration_s * 1000.0),
+                     strokes) < 0) {
+                detail = NULL;
+                return set_error(l, -ENOMEM, "out of memory");
+        }
+        return audit_append_tx(l, audit_time_us, (uint32_t) geteuid(), (uint32_t) getpid(), ND_LEDGER_ACTOR_DAEMON,
+                               AUDIT_ACTION_END, id, detail);
+}
+
+int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
+                          const char *reason) {
+        int r;
+
+        if (!l)
+                return -EINVAL;
+        if ((r = check_session_id(l, id)) < 0 || (r = check_reason(l, reason)) < 0 ||
+            (stats && (r = check_stats(l, stats)) < 0))
+                return r;
+        if (end_us == 0 || !time_ok(end_us))
+                return set_error(l, -EINVAL, "end time out of range");
+        r = tx_begin(l, LEDGER_SYNC_FULL);
+        if (r < 0)
+                return r;
+        r = session_close_tx(l, id, end_us, stats, reason, false, end_us);
+        if (r < 0) {
+                tx_rollback(l);
+                return r;
+        }
+        return tx_commit(l);
+}
+
+static void strv_free_n(char **v, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                free(v[i]);
+        free(v);
+}
+
+int nd_ledger_recover(nd_ledger *l, uint64_t now_us) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        char **ids = NULL;
+        size_t n = 0;
+        int r, rc = SQLITE_DONE;
+
+        if (!l)
+                return -EINVAL;
+        if (!time_ok(now_us))
+                return set_error(l, -EINVAL, "time out of range");
+        r = tx_begin(l, LEDGER_SYNC_FULL);
+        if (r < 0)
+                return r;
+        r = prepare(l, "SELECT id FROM sessions WHERE end_us IS NULL ORDER BY start_us, rowid", &st);
+        while (r >= 0 && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *id = (const char *) sqlite3_column_text(st, 0);
+                char **a = realloc(ids, (n + 1) * sizeof *ids);
+                if (!a || !(a[n] = strdup(strempty(id)))) {
+                        if (a)
+                                ids = a;
+                        r = set_error(l, -ENOMEM, "out of memory");
+                        break;
+                }
+                ids = a;
+                n++;
+        }
+        if (r >= 0 && rc != SQLITE_DONE)
+                r = sql_error(l, rc, "listing running sessions");
+        sqlite3_finalize(TAKE_PTR(st));
+        for (size_t i = 0; r >= 0 && i < n; i++)
+                r = session_close_tx(l, ids[i], 0, NULL, ND_LEDGER_REASON_DAEMON_RESTART, true, now_us);
+        strv_free_n(ids, n);
+        if (r < 0) {
+                tx_rollback(l);
+                return r;
+        }
+        r = tx_commit(l);
+        if (r < 0)
+                return r;
+        return (int) MIN(n, (size_t) INT32_MAX);
+}
+
+/* ---- reading ---- */
+
+#define SESSION_COLUMNS \
+        "id, pen_serial, cartridge_id, needles, profile_name, profile_digest, limits_digest, label, " \
+        "owner_uid, owner_pid, owner_name, start_us, coalesce(end_us, 0), updated_us, duration_s, strokes, " \
+        "max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, coalesce(end_reason, ''), single_use, " \
+        "max_runtime_s"
+
+static int dup_col(sqlite3_stmt *st, int col, char **ret) {
+        const char *t = (const char *) sqlite3_column_text(st, col);
+        *ret = strdup(t ? t : "");
+        return *ret ? 0 : -ENOMEM;
+}
+
+/* Fills *s from a row of SESSION_COLUMNS (+ profile_yaml at column 23 when with_yaml). */
+static int session_from_row(sqlite3_stmt *st, bool with_yaml, nd_ledger_session *s) {
+        const char *id = (const char *) sqlite3_column_text(st, 0);
+        int r = 0;
+
+        *s = (nd_ledger_session) { 0 };
+        snprintf(s->id, sizeof s->id, "%s", strempty(id));
+        if (dup_col(st, 1, &s->pen_serial) < 0 || dup_col(st, 2, &s->cartridge_id) < 0 ||
+            dup_col(st, 4, &s->profile_name) < 0 || dup_col(st, 5, &s->profile_digest) < 0 ||
+            dup_col(st, 6, &s->limits_digest) < 0 || dup_col(st, 7, &s->label) < 0 ||
+            dup_col(st, 10, &s->owner_name) < 0 || dup_col(st, 20, &s->reason) < 0 ||
+            (with_yaml && dup_col(st, 23, &s->profile_yaml) < 0))
+                r = -ENOMEM;
+        s->needles = (uint32_t) sqlite3_column_int64(st, 3);
+        s->owner_uid = (uint32_t) sqlite3_column_int64(st, 8);
+        s->owner_pid = (uint32_t) sqlite3_column_int64(st, 9);
+        s->start_us = (uint64_t) sqlite3_column_int64(st, 11);
+        s->end_us = (uint64_t) sqlite3_column_int64(st, 12);
+        s->updated_us = (uint64_t) sqlite3_column_int64(st, 13);
+        s->stats.duration_s = sqlite3_column_double(st, 14);
+        s->stats.strokes = (uint64_t) sqlite3_column_int64(st, 15);
+        s->stats.max_depth_mm = sqlite3_column_double(st, 16);
+        s->stats.max_speed_hz = sqlite3_column_double(st, 17);
+        s->stats.max_temperature_c = sqlite3_column_double(st, 18);
+        s->stats.max_current_ma = sqlite3_column_double(st, 19);
+        s->single_use = sqlite3_column_int(st, 21) != 0;
+        s->cartridge_max_runtime_s = (uint32_t) sqlite3_column_int64(st, 22);
+        if (r < 0)
+                nd_ledger_session_clear(s);
+        return r;
+}
+
+void nd_ledger_session_clear(nd_ledger_session *s) {
+        if (!s)
+                return;
+        free(s->pen_serial);
+        free(s->cartridge_id);
+        free(s->profile_name);
+        free(s->profile_yaml);
+        free(s->profile_digest);
+        free(s->limits_digest);
+        free(s->label);
+        free(s->owner_name);
+        free(s->reason);
+        *s = (nd_ledger_session) { 0 };
+}
+
+void nd_ledger_session_array_free(nd_ledger_session *a, size_t n) {
+        for (size_t i = 0; a && i < n; i++)
+                nd_ledger_session_clear(&a[i]);
+        free(a);
+}
+
+int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int r;
+
+        if (!l || !ret)
+                return -EINVAL;
+        if ((r = check_session_id(l, id)) < 0)
+                return r;
+        r = prepare(l, "SELECT " SESSION_COLUMNS ", profile_yaml FROM sessions WHERE id = ?1", &st);
+        if (r < 0)
+                return r;
+        bind_text(st, 1, id);
+        int rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return set_error(l, -ENOENT, "no session %s", id);
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "reading the session");
+        r = session_from_row(st, true, ret);
+        return r < 0 ? set_error(l, r, "out of memory") : 0;
+}
+
+int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, uint32_t limit,
+                      nd_ledger_session **ret, size_t *ret_n) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        nd_ledger_session *a = NULL;
+        size_t n = 0;
+        int r, rc = SQLITE_DONE;
+
+        if (!l || !ret || !ret_n)
+                return -EINVAL;
+        if (pen_serial && (r = check_text(l, "pen serial", pen_serial, ND_LEDGER_NAME_MAX, false)) < 0)
+                return r;
+        if (limit == 0 || limit > ND_LEDGER_HISTORY_LIMIT_MAX)
+                limit = ND_LEDGER_HISTORY_LIMIT_MAX;
+        since_us = MIN(since_us, (uint64_t) INT64_MAX);
+
+        r = prepare(l, "SELECT " SESSION_COLUMNS " FROM sessions "
+                       "WHERE (?1 IS NULL OR pen_serial = ?1) AND start_us >= ?2 "
+                       "ORDER BY start_us DESC, rowid DESC LIMIT ?3", &st);
+        if (r < 0)
+                return r;
+        if (pen_serial)
+                bind_text(st, 1, pen_serial);
+        sqlite3_bind_int64(st, 2, (int64_t) since_us);
+        sqlite3_bind_int64(st, 3, limit);
+
+        a = calloc(limit, sizeof *a);
+        if (!a)
+                return set_error(l, -ENOMEM, "out of memory");
+        while (n < limit && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                r = session_from_row(st, false, &a[n]);
+                if (r < 0) {
+                        nd_ledger_session_array_free(a, n);
+                        return set_error(l, r, "out of memory");
+                }
+                n++;
+        }
+        if (n < limit && rc != SQLITE_DONE) {
+                nd_ledger_session_array_free(a, n);
+                return sql_error(l, rc, "reading the history");
+        }
+        *ret = a;
+        *ret_n = n;
+        return 0;
+}
+
+const char *nd_ledger_cartridge_state_to_string(nd_ledger_cartridge_state s) {
+        switch (s) {
+        case ND_LEDGER_CARTRIDGE_FRESH:
+                return "fresh";
+        case ND_LEDGER_CARTRIDGE_IN_USE:
+                return "in-use";
+        case ND_LEDGER_CARTRIDGE_SPENT:
+                return "spent";
+        }
+        return "unknown";
+}
+
+int nd_ledger_cartridge_get(nd_ledger *l, const char *id, nd_ledger_cartridge *ret) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int r;
+
+        if (!l || !ret)
+                return -EINVAL;
+        if ((r = check_text(l, "cartridge id", id, ND_LEDGER_NAME_MAX, false)) < 0)
+                return r;
+        r = prepare(l, "SELECT c.needles, c.state, c.first_used_us, "
+                       "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = c.id), "
+                       "  (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) "
+                       "FROM cartridges c WHERE c.id = ?1", &st);
+        if (r < 0)
+                return r;
+        bind_text(st, 1, id);
+        int rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return set_error(l, -ENOENT, "cartridge %s has never been used", id);
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "reading the cartridge");
+
+        const char *state = (const char *) sqlite3_column_text(st, 1);
+        *ret = (nd_ledger_cartridge) { 0 };
+        snprintf(ret->id, sizeof ret->id, "%s", id);
+        ret->needles = (uint32_t) sqlite3_column_int64(st, 0);
+        if (state && STREQ(state, "fresh"))
+                ret->state = ND_LEDGER_CARTRIDGE_FRESH;
+        else if (state && STREQ(state, "in-use"))
+                ret->state = ND_LEDGER_CARTRIDGE_IN_USE;
+        else
+                ret->state = ND_LEDGER_CARTRIDGE_SPENT; /* anything unexpected fails closed */
+        ret->first_used_us = (uint64_t) sqlite3_column_int64(st, 2);
+        ret->runtime_s = sqlite3_column_double(st, 3);
+        ret->sessions = (uint64_t) sqlite3_column_int64(st, 4);
+        return 0;
+}
+
+/* ---- verification (read-only, standalone) ---- */
+
+const char *nd_ledger_break_to_string(nd_ledger_break b) {
+        switch (b) {
+        case ND_LEDGER_INTACT:
+                return "intact";
+        case ND_LEDGER_BREAK_HASH:
+                return "hash-mismatch";
+        case ND_LEDGER_BREAK_PREV:
+                return "chain-broken";
+        case ND_LEDGER_BREAK_SEQ:
+                return "sequence-gap";
+        case ND_LEDGER_BREAK_HEAD:
+                return "head-mismatch";
+        case ND_LEDGER_BREAK_RECORD:
+                return "record-mismatch";
+        case ND_LEDGER_BREAK_MALFORMED:
+                return "malformed";
+        case ND_LEDGER_BREAK_ANCHOR:
+                return "anchor-mismatch";
+        }
+        return "unknown";
+}
+
+_printf_(4, 5)
+static int verify_break(nd_ledger_verify_result *v, nd_ledger_break b, uint64_t seq, const char *fmt, ...) {
+        va_list ap;
+        v->broken = b;
+        v->broken_seq = seq;
+        va_start(ap, fmt);
+        vsnprintf(v->message, sizeof v->message, fmt, ap);
+        va_end(ap);
+        return 0;
+}
+
+_printf_(3, 4)
+static int verify_fail(nd_ledger_verify_result *v, int r, const char *fmt, ...) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(v->message, sizeof v->message, fmt, ap);
+        va_end(ap);
+        return r;
+}
+
+static int verify_sql_fail(nd_ledger_verify_result *v, sqlite3 *db, int rc, const char *path, const char *what) {
+        /* Our statements are fixed: a plain SQL error means a table or column of a ledger whose
+         * version we know is gone or altered, which is tampering, not an unreadable file. */
+        if (rc == SQLITE_ERROR)
+                return verify_break(v, ND_LEDGER_BREAK_MALFORMED, 0, "%s: the schema was altered (%s)", what,
+                                    sqlite3_errmsg(db));
+        return verify_fail(v, errno_from_sqlite(db, rc), "%s: %s: %s", path, what, sqlite3_errmsg(db));
+}
+
+static bool is_hash_text(sqlite3_stmt *st, int col) {
+        if (sqlite3_column_type(st, col) != SQLITE_TEXT || sqlite3_column_bytes(st, col) != HASH_HEX_LEN)
+                return false;
+        const char *h = (const char *) sqlite3_column_text(st, col);
+        for (int i = 0; i < HASH_HEX_LEN; i++)
+                if (!((h[i] >= '0' && h[i] <= '9') || (h[i] >= 'a' && h[i] <= 'f')))
+                        return false;
+        return true;
+}
+
+/* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
+static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *anchor_hash,
+                        nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *head = NULL;
+        char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE];
+        uint64_t expected = 1;
+        int rc;
+
+        memcpy(prev, zero_hash, sizeof prev);
+        rc = sqlite3_prepare_v2(db, "SELECT seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash "
+                                    "FROM audit ORDER BY seq", -1, &st, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                if (sqlite3_column_type(st, 0) != SQLITE_INTEGER || !is_hash_text(st, 8) || !is_hash_text(st, 9))
+                        return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
+                                            "entry %" PRIu64 ": its sequence number or hashes are not of the "
+                                            "expected type (changed by hand)", expected);
+                int64_t seq = sqlite3_column_int64(st, 0);
+                if (seq != (int64_t) expected) {
+                        if (seq > (int64_t) expected)
+                                return verify_break(v, ND_LEDGER_BREAK_SEQ, (uint64_t) seq,
+                                                    "entry %" PRId64 " follows entry %" PRIu64 ": entries %" PRIu64
+                                                    "..%" PRId64 " are missing (deleted or renumbered)",
+                                                    seq, expected - 1, expected, seq - 1);
+                        return verify_break(v, ND_LEDGER_BREAK_SEQ, expected,
+                                            "entry number %" PRId64 " where %" PRIu64 " was expected (renumbered)",
+                                            seq, expected);
+                }
+
+                _cleanup_(enc_done) enc e = { 0 };
+                enc_bytes(&e, AUDIT_HASH_TAG, strlen(AUDIT_HASH_TAG));
+                for (int i = 0; i <= 8; i++)
+                        enc_column(&e, st, i);
+                if (enc_digest(&e, hash) < 0)
+                        return verify_fail(v, -ENOMEM, "out of memory");
+                if (!STREQ(hash, (const char *) sqlite3_column_text(st, 9)))
+                        return verify_break(v, ND_LEDGER_BREAK_HASH, expected,
+                                            "entry %" PRIu64 " was changed after it was written: its content does "
+                                            "not match its hash", expected);
+                if (!STREQ(prev, (const char *) sqlite3_column_text(st, 8)))
+                        return verify_break(v, ND_LEDGER_BREAK_PREV, expected,
+                                            "entry %" PRIu64 " does not follow entry %" PRIu64 " (prev_hash differs): "
+                                            "an entry was replaced, removed or inserted before it",
+                                            expected, expected - 1);
+                if (anchor_seq == expected && !STREQ(hash, anchor_hash))
+                        return verify_break(v, ND_LEDGER_BREAK_ANCHOR, expected,
+                                            "entry %" PRIu64 " is not the entry recorded earlier (its hash is "
+                                            "%.12s..., the anchor says %.12s...): the trail was rewritten",
+                                            expected, hash, anchor_hash);
+                memcpy(prev, hash, sizeof prev);
+                v->entries = expected;
+                v->head_seq = expected;
+                memcpy(v->head_hash, hash, sizeof prev);
+                expected++;
+        }
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        if (anchor_seq > v->entries)
+                return verify_break(v, ND_LEDGER_BREAK_ANCHOR, anchor_seq,
+                                    "the trail ends at entry %" PRIu64 ", but entry %" PRIu64 " was recorded "
+                                    "earlier: entries were removed from its end", v->entries, anchor_seq);
+
+        rc = sqlite3_prepare_v2(db, "SELECT count, head_hash FROM audit_head WHERE id = 1", -1, &head, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit head");
+        rc = sqlite3_step(head);
+        if (rc == SQLITE_DONE)
+                return verify_break(v, ND_LEDGER_BREAK_HEAD, 0, "the audit head record is missing");
+        if (rc != SQLITE_ROW)
+                return verify_sql_fail(v, db, rc, path, "reading the audit head");
+        if (sqlite3_column_type(head, 0) != SQLITE_INTEGER || !is_hash_text(head, 1))
+                return verify_break(v, ND_LEDGER_BREAK_HEAD, 0, "the audit head record is malformed");
+        int64_t count = sqlite3_column_int64(head, 0);
+        const char *head_hash = (const char *) sqlite3_column_text(head, 1);
+        if (count != (int64_t) v->entries || !STREQ(head_hash, prev))
+                return verify_break(v, ND_LEDGER_BREAK_HEAD, v->entries + 1,
+                                    "the head record says the trail has %" PRId64 " entries ending in %.12s..., "
+                                    "but it has %" PRIu64 " ending in %.12s...: entries were removed from its end "
+                                    "(or the head record was changed)",
+                                    count, head_hash, v->entries, prev);
+        return 0;
+}
+
+/* One audit entry of this action for this session whose row digest matches. */
+static int verify_session_entry(sqlite3 *db, const char *path, const char *id, bool ended, bool expect,
+                                nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        char digest[ND_SHA256_HEX_SIZE];
+        const char *action = ended ? AUDIT_ACTION_END : AUDIT_ACTION_BEGIN;
+        int rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE object = ?1 AND action = ?2", -1, &st,
+                                    NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        bind_text(st, 1, id);
+        bind_text(st, 2, action);
+        rc = sqlite3_step(st);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        if (!expect) {
+                if (rc == SQLITE_ROW)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, (uint64_t) sqlite3_column_int64(st, 0),
+                                            "session %s is recorded as running, but entry %" PRId64
+                                            " ended it (its end was removed)", id, (int64_t) sqlite3_column_int64(st, 0));
+                return 0;
+        }
+        if (rc == SQLITE_DONE)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
+                                    "session %s has no '%s' audit entry: the row was inserted or changed by hand",
+                                    id, action);
+        uint64_t seq = (uint64_t) sqlite3_column_int64(st, 0);
+        const char *detail = (const char *) sqlite3_column_text(st, 1);
+
+        int crc = SQLITE_OK;
+        int r = session_row_digest(db, id, ended, digest, &crc);
+        if (r == -EIO)
+                return verify_sql_fail(v, db, crc, path, "reading a session");
+        if (r < 0)
+                return verify_fail(v, r, "%s: hashing session %s: %s", path, id, strerror(-r));
+        if (!detail || strncmp(detail, ROW_DIGEST_PREFIX, strlen(ROW_DIGEST_PREFIX)) != 0 ||
+            strncmp(detail + strlen(ROW_DIGEST_PREFIX), digest, HASH_HEX_LEN) != 0)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq,
+                                    "session %s differs from what audit entry %" PRIu64 " recorded at its %s "
+                                    "(the row was changed)", id, seq, ended ? "end" : "start");
+        if (sqlite3_step(st) == SQLITE_ROW)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, (uint64_t) sqlite3_column_int64(st, 0),
+                                    "session %s has a second '%s' entry", id, action);
+        return 0;
+}
+
+/* The session and cartridge rows against the (verified) trail. */
+static int verify_records(sqlite3 *db, const char *path, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
+        int r, rc;
+
+        rc = sqlite3_prepare_v2(db, "SELECT id, end_us IS NOT NULL FROM sessions ORDER BY rowid", -1, &st, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the sessions");
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *id = (const char *) sqlite3_column_text(st, 0);
+                bool ended = sqlite3_column_int(st, 1) != 0;
+                if (!id)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, 0, "a session without an id");
+                r = verify_session_entry(db, path, id, false, true, v);
+                if (r < 0 || v->broken)
+                        return r;
+                r = verify_session_entry(db, path, id, true, ended, v);
+                if (r < 0 || v->broken)
+                        return r;
+                v->sessions++;
+        }
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the sessions");
+
+        rc = sqlite3_prepare_v2(db, "SELECT a.seq, a.object FROM audit a WHERE a.action IN (?1, ?2) "
+                                    "AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = a.object) "
+                                    "ORDER BY a.seq LIMIT 1", -1, &orphan, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        bind_text(orphan, 1, AUDIT_ACTION_BEGIN);
+        bind_text(orphan, 2, AUDIT_ACTION_END);
+        rc = sqlite3_step(orphan);
+        if (rc == SQLITE_ROW)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, (uint64_t) sqlite3_column_int64(orphan, 0),
+                                    "session %s of audit entry %" PRId64 " is missing: it was deleted",
+                                    strempty((const char *) sqlite3_column_text(orphan, 1)),
+                                    (int64_t) sqlite3_column_int64(orphan, 0));
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+
+        /* A cartridge whose session spent it must stay spent; a session needs its cartridge. */
+        rc = sqlite3_prepare_v2(db, "SELECT s.cartridge_id, s.id, coalesce(c.state, '') FROM sessions s "
+                                    "LEFT JOIN cartridges c ON c.id = s.cartridge_id "
+                                    "WHERE c.id IS NULL OR (c.state != 'spent' AND s.end_us IS NOT NULL "
+                                    "  AND (s.single_use = 1 OR s.end_reason = ?1)) LIMIT 1", -1, &cart, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
+        bind_text(cart, 1, ND_LEDGER_REASON_DAEMON_RESTART);
+        rc = sqlite3_step(cart);
+        if (rc == SQLITE_ROW) {
+                const char *state = (const char *) sqlite3_column_text(cart, 2);
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
+                                    *strempty(state) ? "cartridge %s is marked '%s' but session %s spent it (changed by hand)"
+                                                     : "cartridge %s%s of session %s is missing (deleted)",
+                                    strempty((const char *) sqlite3_column_text(cart, 0)), strempty(state),
+                                    strempty((const char *) sqlite3_column_text(cart, 1)));
+        }
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
+        return 0;
+}
+
+int nd_ledger_audit_verify(const char *db_path, nd_ledger_verify_result *v) {
+        return nd_ledger_audit_verify_anchored(db_path, 0, NULL, v);
+}
+
+int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
+                                    nd_ledger_verify_result *v) {
+        _cleanup_(sqlite3_closep) sqlite3 *db = NULL;
+        struct stat stbuf;
+        int64_t app_id = 0, version = 0;
+        int r, rc = SQLITE_OK;
+
+        if (!v)
+                return -EINVAL;
+        *v = (nd_ledger_verify_result) { 0 };
+        memcpy(v->head_hash, zero_hash, sizeof v->head_hash);
+        if (!db_path || !*db_path)
+                return verify_fail(v, -EINVAL, "no database given");
+        if (anchor_seq > 0 && (!anchor_hash || strlen(anchor_hash) != HASH_HEX_LEN))
+                return verify_fail(v, -EINVAL, "an anchor needs a 64-digit SHA-256");
+        if (stat(db_path, &stbuf) < 0)
+                return verify_fail(v, -errno, "%s: %s", db_path, strerror(errno));
+        if (!S_ISREG(stbuf.st_mode))
+                return verify_fail(v, S_ISDIR(stbuf.st_mode) ? -EISDIR : -EBADMSG, "%s: not a regular file", db_path);
+
+        /* Read-only: SQLite never writes the database file through this connection. In WAL mode it
+         * still needs the -shm and -wal files beside it (creating empty ones, owned like the
+         * database, if the daemon is not running). */
+        rc = sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_EXRESCODE, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, db_path, "cannot open");
+        sqlite3_busy_timeout(db, LEDGER_BUSY_TIMEOUT_MS);
+        rc = sqlite3_exec(db, "PRAGMA trusted_schema=OFF", NULL, NULL, NULL);
+        /* One read transaction: a consistent snapshot while the daemon keeps writing. */
+        if (rc == SQLITE_OK)
+                rc = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, db_path, "cannot read");
+        if (pragma_int(db, "PRAGMA application_id", &app_id, &rc) < 0 ||
+            pragma_int(db, "PRAGMA user_version", &version, &rc) < 0)
+                return verify_sql_fail(v, db, rc, db_path, "not a readable SQLite database");
+        if (app_id != ND_LEDGER_APPLICATION_ID)
+                return verify_fail(v, -EBADMSG, "%s: not a needled ledger (application id 0x%08" PRIx64 ")", db_path,
+                                   (uint64_t) app_id);
+        if (version < 1 || version > ND_LEDGER_SCHEMA_VERSION)
+                return verify_fail(v, -ENOTSUP, "%s: schema version %" PRId64 ", this needlectl reads 1..%d", db_path,
+                                   version, ND_LEDGER_SCHEMA_VERSION);
+
+        r = verify_chain(db, db_path, anchor_seq, anchor_hash, v);
+        if (r >= 0 && v->broken == ND_LEDGER_INTACT)
+                r = verify_records(db, db_path, v);
+        (void) sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+        return r;
+}
