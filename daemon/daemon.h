@@ -1,0 +1,89 @@
+/* daemon.h: needled's state, shared by the files that implement its D-Bus objects. One
+ * sd-event loop, no threads, no locks. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
+
+#include "bouncer.h"
+#include "ledger.h"
+#include "safety-limits.h"
+
+#define ND_BUS_NAME          "org.needled"
+#define ND_MANAGER_PATH      "/org/needled"
+#define ND_PEN_PATH_PREFIX   "/org/needled/pen"
+#define ND_MANAGER_INTERFACE "org.needled1.Manager"
+#define ND_PEN_INTERFACE     "org.needled1.Pen"
+#define ND_SIM_INTERFACE     "org.needled1.Simulator"
+
+#define ND_POLKIT_TIMEOUT_MS_DEFAULT 10000u
+/* A person answering an authentication dialog needs longer than a machine. */
+#define ND_POLKIT_INTERACTIVE_TIMEOUT_MS 120000u
+/* The longest a clean shutdown waits for the pens to confirm that their motors stopped. */
+#define ND_SHUTDOWN_STOP_TIMEOUT_MS 500u
+
+typedef struct nd_daemon_options {
+        bool session_bus;
+        bool simulate;
+        bool verbose;
+        const char *limits_path;
+        const char *profiles_dir;
+        const char *state_dir;      /* NULL: $STATE_DIRECTORY, else /var/lib/needled */
+        unsigned polkit_timeout_ms;
+} nd_daemon_options;
+
+typedef enum nd_limits_state {
+        ND_LIMITS_OK,
+        ND_LIMITS_INVALID,
+        ND_LIMITS_MISSING,
+} nd_limits_state;
+
+typedef struct nd_pen nd_pen;
+typedef struct nd_daemon nd_daemon;
+
+struct nd_daemon {
+        nd_daemon_options opts;
+        char *state_dir;
+        sd_event *event;
+        sd_bus *bus;
+        nd_bouncer *bouncer;
+        sd_bus_slot *manager_slot;
+        sd_bus_slot *object_manager_slot;
+        sd_bus_slot *simulator_slot;
+        sd_bus_slot *pen_vtable_slot;
+        sd_bus_slot *pen_enumerator_slot;
+
+        /* The limits in force (NULL when none), and what the last load said. */
+        nd_limits *limits;
+        nd_limits_state limits_state;
+        char *limits_error;
+
+        /* The treatment ledger; NULL when it could not be opened (Start is then refused). */
+        nd_ledger *ledger;
+        char *ledger_error;
+
+        nd_pen **pens;            /* connected pens */
+        unsigned n_pens;
+        uint64_t limits_loaded_at_us; /* CLOCK_REALTIME of the load in force; 0 when none */
+
+        struct nd_usb_context *usb;   /* NULL with --simulate, or when USB is unavailable */
+
+        bool shutting_down;
+        int exit_code;
+        uint64_t shutdown_deadline_us;
+};
+
+/* Runs the daemon until SIGTERM/SIGINT; returns 0 or -errno. */
+int nd_daemon_main(const nd_daemon_options *opts);
+
+/* The kebab name of a limits state ("ok", "invalid", "missing"). */
+const char *nd_limits_state_to_string(nd_limits_state s);
+
+/* Manager object (manager.c). */
+int nd_manager_export(nd_daemon *d);
+/* Loads (or reloads) the limits file. On success the new limits are in force; on failure the
+ * old ones stay and error (if not NULL) receives "path:line:column: message". Returns 0 or
+ * -errno (-EINVAL invalid, -ENOENT missing, ...). Emits PropertiesChanged. */
+int nd_manager_load_limits(nd_daemon *d, bool at_startup, char **error);

@@ -1,0 +1,245 @@
+/* telemetry.c: signal batching and SOCK_SEQPACKET readers (see telemetry.h). */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "log.h"
+#include "telemetry.h"
+#include "util.h"
+
+/* Samples held between two batches; at 1 kHz a batch holds about 50. Reaching this flushes. */
+#define BATCH_CAPACITY 512u
+
+typedef struct reader {
+        int fd;                      /* our end, non-blocking */
+        sd_event_source *hangup;     /* notices the client closing its end */
+        uint32_t dropped;            /* records this reader lost so far */
+        nd_telemetry *owner;
+} reader;
+
+struct nd_telemetry {
+        sd_event *event;
+        sd_bus *bus;
+        char *path;
+        sd_event_source *batch_timer;
+        nd_telemetry_sample batch[BATCH_CAPACITY];
+        unsigned n_batch;
+        reader *readers[ND_TELEMETRY_READERS_MAX];
+        unsigned n_readers;
+        uint64_t dropped_total;
+};
+
+static void put_le16(uint8_t *p, uint16_t v) { v = htole16(v); memcpy(p, &v, sizeof v); }
+static void put_le32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, sizeof v); }
+static void put_le64(uint8_t *p, uint64_t v) { v = htole64(v); memcpy(p, &v, sizeof v); }
+static void put_f64(uint8_t *p, double d) {
+        uint64_t bits;
+        _Static_assert(sizeof bits == sizeof d, "IEEE 754 binary64 expected");
+        memcpy(&bits, &d, sizeof bits);
+        put_le64(p, bits);
+}
+
+void nd_telemetry_encode_record(const nd_telemetry_sample *s, uint32_t dropped,
+                                uint8_t out[static ND_TELEMETRY_RECORD_SIZE]) {
+        memset(out, 0, ND_TELEMETRY_RECORD_SIZE);
+        put_le16(out + 0, ND_TELEMETRY_RECORD_VERSION);
+        put_le16(out + 2, ND_TELEMETRY_RECORD_SIZE);
+        put_le32(out + 4, s->sequence);
+        put_le64(out + 8, s->device_time_us);
+        put_le64(out + 16, s->host_time_us);
+        put_le32(out + 24, dropped);
+        put_le32(out + 28, s->flags);
+        put_f64(out + 32, s->depth_mm);
+        put_f64(out + 40, s->speed_hz);
+        put_f64(out + 48, s->current_ma);
+        put_f64(out + 56, s->temperature_c);
+        out[64] = (uint8_t) MIN(s->battery_percent, 100u);
+        /* 65..71 reserved, zero */
+}
+
+static void reader_free(reader *rd) {
+        if (!rd)
+                return;
+        sd_event_source_unref(rd->hangup);
+        if (rd->fd >= 0)
+                close(rd->fd);
+        free(rd);
+}
+
+static void telemetry_remove_reader(nd_telemetry *t, unsigned i) {
+        reader_free(t->readers[i]);
+        t->readers[i] = t->readers[--t->n_readers];
+        t->readers[t->n_readers] = NULL;
+}
+
+/* The client closed its end (EPOLLHUP/EPOLLRDHUP): the reader goes. */
+static int on_reader_hangup(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        reader *rd = userdata;
+        nd_telemetry *t = rd->owner;
+        for (unsigned i = 0; i < t->n_readers; i++)
+                if (t->readers[i] == rd) {
+                        nd_log_debug("%s: telemetry reader closed its socket (%u records dropped for it)",
+                                     t->path, rd->dropped);
+                        telemetry_remove_reader(t, i);
+                        break;
+                }
+        return 0;
+}
+
+static void telemetry_emit_batch(nd_telemetry *t) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
+        int r;
+
+        if (t->n_batch == 0)
+                return;
+        if (sd_bus_is_open(t->bus) <= 0) {
+                /* Shutting down: sd-bus closed the connection when the loop ended. */
+                t->n_batch = 0;
+                return;
+        }
+        r = sd_bus_message_new_signal(t->bus, &m, t->path, ND_PEN_INTERFACE, "Telemetry");
+        if (r >= 0)
+                r = sd_bus_message_open_container(m, 'a', "(tuddddu)");
+        for (unsigned i = 0; r >= 0 && i < t->n_batch; i++) {
+                const nd_telemetry_sample *s = &t->batch[i];
+                r = sd_bus_message_append(m, "(tuddddu)", s->device_time_us, s->sequence, s->depth_mm,
+                                          s->speed_hz, s->current_ma, s->temperature_c, s->flags);
+        }
+        if (r >= 0)
+                r = sd_bus_message_close_container(m);
+        if (r >= 0)
+                r = sd_bus_send(t->bus, m, NULL);
+        if (r < 0)
+                nd_log_warning("%s: could not emit a Telemetry batch of %u samples: %s", t->path, t->n_batch,
+                               strerror(-r));
+        t->n_batch = 0;
+}
+
+static int on_batch_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        nd_telemetry *t = userdata;
+        telemetry_emit_batch(t);
+        /* Re-armed only while samples flow, so an idle pen costs no wake-ups. */
+        return sd_event_source_set_enabled(s, SD_EVENT_OFF);
+}
+
+int nd_telemetry_new(sd_event *event, sd_bus *bus, const char *object_path, nd_telemetry **ret) {
+        nd_telemetry *t = calloc(1, sizeof *t);
+        int r;
+        if (!t)
+                return -ENOMEM;
+        t->event = sd_event_ref(event);
+        t->bus = sd_bus_ref(bus);
+        t->path = strdup(object_path);
+        if (!t->path) {
+                nd_telemetry_free(t);
+                return -ENOMEM;
+        }
+        r = sd_event_add_time_relative(event, &t->batch_timer, CLOCK_MONOTONIC, ND_TELEMETRY_BATCH_INTERVAL_USEC,
+                                       USEC_PER_MSEC, on_batch_timer, t);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(t->batch_timer, SD_EVENT_OFF);
+        if (r < 0) {
+                nd_telemetry_free(t);
+                return r;
+        }
+        *ret = t;
+        return 0;
+}
+
+nd_telemetry *nd_telemetry_free(nd_telemetry *t) {
+        if (!t)
+                return NULL;
+        if (t->bus)
+                telemetry_emit_batch(t);
+        while (t->n_readers > 0)
+                telemetry_remove_reader(t, t->n_readers - 1);
+        sd_event_source_disable_unref(t->batch_timer);
+        sd_bus_unref(t->bus);
+        sd_event_unref(t->event);
+        free(t->path);
+        free(t);
+        return NULL;
+}
+
+void nd_telemetry_flush(nd_telemetry *t) {
+        if (!t)
+                return;
+        telemetry_emit_batch(t);
+        (void) sd_event_source_set_enabled(t->batch_timer, SD_EVENT_OFF);
+}
+
+void nd_telemetry_push(nd_telemetry *t, const nd_telemetry_sample *s) {
+        if (t->n_batch == BATCH_CAPACITY)
+                telemetry_emit_batch(t);
+        t->batch[t->n_batch++] = *s;
+        if (t->n_batch == 1) {
+                int enabled = SD_EVENT_OFF;
+                (void) sd_event_source_get_enabled(t->batch_timer, &enabled);
+                if (enabled == SD_EVENT_OFF) {
+                        (void) sd_event_source_set_time_relative(t->batch_timer, ND_TELEMETRY_BATCH_INTERVAL_USEC);
+                        (void) sd_event_source_set_enabled(t->batch_timer, SD_EVENT_ONESHOT);
+                }
+        }
+
+        if (t->n_readers == 0)
+                return;
+        uint8_t record[ND_TELEMETRY_RECORD_SIZE];
+        for (unsigned i = 0; i < t->n_readers;) {
+                reader *rd = t->readers[i];
+                nd_telemetry_encode_record(s, rd->dropped, record);
+                ssize_t n = send(rd->fd, record, sizeof record, MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (n == (ssize_t) sizeof record) {
+                        i++;
+                        continue;
+                }
+                if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)) {
+                        rd->dropped++;
+                        t->dropped_total++;
+                        i++;
+                        continue;
+                }
+                nd_log_debug("%s: telemetry reader gone (%s)", t->path, n < 0 ? strerror(errno) : "short send");
+                telemetry_remove_reader(t, i);
+        }
+}
+
+int nd_telemetry_open_reader(nd_telemetry *t, int *ret_fd) {
+        int pair[2];
+        int sndbuf = ND_TELEMETRY_READER_SNDBUF;
+        int r;
+
+        if (t->n_readers >= ND_TELEMETRY_READERS_MAX)
+                return -EMFILE;
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, pair) < 0)
+                return -errno;
+        _cleanup_close_ int ours = pair[0], theirs = pair[1];
+        /* The client's end blocks as usual; only ours must never block. */
+        int flags = fcntl(theirs, F_GETFL);
+        if (flags < 0 || fcntl(theirs, F_SETFL, flags & ~O_NONBLOCK) < 0)
+                return -errno;
+        (void) setsockopt(ours, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+
+        reader *rd = calloc(1, sizeof *rd);
+        if (!rd)
+                return -ENOMEM;
+        rd->owner = t;
+        rd->fd = -1;
+        r = sd_event_add_io(t->event, &rd->hangup, ours, EPOLLRDHUP, on_reader_hangup, rd);
+        if (r < 0) {
+                reader_free(rd);
+                return r;
+        }
+        rd->fd = TAKE_FD(ours);
+        t->readers[t->n_readers++] = rd;
+        *ret_fd = TAKE_FD(theirs);
+        return 0;
+}
+
+unsigned nd_telemetry_n_readers(const nd_telemetry *t) { return t ? t->n_readers : 0; }
+uint64_t nd_telemetry_dropped_total(const nd_telemetry *t) { return t ? t->dropped_total : 0; }

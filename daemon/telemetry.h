@@ -1,0 +1,53 @@
+/* telemetry.h: one pen's telemetry fan-out: Telemetry signal batches (about 20 a second, every
+ * sample exactly once, in order) and binary records on SOCK_SEQPACKET sockets handed to
+ * OpenTelemetry callers (docs/telemetry.md). A slow reader loses records, counted, and never
+ * slows the daemon or any other reader. No allocation per sample. */
+#pragma once
+
+#include <stdint.h>
+#include <systemd/sd-bus.h>
+#include <systemd/sd-event.h>
+
+/* One sample as the daemon hands it on. */
+typedef struct nd_telemetry_sample {
+        uint64_t device_time_us;  /* the pen's clock, extended to 64 bits */
+        uint64_t host_time_us;    /* CLOCK_MONOTONIC when the daemon decoded it */
+        uint32_t sequence;        /* the pen's sequence number */
+        uint32_t flags;           /* status bits | fault bits << 8 (docs/telemetry.md) */
+        double depth_mm, speed_hz, current_ma, temperature_c;
+        unsigned battery_percent;
+} nd_telemetry_sample;
+
+#define ND_TELEMETRY_RECORD_VERSION 1u
+#define ND_TELEMETRY_RECORD_SIZE    72u
+#define ND_TELEMETRY_BATCH_INTERVAL_USEC (50 * UINT64_C(1000))
+/* Readers beyond this are refused (each costs a socket and a send per sample). */
+#define ND_TELEMETRY_READERS_MAX 64u
+/* Kernel send buffer asked for each reader: about a quarter second at 1 kHz. */
+#define ND_TELEMETRY_READER_SNDBUF (256 * 1024)
+
+typedef struct nd_telemetry nd_telemetry;
+
+/* Creates the fan-out for the pen object at object_path (copied). */
+int nd_telemetry_new(sd_event *event, sd_bus *bus, const char *object_path, nd_telemetry **ret);
+
+/* Flushes the pending batch, closes every reader, frees. NULL is allowed. */
+nd_telemetry *nd_telemetry_free(nd_telemetry *t);
+
+/* Hands one sample on: appended to the pending signal batch, written to every reader. */
+void nd_telemetry_push(nd_telemetry *t, const nd_telemetry_sample *s);
+
+/* Emits the pending batch now (before SessionEnded, or before the pen object goes). */
+void nd_telemetry_flush(nd_telemetry *t);
+
+/* Opens a new reader; *ret_fd is the client's end (CLOEXEC), which the caller sends and
+ * closes. Returns 0, -EMFILE when there are too many readers, or -errno. */
+int nd_telemetry_open_reader(nd_telemetry *t, int *ret_fd);
+
+/* Readers connected now, and records dropped for all readers so far (for tests/benchmarks). */
+unsigned nd_telemetry_n_readers(const nd_telemetry *t);
+uint64_t nd_telemetry_dropped_total(const nd_telemetry *t);
+
+/* Encodes one record for a reader with `dropped` records lost so far (exposed for tests). */
+void nd_telemetry_encode_record(const nd_telemetry_sample *s, uint32_t dropped,
+                                uint8_t out[static ND_TELEMETRY_RECORD_SIZE]);
