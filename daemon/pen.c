@@ -2,6 +2,7 @@
  * session and its telemetry. Every telemetry sample is checked against the limits in force in
  * the loop iteration that decoded it; a tripped interlock sends the motor stop at once. */
 #include <errno.h>
+#include <stdarg.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1310,6 +1311,25 @@ static int parse_start_options(sd_bus_message *m, const char **label, sd_bus_err
         return r < 0 ? sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Malformed options") : 0;
 }
 
+/* Refuses a Start: the refusal goes to the audit trail, then the reply. */
+_printf_(5, 6)
+static void start_refuse(nd_pen *p, sd_bus_message *m, const nd_caller *caller, const char *error_name,
+                         const char *fmt, ...) {
+        _cleanup_free_ char *message = NULL;
+        _cleanup_free_ char *detail = NULL;
+        va_list ap;
+        va_start(ap, fmt);
+        int r = vasprintf(&message, fmt, ap);
+        va_end(ap);
+        if (r < 0)
+                message = NULL;
+        if (asprintf(&detail, "refused: %s: %s", error_name + strlen(ND_ERROR_PREFIX),
+                     message ? message : "") < 0)
+                detail = NULL;
+        nd_pen_audit(p->daemon, caller, "Start", p->serial, detail ? detail : "refused");
+        (void) sd_bus_reply_method_errorf(m, error_name, "%s", message ? message : "Start refused");
+}
+
 static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
                              const nd_caller *caller, void *userdata) {
         nd_daemon *d = userdata;
@@ -1327,21 +1347,21 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 return;
         }
         if (!l) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_LIMITS_UNAVAILABLE, "No limits are in force: nothing can start");
+                start_refuse(p, m, caller, ND_ERROR_LIMITS_UNAVAILABLE, "No limits are in force: nothing can start");
                 return;
         }
         if (p->state == ND_PEN_FAULT) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "Pen %s is in fault (%s); clear it first", p->serial,
+                start_refuse(p, m, caller, ND_ERROR_FAULT, "Pen %s is in fault (%s); clear it first", p->serial,
                                                   strempty(p->fault));
                 return;
         }
         if (p->state != ND_PEN_ARMED || p->starting || !p->profile) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_WRONG_STATE, "Pen %s is %s: arm a profile first", p->serial,
+                start_refuse(p, m, caller, ND_ERROR_WRONG_STATE, "Pen %s is %s: arm a profile first", p->serial,
                                                   p->starting ? "starting" : nd_pen_state_to_string(p->state));
                 return;
         }
         if (!p->cartridge_present) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_NO_CARTRIDGE, "Pen %s has no cartridge", p->serial);
+                start_refuse(p, m, caller, ND_ERROR_NO_CARTRIDGE, "Pen %s has no cartridge", p->serial);
                 return;
         }
         /* The limits may have changed since arming: check again, and the pen's own checks. */
@@ -1352,6 +1372,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 r = nd_profile_check_pen(again, &caps, true, p->cartridge_needles, &diags);
         }
         if (r < 0 || diags.n_items > 0) {
+                nd_pen_audit(d, caller, "Start", p->serial, "refused: InvalidProfile: the armed profile no longer passes");
                 reply_invalid_profile(m, &diags);
                 return;
         }
@@ -1359,25 +1380,25 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         bool known;
         const char *cstate = cartridge_state(p, &info, &known);
         if (STREQ(cstate, "rejected")) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INVALID_PROFILE,
+                start_refuse(p, m, caller, ND_ERROR_INVALID_PROFILE,
                                                   "Cartridge %s has %u needles, which the limits do not allow",
                                                   p->cartridge_id, p->cartridge_needles);
                 return;
         }
         if (STREQ(cstate, "spent")) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_CARTRIDGE_SPENT,
+                start_refuse(p, m, caller, ND_ERROR_CARTRIDGE_SPENT,
                                                   "Cartridge %s has been used already (%s)", p->cartridge_id,
                                                   l->cartridge.single_use ? "single use" : "runtime used up");
                 return;
         }
         if (p->battery_percent < l->pen.min_battery_percent) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_LOW_BATTERY,
+                start_refuse(p, m, caller, ND_ERROR_LOW_BATTERY,
                                                   "Battery at %u %%: no start below %u %%", p->battery_percent,
                                                   l->pen.min_battery_percent);
                 return;
         }
         if (!d->ledger) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_STORAGE,
+                start_refuse(p, m, caller, ND_ERROR_STORAGE,
                                                   "The treatment ledger is not available, so the session cannot be recorded "
                                                   "(no record, no treatment): %s", strempty(d->ledger_error));
                 return;
@@ -1397,13 +1418,13 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         if (r >= 0)
                 r = nd_ledger_session_begin(d->ledger, &rec);
         if (r == -ESTALE) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_CARTRIDGE_SPENT, "Cartridge %s may not run again: %s",
+                start_refuse(p, m, caller, ND_ERROR_CARTRIDGE_SPENT, "Cartridge %s may not run again: %s",
                                                   p->cartridge_id, nd_ledger_last_error(d->ledger));
                 return;
         }
         if (r < 0) {
                 pen_log(p, LOG_ERR, "%s: session not recorded, not started: %s", p->serial, nd_ledger_last_error(d->ledger));
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_STORAGE,
+                start_refuse(p, m, caller, ND_ERROR_STORAGE,
                                                   "The session could not be recorded, so it does not start: %s",
                                                   nd_ledger_last_error(d->ledger));
                 return;
@@ -1424,7 +1445,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
         if (r < 0 || !ss->owner_name) {
                 pen_stop_session(p, "stopped");
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INTERNAL, "Cannot track the session's owner: %s",
+                start_refuse(p, m, caller, ND_ERROR_INTERNAL, "Cannot track the session's owner: %s",
                                                   strerror(r < 0 ? -r : ENOMEM));
                 return;
         }
@@ -1434,7 +1455,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 if (op)
                         op_free(op);
                 pen_trip(p, "start-failed", "the depth could not be sent to the pen");
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "The pen did not start: %s", strerror(-r));
+                start_refuse(p, m, caller, ND_ERROR_FAULT, "The pen did not start: %s", strerror(-r));
                 return;
         }
         p->starting = true;
