@@ -1,0 +1,1007 @@
+/* pendev.c: the pen device layer (see pendev.h).
+ *
+ * Re-entrancy: any user callback may free the pendev. Every entry from the loop (transport
+ * callbacks, the timer) holds a dispatch count; nd_pendev_free() inside a callback frees the
+ * transport at once (so no callback can follow) but leaves the struct to be released when the
+ * outermost dispatch returns. After each user callback the code checks p->freed and stops. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "pendev.h"
+
+/* Telemetry problems are logged at most this many times per window, then summarised. */
+#define LOG_BURST_PER_WINDOW 3u
+#define LOG_WINDOW_USEC      (1 * USEC_PER_SEC)
+
+#define TIMER_ACCURACY_USEC 1
+#define MESSAGE_MAX         256u
+#define SEQUENCE_HALF_RANGE UINT32_C(0x80000000) /* ahead by less than this: a gap, else behind */
+
+typedef enum command_kind {
+        CMD_IDENTIFY,
+        CMD_OPEN_CARTRIDGE,
+        CMD_OPEN_STATUS,
+        CMD_SET_WATCHDOG,
+        CMD_SET_TELEMETRY,
+        CMD_HEARTBEAT,
+        CMD_SET_DEPTH,
+        CMD_SET_SPEED,
+        CMD_MOTOR_START,
+        CMD_MOTOR_STOP,
+        CMD_CLEAR_FAULTS,
+        CMD_QUERY_STATUS,
+        CMD_QUERY_CARTRIDGE,
+} command_kind;
+
+static const char *const command_names[] = {
+        [CMD_IDENTIFY] = "IDENTIFY",
+        [CMD_OPEN_CARTRIDGE] = "GET_CARTRIDGE",
+        [CMD_OPEN_STATUS] = "GET_STATUS",
+        [CMD_SET_WATCHDOG] = "SET_WATCHDOG",
+        [CMD_SET_TELEMETRY] = "SET_TELEMETRY",
+        [CMD_HEARTBEAT] = "HEARTBEAT",
+        [CMD_SET_DEPTH] = "SET_DEPTH",
+        [CMD_SET_SPEED] = "SET_SPEED",
+        [CMD_MOTOR_START] = "MOTOR_START",
+        [CMD_MOTOR_STOP] = "MOTOR_STOP",
+        [CMD_CLEAR_FAULTS] = "CLEAR_FAULTS",
+        [CMD_QUERY_STATUS] = "GET_STATUS",
+        [CMD_QUERY_CARTRIDGE] = "GET_CARTRIDGE",
+};
+
+typedef struct command command;
+struct command {
+        nd_pendev *pendev;
+        command_kind kind;
+        nd_control_setup setup;
+        uint8_t data[ND_PROTO_SET_TELEMETRY_SIZE]; /* the OUT data stage, when there is one */
+        uint32_t timeout_ms;
+        bool submitted;
+        bool cancelled;          /* a queued motor start overtaken by a motor stop */
+        nd_pendev_done_fn done;
+        nd_pendev_status_fn status_done;
+        nd_pendev_cartridge_fn cartridge_done;
+        void *userdata;
+        command *prev, *next;
+};
+
+typedef struct command_list {
+        command *head, *tail;
+} command_list;
+
+typedef struct ratelimit {
+        uint64_t window_start_us;
+        unsigned logged;
+        uint64_t suppressed;
+} ratelimit;
+
+struct nd_pendev {
+        nd_transport *transport;
+        sd_event *event;
+        nd_pendev_config config;
+        nd_pendev_callbacks cb;
+        void *userdata;
+
+        nd_pendev_state state;
+        unsigned dispatching;
+        bool freed;
+
+        nd_proto_identity identity;
+        bool have_identity;
+        nd_proto_status status;
+        bool have_status;
+        nd_proto_cartridge cartridge;
+        bool have_cartridge;
+        unsigned telemetry_rate_hz;
+        char serial_field[sizeof "PEN_SERIAL=" + ND_PROTO_SERIAL_SIZE];
+
+        command_list queue;      /* ordinary commands, the head in flight when submitted */
+        command_list bypass;     /* motor stops and heartbeats in flight */
+
+        sd_event_source *timer;  /* heartbeat and telemetry-stall check */
+        bool heartbeat_in_flight;
+        uint64_t heartbeat_failures_in_row;
+
+        bool streaming;
+        bool have_sequence;
+        uint32_t next_sequence;
+        bool jumped;                 /* the last packet jumped ahead ... */
+        uint32_t before_jump;        /* ... from here ... */
+        uint64_t jump_packet;        /* ... in this packet (stats.packets) */
+        nd_proto_clock clock;
+        uint64_t last_packet_us;
+        bool stall_reported;
+
+        ratelimit log_limits[_ND_PENDEV_ERROR_KIND_MAX];
+        nd_pendev_stats stats;
+};
+
+static const char *const error_kind_names[_ND_PENDEV_ERROR_KIND_MAX] = {
+        [ND_PENDEV_ERROR_IDENTIFY] = "identify-failed",
+        [ND_PENDEV_ERROR_VERSION] = "protocol-version",
+        [ND_PENDEV_ERROR_SETUP] = "setup-failed",
+        [ND_PENDEV_ERROR_TELEMETRY_CORRUPT] = "telemetry-corrupt",
+        [ND_PENDEV_ERROR_TELEMETRY_GAP] = "telemetry-gap",
+        [ND_PENDEV_ERROR_TELEMETRY_DUPLICATE] = "telemetry-duplicate",
+        [ND_PENDEV_ERROR_TELEMETRY_RESYNC] = "telemetry-resync",
+        [ND_PENDEV_ERROR_TELEMETRY_STALLED] = "telemetry-stalled",
+        [ND_PENDEV_ERROR_HEARTBEAT] = "heartbeat-failed",
+        [ND_PENDEV_ERROR_GONE] = "device-gone",
+};
+
+const char *nd_pendev_error_kind_to_string(nd_pendev_error_kind k) {
+        if ((unsigned) k >= _ND_PENDEV_ERROR_KIND_MAX)
+                return NULL;
+        return error_kind_names[k];
+}
+
+static uint64_t monotonic_usec(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
+}
+
+/* ---- logging and error reports ---- */
+
+static const char *pendev_name(const nd_pendev *p) {
+        return p->have_identity ? p->identity.serial : nd_transport_describe(p->transport);
+}
+
+static void pendev_logv(nd_pendev *p, int level, const char *fmt, va_list ap) _printf_(3, 0);
+static void pendev_logv(nd_pendev *p, int level, const char *fmt, va_list ap) {
+        char message[MESSAGE_MAX];
+        const char *fields[] = { p->have_identity ? p->serial_field : NULL, NULL };
+
+        vsnprintf(message, sizeof message, fmt, ap);
+        nd_log_full(level, fields, "pen %s: %s", pendev_name(p), message);
+}
+
+static void pendev_log(nd_pendev *p, int level, const char *fmt, ...) _printf_(3, 4);
+static void pendev_log(nd_pendev *p, int level, const char *fmt, ...) {
+        va_list ap;
+        va_start(ap, fmt);
+        pendev_logv(p, level, fmt, ap);
+        va_end(ap);
+}
+
+/* Logs (rate-limited for telemetry kinds) and hands one problem to the error callback.
+ * Returns false when the callback freed the pendev. */
+static bool pendev_report(nd_pendev *p, nd_pendev_error_kind kind, int error, bool fatal, uint64_t count,
+                          const char *fmt, ...) _printf_(6, 7);
+static bool pendev_report(nd_pendev *p, nd_pendev_error_kind kind, int error, bool fatal, uint64_t count,
+                          const char *fmt, ...) {
+        char message[MESSAGE_MAX];
+        va_list ap;
+        bool limited = kind == ND_PENDEV_ERROR_TELEMETRY_CORRUPT || kind == ND_PENDEV_ERROR_TELEMETRY_GAP ||
+                       kind == ND_PENDEV_ERROR_TELEMETRY_DUPLICATE || kind == ND_PENDEV_ERROR_TELEMETRY_RESYNC ||
+                       kind == ND_PENDEV_ERROR_HEARTBEAT;
+
+        va_start(ap, fmt);
+        vsnprintf(message, sizeof message, fmt, ap);
+        va_end(ap);
+
+        if (limited) {
+                ratelimit *rl = &p->log_limits[kind];
+                uint64_t now = monotonic_usec();
+                if (now - rl->window_start_us >= LOG_WINDOW_USEC) {
+                        if (rl->suppressed > 0)
+                                pendev_log(p, LOG_WARNING, "%" PRIu64 " more %s problems not logged in the last %.1f s",
+                                           rl->suppressed, error_kind_names[kind],
+                                           (double) (now - rl->window_start_us) / USEC_PER_SEC);
+                        rl->window_start_us = now;
+                        rl->logged = 0;
+                        rl->suppressed = 0;
+                }
+                if (rl->logged < LOG_BURST_PER_WINDOW) {
+                        rl->logged++;
+                        pendev_log(p, LOG_WARNING, "%s: %s", error_kind_names[kind], message);
+                } else
+                        rl->suppressed++;
+        } else
+                pendev_log(p, fatal ? LOG_ERR : LOG_WARNING, "%s: %s", error_kind_names[kind], message);
+
+        if (p->cb.error && !p->freed) {
+                nd_pendev_error e = {
+                        .kind = kind, .error = error, .fatal = fatal, .count = count, .message = message,
+                };
+                p->cb.error(p, &e, p->userdata);
+        }
+        return !p->freed;
+}
+
+/* ---- lifetime ---- */
+
+static void command_list_append(command_list *l, command *c) {
+        c->next = NULL;
+        c->prev = l->tail;
+        if (l->tail)
+                l->tail->next = c;
+        else
+                l->head = c;
+        l->tail = c;
+}
+
+static void command_list_remove(command_list *l, command *c) {
+        if (c->prev)
+                c->prev->next = c->next;
+        else
+                l->head = c->next;
+        if (c->next)
+                c->next->prev = c->prev;
+        else
+                l->tail = c->prev;
+        c->prev = c->next = NULL;
+}
+
+static void command_list_free(command_list *l) {
+        while (l->head) {
+                command *c = l->head;
+                command_list_remove(l, c);
+                free(c);
+        }
+}
+
+static void pendev_destroy(nd_pendev *p) {
+        command_list_free(&p->queue);
+        command_list_free(&p->bypass);
+        sd_event_source_disable_unref(p->timer);
+        sd_event_unref(p->event);
+        free(p);
+}
+
+static void pendev_enter(nd_pendev *p) {
+        p->dispatching++;
+}
+
+static void pendev_leave(nd_pendev *p) {
+        if (--p->dispatching == 0 && p->freed)
+                pendev_destroy(p);
+}
+
+nd_pendev *nd_pendev_free(nd_pendev *p) {
+        if (!p || p->freed)
+                return NULL;
+        p->freed = true;
+        /* first, so that no transport callback can reach us any more */
+        nd_transport_free(TAKE_PTR(p->transport));
+        p->timer = sd_event_source_disable_unref(p->timer);
+        if (p->dispatching == 0)
+                pendev_destroy(p);
+        return NULL;
+}
+
+/* ---- commands ---- */
+
+static void on_command_done(nd_transport *t, int status, const uint8_t *data, size_t len, void *userdata);
+
+static int command_submit(nd_pendev *p, command *c) {
+        int r = nd_transport_control(p->transport, &c->setup, c->data, c->timeout_ms, on_command_done, c);
+        if (r >= 0)
+                c->submitted = true;
+        return r;
+}
+
+static command *command_new(nd_pendev *p, command_kind kind) {
+        command *c = calloc(1, sizeof *c);
+        if (!c)
+                return NULL;
+        c->pendev = p;
+        c->kind = kind;
+        c->timeout_ms = p->config.request_timeout_ms;
+        return c;
+}
+
+/* Completes a command that never reached the pen (cancelled, or the link went away). */
+static void command_complete_unsent(nd_pendev *p, command *c, int status) {
+        if (c->done)
+                c->done(p, status, c->userdata);
+        else if (c->status_done)
+                c->status_done(p, status, NULL, c->userdata);
+        else if (c->cartridge_done)
+                c->cartridge_done(p, status, NULL, c->userdata);
+}
+
+/* Sends the head of the queue when nothing is in flight. Runs from the loop only, as it may
+ * complete cancelled commands. Returns false when a callback freed the pendev. */
+static bool queue_pump(nd_pendev *p) {
+        while (p->queue.head && !p->queue.head->submitted) {
+                command *c = p->queue.head;
+                int r = c->cancelled ? -ECANCELED : command_submit(p, c);
+                if (r >= 0)
+                        return true;
+                command_list_remove(&p->queue, c);
+                if (r != -ECANCELED)
+                        pendev_log(p, LOG_WARNING, "cannot send %s: %s", command_names[c->kind], strerror(-r));
+                p->stats.commands_failed++;
+                command_complete_unsent(p, c, r);
+                free(c);
+                if (p->freed)
+                        return false;
+        }
+        return true;
+}
+
+/* Queues an ordinary command; sent at once when the queue is idle. Called from the API, so it
+ * never runs a callback: a failure to send is returned. */
+static int queue_command(nd_pendev *p, command *c) {
+        bool idle = !p->queue.head;
+        if (idle) {
+                int r = command_submit(p, c);
+                if (r < 0) {
+                        free(c);
+                        return r;
+                }
+        }
+        command_list_append(&p->queue, c);
+        return 0;
+}
+
+static int check_state(const nd_pendev *p) {
+        switch (p->state) {
+        case ND_PENDEV_READY: return 0;
+        case ND_PENDEV_OPENING: return -EAGAIN;
+        case ND_PENDEV_REFUSED: return -ENOTCONN;
+        case ND_PENDEV_GONE:
+        default: return -ENODEV;
+        }
+}
+
+/* ---- opening ---- */
+
+static bool pendev_refuse(nd_pendev *p, nd_pendev_error_kind kind, int error, const char *fmt, ...) _printf_(4, 5);
+static bool pendev_refuse(nd_pendev *p, nd_pendev_error_kind kind, int error, const char *fmt, ...) {
+        char message[MESSAGE_MAX];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(message, sizeof message, fmt, ap);
+        va_end(ap);
+        p->state = ND_PENDEV_REFUSED;
+        if (p->streaming) {
+                nd_transport_stop_stream(p->transport);
+                p->streaming = false;
+        }
+        p->timer = sd_event_source_disable_unref(p->timer);
+        return pendev_report(p, kind, error, true, 1, "pen refused: %s", message);
+}
+
+static int open_step(nd_pendev *p, command_kind kind) {
+        command *c = command_new(p, kind);
+        int r;
+
+        if (!c)
+                return -ENOMEM;
+        switch (kind) {
+        case CMD_IDENTIFY:
+                nd_proto_request_identify(&c->setup, ND_PROTO_VERSION_MAJOR, ND_PROTO_VERSION_MINOR);
+                break;
+        case CMD_OPEN_CARTRIDGE:
+                nd_proto_request_get_cartridge(&c->setup);
+                break;
+        case CMD_OPEN_STATUS:
+                nd_proto_request_get_status(&c->setup);
+                break;
+        case CMD_SET_WATCHDOG:
+                r = nd_proto_request_set_watchdog(&c->setup, p->config.heartbeat_timeout_ms);
+                if (r < 0) {
+                        free(c);
+                        return r;
+                }
+                break;
+        case CMD_SET_TELEMETRY:
+                r = nd_proto_request_set_telemetry(&c->setup, c->data, p->telemetry_rate_hz, true);
+                if (r < 0) {
+                        free(c);
+                        return r;
+                }
+                break;
+        default:
+                free(c);
+                return -EINVAL;
+        }
+        return queue_command(p, c);
+}
+
+static bool open_continue(nd_pendev *p, command_kind next) {
+        int r = open_step(p, next);
+        if (r < 0)
+                return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, r, "cannot send %s: %s", command_names[next],
+                                     strerror(-r));
+        return true;
+}
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata);
+
+static int heartbeat_timer_start(nd_pendev *p) {
+        uint64_t interval = (uint64_t) p->config.heartbeat_interval_ms * USEC_PER_MSEC;
+        int r = sd_event_add_time_relative(p->event, &p->timer, CLOCK_MONOTONIC, interval, TIMER_ACCURACY_USEC,
+                                           on_timer, p);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_enabled(p->timer, SD_EVENT_ON);
+        (void) sd_event_source_set_description(p->timer, "pen-heartbeat");
+        return 0;
+}
+
+/* Handles a reply during opening. Returns false when the pendev was freed. */
+static bool open_handle_reply(nd_pendev *p, command *c, int status, const uint8_t *data, size_t len) {
+        nd_proto_error err = { 0 };
+        int r;
+
+        if (status == -ENODEV)
+                return true; /* on_gone follows and says so, once */
+        if (status < 0) {
+                if (c->kind == CMD_IDENTIFY)
+                        return pendev_refuse(p, ND_PENDEV_ERROR_IDENTIFY, status, "IDENTIFY failed: %s",
+                                             strerror(-status));
+                return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, status, "%s failed: %s", command_names[c->kind],
+                                     strerror(-status));
+        }
+
+        switch (c->kind) {
+        case CMD_IDENTIFY:
+                r = nd_proto_decode_identity(data, len, ND_PROTO_VERSION_MAJOR, ND_PROTO_VERSION_MINOR,
+                                             &p->identity, &err);
+                if (r == -EPROTONOSUPPORT)
+                        return pendev_refuse(p, ND_PENDEV_ERROR_VERSION, r,
+                                             "speaks a protocol this host does not (host %u.%u): %s",
+                                             ND_PROTO_VERSION_MAJOR, ND_PROTO_VERSION_MINOR, err.message);
+                if (r < 0)
+                        return pendev_refuse(p, ND_PENDEV_ERROR_IDENTIFY, r, "malformed IDENTIFY reply (%zu bytes): %s",
+                                             len, err.message);
+                p->have_identity = true;
+                snprintf(p->serial_field, sizeof p->serial_field, "PEN_SERIAL=%s", p->identity.serial);
+                p->telemetry_rate_hz = p->config.telemetry_rate_hz;
+                if (p->telemetry_rate_hz == 0 || p->telemetry_rate_hz > p->identity.max_telemetry_rate_hz) {
+                        if (p->telemetry_rate_hz != 0)
+                                pendev_log(p, LOG_NOTICE, "telemetry rate %u Hz asked, the pen does at most %u Hz",
+                                           p->telemetry_rate_hz, p->identity.max_telemetry_rate_hz);
+                        p->telemetry_rate_hz = p->identity.max_telemetry_rate_hz;
+                }
+                pendev_log(p, LOG_INFO, "identified: model %s, firmware %s, protocol %u.%u, on %s",
+                           p->identity.model, p->identity.firmware_version, p->identity.protocol_major,
+                           p->identity.protocol_minor, nd_transport_describe(p->transport));
+                return open_continue(p, CMD_OPEN_CARTRIDGE);
+
+        case CMD_OPEN_CARTRIDGE:
+                r = nd_proto_decode_cartridge(data, len, &p->cartridge, &err);
+                if (r < 0)
+                        return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, r, "malformed GET_CARTRIDGE reply: %s",
+                                             err.message);
+                p->have_cartridge = true;
+                return open_continue(p, CMD_OPEN_STATUS);
+
+        case CMD_OPEN_STATUS:
+                r = nd_proto_decode_status(data, len, &p->status, &err);
+                if (r < 0)
+                        return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, r, "malformed GET_STATUS reply: %s",
+                                             err.message);
+                p->have_status = true;
+                return open_continue(p, CMD_SET_WATCHDOG);
+
+        case CMD_SET_WATCHDOG:
+                /* the watchdog now runs on the pen: heartbeat from here on */
+                r = heartbeat_timer_start(p);
+                if (r < 0)
+                        return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, r, "cannot start the heartbeat timer: %s",
+                                             strerror(-r));
+                /* the stream first, so that no packet is sent before we listen */
+                r = nd_transport_start_stream(p->transport);
+                if (r < 0)
+                        return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, r, "cannot start the telemetry stream: %s",
+                                             strerror(-r));
+                p->streaming = true;
+                return open_continue(p, CMD_SET_TELEMETRY);
+
+        case CMD_SET_TELEMETRY:
+                p->state = ND_PENDEV_READY;
+                p->last_packet_us = monotonic_usec();
+                pendev_log(p, LOG_INFO, "ready: telemetry at %u Hz, heartbeat every %u ms (watchdog %u ms)",
+                           p->telemetry_rate_hz, p->config.heartbeat_interval_ms, p->config.heartbeat_timeout_ms);
+                if (p->cb.ready)
+                        p->cb.ready(p, p->userdata);
+                return !p->freed;
+
+        default:
+                return true;
+        }
+}
+
+/* ---- command completion ---- */
+
+static bool handle_heartbeat_reply(nd_pendev *p, int status) {
+        p->heartbeat_in_flight = false;
+        if (status >= 0) {
+                if (p->heartbeat_failures_in_row > 0)
+                        pendev_log(p, LOG_NOTICE, "heartbeat acknowledged again after %" PRIu64 " failures",
+                                   p->heartbeat_failures_in_row);
+                p->heartbeat_failures_in_row = 0;
+                return true;
+        }
+        if (status == -ENODEV)
+                return true; /* reported once as gone */
+        p->stats.heartbeats_failed++;
+        p->heartbeat_failures_in_row++;
+        return pendev_report(p, ND_PENDEV_ERROR_HEARTBEAT, status, false, p->heartbeat_failures_in_row,
+                             "heartbeat not acknowledged: %s (%" PRIu64 " in a row)", strerror(-status),
+                             p->heartbeat_failures_in_row);
+}
+
+static bool handle_command_reply(nd_pendev *p, command *c, int status, const uint8_t *data, size_t len) {
+        nd_proto_error err = { 0 };
+
+        if (status >= 0)
+                status = 0;
+        switch (c->kind) {
+        case CMD_QUERY_STATUS: {
+                nd_proto_status st;
+                if (status == 0 && nd_proto_decode_status(data, len, &st, &err) < 0) {
+                        pendev_log(p, LOG_WARNING, "malformed GET_STATUS reply: %s", err.message);
+                        status = -EBADMSG;
+                }
+                if (status == 0) {
+                        p->status = st;
+                        p->have_status = true;
+                }
+                if (status < 0)
+                        p->stats.commands_failed++;
+                else
+                        p->stats.commands_ok++;
+                if (c->status_done)
+                        c->status_done(p, status, status == 0 ? &st : NULL, c->userdata);
+                break;
+        }
+        case CMD_QUERY_CARTRIDGE: {
+                nd_proto_cartridge cart;
+                if (status == 0 && nd_proto_decode_cartridge(data, len, &cart, &err) < 0) {
+                        pendev_log(p, LOG_WARNING, "malformed GET_CARTRIDGE reply: %s", err.message);
+                        status = -EBADMSG;
+                }
+                if (status == 0) {
+                        p->cartridge = cart;
+                        p->have_cartridge = true;
+                }
+                if (status < 0)
+                        p->stats.commands_failed++;
+                else
+                        p->stats.commands_ok++;
+                if (c->cartridge_done)
+                        c->cartridge_done(p, status, status == 0 ? &cart : NULL, c->userdata);
+                break;
+        }
+        default:
+                if (status < 0) {
+                        p->stats.commands_failed++;
+                        if (status != -ENODEV)
+                                pendev_log(p, c->kind == CMD_MOTOR_STOP ? LOG_ERR : LOG_WARNING, "%s failed: %s",
+                                           command_names[c->kind], strerror(-status));
+                } else
+                        p->stats.commands_ok++;
+                if (c->done)
+                        c->done(p, status, c->userdata);
+                break;
+        }
+        return !p->freed;
+}
+
+static void on_command_done(nd_transport *t, int status, const uint8_t *data, size_t len, void *userdata) {
+        command *c = userdata;
+        nd_pendev *p = c->pendev;
+        bool queued = c->kind != CMD_MOTOR_STOP && c->kind != CMD_HEARTBEAT;
+        bool alive;
+
+        pendev_enter(p);
+        command_list_remove(queued ? &p->queue : &p->bypass, c);
+
+        switch (c->kind) {
+        case CMD_IDENTIFY: case CMD_OPEN_CARTRIDGE: case CMD_OPEN_STATUS:
+        case CMD_SET_WATCHDOG: case CMD_SET_TELEMETRY:
+                alive = p->state == ND_PENDEV_OPENING ? open_handle_reply(p, c, status, data, len) : true;
+                break;
+        case CMD_HEARTBEAT:
+                alive = handle_heartbeat_reply(p, status);
+                break;
+        default:
+                alive = handle_command_reply(p, c, status, data, len);
+                break;
+        }
+        free(c);
+        if (alive && queued)
+                (void) queue_pump(p);
+        pendev_leave(p);
+}
+
+/* ---- heartbeat and stall check ---- */
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        nd_pendev *p = userdata;
+
+        pendev_enter(p);
+        (void) sd_event_source_set_time_relative(s, (uint64_t) p->config.heartbeat_interval_ms * USEC_PER_MSEC);
+
+        if (p->heartbeat_in_flight)
+                p->stats.heartbeats_skipped++;
+        else {
+                command *c = command_new(p, CMD_HEARTBEAT);
+                int r = -ENOMEM;
+                if (c) {
+                        nd_proto_request_heartbeat(&c->setup);
+                        /* a heartbeat answered later than the watchdog is worth nothing */
+                        c->timeout_ms = MIN(c->timeout_ms, p->config.heartbeat_timeout_ms);
+                        r = command_submit(p, c);
+                }
+                if (r >= 0) {
+                        command_list_append(&p->bypass, c);
+                        p->heartbeat_in_flight = true;
+                        p->stats.heartbeats_sent++;
+                } else {
+                        free(c);
+                        if (r != -ENODEV)
+                                (void) handle_heartbeat_reply(p, r);
+                }
+        }
+
+        if (!p->freed && p->state == ND_PENDEV_READY && !p->stall_reported && p->config.telemetry_stall_ms > 0) {
+                uint64_t now = monotonic_usec();
+                uint64_t silent_us = now - p->last_packet_us;
+                if (silent_us >= (uint64_t) p->config.telemetry_stall_ms * USEC_PER_MSEC) {
+                        p->stall_reported = true;
+                        p->stats.stalls++;
+                        (void) pendev_report(p, ND_PENDEV_ERROR_TELEMETRY_STALLED, -ETIMEDOUT, false, 1,
+                                             "no telemetry for %" PRIu64 " ms", silent_us / USEC_PER_MSEC);
+                }
+        }
+        pendev_leave(p);
+        return 0;
+}
+
+/* ---- telemetry ---- */
+
+static bool deliver(nd_pendev *p, nd_pendev_sample *batch, size_t *n) {
+        if (*n == 0)
+                return true;
+        p->stats.samples += *n;
+        if (p->cb.samples)
+                p->cb.samples(p, batch, *n, p->userdata);
+        *n = 0;
+        return !p->freed;
+}
+
+static void on_packet(nd_transport *t, const uint8_t *data, size_t len, void *userdata) {
+        nd_pendev *p = userdata;
+        nd_proto_packet pkt;
+        nd_proto_error err = { 0 };
+        nd_pendev_sample batch[ND_PROTO_SAMPLES_PER_PACKET_MAX];
+        size_t n = 0;
+        int r;
+
+        if (!p->streaming)
+                return;
+        pendev_enter(p);
+        p->last_packet_us = monotonic_usec();
+        if (p->stall_reported) {
+                p->stall_reported = false;
+                pendev_log(p, LOG_NOTICE, "telemetry resumed");
+        }
+
+        r = nd_proto_decode_packet(data, len, &pkt, &err);
+        if (r < 0) {
+                p->stats.corrupt_packets++;
+                (void) pendev_report(p, ND_PENDEV_ERROR_TELEMETRY_CORRUPT, r, false, 1,
+                                     "packet of %zu bytes dropped: %s", len, err.message);
+                goto out;
+        }
+        p->stats.packets++;
+
+        for (unsigned i = 0; i < pkt.n_samples; i++) {
+                const nd_proto_sample *s = &pkt.samples[i];
+                uint32_t ahead = s->sequence - p->next_sequence;
+
+                if (p->have_sequence && ahead != 0) {
+                        if (!deliver(p, batch, &n))
+                                goto out;
+                        uint32_t behind = p->next_sequence - s->sequence;
+                        if (ahead < SEQUENCE_HALF_RANGE) {
+                                p->stats.gaps++;
+                                p->stats.missing_samples += ahead;
+                                p->jumped = true;
+                                p->before_jump = p->next_sequence;
+                                p->jump_packet = p->stats.packets;
+                                if (!pendev_report(p, ND_PENDEV_ERROR_TELEMETRY_GAP, -EBADMSG, false, ahead,
+                                                   "%" PRIu32 " samples missing: expected sequence %" PRIu32 ", got %" PRIu32,
+                                                   ahead, p->next_sequence, s->sequence))
+                                        goto out;
+                        } else if (behind > ND_PENDEV_DUPLICATE_WINDOW || (p->jumped && s->sequence == p->before_jump)) {
+                                /* a pen that restarted its count, or a stream resuming where it was
+                                 * before a bogus jump: follow it rather than drop it for ever */
+                                p->stats.resyncs++;
+                                p->jumped = false;
+                                p->clock = (nd_proto_clock) { 0 }; /* its timestamps went back too */
+                                if (!pendev_report(p, ND_PENDEV_ERROR_TELEMETRY_RESYNC, -EBADMSG, false, 1,
+                                                   "sequence went back from %" PRIu32 " to %" PRIu32 ", following it",
+                                                   p->next_sequence, s->sequence))
+                                        goto out;
+                        } else {
+                                p->stats.duplicates++;
+                                if (!pendev_report(p, ND_PENDEV_ERROR_TELEMETRY_DUPLICATE, -EBADMSG, false, 1,
+                                                   "sample %" PRIu32 " dropped: repeated or out of order, expected %" PRIu32,
+                                                   s->sequence, p->next_sequence))
+                                        goto out;
+                                continue;
+                        }
+                } else if (p->jumped && p->stats.packets != p->jump_packet)
+                        p->jumped = false; /* a later packet went on from the jump: it was real */
+                p->have_sequence = true;
+                p->next_sequence = s->sequence + 1;
+                batch[n++] = (nd_pendev_sample) {
+                        .device_time_us = nd_proto_clock_extend(&p->clock, s->timestamp_us),
+                        .s = *s,
+                };
+        }
+        (void) deliver(p, batch, &n);
+out:
+        pendev_leave(p);
+}
+
+static void on_gone(nd_transport *t, int status, void *userdata) {
+        nd_pendev *p = userdata;
+
+        pendev_enter(p);
+        p->state = ND_PENDEV_GONE;
+        p->streaming = false;
+        p->timer = sd_event_source_disable_unref(p->timer);
+        if (!pendev_report(p, ND_PENDEV_ERROR_GONE, status, true, 1, "link gone: %s", strerror(-status)))
+                goto out;
+        /* commands not yet sent never will be; those in flight complete through the transport */
+        for (command *c = p->queue.head, *next; c; c = next) {
+                next = c->next;
+                if (c->submitted)
+                        continue;
+                command_list_remove(&p->queue, c);
+                p->stats.commands_failed++;
+                command_complete_unsent(p, c, -ENODEV);
+                free(c);
+                if (p->freed)
+                        goto out;
+        }
+out:
+        pendev_leave(p);
+}
+
+/* ---- public API ---- */
+
+void nd_pendev_config_init(nd_pendev_config *c) {
+        *c = (nd_pendev_config) { 0 };
+}
+
+int nd_pendev_new(nd_transport *transport, const nd_pendev_config *config,
+                  const nd_pendev_callbacks *callbacks, void *userdata, nd_pendev **ret) {
+        nd_pendev *p;
+        int r;
+
+        if (!transport || !ret) {
+                nd_transport_free(transport);
+                return -EINVAL;
+        }
+        p = calloc(1, sizeof *p);
+        if (!p) {
+                nd_transport_free(transport);
+                return -ENOMEM;
+        }
+        p->transport = transport;
+        p->event = sd_event_ref(transport->event);
+        p->state = ND_PENDEV_OPENING;
+        if (config)
+                p->config = *config;
+        if (callbacks)
+                p->cb = *callbacks;
+        p->userdata = userdata;
+
+        if (p->config.heartbeat_timeout_ms == 0)
+                p->config.heartbeat_timeout_ms = ND_PENDEV_HEARTBEAT_TIMEOUT_MS_DEFAULT;
+        if (p->config.heartbeat_interval_ms == 0)
+                p->config.heartbeat_interval_ms = p->config.heartbeat_timeout_ms / ND_PENDEV_HEARTBEAT_DIVISOR_DEFAULT;
+        if (p->config.request_timeout_ms == 0)
+                p->config.request_timeout_ms = ND_PENDEV_REQUEST_TIMEOUT_MS_DEFAULT;
+        if (p->config.telemetry_stall_ms == 0)
+                p->config.telemetry_stall_ms = p->config.heartbeat_timeout_ms;
+        if (p->config.heartbeat_timeout_ms < ND_PROTO_WATCHDOG_MIN_MS ||
+            p->config.heartbeat_timeout_ms > ND_PROTO_WATCHDOG_MAX_MS ||
+            p->config.heartbeat_interval_ms == 0 ||
+            p->config.heartbeat_interval_ms >= p->config.heartbeat_timeout_ms ||
+            p->config.telemetry_rate_hz > ND_PROTO_TELEMETRY_RATE_MAX_HZ) {
+                nd_log_error("%s: bad pen configuration: heartbeat timeout %u ms (%u..%u), interval %u ms, "
+                             "telemetry %u Hz (at most %u)",
+                             nd_transport_describe(transport), p->config.heartbeat_timeout_ms,
+                             ND_PROTO_WATCHDOG_MIN_MS, ND_PROTO_WATCHDOG_MAX_MS, p->config.heartbeat_interval_ms,
+                             p->config.telemetry_rate_hz, ND_PROTO_TELEMETRY_RATE_MAX_HZ);
+                nd_pendev_free(p);
+                return -EINVAL;
+        }
+
+        nd_transport_set_callbacks(transport, on_packet, on_gone, p);
+        r = open_step(p, CMD_IDENTIFY);
+        if (r < 0) {
+                nd_log_error("%s: cannot send IDENTIFY: %s", nd_transport_describe(transport), strerror(-r));
+                nd_pendev_free(p);
+                return r;
+        }
+        *ret = p;
+        return 0;
+}
+
+nd_pendev_state nd_pendev_get_state(const nd_pendev *p) {
+        return p->state;
+}
+
+const char *nd_pendev_get_serial(const nd_pendev *p) {
+        return p->have_identity ? p->identity.serial : "";
+}
+
+const nd_proto_identity *nd_pendev_get_identity(const nd_pendev *p) {
+        return p->have_identity ? &p->identity : NULL;
+}
+
+const nd_proto_status *nd_pendev_get_status(const nd_pendev *p) {
+        return p->have_status ? &p->status : NULL;
+}
+
+const nd_proto_cartridge *nd_pendev_get_cartridge(const nd_pendev *p) {
+        return p->have_cartridge ? &p->cartridge : NULL;
+}
+
+unsigned nd_pendev_get_telemetry_rate_hz(const nd_pendev *p) {
+        return p->state == ND_PENDEV_OPENING ? 0 : p->telemetry_rate_hz;
+}
+
+void nd_pendev_get_stats(const nd_pendev *p, nd_pendev_stats *ret) {
+        *ret = p->stats;
+}
+
+nd_transport *nd_pendev_get_transport(nd_pendev *p) {
+        return p->transport;
+}
+
+static int simple_command(nd_pendev *p, command_kind kind, nd_pendev_done_fn done, void *userdata) {
+        int r;
+
+        if (!p)
+                return -EINVAL;
+        r = check_state(p);
+        if (r < 0)
+                return r;
+        command *c = command_new(p, kind);
+        if (!c)
+                return -ENOMEM;
+        c->done = done;
+        c->userdata = userdata;
+        switch (kind) {
+        case CMD_MOTOR_START: nd_proto_request_motor_start(&c->setup); break;
+        case CMD_CLEAR_FAULTS: nd_proto_request_clear_faults(&c->setup); break;
+        default: free(c); return -EINVAL;
+        }
+        return queue_command(p, c);
+}
+
+int nd_pendev_set_depth(nd_pendev *p, double depth_mm, nd_pendev_done_fn done, void *userdata) {
+        int r;
+
+        if (!p)
+                return -EINVAL;
+        r = check_state(p);
+        if (r < 0)
+                return r;
+        r = nd_proto_check_depth(&p->identity, depth_mm);
+        if (r < 0)
+                return r;
+        command *c = command_new(p, CMD_SET_DEPTH);
+        if (!c)
+                return -ENOMEM;
+        c->done = done;
+        c->userdata = userdata;
+        r = nd_proto_request_set_depth(&c->setup, depth_mm);
+        if (r < 0) {
+                free(c);
+                return r;
+        }
+        return queue_command(p, c);
+}
+
+int nd_pendev_set_speed(nd_pendev *p, double speed_hz, nd_pendev_done_fn done, void *userdata) {
+        int r;
+
+        if (!p)
+                return -EINVAL;
+        r = check_state(p);
+        if (r < 0)
+                return r;
+        r = nd_proto_check_speed(&p->identity, speed_hz);
+        if (r < 0)
+                return r;
+        command *c = command_new(p, CMD_SET_SPEED);
+        if (!c)
+                return -ENOMEM;
+        c->done = done;
+        c->userdata = userdata;
+        r = nd_proto_request_set_speed(&c->setup, speed_hz);
+        if (r < 0) {
+                free(c);
+                return r;
+        }
+        return queue_command(p, c);
+}
+
+int nd_pendev_motor_start(nd_pendev *p, nd_pendev_done_fn done, void *userdata) {
+        return simple_command(p, CMD_MOTOR_START, done, userdata);
+}
+
+int nd_pendev_clear_faults(nd_pendev *p, nd_pendev_done_fn done, void *userdata) {
+        return simple_command(p, CMD_CLEAR_FAULTS, done, userdata);
+}
+
+int nd_pendev_motor_stop(nd_pendev *p, nd_pendev_done_fn done, void *userdata) {
+        command *c;
+        int r;
+
+        if (!p)
+                return -EINVAL;
+        if (p->state == ND_PENDEV_GONE)
+                return -ENODEV;
+        c = command_new(p, CMD_MOTOR_STOP);
+        if (!c)
+                return -ENOMEM;
+        c->done = done;
+        c->userdata = userdata;
+        nd_proto_request_motor_stop(&c->setup);
+        r = command_submit(p, c);
+        if (r < 0) {
+                pendev_log(p, LOG_ERR, "cannot send MOTOR_STOP: %s", strerror(-r));
+                free(c);
+                return r;
+        }
+        command_list_append(&p->bypass, c);
+        /* a start still waiting in the queue must not run after this stop */
+        for (command *q = p->queue.head; q; q = q->next)
+                if (q->kind == CMD_MOTOR_START && !q->submitted)
+                        q->cancelled = true;
+        return 0;
+}
+
+int nd_pendev_query_status(nd_pendev *p, nd_pendev_status_fn done, void *userdata) {
+        int r;
+
+        if (!p)
+                return -EINVAL;
+        r = check_state(p);
+        if (r < 0)
+                return r;
+        command *c = command_new(p, CMD_QUERY_STATUS);
+        if (!c)
+                return -ENOMEM;
+        c->status_done = done;
+        c->userdata = userdata;
+        nd_proto_request_get_status(&c->setup);
+        return queue_command(p, c);
+}
+
+int nd_pendev_query_cartridge(nd_pendev *p, nd_pendev_cartridge_fn done, void *userdata) {
+        int r;
+
+        if (!p)
+                return -EINVAL;
+        r = check_state(p);
+        if (r < 0)
+                return r;
+        command *c = command_new(p, CMD_QUERY_CARTRIDGE);
+        if (!c)
+                return -ENOMEM;
+        c->cartridge_done = done;
+        c->userdata = userdata;
+        nd_proto_request_get_cartridge(&c->setup);
+        return queue_command(p, c);
+}
