@@ -180,6 +180,7 @@ static void daemon_free(nd_daemon *d) {
 int nd_daemon_main(const nd_daemon_options *opts) {
         nd_daemon d = { .opts = *opts, .limits_state = ND_LIMITS_MISSING };
         _cleanup_free_ char *state_buf = NULL;
+        _cleanup_free_ char *error = NULL;
         sigset_t mask;
         int r;
 
@@ -212,7 +213,6 @@ int nd_daemon_main(const nd_daemon_options *opts) {
                 goto finish;
 
         /* Fail closed: a missing or bad limits file leaves the daemon up, refusing to arm. */
-        _cleanup_free_ char *error = NULL;
         (void) nd_manager_load_limits(&d, true, &error);
         daemon_open_ledger(&d);
 
