@@ -1,0 +1,531 @@
+/* cmd-manager.c: needlectl's verbs about the daemon as a whole, through org.needled1.Manager:
+ * profiles, validate, limits, reload-limits, history, cartridge. Data goes to stdout (text for
+ * people, or one JSON document with --json); errors go to stderr. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bus-util.h"
+#include "needlectl.h"
+
+/* ---- profiles ------------------------------------------------------------------------------- */
+
+static void profiles_usage(FILE *out) {
+        fprintf(out,
+                "Usage: needlectl profiles [--json] [--system|--session]\n"
+                "\n"
+                "Lists the treatment profiles installed on the daemon's side (its profiles\n"
+                "directory), each checked against the limits in force, with the violations of\n"
+                "those that are not valid.\n"
+                "\n"
+                "Options:\n"
+                "      --json             a JSON array of objects, one per profile: name, area,\n"
+                "                         indication, depth_mm, speed_hz, duration_s, needles,\n"
+                "                         valid, violations [[field, code, message]...], and the\n"
+                "                         daemon's other keys (digest, notes, aftercare, ...)\n"
+                CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
+}
+
+static void print_violations(json_object *violations, const char *prefix) {
+        size_t n = json_object_is_type(violations, json_type_array) ? json_object_array_length(violations) : 0;
+        for (size_t i = 0; i < n; i++) {
+                json_object *v = json_object_array_get_idx(violations, i);
+                const char *field = json_object_get_string(json_object_array_get_idx(v, 0));
+                const char *message = json_object_get_string(json_object_array_get_idx(v, 2));
+                if (field && field[0])
+                        printf("%s%s: %s\n", prefix, field, strempty(message));
+                else
+                        printf("%s%s\n", prefix, strempty(message));
+        }
+}
+
+int verb_profiles(int argc, char *argv[]) {
+        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+        ctl_common common = { 0 };
+        int r = ctl_parse_options(argc, argv, options, &common, profiles_usage, NULL, NULL);
+        if (r >= 0)
+                return r;
+        r = ctl_check_positional(argc, argv, 0, 0, profiles_usage);
+        if (r >= 0)
+                return r;
+
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        r = ctl_connect(&common, &bus);
+        if (r != 0)
+                return r;
+        _cleanup_json_ json_object *profiles = NULL;
+        r = ctl_call_json(bus, "cannot list the profiles", NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+                          "GetProfiles", &profiles, NULL);
+        if (r != 0)
+                return r;
+        if (common.json)
+                return ctl_print_json(profiles);
+
+        size_t n = json_object_array_length(profiles);
+        if (n == 0) {
+                printf("No profiles are installed.\n");
+                return 0;
+        }
+        printf("%-28s %-12s %-14s %8s %7s %8s %7s  %s\n", "NAME", "AREA", "INDICATION", "DEPTH", "SPEED",
+               "DURATION", "NEEDLES", "VALID");
+        for (size_t i = 0; i < n; i++) {
+                json_object *p = json_object_array_get_idx(profiles, i);
+                printf("%-28s %-12s %-14s %5.2f mm %4.0f Hz %6.0f s %7" PRId64 "  %s\n", ctl_json_str(p, "name"),
+                       ctl_json_str(p, "area"), ctl_json_str(p, "indication"), ctl_json_double(p, "depth_mm"),
+                       ctl_json_double(p, "speed_hz"), ctl_json_double(p, "duration_s"),
+                       ctl_json_int(p, "needles"), ctl_json_bool(p, "valid") ? "yes" : "NO");
+                json_object *violations;
+                if (json_object_object_get_ex(p, "violations", &violations))
+                        print_violations(violations, "    ");
+        }
+        return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+}
+
+/* ---- validate ------------------------------------------------------------------------------- */
+
+static void validate_usage(FILE *out) {
+        fprintf(out,
+                "Usage: needlectl validate FILE [--json] [--system|--session]\n"
+                "\n"
+                "Sends a treatment profile (YAML; '-' reads standard input) to needled, which\n"
+                "checks it against the limits in force without arming anything. Prints every\n"
+                "violation, one per line: FILE: FIELD: MESSAGE (FILE: MESSAGE for the document\n"
+                "as a whole). A valid profile prints nothing. For a check without a daemon, see\n"
+                "'needlectl check-profile'; the pen's own checks (depth steps, the cartridge's\n"
+                "needles) happen when a profile is armed.\n"
+                "\n"
+                "Options:\n"
+                "      --json             a JSON array of {file, field, code, message} ([] when\n"
+                "                         valid); code is the daemon's stable identifier\n"
+                CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
+}
+
+int verb_validate(int argc, char *argv[]) {
+        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+        ctl_common common = { 0 };
+        int r = ctl_parse_options(argc, argv, options, &common, validate_usage, NULL, NULL);
+        if (r >= 0)
+                return r;
+        r = ctl_check_positional(argc, argv, 1, 1, validate_usage);
+        if (r >= 0)
+                return r;
+        const char *file = argv[optind];
+
+        _cleanup_free_ char *yaml = NULL;
+        r = ctl_read_file(file, NEEDLED_PROFILE_MAX_BYTES, &yaml);
+        if (r != 0)
+                return r;
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        r = ctl_connect(&common, &bus);
+        if (r != 0)
+                return r;
+        _cleanup_json_ json_object *violations = NULL;
+        r = ctl_call_json(bus, "cannot validate the profile", NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+                          "ValidateProfile", &violations, "s", yaml);
+        if (r != 0)
+                return r;
+
+        size_t n = json_object_array_length(violations);
+        if (common.json) {
+                _cleanup_json_ json_object *out = json_object_new_array();
+                if (!out)
+                        return ctl_oom();
+                for (size_t i = 0; i < n; i++) {
+                        json_object *v = json_object_array_get_idx(violations, i);
+                        json_object *o = json_object_new_object();
+                        if (!o)
+                                return ctl_oom();
+                        json_object_array_add(out, o);
+                        json_object_object_add(o, "file", json_object_new_string(file));
+                        json_object_object_add(o, "field", json_object_get(json_object_array_get_idx(v, 0)));
+                        json_object_object_add(o, "code", json_object_get(json_object_array_get_idx(v, 1)));
+                        json_object_object_add(o, "message", json_object_get(json_object_array_get_idx(v, 2)));
+                }
+                r = ctl_print_json(out);
+                if (r != 0)
+                        return r;
+        } else {
+                _cleanup_free_ char *prefix = NULL;
+                if (asprintf(&prefix, "%s: ", file) < 0)
+                        return ctl_oom();
+                print_violations(violations, prefix);
+                if (fflush(stdout) != 0)
+                        return ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+        }
+        return n > 0 ? NEEDLECTL_EXIT_INVALID : NEEDLECTL_EXIT_OK;
+}
+
+/* ---- limits --------------------------------------------------------------------------------- */
+
+static void limits_usage(FILE *out) {
+        fprintf(out,
+                "Usage: needlectl limits [--json] [--system|--session]\n"
+                "\n"
+                "Shows the safety limits in force in the daemon: where they come from, their\n"
+                "state (ok, invalid, missing), the SHA-256 digest recorded with every session,\n"
+                "when they were loaded, the error of the last failed load, and every value.\n"
+                "\n"
+                "Options:\n"
+                "      --json             one JSON object: {path, state, digest, loaded_at (us\n"
+                "                         since the epoch, 0 when none), error, limits (the\n"
+                "                         values, nested as in the file; null when none)}\n"
+                CTL_COMMON_HELP "\n"
+                "With no limits in force the state and error are printed and the exit status\n"
+                "is 10.\n" CTL_EXIT_HELP);
+}
+
+static void print_yaml_value(json_object *v, int indent);
+
+static void print_yaml_scalar(json_object *v) {
+        switch (json_object_get_type(v)) {
+        case json_type_double: printf("%g", json_object_get_double(v)); break;
+        case json_type_array: {
+                printf("[");
+                for (size_t i = 0; i < json_object_array_length(v); i++) {
+                        if (i > 0)
+                                printf(", ");
+                        print_yaml_scalar(json_object_array_get_idx(v, i));
+                }
+                printf("]");
+                break;
+        }
+        default: printf("%s", json_object_get_string(v)); break;
+        }
+}
+
+static void print_yaml_value(json_object *v, int indent) {
+        /* json-c's iterator API, not its foreach macro (a GNU statement expression). */
+        struct json_object_iterator it = json_object_iter_begin(v), end = json_object_iter_end(v);
+        for (; !json_object_iter_equal(&it, &end); json_object_iter_next(&it)) {
+                const char *key = json_object_iter_peek_name(&it);
+                json_object *value = json_object_iter_peek_value(&it);
+                if (json_object_is_type(value, json_type_object)) {
+                        printf("%*s%s:\n", indent, "", key);
+                        print_yaml_value(value, indent + 2);
+                } else {
+                        printf("%*s%s: ", indent, "", key);
+                        print_yaml_scalar(value);
+                        printf("\n");
+                }
+        }
+}
+
+int verb_limits(int argc, char *argv[]) {
+        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+        ctl_common common = { 0 };
+        int r = ctl_parse_options(argc, argv, options, &common, limits_usage, NULL, NULL);
+        if (r >= 0)
+                return r;
+        r = ctl_check_positional(argc, argv, 0, 0, limits_usage);
+        if (r >= 0)
+                return r;
+
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        r = ctl_connect(&common, &bus);
+        if (r != 0)
+                return r;
+        _cleanup_json_ json_object *manager = NULL;
+        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        if (r != 0)
+                return r;
+
+        _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
+        _cleanup_bus_message_ sd_bus_message *reply = NULL;
+        _cleanup_json_ json_object *limits = NULL;
+        int exit_code = 0;
+        r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetLimits",
+                               &error, &reply, NULL);
+        if (r < 0) {
+                exit_code = ctl_exit_code_for_error(&error, r);
+                if (exit_code != NEEDLECTL_EXIT_NO_LIMITS)
+                        return ctl_log_bus_error("cannot read the limits", &error, r);
+        } else {
+                r = ctl_message_read_json(reply, &limits);
+                if (r < 0)
+                        return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot read the limits: %s", strerror(-r));
+        }
+
+        if (common.json) {
+                _cleanup_json_ json_object *out = json_object_new_object();
+                if (!out)
+                        return ctl_oom();
+                json_object_object_add(out, "path", json_object_new_string(ctl_json_str(manager, "limits_path")));
+                json_object_object_add(out, "state", json_object_new_string(ctl_json_str(manager, "limits_state")));
+                json_object_object_add(out, "digest", json_object_new_string(ctl_json_str(manager, "limits_digest")));
+                json_object_object_add(out, "loaded_at", json_object_new_int64(ctl_json_int(manager, "limits_loaded_at")));
+                json_object_object_add(out, "error", json_object_new_string(ctl_json_str(manager, "limits_error")));
+                json_object_object_add(out, "limits", TAKE_PTR(limits));
+                r = ctl_print_json(out);
+                if (r != 0)
+                        return r;
+        } else {
+                char when[64];
+                const char *digest = ctl_json_str(manager, "limits_digest");
+                const char *lerror = ctl_json_str(manager, "limits_error");
+                printf("Path:    %s\n", ctl_json_str(manager, "limits_path"));
+                printf("State:   %s\n", ctl_json_str(manager, "limits_state"));
+                printf("Digest:  %s\n", digest[0] ? digest : "-");
+                printf("Loaded:  %s\n",
+                       ctl_format_time((uint64_t) ctl_json_int(manager, "limits_loaded_at"), when, sizeof when));
+                if (lerror[0])
+                        printf("Error:   %s\n", lerror);
+                if (limits) {
+                        printf("\n");
+                        print_yaml_value(limits, 0);
+                }
+                if (fflush(stdout) != 0)
+                        return ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+        }
+        if (exit_code != 0)
+                fprintf(stderr, "needlectl: no limits are in force: %s (%s); nothing can be armed or started\n",
+                        strempty(error.message), error.name);
+        return exit_code;
+}
+
+/* ---- reload-limits -------------------------------------------------------------------------- */
+
+static void reload_limits_usage(FILE *out) {
+        fprintf(out,
+                "Usage: needlectl reload-limits [--json] [--system|--session] [--no-ask-password]\n"
+                "\n"
+                "Makes needled re-read its safety limits file (check it first with 'needlectl\n"
+                "check-limits FILE'). Needs polkit authorization org.needled1.configure. A bad\n"
+                "file is refused with its problems and the limits in force stay in force; a\n"
+                "running treatment outside the new limits is stopped (limits-changed).\n"
+                "Prints the path and SHA-256 digest of the limits now in force.\n"
+                "\n"
+                "Options:\n"
+                "      --json             one JSON object: {path, digest}\n"
+                CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
+}
+
+int verb_reload_limits(int argc, char *argv[]) {
+        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+        ctl_common common = { 0 };
+        int r = ctl_parse_options(argc, argv, options, &common, reload_limits_usage, NULL, NULL);
+        if (r >= 0)
+                return r;
+        r = ctl_check_positional(argc, argv, 0, 0, reload_limits_usage);
+        if (r >= 0)
+                return r;
+
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        r = ctl_connect(&common, &bus);
+        if (r != 0)
+                return r;
+        _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
+        r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "ReloadLimits",
+                               &error, NULL, NULL);
+        if (r < 0) {
+                int code = ctl_log_bus_error("the limits were not reloaded", &error, r);
+                if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "InvalidLimits"))
+                        fprintf(stderr, "needlectl: the limits in force are unchanged\n");
+                return code;
+        }
+        _cleanup_json_ json_object *manager = NULL;
+        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        if (r != 0)
+                return r;
+        if (common.json) {
+                _cleanup_json_ json_object *out = json_object_new_object();
+                if (!out)
+                        return ctl_oom();
+                json_object_object_add(out, "path", json_object_new_string(ctl_json_str(manager, "limits_path")));
+                json_object_object_add(out, "digest", json_object_new_string(ctl_json_str(manager, "limits_digest")));
+                return ctl_print_json(out);
+        }
+        printf("Limits reloaded from %s, sha256 %s\n", ctl_json_str(manager, "limits_path"),
+               ctl_json_str(manager, "limits_digest"));
+        return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+}
+
+/* ---- history -------------------------------------------------------------------------------- */
+
+static void history_usage(FILE *out) {
+        fprintf(out,
+                "Usage: needlectl history [--pen SERIAL] [--since TIME] [--limit N] [--json]\n"
+                "                         [--system|--session] [--no-ask-password]\n"
+                "\n"
+                "Lists treatment sessions from the daemon's ledger, newest first. Needs polkit\n"
+                "authorization org.needled1.read-history.\n"
+                "\n"
+                "Options:\n"
+                "      --pen SERIAL       only this pen's sessions\n"
+                "      --since TIME       only sessions started at or after TIME: YYYY-MM-DD,\n"
+                "                         'YYYY-MM-DD HH:MM[:SS]' (local time), @SECONDS since\n"
+                "                         the epoch, or -N{s,m,h,d} before now (e.g. -7d)\n"
+                "      --limit N          at most N sessions\n"
+                "      --json             a JSON array of the daemon's entries: id, pen, cartridge,\n"
+                "                         profile, profile_digest, limits_digest, label, owner_uid,\n"
+                "                         start, end (us since the epoch; end 0 while running),\n"
+                "                         duration_s, strokes, max_depth_mm, max_temperature_c,\n"
+                "                         max_current_ma, reason (empty while running), ...\n"
+                CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
+}
+
+typedef struct history_args {
+        const char *pen;
+        uint64_t since_usec;
+        bool have_since;
+        uint32_t limit;
+        bool have_limit;
+} history_args;
+
+enum { ARG_PEN = CTL_ARG_VERB, ARG_SINCE, ARG_LIMIT };
+
+static int history_option(int c, const char *arg, void *userdata) {
+        history_args *a = userdata;
+        uint64_t v;
+        switch (c) {
+        case ARG_PEN:
+                if (arg[0] == '\0')
+                        return ctl_fail(NEEDLECTL_EXIT_USAGE, "history: --pen needs a serial");
+                a->pen = arg;
+                return 0;
+        case ARG_SINCE:
+                if (ctl_parse_time(arg, &a->since_usec) < 0)
+                        return ctl_fail(NEEDLECTL_EXIT_USAGE,
+                                        "history: --since '%s' is not a time (YYYY-MM-DD[ HH:MM[:SS]], @SECONDS, -Nd)",
+                                        arg);
+                a->have_since = true;
+                return 0;
+        case ARG_LIMIT:
+                if (ctl_parse_unsigned(arg, UINT32_MAX, &v) < 0 || v == 0)
+                        return ctl_fail(NEEDLECTL_EXIT_USAGE, "history: --limit takes a whole number from 1, not '%s'", arg);
+                a->limit = (uint32_t) v;
+                a->have_limit = true;
+                return 0;
+        default:
+                return NEEDLECTL_EXIT_USAGE;
+        }
+}
+
+int verb_history(int argc, char *argv[]) {
+        static const struct option options[] = {
+                CTL_COMMON_OPTIONS,
+                { "pen",   required_argument, NULL, ARG_PEN },
+                { "since", required_argument, NULL, ARG_SINCE },
+                { "limit", required_argument, NULL, ARG_LIMIT },
+                { NULL, 0, NULL, 0 }
+        };
+        ctl_common common = { 0 };
+        history_args args = { 0 };
+        int r = ctl_parse_options(argc, argv, options, &common, history_usage, history_option, &args);
+        if (r >= 0)
+                return r;
+        r = ctl_check_positional(argc, argv, 0, 0, history_usage);
+        if (r >= 0)
+                return r;
+
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        r = ctl_connect(&common, &bus);
+        if (r != 0)
+                return r;
+
+        _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
+        r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+                                           "GetHistory");
+        if (r >= 0)
+                r = sd_bus_message_open_container(m, 'a', "{sv}");
+        if (r >= 0 && args.pen)
+                r = sd_bus_message_append(m, "{sv}", "pen", "s", args.pen);
+        if (r >= 0 && args.have_since)
+                r = sd_bus_message_append(m, "{sv}", "since", "t", args.since_usec);
+        if (r >= 0 && args.have_limit)
+                r = sd_bus_message_append(m, "{sv}", "limit", "u", args.limit);
+        if (r >= 0)
+                r = sd_bus_message_close_container(m);
+        if (r < 0)
+                return ctl_log_bus_error("cannot ask for the history", NULL, r);
+        _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
+        r = sd_bus_call(bus, m, 0, &error, &reply);
+        if (r < 0)
+                return ctl_log_bus_error("cannot read the history", &error, r);
+        _cleanup_json_ json_object *sessions = NULL;
+        r = ctl_message_read_json(reply, &sessions);
+        if (r < 0)
+                return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot read the history: %s", strerror(-r));
+        if (common.json)
+                return ctl_print_json(sessions);
+
+        size_t n = json_object_array_length(sessions);
+        if (n == 0) {
+                printf("No sessions.\n");
+                return 0;
+        }
+        printf("%-19s  %-12s %-24s %-12s %9s %8s  %-22s %-16s %s\n", "START", "PEN", "PROFILE", "CARTRIDGE",
+               "DURATION", "STROKES", "END", "LABEL", "ID");
+        for (size_t i = 0; i < n; i++) {
+                json_object *s = json_object_array_get_idx(sessions, i);
+                char when[64];
+                const char *reason = ctl_json_str(s, "reason");
+                printf("%-19s  %-12s %-24s %-12s %7.1f s %8" PRId64 "  %-22s %-16s %s\n",
+                       ctl_format_time((uint64_t) ctl_json_int(s, "start"), when, sizeof when), ctl_json_str(s, "pen"),
+                       ctl_json_str(s, "profile"), ctl_json_str(s, "cartridge"), ctl_json_double(s, "duration_s"),
+                       ctl_json_int(s, "strokes"), ctl_json_int(s, "end") == 0 ? "(running)" : reason,
+                       ctl_json_str(s, "label")[0] ? ctl_json_str(s, "label") : "-", ctl_json_str(s, "id"));
+        }
+        return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+}
+
+/* ---- cartridge ------------------------------------------------------------------------------ */
+
+static void cartridge_usage(FILE *out) {
+        fprintf(out,
+                "Usage: needlectl cartridge ID [--json] [--system|--session]\n"
+                "\n"
+                "Shows what the daemon's ledger knows of a needle cartridge: its state (fresh\n"
+                "when never used, in-use, spent, rejected), when it was first used, its\n"
+                "accumulated run time and how many sessions used it.\n"
+                "\n"
+                "Options:\n"
+                "      --json             one JSON object: {id, state, first_used (us since the\n"
+                "                         epoch, 0 when never used), runtime_s, sessions,\n"
+                "                         needles, ...}\n"
+                CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
+}
+
+int verb_cartridge(int argc, char *argv[]) {
+        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+        ctl_common common = { 0 };
+        int r = ctl_parse_options(argc, argv, options, &common, cartridge_usage, NULL, NULL);
+        if (r >= 0)
+                return r;
+        r = ctl_check_positional(argc, argv, 1, 1, cartridge_usage);
+        if (r >= 0)
+                return r;
+        const char *id = argv[optind];
+        if (id[0] == '\0')
+                return ctl_fail(NEEDLECTL_EXIT_USAGE, "cartridge: the id is empty");
+
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        r = ctl_connect(&common, &bus);
+        if (r != 0)
+                return r;
+        _cleanup_json_ json_object *c = NULL;
+        _cleanup_free_ char *what = NULL;
+        if (asprintf(&what, "cannot look up cartridge %s", id) < 0)
+                return ctl_oom();
+        r = ctl_call_json(bus, what, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetCartridge", &c, "s", id);
+        if (r != 0)
+                return r;
+        if (common.json) {
+                json_object_object_add(c, "id", json_object_new_string(id));
+                return ctl_print_json(c);
+        }
+        char when[64];
+        int64_t needles = ctl_json_int(c, "needles");
+        printf("Cartridge:   %s\n", id);
+        printf("State:       %s\n", ctl_json_str(c, "state"));
+        if (needles > 0)
+                printf("Needles:     %" PRId64 "\n", needles);
+        else
+                printf("Needles:     -\n");
+        printf("First used:  %s\n", ctl_format_time((uint64_t) ctl_json_int(c, "first_used"), when, sizeof when));
+        printf("Run time:    %" PRId64 " s\n", ctl_json_int(c, "runtime_s"));
+        printf("Sessions:    %" PRId64 "\n", ctl_json_int(c, "sessions"));
+        return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+}
