@@ -178,6 +178,11 @@ static int polkit_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret
                  * with interaction it could have been authorized. */
                 request_finish(req, false, ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED,
                                "interactive authentication is required; call again allowing interactive authorization");
+        else if (is_challenge)
+                /* Interaction was allowed and a challenge remains: no authentication agent
+                 * could answer it (the contract's InteractiveAuthorizationRequired case). */
+                request_finish(req, false, ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED,
+                               "interactive authentication is required and no authentication agent answered");
         else
                 request_finish(req, false, SD_BUS_ERROR_ACCESS_DENIED, "polkit said no");
         return 0;

@@ -21,6 +21,8 @@
 #define ND_POLKIT_TIMEOUT_MS_DEFAULT 10000u
 /* A person answering an authentication dialog needs longer than a machine. */
 #define ND_POLKIT_INTERACTIVE_TIMEOUT_MS 120000u
+/* Largest profile YAML a client may send (ValidateProfile, LoadProfileData: the contract's bound). */
+#define ND_PROFILE_TEXT_MAX (64u * 1024u)
 /* The longest a clean shutdown waits for the pens to confirm that their motors stopped. */
 #define ND_SHUTDOWN_STOP_TIMEOUT_MS 500u
 
@@ -32,6 +34,7 @@ typedef struct nd_daemon_options {
         const char *profiles_dir;
         const char *state_dir;      /* NULL: $STATE_DIRECTORY, else /var/lib/needled */
         unsigned polkit_timeout_ms;
+        sd_event *event;            /* the loop to run on (a test harness's); NULL: a new one */
 } nd_daemon_options;
 
 typedef enum nd_limits_state {

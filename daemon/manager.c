@@ -304,7 +304,11 @@ static int method_validate_profile(sd_bus_message *m, void *userdata, sd_bus_err
         r = sd_bus_message_read(m, "s", &yaml);
         if (r < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Expected one string, the profile's YAML");
-        r = nd_profile_parse(yaml, strlen(yaml), NULL, d->limits, &p, &diags);
+        size_t len = strlen(yaml);
+        if (len > ND_PROFILE_TEXT_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "The profile is %zu bytes long; at most %u", len,
+                                         ND_PROFILE_TEXT_MAX);
+        r = nd_profile_parse(yaml, len, NULL, d->limits, &p, &diags);
         if (r == -ENOMEM)
                 return sd_bus_error_set(error, ND_ERROR_INTERNAL, "Out of memory");
         r = sd_bus_message_new_method_return(m, &reply);

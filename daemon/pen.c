@@ -25,7 +25,7 @@
  * before a difference between set and measured depth means a fault. */
 #define DEPTH_SETTLE_USEC (150 * USEC_PER_MSEC)
 /* Longest label a client may attach to a session (an opaque reference, no patient data). */
-#define LABEL_MAX 256
+#define LABEL_MAX 128
 /* Largest profile YAML a client may send (the loader refuses larger ones too). */
 #define PROFILE_DATA_MAX (1024 * 1024)
 
@@ -667,6 +667,10 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
         nd_pen *p = userdata;
         uint64_t now_us = now_mono_us(p);
 
+        /* A pen refused in on_ready (duplicate serial, no resources) has no telemetry fan-out and
+         * waits for its deferred free; what its link still delivers until then is dropped. */
+        if (!p->exported)
+                return;
         for (size_t i = 0; i < n; i++) {
                 const nd_pendev_sample *ps = &samples[i];
                 const nd_proto_sample *s = &ps->s;
@@ -811,7 +815,7 @@ static void pen_depart(nd_pen *p, const char *reason) {
                 session_end(p, reason, NULL);
         ops_fail_all(p, reason);
         if (p->pending_add) {
-                (void) sd_bus_reply_method_errorf(p->pending_add, SD_BUS_ERROR_FAILED,
+                (void) sd_bus_reply_method_errorf(p->pending_add, ND_ERROR_DEVICE_GONE,
                                                   "The simulated pen could not be identified: %s", reason);
                 p->pending_add = sd_bus_message_unref(p->pending_add);
         }
@@ -1185,9 +1189,15 @@ static void load_profile_data_authorized(sd_bus_message *m, bool allowed, const 
                 (void) sd_bus_reply_method_errorf(m, SD_BUS_ERROR_INVALID_ARGS, "Expected the profile's YAML");
                 return;
         }
+        size_t len = strlen(yaml);
+        if (len > ND_PROFILE_TEXT_MAX) {
+                (void) sd_bus_reply_method_errorf(m, SD_BUS_ERROR_INVALID_ARGS, "The profile is %zu bytes long; at most %u",
+                                                  len, ND_PROFILE_TEXT_MAX);
+                return;
+        }
         if (!arm_preconditions(p, m))
                 return;
-        arm(p, m, caller, yaml, strlen(yaml), NULL);
+        arm(p, m, caller, yaml, len, NULL);
 }
 
 static int method_load_profile_data(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -1462,7 +1472,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         char detail[256];
         snprintf(detail, sizeof detail, "session %s profile %s cartridge %s label %s", ss->id, p->profile->name,
                  p->cartridge_id, label);
-        pen_log(p, LOG_NOTICE, "%s: session %s starting: %s", p->serial, ss->id, detail);
+        pen_log(p, LOG_NOTICE, "%s: starting %s", p->serial, detail);
 }
 
 static int method_start(sd_bus_message *m, void *userdata, sd_bus_error *error) {

@@ -21,7 +21,8 @@ What it builds, per fixture:
   Debian allows only user polkitd) and, unless told otherwise, org.needled (the daemon
   under test runs as root, where production allows only the daemon's user).
 - python-dbusmock's polkitd template on that bus (PolkitMock), which denies everything
-  until told otherwise.
+  until told otherwise; or another template (polkit_template: a name or a .py path) that
+  offers the same mock controls, e.g. tests/dbus/polkitd_challenge.py.
 - Processes started with start_daemon() or spawn(): each in its own process group, its
   output in a log file, stopped with SIGTERM then SIGKILL and always waited for (PID 1
   does not reap orphans here). The test process makes itself a child subreaper, so the
@@ -359,13 +360,14 @@ class SystemBus:
 class PolkitMock:
     """python-dbusmock's polkitd template on a bus: denies everything until told otherwise."""
 
-    def __init__(self, fixture):
+    def __init__(self, fixture, template='polkitd'):
         self.fixture = fixture
+        self.template = template
         self.process = None
         self._proxy = None
 
     def start(self, timeout_s=10.0):
-        self.process = self.fixture.spawn([PYTHON, '-m', 'dbusmock', '--system', '--template', 'polkitd'],
+        self.process = self.fixture.spawn([PYTHON, '-m', 'dbusmock', '--system', '--template', self.template],
                                           name='polkitd-mock')
         self.fixture.wait_for_name(POLKIT_NAME, timeout_s, self.process)
         self._proxy = self.fixture.connection().get_object(POLKIT_NAME, POLKIT_PATH)
@@ -418,10 +420,11 @@ class PolkitMock:
 class BusFixture:
     """A private system bus, a polkit mock, and the processes a test runs on them."""
 
-    def __init__(self, policy_files=None, root_owns=(NEEDLED_NAME,), polkit=True):
+    def __init__(self, policy_files=None, root_owns=(NEEDLED_NAME,), polkit=True, polkit_template='polkitd'):
         self.policy_files = [production_policy()] if policy_files is None else list(policy_files)
         self.root_owns = root_owns
         self.with_polkit = polkit
+        self.polkit_template = polkit_template
         self.workdir = None
         self.bus = None
         self.polkit = None
@@ -438,7 +441,7 @@ class BusFixture:
             self.bus = SystemBus(self.workdir, self.policy_files, self.root_owns)
             self.bus.start()
             if self.with_polkit:
-                self.polkit = PolkitMock(self)
+                self.polkit = PolkitMock(self, self.polkit_template)
                 self.polkit.start()
         except BaseException:
             self.stop()

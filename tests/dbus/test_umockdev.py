@@ -1,0 +1,104 @@
+#!/usr/bin/python3
+"""The daemon WITHOUT --simulate, on its real libusb path, with a pen emulated under umockdev
+(tests/dbus/umockdev-pen.c: the fakepen harness of tests/usb and the daemon's own loop from
+needled-core in one process). The pen shows up on the bus as a Pen object with Simulated
+false and live telemetry (signal and fd), runs a treatment, and when it is unplugged the
+session ends with device-lost and the object goes."""
+
+import os
+import signal
+
+import dbus
+
+import introspect_compare as ic
+from needled_testlib import (MANAGER_PATH, OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, SIM_IFACE,
+                             NeedledTestCase, SignalLog, main, pump, source_path, unwrap, wait_until)
+from test_pen import FLAG_MOTOR_RUNNING, TelemetryReader, check_consecutive, check_records
+
+EMPTY_SV = dbus.Dictionary({}, signature='sv')
+SERIAL = 'USB0001'
+PEN_PATH = '/org/needled/pen/' + SERIAL
+CARTRIDGE = 'USB-CART-1'
+# Under valgrind the daemon reaps the pen's packets so late that the emulated pen's own FIFO
+# overflows at 1 kHz (the pen, not the daemon, would skip sequence numbers): a slower pen there.
+RATE_HZ = 100 if os.environ.get('NEEDLED_TEST_VALGRIND') == '1' else 1000
+
+
+class UsbPen(NeedledTestCase):
+    daemon_args = ['--cartridge', f'{CARTRIDGE}:12', '--serial', SERIAL, '--telemetry-rate', str(RATE_HZ)]
+    allowed_actions = [OPERATE, READ_HISTORY]
+
+    @classmethod
+    def start_needled(cls, extra_args=(), env=None):
+        helper = os.environ.get('NEEDLED_UMOCKDEV_PEN')
+        if not helper:
+            raise AssertionError('NEEDLED_UMOCKDEV_PEN is not set (run through meson test)')
+        argv = [helper] + list(cls.daemon_args) + [
+            '--limits', cls.limits_path, '--profiles', cls.profiles_path, '--state-dir', cls.state_dir]
+        # umockdev-wrapper's whole job, done here so that a valgrind wrapper wraps the program.
+        preload = 'libumockdev-preload.so.0'
+        if os.environ.get('LD_PRELOAD'):
+            preload += ':' + os.environ['LD_PRELOAD']
+        return cls.fixture.start_daemon(argv, env={'LD_PRELOAD': preload}, timeout_s=20)
+
+    def test_usb_pen_treatment_and_unplug(self):
+        pens = wait_until(lambda: self.mprop('Pens'), 10, 'the USB pen on the bus')
+        self.assertEqual(pens, [PEN_PATH])
+        self.assertNotIn('simulator', self.mprop('Features'))
+        self.assertNotIn(SIM_IFACE, self.fixture.introspect(MANAGER_PATH))
+        p = self.get_all(PEN_PATH, PEN_IFACE)
+        self.assertFalse(p['Simulated'])
+        self.assertEqual((p['Serial'], p['Model'], p['Generation'], p['State']), (SERIAL, 'needle-usb', 1, 'idle'))
+        self.assertGreaterEqual(p['ProtocolVersion'], 1)
+        self.assertEqual(p['DepthRangeMm'], (0.0, 2.5))
+        self.assertEqual(p['SpeedRangeHz'], (25.0, 150.0))
+        self.assertEqual(p['TelemetryRateHz'], RATE_HZ)
+        self.assertEqual(p['Cartridge'], {'id': CARTRIDGE, 'needles': 12, 'state': 'fresh', 'runtime_s': 0})
+        objects = unwrap(self.call(MANAGER_PATH, OM_IFACE, 'GetManagedObjects'))
+        self.assertFalse(objects[PEN_PATH][PEN_IFACE]['Simulated'])
+        # The contract holds for a hardware pen's object too.
+        with open(source_path('dbus', 'org.needled1.xml'), encoding='utf-8') as f:
+            diffs = ic.differences(f.read(), [self.fixture.introspect(MANAGER_PATH), self.fixture.introspect(PEN_PATH)],
+                                   interfaces=['org.needled1.Manager', 'org.needled1.Pen'])
+        self.assertEqual(diffs, [], '\n'.join(diffs))
+
+        # Live telemetry while idle: on the bus and on the fd, consecutive, none lost.
+        telemetry = SignalLog(self.bus, 'Telemetry', PEN_IFACE, PEN_PATH)
+        ended = SignalLog(self.bus, 'SessionEnded', PEN_IFACE, PEN_PATH)
+        removed = SignalLog(self.bus, 'InterfacesRemoved', OM_IFACE, MANAGER_PATH)
+        reader = TelemetryReader(self.pen_call(PEN_PATH, 'OpenTelemetry'))
+        self.addCleanup(reader.close)
+        wait_until(lambda: sum(len(a[0]) for _, a in telemetry.items) > 100 and len(reader.records) > 100, 10,
+                   'telemetry from the USB pen')
+        check_consecutive(self, [s[1] for _, a in telemetry.items for s in a[0]], 'Telemetry sequences')
+        check_records(self, list(reader.records))
+
+        # A treatment on the hardware path.
+        self.pen_call(PEN_PATH, 'LoadProfile', 'acne-scars-cheeks')
+        sid = str(self.pen_call(PEN_PATH, 'Start', dbus.Dictionary({'label': 'usb'}, signature='sv')))
+        self.assertEqual(self.pprop(PEN_PATH, 'State'), 'running')
+        self.wait_pen_prop(PEN_PATH, 'Strokes', lambda v: v > 20, 10)
+        self.pen_call(PEN_PATH, 'SetDepth', 1.0)
+        self.assertEqual(self.pprop(PEN_PATH, 'DepthMm'), 1.0)
+        self.pen_call(PEN_PATH, 'Pause')
+        self.pen_call(PEN_PATH, 'Resume')
+        pump(0.5)
+        samples = [s for _, a in telemetry.items for s in a[0]]
+        self.assertTrue([s for s in samples if s[6] & FLAG_MOTOR_RUNNING], 'the motor ran')
+        check_consecutive(self, [s[1] for s in samples], 'Telemetry sequences')
+        self.assertEqual(self.pprop(PEN_PATH, 'State'), 'running')
+
+        # Unplugged mid-session: device-lost, the object goes, the fd ends.
+        self.daemon.signal(signal.SIGUSR1)
+        ended.wait_for(lambda i: i[1] == (sid, 'device-lost'), 10, 'SessionEnded device-lost')
+        removed.wait_for(lambda i: i[1][0] == PEN_PATH, 10, 'InterfacesRemoved')
+        self.assertEqual(self.mprop('Pens'), [])
+        wait_until(lambda: reader.eof, 10, 'end of file on the telemetry socket')
+        check_records(self, list(reader.records))
+        hist = [h for h in unwrap(self.mgr('GetHistory', EMPTY_SV)) if h['id'] == sid]
+        self.assertEqual([(h['pen'], h['cartridge'], h['reason']) for h in hist], [(SERIAL, CARTRIDGE, 'device-lost')])
+        self.assertEqual(unwrap(self.mgr('GetCartridge', CARTRIDGE))['state'], 'spent')
+
+
+if __name__ == '__main__':
+    main()
