@@ -193,7 +193,13 @@ int nd_daemon_main(const nd_daemon_options *opts) {
         if (!d.state_dir)
                 return -ENOMEM;
 
-        r = sd_event_default(&d.event);
+        /* A loop of our own, not sd_event_default(): the default loop checks its thread with a
+         * gettid() system call in every iteration, and with telemetry the loop turns at least
+         * 1000 times a second per pen (docs/performance.md). */
+        if (opts->event)
+                d.event = sd_event_ref(opts->event);
+        else
+                r = sd_event_new(&d.event);
         if (r < 0)
                 goto finish;
         sigemptyset(&mask);

@@ -124,7 +124,10 @@ static int method_add_pen(sd_bus_message *m, void *userdata, sd_bus_error *error
         r = parse_add_options(m, d, &c, error);
         if (r < 0)
                 return r;
-        r = nd_penmodel_new(&c, sim_now(d), &model);
+        /* Powered on at a millisecond boundary: simulated pens then sample in step, one loop
+         * wake-up for all of them each millisecond, as USB pens polled in the same frames are
+         * (docs/performance.md); the device clock counts from there. */
+        r = nd_penmodel_new(&c, sim_now(d) / USEC_PER_MSEC * USEC_PER_MSEC, &model);
         if (r < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "The pen model refused the options: %s", strerror(-r));
         r = nd_transport_sim_new(d->event, model, &t);

@@ -569,8 +569,12 @@ static void set_telemetry(nd_penmodel *m, bool enabled, unsigned rate_hz) {
                 queue_drop_all(m);
                 return;
         }
-        /* Continue from the next due time when already streaming, so no two samples crowd. */
-        uint64_t base = m->tel_enabled ? sample_due(m) : m->now_us;
+        /* Continue from the next due time when already streaming, so no two samples crowd.
+         * Otherwise start at the next physics tick, as firmware samples on its control tick:
+         * pens powered on at the same millisecond phase then sample in step, as pens on one USB
+         * bus are polled in the same 1 ms frames (the simulator powers them on so). */
+        uint64_t base = m->tel_enabled ? sample_due(m)
+                                       : m->tick_us + (m->now_us > m->tick_us ? ND_PENMODEL_TICK_US : 0);
         m->tel_enabled = true;
         m->tel_rate_hz = rate_hz;
         m->tel_base_us = base;
