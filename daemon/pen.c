@@ -22,8 +22,9 @@
 /* A running session's figures reach the ledger this often. */
 #define PROGRESS_INTERVAL_USEC (1000 * USEC_PER_MSEC)
 /* After the depth set point changes (or the motor starts), the needle needs time to get there
- * before a difference between set and measured depth means a fault. */
-#define DEPTH_SETTLE_USEC (150 * USEC_PER_MSEC)
+ * before a difference between set and measured depth means a fault. Counted on the pen's own
+ * clock from the moment the pen reports the change in force (see depth_settle_begin()). */
+#define DEPTH_SETTLE_US 150000u
 /* Longest label a client may attach to a session (an opaque reference, no patient data). */
 #define LABEL_MAX 128
 /* Largest profile YAML a client may send (the loader refuses larger ones too). */
@@ -56,7 +57,12 @@ typedef struct pen_session {
         nd_ledger_stats stats;
         double cartridge_runtime_before_s;
         sd_event_source *client_heartbeat;
-        uint64_t depth_settle_until_us;
+        /* Depth is checked only on samples the pen measured from depth_check_from_ts on (its
+         * 32-bit clock, as in samples), once the pen has told us when the change took effect. */
+        bool depth_check_known;
+        uint32_t depth_check_from_ts;
+        unsigned depth_settle_queries;
+        uint32_t last_sample_ts;      /* the pen's clock of the latest sample seen */
         uint64_t stall_since_us;      /* 0: speed fine */
 } pen_session;
 
@@ -568,6 +574,29 @@ static void pen_stop_session(nd_pen *p, const char *reason) {
 
 /* ---- Interlocks --------------------------------------------------------------------------------- */
 
+static void on_settle_status(nd_pendev *dev, int status, const nd_proto_status *st, void *userdata) {
+        nd_pen *p = userdata;
+        /* Answers come in the order asked: only the latest one counts. */
+        if (--p->session.depth_settle_queries > 0 || !p->session_active)
+                return;
+        if (status < 0) {
+                /* The pen does not answer: the heartbeat and telemetry checks deal with that.
+                 * Depth is checked again from the next sample on, after the settle time. */
+                p->session.depth_check_from_ts = p->session.last_sample_ts + DEPTH_SETTLE_US;
+        } else
+                p->session.depth_check_from_ts = st->timestamp_us + DEPTH_SETTLE_US;
+        p->session.depth_check_known = true;
+}
+
+/* A new depth (or a motor start) has been acknowledged: the depth check pauses until the pen,
+ * asked now, says when that was on its own clock; then the settle time runs from there. A
+ * daemon running behind its telemetry thus never judges an old sample against a new set point. */
+static void depth_settle_begin(nd_pen *p) {
+        p->session.depth_check_known = false;
+        if (nd_pendev_query_status(p->dev, on_settle_status, p) >= 0)
+                p->session.depth_settle_queries++;
+}
+
 /* Checks one sample while a session runs. Returns true when it tripped (the stop is out). */
 static bool check_interlocks(nd_pen *p, const nd_pendev_sample *ps, uint64_t now_us) {
         const nd_limits *l = p->daemon->limits;
@@ -616,7 +645,7 @@ static bool check_interlocks(nd_pen *p, const nd_pendev_sample *ps, uint64_t now
                 }
         } else
                 p->session.stall_since_us = 0;
-        if (now_us >= p->session.depth_settle_until_us &&
+        if (p->session.depth_check_known && (int32_t) (s->timestamp_us - p->session.depth_check_from_ts) >= 0 &&
             fabs(s->depth_mm - p->set_depth_mm) > l->pen.depth_tolerance_mm) {
                 snprintf(why, sizeof why, "measured depth %.3f mm differs from the %.3f mm set by more than %.3f mm",
                          s->depth_mm, p->set_depth_mm, l->pen.depth_tolerance_mm);
@@ -675,6 +704,8 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
                 const nd_pendev_sample *ps = &samples[i];
                 const nd_proto_sample *s = &ps->s;
 
+                if (p->session_active)
+                        p->session.last_sample_ts = s->timestamp_us;
                 /* Safety first: the stop goes out before anything else is done with the sample. */
                 if (p->session_active && (p->state == ND_PEN_RUNNING || p->state == ND_PEN_PAUSED))
                         (void) check_interlocks(p, ps, now_us);
@@ -1254,9 +1285,8 @@ static void start_motor_done(nd_pendev *dev, int status, void *userdata) {
                 start_failed(p, op, status < 0 ? status : -ECANCELED, "motor start");
                 return;
         }
-        uint64_t now = now_mono_us(p);
-        p->session.running_since_us = now;
-        p->session.depth_settle_until_us = now + DEPTH_SETTLE_USEC;
+        p->session.running_since_us = now_mono_us(p);
+        depth_settle_begin(p);
         p->starting = false;
         pen_set_state(p, ND_PEN_RUNNING, NULL);
         (void) sd_bus_reply_method_return(op->call, "s", p->session.id);
@@ -1549,9 +1579,8 @@ static void resume_done(nd_pendev *dev, int status, void *userdata) {
                 op_free(op);
                 return;
         }
-        uint64_t now = now_mono_us(p);
-        p->session.running_since_us = now;
-        p->session.depth_settle_until_us = now + DEPTH_SETTLE_USEC;
+        p->session.running_since_us = now_mono_us(p);
+        depth_settle_begin(p);
         pen_set_state(p, ND_PEN_RUNNING, NULL);
         (void) sd_bus_reply_method_return(op->call, NULL);
         op_free(op);
@@ -1605,10 +1634,13 @@ static void setpoint_done(nd_pendev *dev, int status, void *userdata) {
                 op_free(op);
                 return;
         }
-        if (depth)
-                p->set_depth_mm = op->value;
-        else
-                p->set_speed_hz = op->value;
+        /* The set point as the pen has it: whole µm, whole centi-Hz (docs/protocol.md). */
+        if (depth) {
+                p->set_depth_mm = round(op->value * 1000.0) / 1000.0;
+                if (p->session_active)
+                        depth_settle_begin(p);
+        } else
+                p->set_speed_hz = round(op->value * 100.0) / 100.0;
         p->session.stall_since_us = 0;
         pen_changed(p, PROP_SETPOINTS);
         (void) sd_bus_reply_method_return(op->call, NULL);
@@ -1675,7 +1707,7 @@ static void setpoint_authorized(sd_bus_message *m, bool allowed, const sd_bus_er
                 return;
         }
         if (depth)
-                p->session.depth_settle_until_us = now_mono_us(p) + DEPTH_SETTLE_USEC;
+                p->session.depth_check_known = false; /* until the pen has the new depth */
         char detail[96];
         snprintf(detail, sizeof detail, "%s %.3f", depth ? "depth_mm" : "speed_hz", value);
         nd_pen_audit(p->daemon, caller, depth ? "SetDepth" : "SetSpeed", p->serial, detail);
