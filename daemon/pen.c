@@ -25,6 +25,12 @@
  * before a difference between set and measured depth means a fault. Counted on the pen's own
  * clock from the moment the pen reports the change in force (see depth_settle_begin()). */
 #define DEPTH_SETTLE_US 150000u
+/* After a motor start or a speed change the motor needs time to reach its speed: below the
+ * stall fraction during this time is spin-up, not a stall (then stall_time_ms applies). */
+#define SPINUP_GRACE_US 300000u
+
+_Static_assert(ND_PEN_HEARTBEAT_MIN_MS >= ND_PROTO_WATCHDOG_MIN_MS && ND_PEN_HEARTBEAT_MAX_MS <= ND_PROTO_WATCHDOG_MAX_MS,
+               "every heartbeat_timeout_ms the limits file accepts must be one the pen's watchdog accepts");
 /* Longest label a client may attach to a session (an opaque reference, no patient data). */
 #define LABEL_MAX 128
 /* Largest profile YAML a client may send (the loader refuses larger ones too). */
@@ -61,6 +67,7 @@ typedef struct pen_session {
          * 32-bit clock, as in samples), once the pen has told us when the change took effect. */
         bool depth_check_known;
         uint32_t depth_check_from_ts;
+        uint32_t stall_check_from_ts; /* likewise for the stall check (spin-up grace) */
         unsigned depth_settle_queries;
         uint32_t last_sample_ts;      /* the pen's clock of the latest sample seen */
         uint64_t stall_since_us;      /* 0: speed fine */
@@ -583,8 +590,11 @@ static void on_settle_status(nd_pendev *dev, int status, const nd_proto_status *
                 /* The pen does not answer: the heartbeat and telemetry checks deal with that.
                  * Depth is checked again from the next sample on, after the settle time. */
                 p->session.depth_check_from_ts = p->session.last_sample_ts + DEPTH_SETTLE_US;
-        } else
+                p->session.stall_check_from_ts = p->session.last_sample_ts + SPINUP_GRACE_US;
+        } else {
                 p->session.depth_check_from_ts = st->timestamp_us + DEPTH_SETTLE_US;
+                p->session.stall_check_from_ts = st->timestamp_us + SPINUP_GRACE_US;
+        }
         p->session.depth_check_known = true;
 }
 
@@ -634,7 +644,9 @@ static bool check_interlocks(nd_pen *p, const nd_pendev_sample *ps, uint64_t now
                 pen_trip(p, "over-current", why);
                 return true;
         }
-        if (s->speed_hz < l->pen.stall_speed_fraction * p->set_speed_hz) {
+        bool spinning_up = !p->session.depth_check_known ||
+                           (int32_t) (s->timestamp_us - p->session.stall_check_from_ts) < 0;
+        if (!spinning_up && s->speed_hz < l->pen.stall_speed_fraction * p->set_speed_hz) {
                 if (p->session.stall_since_us == 0)
                         p->session.stall_since_us = ps->device_time_us ? ps->device_time_us : 1;
                 else if (ps->device_time_us - p->session.stall_since_us >= (uint64_t) l->pen.stall_time_ms * USEC_PER_MSEC) {
@@ -1639,8 +1651,11 @@ static void setpoint_done(nd_pendev *dev, int status, void *userdata) {
                 p->set_depth_mm = round(op->value * 1000.0) / 1000.0;
                 if (p->session_active)
                         depth_settle_begin(p);
-        } else
+        } else {
                 p->set_speed_hz = round(op->value * 100.0) / 100.0;
+                if (p->session_active)
+                        depth_settle_begin(p); /* the stall check waits for the new speed too */
+        }
         p->session.stall_since_us = 0;
         pen_changed(p, PROP_SETPOINTS);
         (void) sd_bus_reply_method_return(op->call, NULL);
@@ -1775,9 +1790,12 @@ static bool fault_condition_gone(nd_pen *p, char *why, size_t size) {
                 snprintf(why, size, "no telemetry from the pen for %.1f s", (double) silent_us / (double) USEC_PER_SEC);
                 return false;
         }
-        if (l && p->temperature_c > l->pen.max_temperature_c) {
-                snprintf(why, size, "the handpiece is still at %.1f °C (maximum %.1f °C)", p->temperature_c,
-                         l->pen.max_temperature_c);
+        /* An over-temperature clears only once the handpiece is below the warning level, so
+         * noise around the maximum cannot clear it. */
+        double cool_c = l && STREQ(strempty(p->fault), "over-temperature") ? l->pen.warn_temperature_c
+                        : l ? l->pen.max_temperature_c : 0.0;
+        if (l && p->temperature_c >= cool_c) {
+                snprintf(why, size, "the handpiece is still at %.1f °C (it must be below %.1f °C)", p->temperature_c, cool_c);
                 return false;
         }
         if (l && p->battery_percent < l->pen.stop_battery_percent) {

@@ -39,7 +39,8 @@ static const range RANGE_CURRENT = { CURRENT_MIN_MA, ND_CURRENT_MAX_MA, false, "
 static const range RANGE_STALL_FRACTION = { STALL_FRACTION_MIN, STALL_FRACTION_MAX, false, "", "out-of-range", "out-of-range" };
 static const range RANGE_STALL_TIME = { 1, ND_STALL_TIME_MAX_MS, false, "ms", "not-positive", "out-of-range" };
 static const range RANGE_PERCENT = { 0, PERCENT_MAX, false, "%", "out-of-range", "out-of-range" };
-static const range RANGE_PEN_HEARTBEAT = { 1, ND_PEN_HEARTBEAT_MAX_MS, false, "ms", "not-positive", "out-of-range" };
+static const range RANGE_PEN_HEARTBEAT = { ND_PEN_HEARTBEAT_MIN_MS, ND_PEN_HEARTBEAT_MAX_MS, false, "ms", "out-of-range",
+                                           "out-of-range" };
 static const range RANGE_SESSION = { 1, ND_SESSION_DURATION_MAX_S, false, "s", "not-positive", "out-of-range" };
 static const range RANGE_CLIENT_HEARTBEAT = { 0, ND_CLIENT_HEARTBEAT_MAX_MS, false, "ms", "out-of-range", "out-of-range" };
 static const range RANGE_RUNTIME = { 1, ND_CARTRIDGE_RUNTIME_MAX_S, false, "s", "not-positive", "out-of-range" };

@@ -45,6 +45,8 @@
 #define ND_TEMPERATURE_MAX_C         60.0
 #define ND_CURRENT_MAX_MA            10000.0
 #define ND_STALL_TIME_MAX_MS         10000
+/* The pen's watchdog range (docs/protocol.md, SET_WATCHDOG): a pen accepts nothing else. */
+#define ND_PEN_HEARTBEAT_MIN_MS      50
 #define ND_PEN_HEARTBEAT_MAX_MS      10000
 #define ND_SESSION_DURATION_MAX_S    14400
 #define ND_CLIENT_HEARTBEAT_MAX_MS   600000
