@@ -31,14 +31,16 @@ install_packages() {
         "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# configure_build DIR [meson options...]: sets up (or reconfigures) DIR and builds it.
+# configure_build DIR [meson options...]: sets up (or reconfigures) DIR and builds it; meson's
+# and ninja's output is shown only when they fail.
 configure_build() {
         local dir=$1; shift
+        local out
+        log "configuring and building $dir"
         if [ -f "$dir/build.ninja" ]; then
-                meson setup --reconfigure "$dir" "$@" >/dev/null
+                out=$(meson setup --reconfigure "$dir" "$@" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
         else
-                meson setup "$dir" "$@" >/dev/null
+                out=$(meson setup "$dir" "$@" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
         fi
-        log "building $dir"
         ninja -C "$dir" >/dev/null || ninja -C "$dir"
 }
