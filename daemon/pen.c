@@ -1941,8 +1941,23 @@ int nd_pen_export_all(nd_daemon *d) {
 
 /* ---- Daemon-wide ------------------------------------------------------------------------------------ */
 
+static void on_watchdog_changed(nd_pendev *dev, int status, void *userdata) {
+        nd_pen *p = userdata;
+        if (status < 0)
+                pen_log(p, LOG_ERR, "%s: the pen did not take the new watchdog timeout: %s", strempty(p->serial),
+                        pen_command_error(status));
+}
+
 void nd_pen_limits_changed(nd_pen *p, const nd_limits *old) {
         const nd_limits *l = p->daemon->limits;
+        /* The pen's own watchdog follows the new limits (the pen stops itself after this long). */
+        if (p->dev && (!old || old->pen.heartbeat_timeout_ms != l->pen.heartbeat_timeout_ms) &&
+            nd_pendev_get_state(p->dev) == ND_PENDEV_READY) {
+                int r = nd_pendev_set_heartbeat_timeout(p->dev, l->pen.heartbeat_timeout_ms, on_watchdog_changed, p);
+                if (r < 0)
+                        pen_log(p, LOG_ERR, "%s: cannot change the pen's watchdog timeout: %s", strempty(p->serial),
+                                strerror(-r));
+        }
         if (!p->session_active || !p->profile_yaml)
                 return;
         _cleanup_diags_ nd_diags diags = ND_DIAGS_INIT;

@@ -36,6 +36,7 @@ typedef enum command_kind {
         CMD_CLEAR_FAULTS,
         CMD_QUERY_STATUS,
         CMD_QUERY_CARTRIDGE,
+        CMD_CHANGE_WATCHDOG,     /* SET_WATCHDOG on a pen that is ready (the limits changed) */
 } command_kind;
 
 static const char *const command_names[] = {
@@ -52,6 +53,7 @@ static const char *const command_names[] = {
         [CMD_CLEAR_FAULTS] = "CLEAR_FAULTS",
         [CMD_QUERY_STATUS] = "GET_STATUS",
         [CMD_QUERY_CARTRIDGE] = "GET_CARTRIDGE",
+        [CMD_CHANGE_WATCHDOG] = "SET_WATCHDOG",
 };
 
 typedef struct command command;
@@ -63,6 +65,7 @@ struct command {
         uint32_t timeout_ms;
         bool submitted;
         bool cancelled;          /* a queued motor start overtaken by a motor stop */
+        unsigned watchdog_ms;    /* CMD_CHANGE_WATCHDOG: the new timeout */
         nd_pendev_done_fn done;
         nd_pendev_status_fn status_done;
         nd_pendev_cartridge_fn cartridge_done;
@@ -574,6 +577,18 @@ static bool handle_command_reply(nd_pendev *p, command *c, int status, const uin
                         c->cartridge_done(p, status, status == 0 ? &cart : NULL, c->userdata);
                 break;
         }
+        case CMD_CHANGE_WATCHDOG:
+                if (status >= 0) {
+                        /* The pen has the new timeout: heartbeat at the new pace, and count
+                         * telemetry silence against it when it was the default. */
+                        if (p->config.telemetry_stall_ms == p->config.heartbeat_timeout_ms)
+                                p->config.telemetry_stall_ms = c->watchdog_ms;
+                        p->config.heartbeat_timeout_ms = c->watchdog_ms;
+                        p->config.heartbeat_interval_ms = c->watchdog_ms / ND_PENDEV_HEARTBEAT_DIVISOR_DEFAULT;
+                        pendev_log(p, LOG_INFO, "watchdog now %u ms, heartbeat every %u ms", p->config.heartbeat_timeout_ms,
+                                   p->config.heartbeat_interval_ms);
+                }
+                _fallthrough_;
         default:
                 if (status < 0) {
                         p->stats.commands_failed++;
@@ -932,6 +947,36 @@ int nd_pendev_set_speed(nd_pendev *p, double speed_hz, nd_pendev_done_fn done, v
         if (r < 0) {
                 free(c);
                 return r;
+        }
+        return queue_command(p, c);
+}
+
+int nd_pendev_set_heartbeat_timeout(nd_pendev *p, unsigned timeout_ms, nd_pendev_done_fn done, void *userdata) {
+        int r;
+
+        if (!p)
+                return -EINVAL;
+        r = check_state(p);
+        if (r < 0)
+                return r;
+        command *c = command_new(p, CMD_CHANGE_WATCHDOG);
+        if (!c)
+                return -ENOMEM;
+        r = nd_proto_request_set_watchdog(&c->setup, timeout_ms);
+        if (r < 0) {
+                free(c);
+                return r;
+        }
+        c->watchdog_ms = timeout_ms;
+        c->done = done;
+        c->userdata = userdata;
+        /* A shorter timeout: heartbeat at its pace from now on, before the pen has it, so the
+         * pen is never left longer than its new timeout without a heartbeat. */
+        unsigned interval_ms = timeout_ms / ND_PENDEV_HEARTBEAT_DIVISOR_DEFAULT;
+        if (interval_ms < p->config.heartbeat_interval_ms) {
+                p->config.heartbeat_interval_ms = interval_ms;
+                if (p->timer)
+                        (void) sd_event_source_set_time_relative(p->timer, (uint64_t) interval_ms * USEC_PER_MSEC);
         }
         return queue_command(p, c);
 }

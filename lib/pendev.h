@@ -161,6 +161,10 @@ nd_transport *nd_pendev_get_transport(nd_pendev *p);
 int nd_pendev_set_depth(nd_pendev *p, double depth_mm, nd_pendev_done_fn done, void *userdata);
 int nd_pendev_set_speed(nd_pendev *p, double speed_hz, nd_pendev_done_fn done, void *userdata);
 int nd_pendev_motor_start(nd_pendev *p, nd_pendev_done_fn done, void *userdata);
+/* Changes the pen's watchdog timeout (ND_PROTO_WATCHDOG_MIN_MS..MAX_MS, else -ERANGE), e.g. after
+ * the limits changed; the heartbeat follows at timeout / ND_PENDEV_HEARTBEAT_DIVISOR_DEFAULT. A
+ * shorter timeout shortens the heartbeat interval at once, before the pen has it. */
+int nd_pendev_set_heartbeat_timeout(nd_pendev *p, unsigned timeout_ms, nd_pendev_done_fn done, void *userdata);
 /* Accepted in every state but gone, sent at once (see above). */
 int nd_pendev_motor_stop(nd_pendev *p, nd_pendev_done_fn done, void *userdata);
 int nd_pendev_clear_faults(nd_pendev *p, nd_pendev_done_fn done, void *userdata);

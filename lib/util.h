@@ -15,6 +15,7 @@
 #define _unused_ __attribute__((unused))
 #define _printf_(a, b) __attribute__((format(printf, a, b)))
 #define _warn_unused_result_ __attribute__((warn_unused_result))
+#define _fallthrough_ __attribute__((fallthrough))
 
 static inline void freep(void *p) { free(*(void **) p); }
 static inline void fclosep(FILE **f) { if (*f) fclose(*f); }

@@ -336,6 +336,44 @@ START_TEST(test_telemetry_in_order) {
 }
 END_TEST
 
+START_TEST(test_change_watchdog) {
+        Sim s;
+        Done d;
+        sim_setup(&s, NULL);
+        sim_open_ready(&s);
+        ck_assert_uint_ne(model_state(&s).watchdog_timeout_ms, 100);
+        ck_assert_int_eq(nd_penmodel_insert_cartridge(s.model, mono_us(), "WD-1", 12), 0);
+
+        /* outside the pen's watchdog range: refused before anything is sent */
+        ck_assert_int_eq(nd_pendev_set_heartbeat_timeout(s.rec.p, ND_PROTO_WATCHDOG_MIN_MS - 1, on_done, &d), -ERANGE);
+        ck_assert_int_eq(nd_pendev_set_heartbeat_timeout(s.rec.p, ND_PROTO_WATCHDOG_MAX_MS + 1, on_done, &d), -ERANGE);
+
+        /* a shorter timeout reaches the pen, and the heartbeat keeps up with it: the motor runs on
+         * for several of the new timeouts */
+        d = (Done) { 0 };
+        ck_assert_int_eq(nd_pendev_set_heartbeat_timeout(s.rec.p, 100, on_done, &d), 0);
+        wait_done(&s, &d);
+        ck_assert_int_eq(d.status, 0);
+        ck_assert_uint_eq(model_state(&s).watchdog_timeout_ms, 100);
+        d = (Done) { 0 };
+        ck_assert_int_eq(nd_pendev_motor_start(s.rec.p, on_done, &d), 0);
+        wait_done(&s, &d);
+        ck_assert_int_eq(d.status, 0);
+        run_for(s.e, 600);
+        nd_penmodel_state st = model_state(&s);
+        ck_assert(st.motor_running);
+        ck_assert_uint_eq(st.faults & ND_PROTO_FAULT_WATCHDOG_EXPIRED, 0);
+
+        /* and back to a longer one */
+        d = (Done) { 0 };
+        ck_assert_int_eq(nd_pendev_set_heartbeat_timeout(s.rec.p, 1000, on_done, &d), 0);
+        wait_done(&s, &d);
+        ck_assert_int_eq(d.status, 0);
+        ck_assert_uint_eq(model_state(&s).watchdog_timeout_ms, 1000);
+        sim_teardown(&s);
+}
+END_TEST
+
 START_TEST(test_commands) {
         Sim s;
         Done d;
@@ -963,6 +1001,7 @@ static Suite *pendev_suite(void) {
         tcase_add_test(tc, test_bad_config);
         tcase_add_test(tc, test_telemetry_in_order);
         tcase_add_test(tc, test_commands);
+        tcase_add_test(tc, test_change_watchdog);
         tcase_add_test(tc, test_command_order_and_stop_overtakes_start);
         tcase_add_test(tc, test_pen_refuses);
         tcase_add_test(tc, test_unresponsive);
