@@ -8,7 +8,7 @@ NEEDLED_BUILD_PACKAGES="gcc libc6-dev pkg-config meson ninja-build check libyaml
 # USB emulation (umockdev), a private bus and polkit's test double (dbus, python3-dbusmock),
 # systemd-analyze for the unit's exposure score.
 NEEDLED_TEST_PACKAGES="clang libclang-rt-14-dev valgrind umockdev libumockdev-dev libglib2.0-dev
-  dbus python3 python3-dbus python3-dbusmock python3-gi systemd util-linux"
+  dbus python3 python3-dbus python3-dbusmock python3-gi python3-yaml systemd util-linux"
 # What the demo needs on top of the build: a private bus.
 NEEDLED_DEMO_PACKAGES="dbus"
 
