@@ -18,8 +18,10 @@ typedef struct sim_request {
         void *userdata;
 } sim_request;
 
-typedef struct sim_transport {
+typedef struct sim_transport sim_transport;
+struct sim_transport {
         nd_transport base; /* first: the interface casts */
+        sim_transport *prev, *next; /* every simulated transport of the process (all_sims) */
         nd_penmodel *model; /* a reference of our own */
 
         sd_event_source *control_timer; /* answers the queue head, or times it out */
@@ -33,9 +35,15 @@ typedef struct sim_transport {
         bool unplugged;
         unsigned dispatching;           /* inside an event handler: a free must wait for it */
         bool free_requested;
-} sim_transport;
+};
+
+/* Packets of every simulated pen on one loop that are due together go out in one dispatch
+ * (on_stream_timer), so pens sampling in step cost one loop turn per sample period, not one per
+ * pen. At most this many pens are served by one dispatch; the rest by their own timers. */
+#define SIM_BATCH_MAX 32
 
 static const nd_transport_ops sim_ops;
+static sim_transport *all_sims; /* the daemon is single-threaded, as its loop is */
 
 static sim_transport *sim_of(nd_transport *t) {
         return t && t->ops == &sim_ops ? (sim_transport *) t : NULL;
@@ -70,6 +78,12 @@ static sim_request *queue_pop(sim_transport *s) {
 
 static void really_free(sim_transport *s) {
         sim_request *r;
+        if (s->prev)
+                s->prev->next = s->next;
+        else if (all_sims == s)
+                all_sims = s->next;
+        if (s->next)
+                s->next->prev = s->prev;
         while ((r = queue_pop(s)))
                 request_free(r);
         sd_event_source_disable_unref(s->control_timer);
@@ -167,12 +181,13 @@ static int on_control_timer(sd_event_source *src, uint64_t usec, void *userdata)
         return 0;
 }
 
-static int on_stream_timer(sd_event_source *src, uint64_t usec, void *userdata) {
-        sim_transport *s = userdata;
+static bool stream_due(const sim_transport *s, uint64_t now) {
+        return s->streaming && !s->unplugged && !s->free_requested && nd_penmodel_next_due_us(s->model) <= now;
+}
+
+static void stream_serve(sim_transport *s, uint64_t now) {
         uint8_t buf[ND_PROTO_TELEMETRY_MAX_PACKET];
 
-        enter(s);
-        uint64_t now = loop_now(s);
         while (s->streaming && !s->unplugged && !s->free_requested) {
                 int len = nd_penmodel_next_packet(s->model, now, buf, sizeof buf);
                 if (len <= 0)
@@ -180,8 +195,30 @@ static int on_stream_timer(sd_event_source *src, uint64_t usec, void *userdata) 
                 if (s->base.on_packet)
                         s->base.on_packet(&s->base, buf, (size_t) len, s->base.userdata);
         }
-        stream_rearm(s);
-        leave(s);
+}
+
+/* Serves this pen and every other simulated pen on the same loop with a packet due now: their
+ * own timers are then re-armed past now and do not fire for it. Each transport is entered
+ * before any callback runs, so a callback that frees one of them (its own or another) leaves
+ * the memory in place until it is left. */
+static int on_stream_timer(sd_event_source *src, uint64_t usec, void *userdata) {
+        sim_transport *s = userdata, *batch[SIM_BATCH_MAX];
+        size_t n = 0;
+
+        uint64_t now = loop_now(s);
+        enter(s);
+        batch[n++] = s;
+        for (sim_transport *o = all_sims; o && n < SIM_BATCH_MAX; o = o->next)
+                if (o != s && o->base.event == s->base.event && o->dispatching == 0 && stream_due(o, now)) {
+                        enter(o);
+                        batch[n++] = o;
+                }
+        for (size_t i = 0; i < n; i++)
+                stream_serve(batch[i], now);
+        for (size_t i = 0; i < n; i++) {
+                stream_rearm(batch[i]);
+                leave(batch[i]);
+        }
         return 0;
 }
 
@@ -307,6 +344,10 @@ int nd_transport_sim_new(sd_event *e, nd_penmodel *model, nd_transport **ret) {
             (r = sd_event_source_set_enabled(s->stream_timer, SD_EVENT_OFF)) < 0 ||
             (r = sd_event_source_set_enabled(s->gone_defer, SD_EVENT_OFF)) < 0)
                 goto fail;
+        s->next = all_sims;
+        if (all_sims)
+                all_sims->prev = s;
+        all_sims = s;
         *ret = &s->base;
         return 0;
 

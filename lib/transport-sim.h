@@ -11,7 +11,9 @@
  *   - while the stream is on, a timer (accuracy 1 µs) fires at the model's next telemetry due
  *     time and hands every due packet to on_packet; with nothing due it polls every
  *     ND_TRANSPORT_SIM_IDLE_POLL_MS, so changes made to the model from outside (fault cleared,
- *     telemetry re-enabled) are noticed;
+ *     telemetry re-enabled) are noticed; the dispatch that serves one pen also serves every other
+ *     simulated pen on the same loop with a packet due by then, so pens sampling in step cost one
+ *     loop turn per sample period however many there are;
  *   - nd_transport_sim_unplug() makes the pen go away: pending requests complete with -ENODEV,
  *     then on_gone(-ENODEV) runs, both from the loop. */
 #pragma once

@@ -285,6 +285,191 @@ START_TEST(test_free_inside_on_packet) {
 }
 END_TEST
 
+/* Pens sampling in step are served by one dispatch: every loop iteration that delivers a packet
+ * delivers one of each pen; a pen on another loop is never served by this one; freeing another
+ * pen from inside a batch stops its packets at once. */
+#define IN_STEP_PENS 3
+
+typedef struct in_step {
+        sd_event *running;           /* the loop inside sd_event_run() now */
+        sd_event *e;
+        nd_transport *t[IN_STEP_PENS + 1];
+        nd_penmodel *m[IN_STEP_PENS + 1];
+        stream st[IN_STEP_PENS + 1];
+        uint64_t iteration[IN_STEP_PENS + 1]; /* the loop iteration of each pen's last packet */
+        unsigned mixed;              /* iterations in which some pens got a packet and others not */
+        unsigned together;           /* iterations in which every pen got a packet */
+        bool counting;
+        int free_pen;                /* pen 0 frees this pen on its next packet (-1: none) */
+        bool freed_seen;             /* a packet reached a freed pen */
+} in_step;
+
+static in_step *in_step_fixture;
+
+static void check_iteration(in_step *x, uint64_t it) {
+        /* called by pen 0 (every pen is due with it): how many pens were served in it */
+        unsigned served = 0;
+        for (unsigned i = 1; i < IN_STEP_PENS; i++)
+                served += x->t[i] && x->iteration[i] == it;
+        if (!x->counting)
+                return;
+        if (served == IN_STEP_PENS - 1 - (x->free_pen == -2))
+                x->together++;
+        else
+                x->mixed++;
+}
+
+static void on_packet_in_step(nd_transport *t, const uint8_t *data, size_t len, void *userdata) {
+        in_step *x = in_step_fixture;
+        unsigned i = (unsigned) (uintptr_t) userdata;
+        uint64_t it;
+
+        ck_assert_ptr_eq(t->event, x->running); /* served by its own loop only */
+        if (!x->t[i])
+                x->freed_seen = true;
+        on_packet(t, data, len, &x->st[i]);
+        ck_assert_int_ge(sd_event_get_iteration(t->event, &it), 0);
+        x->iteration[i] = it;
+}
+
+/* Runs loop e for us, one iteration at a time; after each iteration in which pen 0 got a packet,
+ * counts whether the other pens got theirs in that same iteration, then frees x->free_pen if
+ * asked (between batches). */
+static void run_in_step(in_step *x, sd_event *e, uint64_t us) {
+        uint64_t deadline = mono_now() + us;
+        for (uint64_t now; (now = mono_now()) < deadline;) {
+                uint64_t before;
+                ck_assert_int_ge(sd_event_get_iteration(e, &before), 0);
+                x->running = e;
+                ck_assert_int_ge(sd_event_run(e, deadline - now), 0);
+                x->running = NULL;
+                if (e == x->e && x->iteration[0] > before) {
+                        check_iteration(x, x->iteration[0]);
+                        if (x->free_pen >= 0) {
+                                nd_transport_free(x->t[x->free_pen]);
+                                x->t[x->free_pen] = NULL;
+                                x->free_pen = -2;
+                        }
+                }
+        }
+}
+
+/* Identifies the pen and turns its telemetry on at 1 kHz, without waiting for the answers. */
+static void start_streaming(nd_transport *t) {
+        nd_control_setup s;
+        uint8_t data[ND_PROTO_SET_TELEMETRY_SIZE];
+
+        nd_proto_request_identify(&s, ND_PROTO_VERSION_MAJOR, ND_PROTO_VERSION_MINOR);
+        ck_assert_int_eq(nd_transport_control(t, &s, NULL, TIMEOUT_MS, NULL, NULL), 0);
+        ck_assert_int_eq(nd_proto_request_set_telemetry(&s, data, 1000, true), 0);
+        ck_assert_int_eq(nd_transport_control(t, &s, data, TIMEOUT_MS, NULL, NULL), 0);
+        ck_assert_int_eq(nd_transport_start_stream(t), 0);
+}
+
+START_TEST(test_pens_in_step_one_dispatch) {
+        in_step x = { .free_pen = -1 };
+        sd_event *other;
+        nd_penmodel_config c;
+
+        in_step_fixture = &x;
+        ck_assert_int_ge(sd_event_new(&x.e), 0);
+        ck_assert_int_ge(sd_event_new(&other), 0);
+        uint64_t power_on = mono_now() / USEC_PER_MSEC * USEC_PER_MSEC; /* one phase for all */
+        for (unsigned i = 0; i <= IN_STEP_PENS; i++) {
+                nd_penmodel_config_init(&c);
+                c.seed = i + 1;
+                ck_assert_int_eq(nd_penmodel_new(&c, power_on, &x.m[i]), 0);
+                /* the last pen lives on another loop, in step with the others all the same */
+                ck_assert_int_eq(nd_transport_sim_new(i < IN_STEP_PENS ? x.e : other, x.m[i], &x.t[i]), 0);
+                nd_transport_set_callbacks(x.t[i], on_packet_in_step, on_gone_fail, (void *) (uintptr_t) i);
+                start_streaming(x.t[i]);
+        }
+        run_in_step(&x, x.e, 50 * USEC_PER_MSEC);
+        run_in_step(&x, other, 5 * USEC_PER_MSEC);
+        x.counting = true;
+        run_in_step(&x, x.e, 300 * USEC_PER_MSEC);
+        /* the other loop was not run meanwhile: its pen got nothing from this one */
+        uint64_t other_samples = x.st[IN_STEP_PENS].samples;
+        ck_assert_uint_gt(x.together, 100);
+        ck_assert_msg(x.mixed == 0, "%u iterations served some pens and not others (%u all)", x.mixed, x.together);
+
+        /* pen 2 freed between batches; the batches go on without it, nothing reaches it */
+        x.free_pen = 2;
+        x.together = x.mixed = 0;
+        run_in_step(&x, x.e, 100 * USEC_PER_MSEC);
+        ck_assert(!x.freed_seen);
+        ck_assert_uint_gt(x.together, 30);
+        ck_assert_uint_eq(x.mixed, 0);
+        for (unsigned i = 0; i < IN_STEP_PENS; i++) {
+                ck_assert_uint_eq(x.st[i].gaps, 0);
+                ck_assert_uint_eq(x.st[i].repeats, 0);
+                ck_assert_uint_eq(x.st[i].errors, 0);
+        }
+        ck_assert_uint_eq(x.st[IN_STEP_PENS].samples, other_samples);
+
+        for (unsigned i = 0; i <= IN_STEP_PENS; i++) {
+                nd_transport_free(x.t[i]);
+                nd_penmodel_unref(x.m[i]);
+        }
+        sd_event_unref(other);
+        sd_event_unref(x.e);
+        in_step_fixture = NULL;
+}
+END_TEST
+
+/* A pen freed by another pen's callback inside one batch gets nothing more from that batch. */
+static void on_packet_free_other(nd_transport *t, const uint8_t *data, size_t len, void *userdata) {
+        in_step *x = in_step_fixture;
+        unsigned i = (unsigned) (uintptr_t) userdata;
+
+        if (!x->t[i]) {
+                x->freed_seen = true;
+                return;
+        }
+        on_packet(t, data, len, &x->st[i]);
+        if (x->free_pen >= 0 && (unsigned) x->free_pen != i) {
+                nd_transport_free(x->t[x->free_pen]);
+                x->t[x->free_pen] = NULL;
+                x->free_pen = -2;
+        }
+}
+
+START_TEST(test_free_other_inside_batch) {
+        in_step x = { .free_pen = -1 };
+        nd_penmodel_config c;
+
+        in_step_fixture = &x;
+        ck_assert_int_ge(sd_event_new(&x.e), 0);
+        uint64_t power_on = mono_now() / USEC_PER_MSEC * USEC_PER_MSEC;
+        for (unsigned i = 0; i < IN_STEP_PENS; i++) {
+                nd_penmodel_config_init(&c);
+                ck_assert_int_eq(nd_penmodel_new(&c, power_on, &x.m[i]), 0);
+                ck_assert_int_eq(nd_transport_sim_new(x.e, x.m[i], &x.t[i]), 0);
+                nd_transport_set_callbacks(x.t[i], on_packet_free_other, on_gone_fail, (void *) (uintptr_t) i);
+                start_streaming(x.t[i]);
+        }
+        run_for(x.e, 30 * USEC_PER_MSEC);
+        /* each pen in turn frees another from inside a batch: the first served frees a later one
+         * (still in the batch, entered but not yet served) or an earlier one */
+        for (int victim = 0; victim < IN_STEP_PENS - 1; victim++) {
+                x.free_pen = victim;
+                run_for(x.e, 20 * USEC_PER_MSEC);
+                ck_assert_int_eq(x.free_pen, -2);
+                uint64_t at_free = x.st[victim].samples;
+                run_for(x.e, 20 * USEC_PER_MSEC);
+                ck_assert_uint_eq(x.st[victim].samples, at_free);
+        }
+        ck_assert(!x.freed_seen);
+        ck_assert_uint_gt(x.st[IN_STEP_PENS - 1].samples, 50);
+        for (unsigned i = 0; i < IN_STEP_PENS; i++) {
+                nd_transport_free(x.t[i]);
+                nd_penmodel_unref(x.m[i]);
+        }
+        sd_event_unref(x.e);
+        in_step_fixture = NULL;
+}
+END_TEST
+
 /* ---- faults, unplug, free ----------------------------------------------------------------------- */
 
 START_TEST(test_unresponsive_times_out) {
@@ -472,6 +657,8 @@ static Suite *transport_sim_suite(void) {
         tcase_add_test(tc, test_identify_over_sim);
         tcase_add_test(tc, test_telemetry_one_second);
         tcase_add_test(tc, test_free_inside_on_packet);
+        tcase_add_test(tc, test_pens_in_step_one_dispatch);
+        tcase_add_test(tc, test_free_other_inside_batch);
         tcase_add_test(tc, test_unresponsive_times_out);
         tcase_add_test(tc, test_unplug);
         tcase_add_test(tc, test_free_with_pending);
