@@ -1,5 +1,6 @@
 /* daemon.c: needled's life cycle: the loop, signals, the bus, readiness and shutdown. */
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,6 +117,20 @@ static int on_reload(sd_event_source *s, const struct signalfd_siginfo *si, void
         return 0;
 }
 
+/* How the loop is scheduled, for the log: the interlocks run in the loop's iterations, so a
+ * technician must be able to see whether it runs real-time (needled.service asks for it). */
+static const char *scheduling_description(char *buf, size_t size) {
+        struct sched_param p = { 0 };
+        int policy = sched_getscheduler(0);
+        (void) sched_getparam(0, &p);
+        switch (policy & ~SCHED_RESET_ON_FORK) {
+        case SCHED_FIFO: snprintf(buf, size, "real-time (SCHED_FIFO, priority %d)", p.sched_priority); break;
+        case SCHED_RR: snprintf(buf, size, "real-time (SCHED_RR, priority %d)", p.sched_priority); break;
+        default: snprintf(buf, size, "time-shared (not real-time: interlocks may wait behind other programs)"); break;
+        }
+        return buf;
+}
+
 static int on_name_acquired(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
         nd_daemon *d = userdata;
         const sd_bus_error *e = sd_bus_message_get_error(reply);
@@ -124,9 +139,10 @@ static int on_name_acquired(sd_bus_message *reply, void *userdata, sd_bus_error 
                 daemon_request_exit(d, -EADDRINUSE);
                 return 0;
         }
-        nd_log_info("needled %s ready on the %s bus as %s%s", PACKAGE_VERSION,
+        char sched[96];
+        nd_log_info("needled %s ready on the %s bus as %s%s; scheduling %s", PACKAGE_VERSION,
                     d->opts.session_bus ? "session" : "system", ND_BUS_NAME,
-                    d->opts.simulate ? " (simulation enabled)" : "");
+                    d->opts.simulate ? " (simulation enabled)" : "", scheduling_description(sched, sizeof sched));
         (void) sd_notifyf(false, "READY=1\nSTATUS=Serving %s; limits %s", ND_BUS_NAME,
                           nd_limits_state_to_string(d->limits_state));
         return 0;

@@ -102,6 +102,14 @@ class UnitSettings(unittest.TestCase):
         self.assertEqual(sorted(families), ['AF_NETLINK', 'AF_UNIX'])
         self.assertEqual(self.one('IPAddressDeny'), 'any')
 
+    def test_realtime_loop(self):
+        # the interlocks run in the loop: real-time, below the kernel's interrupt threads (50),
+        # not inherited by children, and not changeable by the daemon itself
+        self.assertEqual(self.one('CPUSchedulingPolicy'), 'fifo')
+        self.assertIn(int(self.one('CPUSchedulingPriority')), range(1, 50))
+        self.assertEqual(self.one('CPUSchedulingResetOnFork'), 'yes')
+        self.assertEqual(self.one('RestrictRealtime'), 'yes')
+
     def test_no_privileges(self):
         self.assertEqual(self.one('CapabilityBoundingSet'), '')
         self.assertEqual(self.one('NoNewPrivileges'), 'yes')
