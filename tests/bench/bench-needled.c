@@ -7,6 +7,8 @@
  *              interleaved, optionally with client, bus and daemon pinned to one CPU
  *   telemetry  P simulated pens at 1 kHz, S Telemetry-signal subscribers, R fd readers per pen
  *              and K stalled readers: loss, latency, the daemon's CPU and RSS
+ *   floor      what the contract costs any daemon at P pens x R readers: a child process that
+ *              wakes at 1 kHz and sends one datagram per sample per reader; its CPU and latency
  *   stop       Stop call to the motor stop reaching the transport (needled-bench's probe)
  *   startup    exec to owning org.needled, and RSS once idle
  *
@@ -110,6 +112,10 @@ typedef struct options {
         int pin_cpu;               /* methods: -1, or the CPU client, bus and daemon are pinned to */
         pid_t bus_pid;             /* for CPU figures and pinning; 0 unknown */
         const char *floor;         /* startup: the floor service (bench-floor), started in turns */
+        const char *floor_ledger;  /* startup: the floor of the stack (bench-floor-ledger), in turns too */
+        int daemon_rt;             /* > 0: daemons (and floors) run SCHED_FIFO at this priority, as
+                                    * needled.service starts needled; 0: time-shared */
+        int reader_rt;             /* > 0: the fd reader thread runs SCHED_FIFO at this priority */
 } options;
 
 /* ---- Small helpers ------------------------------------------------------------------------------ */
@@ -330,11 +336,21 @@ static uint64_t daemon_spawn_exe(const options *o, const char *exe, const char *
         } else
                 unsetenv(BENCH_TRACE_FD_ENV);
 
+        posix_spawnattr_t attr;
+        posix_spawnattr_init(&attr);
+        if (o->daemon_rt > 0) {
+                struct sched_param sp = { .sched_priority = o->daemon_rt };
+                posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSCHEDULER);
+                posix_spawnattr_setschedpolicy(&attr, SCHED_FIFO);
+                posix_spawnattr_setschedparam(&attr, &sp);
+        }
+
         uint64_t t0 = now_us();
-        int r = posix_spawn(&d->pid, exe, &fa, NULL, argv, environ);
+        int r = posix_spawn(&d->pid, exe, &fa, &attr, argv, environ);
         posix_spawn_file_actions_destroy(&fa);
+        posix_spawnattr_destroy(&attr);
         if (r != 0)
-                die("cannot start %s: %s", exe, strerror(r));
+                die("cannot start %s%s: %s", exe, o->daemon_rt > 0 ? " real-time (--daemon-rt)" : "", strerror(r));
         if (with_trace) {
                 close(pipefd[1]);
                 d->trace_fd = pipefd[0];
@@ -706,6 +722,12 @@ static void reader_record(tele_ctx *c, reader *rd, const uint8_t *b, size_t n, u
 
 static void *reader_thread(void *arg) {
         tele_ctx *c = arg;
+        if (c->o->reader_rt > 0) {
+                struct sched_param sp = { .sched_priority = c->o->reader_rt };
+                int r = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
+                if (r != 0)
+                        die("the reader thread cannot run real-time (--reader-rt): %s", strerror(r));
+        }
         int ep = epoll_create1(EPOLL_CLOEXEC);
         unsigned open_readers = c->n_readers;
         bool stalled_added = false;
@@ -823,6 +845,7 @@ static int cmd_telemetry(const options *o) {
         }
         if (pthread_create(&sub_tid, NULL, subscriber_thread, &c) != 0)
                 die("pthread_create");
+        (void) pthread_setname_np(sub_tid, "bench-signals");
 
         for (unsigned i = 0; i < o->pens; i++) {
                 _cleanup_free_ char *path = add_pen(bus), *serial = NULL;
@@ -853,6 +876,7 @@ static int cmd_telemetry(const options *o) {
         }
         if (pthread_create(&rd_tid, NULL, reader_thread, &c) != 0)
                 die("pthread_create");
+        (void) pthread_setname_np(rd_tid, "bench-readers");
 
         sleep_us((uint64_t) (o->warmup_seconds * (double) USEC_PER_SEC));
         uint64_t cpu_d0 = proc_cpu_ns(d.pid), ticks_d0 = proc_cpu_ticks(d.pid);
@@ -982,8 +1006,8 @@ static int cmd_telemetry(const options *o) {
         double d_cpu_ms_ticks = (double) (ticks_d1 - ticks_d0) * 1000.0 / (double) (tck > 0 ? tck : 100);
 
         printf("{\"bench\": \"telemetry\", \"pens\": %u, \"subscribers\": %u, \"readers_per_pen\": %u, \"stalled\": %u, "
-               "\"window_s\": %.3f, \"produced\": %" PRIu64 ", ",
-               o->pens, o->subscribers, o->readers, o->stalled, window_s, produced);
+               "\"daemon_rt\": %d, \"reader_rt\": %d, \"window_s\": %.3f, \"produced\": %" PRIu64 ", ",
+               o->pens, o->subscribers, o->readers, o->stalled, o->daemon_rt, o->reader_rt, window_s, produced);
         print_stream_totals("signal", sig, n_sig, sig_exp);
         print_stream_totals("fd", fds, n_fd, fd_exp);
         printf("\"stalled_readers\": [");
@@ -1042,6 +1066,154 @@ static int cmd_telemetry(const options *o) {
         free(c.fd_pen_daemon.v);
         pthread_mutex_destroy(&c.lock);
         return broken;
+}
+
+/* ---- floor -------------------------------------------------------------------------------------- */
+
+/* The floor of telemetry: what the contract makes any daemon do at P pens x R readers and nothing
+ * else. A child process wakes at the pens' rate on sd-event (an absolute 1 ms timer, as the
+ * simulated pens are scheduled) and sends one 72-byte datagram per sample per reader
+ * (dbus-api.md: every datagram is one record), read by the same reader thread as needled's
+ * records. Its CPU and the readers' latency, measured in the same run as needled's, are what
+ * needled's figures are set against: on a virtual machine the wake-ups alone cost a few %. */
+typedef struct ticker {
+        const int *fds;
+        unsigned n_fds;
+        uint64_t epoch_us, next_us;
+        uint32_t seq;
+} ticker;
+
+static void put16(uint8_t *b, uint16_t v) { memcpy(b, &v, 2); }
+static void put32(uint8_t *b, uint32_t v) { memcpy(b, &v, 4); }
+static void put64(uint8_t *b, uint64_t v) { memcpy(b, &v, 8); }
+
+static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
+        ticker *t = userdata;
+        uint8_t rec[RECORD_SIZE] = { 0 };
+        uint64_t now = now_us();
+
+        for (; t->next_us <= now; t->next_us += USEC_PER_SEC / SAMPLE_RATE_HZ, t->seq++) {
+                put16(rec, 1);
+                put16(rec + 2, RECORD_SIZE);
+                put32(rec + 4, t->seq);
+                put64(rec + 8, t->next_us - t->epoch_us);
+                put64(rec + 16, now);
+                for (unsigned i = 0; i < t->n_fds; i++)
+                        (void) send(t->fds[i], rec, sizeof rec, MSG_DONTWAIT | MSG_NOSIGNAL);
+        }
+        return sd_event_source_set_time(src, t->next_us);
+}
+
+static _Noreturn void ticker_main(const int *fds, unsigned n_fds, uint64_t epoch_us) {
+        ticker t = { .fds = fds, .n_fds = n_fds, .epoch_us = epoch_us, .next_us = epoch_us };
+        sd_event *e = NULL;
+        sd_event_source *timer = NULL;
+        /* SIGTERM (blocked by the parent before the fork) ends the loop */
+        if (sd_event_new(&e) < 0 || sd_event_add_signal(e, NULL, SIGTERM, NULL, NULL) < 0 ||
+            sd_event_add_time(e, &timer, CLOCK_MONOTONIC, t.next_us, 1, on_tick, &t) < 0 ||
+            sd_event_source_set_enabled(timer, SD_EVENT_ON) < 0)
+                _exit(2);
+        int r = sd_event_loop(e);
+        _exit(r < 0 ? 2 : 0);
+}
+
+static int cmd_floor(const options *o) {
+        tele_ctx c = { .o = o };
+        pthread_t rd_tid;
+        sigset_t term, old;
+
+        if (o->pens < 1 || o->pens > PENS_MAX || o->readers > READERS_PER_PEN_MAX || o->seconds <= 0)
+                die("floor: 1..%u pens, 0..%u readers per pen, seconds > 0", PENS_MAX, READERS_PER_PEN_MAX);
+        c.n_pens = o->pens;
+        c.n_readers = o->pens * o->readers; /* 0: the wake-ups alone */
+        c.readers = calloc(MAX(c.n_readers, 1u), sizeof *c.readers);
+        int *child_fds = calloc(MAX(c.n_readers, 1u), sizeof *child_fds);
+        if (!c.readers || !child_fds)
+                die("out of memory");
+        for (unsigned i = 0; i < c.n_readers; i++) {
+                int sv[2];
+                if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+                        die("socketpair: %s", strerror(errno));
+                c.readers[i].fd = sv[0];
+                c.readers[i].pen = c.readers[i].st.pen = i / o->readers;
+                child_fds[i] = sv[1];
+        }
+        /* the samples' clock starts at a millisecond boundary, as the simulated pens' does */
+        uint64_t epoch = (now_us() / USEC_PER_MSEC + 10) * USEC_PER_MSEC;
+        for (unsigned p = 0; p < o->pens; p++)
+                atomic_store(&c.epoch_us[p], epoch);
+
+        sigemptyset(&term);
+        sigaddset(&term, SIGTERM);
+        pthread_sigmask(SIG_BLOCK, &term, &old);
+        pid_t pid = fork();
+        if (pid < 0)
+                die("fork: %s", strerror(errno));
+        if (pid == 0) {
+                struct sched_param sp = { .sched_priority = o->daemon_rt };
+                if (o->daemon_rt > 0 && sched_setscheduler(0, SCHED_FIFO, &sp) < 0)
+                        _exit(3);
+                for (unsigned i = 0; i < c.n_readers; i++)
+                        close(c.readers[i].fd);
+                ticker_main(child_fds, c.n_readers, epoch);
+        }
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        for (unsigned i = 0; i < c.n_readers; i++)
+                close(child_fds[i]);
+        if (pthread_create(&rd_tid, NULL, reader_thread, &c) != 0)
+                die("pthread_create");
+        (void) pthread_setname_np(rd_tid, "bench-readers");
+
+        sleep_us((uint64_t) (o->warmup_seconds * (double) USEC_PER_SEC));
+        uint64_t cpu0 = proc_cpu_ns(pid), t_start = now_us();
+        atomic_store(&c.measuring, true);
+        sleep_us((uint64_t) (o->seconds * (double) USEC_PER_SEC));
+        atomic_store(&c.measuring, false);
+        uint64_t cpu1 = proc_cpu_ns(pid), t_end = now_us();
+        long rss = proc_status_kib(pid, "VmRSS");
+
+        kill(pid, SIGTERM);
+        int status;
+        if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+                die("the floor's ticker failed%s", WIFEXITED(status) && WEXITSTATUS(status) == 3
+                                                          ? ": not allowed to run real-time (--daemon-rt)" : "");
+        /* its ends closed: every reader reads to EOF */
+        uint64_t deadline = now_us() + READERS_EOF_TIMEOUT_US;
+        for (bool all = false; !all && now_us() < deadline;) {
+                all = true;
+                for (unsigned i = 0; i < c.n_readers; i++)
+                        all = all && c.readers[i].st.eof;
+                if (!all)
+                        sleep_us(10 * USEC_PER_MSEC);
+        }
+        atomic_store(&c.stop_readers, true);
+        pthread_join(rd_tid, NULL);
+
+        uint64_t received = 0, gaps = 0;
+        for (unsigned i = 0; i < c.n_readers; i++) {
+                received += c.readers[i].st.received;
+                gaps += c.readers[i].st.gap_samples;
+        }
+        double window_s = (double) (t_end - t_start) / (double) USEC_PER_SEC;
+        double cpu_ms = (double) (cpu1 - cpu0) / 1e6;
+        printf("{\"bench\": \"floor\", \"pens\": %u, \"readers_per_pen\": %u, \"daemon_rt\": %d, \"reader_rt\": %d, "
+               "\"window_s\": %.3f, \"records_received\": %" PRIu64 ", \"gap_samples\": %" PRIu64 ", \"latency_us\": {",
+               o->pens, o->readers, o->daemon_rt, o->reader_rt, window_s, received, gaps);
+        summary s_pc = series_summary(&c.fd_pen_client), s_dc = series_summary(&c.fd_daemon_client);
+        print_summary("fd_pen_to_client", &s_pc, ", ");
+        print_summary("fd_daemon_to_client", &s_dc, "");
+        printf("}, \"cpu\": {\"floor_ms\": %.2f, \"floor_percent\": %.3f, \"floor_ms_per_1000_samples\": %.4f}, "
+               "\"floor_rss_kib\": %ld, \"reader_error\": \"%s\"}\n",
+               cpu_ms, cpu_ms / 10.0 / window_s, cpu_ms / (window_s * SAMPLE_RATE_HZ * o->pens / 1000.0), rss,
+               c.reader_errors ? c.reader_error : "");
+        for (unsigned i = 0; i < c.n_readers; i++)
+                close(c.readers[i].fd);
+        free(c.readers);
+        free(child_fds);
+        free(c.fd_pen_client.v);
+        free(c.fd_daemon_client.v);
+        free(c.fd_pen_daemon.v);
+        return c.reader_errors ? 1 : 0;
 }
 
 /* ---- stop --------------------------------------------------------------------------------------- */
@@ -1167,7 +1339,7 @@ static void print_startup(const char *name, startup_figures *f, const char *sep)
 
 static int cmd_startup(const options *o) {
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = bus_connect();
-        startup_figures needled = { 0 }, floor_fig = { 0 };
+        startup_figures needled = { 0 }, floor_fig = { 0 }, ledger_fig = { 0 };
 
         /* In turns, needled then the floor, so that both see the same machine. */
         for (unsigned i = 0; i < o->runs; i++) {
@@ -1182,6 +1354,8 @@ static int cmd_startup(const options *o) {
                 startup_once(bus, o, o->needled, state_dir, &needled);
                 if (o->floor)
                         startup_once(bus, o, o->floor, state_dir, &floor_fig);
+                if (o->floor_ledger)
+                        startup_once(bus, o, o->floor_ledger, state_dir, &ledger_fig);
         }
         printf("{\"bench\": \"startup\", \"runs\": %u, \"fresh_state\": %s, ", o->runs, o->fresh ? "true" : "false");
         /* medians before the series are freed */
@@ -1191,6 +1365,7 @@ static int cmd_startup(const options *o) {
                 printf("\"ratio_to_floor\": {\"exec_to_name_median\": %.3f, \"exec_to_first_reply_median\": %.3f}, ",
                        n_name.median / f_name.median, n_reply.median / f_reply.median);
         print_startup("floor", &floor_fig, ", ");
+        print_startup("floor_ledger", &ledger_fig, ", ");
         print_startup("needled", &needled, "");
         printf("}\n");
         return 0;
@@ -1200,15 +1375,19 @@ static int cmd_startup(const options *o) {
 
 static void usage(void) {
         printf("Usage: bench-needled COMMAND --needled PATH --limits FILE --profiles DIR --state-dir DIR [OPTIONS]\n"
-               "Commands: methods, telemetry, stop, startup (see docs/performance.md).\n"
+               "Commands: methods, telemetry, floor, stop, startup (see docs/performance.md).\n"
                "  --calls N          methods/stop: calls of each kind (default 10000)\n"
                "  --pin CPU          methods: pin client, bus (--bus-pid) and daemon to CPU\n"
                "  --bus-pid PID      the bus daemon, for its CPU time and pinning\n"
                "  --pens N --subscribers N --readers N --stalled N --seconds S --warmup S   telemetry\n"
+               "                     (floor: --pens, --readers, --seconds, --warmup; no daemon)\n"
                "  --sessions N       stop: running sessions stopped (default 100)\n"
                "  --runs N [--fresh] startup: runs; a new state directory each run\n"
                "  --floor PATH       startup: the floor service, started in turns with needled\n"
-               "  --daemon-log FILE  the daemon's stderr (default /dev/null)\n");
+               "  --floor-ledger PATH  startup: the floor with an SQLite ledger open, in turns too\n"
+               "  --daemon-log FILE  the daemon's stderr (default /dev/null)\n"
+               "  --daemon-rt PRIO   run daemons and floors SCHED_FIFO at PRIO, as needled.service does (0: not)\n"
+               "  --reader-rt PRIO   run the fd reader thread SCHED_FIFO at PRIO (0: not)\n");
 }
 
 static unsigned parse_unsigned(const char *s, const char *what) {
@@ -1230,7 +1409,8 @@ static double parse_seconds(const char *s, const char *what) {
 
 int main(int argc, char *argv[]) {
         enum { A_NEEDLED = 0x100, A_LIMITS, A_PROFILES, A_STATE, A_LOG, A_CALLS, A_SESSIONS, A_RUNS, A_FRESH, A_PENS,
-               A_SUBS, A_READERS, A_STALLED, A_SECONDS, A_WARMUP, A_PIN, A_BUS_PID, A_FLOOR, A_HELP };
+               A_SUBS, A_READERS, A_STALLED, A_SECONDS, A_WARMUP, A_PIN, A_BUS_PID, A_FLOOR, A_DAEMON_RT, A_READER_RT,
+               A_FLOOR_LEDGER, A_HELP };
         static const struct option longopts[] = {
                 { "needled", required_argument, NULL, A_NEEDLED },   { "limits", required_argument, NULL, A_LIMITS },
                 { "profiles", required_argument, NULL, A_PROFILES }, { "state-dir", required_argument, NULL, A_STATE },
@@ -1241,6 +1421,8 @@ int main(int argc, char *argv[]) {
                 { "stalled", required_argument, NULL, A_STALLED },   { "seconds", required_argument, NULL, A_SECONDS },
                 { "warmup", required_argument, NULL, A_WARMUP },     { "pin", required_argument, NULL, A_PIN },
                 { "bus-pid", required_argument, NULL, A_BUS_PID },   { "floor", required_argument, NULL, A_FLOOR },
+                { "daemon-rt", required_argument, NULL, A_DAEMON_RT }, { "reader-rt", required_argument, NULL, A_READER_RT },
+                { "floor-ledger", required_argument, NULL, A_FLOOR_LEDGER },
                 { "help", no_argument, NULL, A_HELP },
                 { NULL, 0, NULL, 0 }
         };
@@ -1274,13 +1456,18 @@ int main(int argc, char *argv[]) {
                 case A_PIN: o.pin_cpu = (int) parse_unsigned(optarg, "--pin"); break;
                 case A_BUS_PID: o.bus_pid = (pid_t) parse_unsigned(optarg, "--bus-pid"); break;
                 case A_FLOOR: o.floor = optarg; break;
+                case A_FLOOR_LEDGER: o.floor_ledger = optarg; break;
+                case A_DAEMON_RT: o.daemon_rt = (int) parse_unsigned(optarg, "--daemon-rt"); break;
+                case A_READER_RT: o.reader_rt = (int) parse_unsigned(optarg, "--reader-rt"); break;
                 case A_HELP: usage(); return 0;
                 default: return 2;
                 }
         }
-        if (!o.needled || !o.limits || !o.profiles || !o.state_dir)
+        if (o.daemon_rt > 99 || o.reader_rt > 99)
+                die("--daemon-rt and --reader-rt take a SCHED_FIFO priority, 1-99 (0: not real-time)");
+        if ((!o.needled || !o.limits || !o.profiles || !o.state_dir) && !STREQ(cmd, "floor"))
                 die("--needled, --limits, --profiles and --state-dir are needed (see --help)");
-        if (o.calls == 0 && !STREQ(cmd, "telemetry") && !STREQ(cmd, "startup"))
+        if (o.calls == 0 && !STREQ(cmd, "telemetry") && !STREQ(cmd, "startup") && !STREQ(cmd, "floor"))
                 die("--calls must be at least 1");
         signal(SIGPIPE, SIG_IGN);
         setvbuf(stdout, NULL, _IOLBF, 0);
@@ -1289,6 +1476,8 @@ int main(int argc, char *argv[]) {
                 return cmd_methods(&o);
         if (STREQ(cmd, "telemetry"))
                 return cmd_telemetry(&o);
+        if (STREQ(cmd, "floor"))
+                return cmd_floor(&o);
         if (STREQ(cmd, "stop"))
                 return cmd_stop(&o);
         if (STREQ(cmd, "startup")) {
@@ -1296,5 +1485,5 @@ int main(int argc, char *argv[]) {
                         die("--runs must be at least 1");
                 return cmd_startup(&o);
         }
-        die("unknown command '%s' (methods, telemetry, stop, startup)", cmd);
+        die("unknown command '%s' (methods, telemetry, floor, stop, startup)", cmd);
 }

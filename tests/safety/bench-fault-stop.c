@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -332,6 +333,19 @@ static pid_t start_bus(char *address, size_t size) {
         return pid;
 }
 
+/* needled.service's real-time priority (CPUSchedulingPriority=), 0 when it sets none. */
+static int unit_rt_priority(const char *src) {
+        _cleanup_free_ char *path = NULL;
+        char line[256];
+        int prio = 0;
+        CHECK(asprintf(&path, "%s/daemon/needled.service.in", src) < 0 ? -ENOMEM : 0);
+        _cleanup_fclose_ FILE *f = fopen(path, "re");
+        while (f && fgets(line, sizeof line, f))
+                if (strncmp(line, "CPUSchedulingPriority=", 22) == 0)
+                        prio = atoi(line + 22);
+        return prio;
+}
+
 int main(int argc, char **argv) {
         unsigned rounds = ROUNDS_DEFAULT;
         const char *env = getenv("NEEDLED_BENCH_ROUNDS");
@@ -357,8 +371,20 @@ int main(int argc, char **argv) {
         CHECK(asprintf(&limits, "%s/conf/limits.yaml", src) < 0 ? -ENOMEM : 0);
         CHECK(asprintf(&profiles, "%s/conf/profiles.d", src) < 0 ? -ENOMEM : 0);
 
+        /* The daemon core runs as needled.service runs needled: real-time FIFO, when this machine
+         * allows it (root, or an RLIMIT_RTPRIO); otherwise time-shared, and the output says so. */
+        int rt = unit_rt_priority(src);
+        struct sched_param sp = { .sched_priority = rt };
+        if (rt > 0 && sched_setscheduler(0, SCHED_FIFO, &sp) == 0) {
+                sp.sched_priority = 0;
+                (void) sched_setscheduler(0, SCHED_OTHER, &sp); /* the driver itself stays time-shared */
+        } else
+                rt = 0;
         pid_t daemon_pid = fork();
         if (daemon_pid == 0) {
+                sp.sched_priority = rt;
+                if (rt > 0 && sched_setscheduler(0, SCHED_FIFO, &sp) < 0)
+                        _exit(EXIT_FAILURE);
                 /* The daemon logs every trip; only the figures go to the benchmark's output. */
                 if (!getenv("NEEDLED_BENCH_DEBUG") && !freopen("/dev/null", "w", stderr))
                         _exit(EXIT_FAILURE);
@@ -397,8 +423,9 @@ int main(int argc, char **argv) {
         unsigned missed = 0, outside = 0;
         CHECK(all && per && packet ? 0 : -ENOMEM);
         printf("fault-to-stop latency: packet with the faulty sample arrives -> MOTOR_STOP submitted to the transport\n"
-               "(%u rounds per fault, simulated pen at %u samples/s, daemon core in-process, %s)\n", rounds,
-               TELEMETRY_RATE_HZ, getenv("NEEDLED_TEST_SANITIZED") ? "sanitized build" : "this build");
+               "(%u rounds per fault, simulated pen at %u samples/s, daemon core in-process, %s, %s)\n", rounds,
+               TELEMETRY_RATE_HZ, getenv("NEEDLED_TEST_SANITIZED") ? "sanitized build" : "this build",
+               rt > 0 ? "real-time as needled.service runs it" : "time-shared: real-time not allowed here");
         for (size_t f = 0; f < N_FAULTS; f++) {
                 size_t n_per = 0;
                 for (unsigned i = 0; i < rounds; i++) {
