@@ -28,7 +28,10 @@ struct nd_telemetry {
         sd_bus *bus;
         char *path;
         sd_event_source *batch_timer;
-        nd_telemetry_sample batch[BATCH_CAPACITY];
+        /* BATCH_CAPACITY samples, allocated apart and not zeroed: a batch fills from the start and
+         * is sent every 50 ms, so only its first entries are used while the loop keeps up and
+         * the rest of the memory is never touched. */
+        nd_telemetry_sample *batch;
         unsigned n_batch;
         reader *readers[ND_TELEMETRY_READERS_MAX];
         unsigned n_readers;
@@ -136,7 +139,8 @@ int nd_telemetry_new(sd_event *event, sd_bus *bus, const char *object_path, nd_t
         t->event = sd_event_ref(event);
         t->bus = sd_bus_ref(bus);
         t->path = strdup(object_path);
-        if (!t->path) {
+        t->batch = malloc(BATCH_CAPACITY * sizeof *t->batch);
+        if (!t->path || !t->batch) {
                 nd_telemetry_free(t);
                 return -ENOMEM;
         }
@@ -162,6 +166,7 @@ nd_telemetry *nd_telemetry_free(nd_telemetry *t) {
         sd_event_source_disable_unref(t->batch_timer);
         sd_bus_unref(t->bus);
         sd_event_unref(t->event);
+        free(t->batch);
         free(t->path);
         free(t);
         return NULL;

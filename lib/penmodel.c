@@ -98,7 +98,10 @@ struct nd_penmodel {
         uint64_t tel_base_us, tel_index; /* sample k of this schedule is due at base + k s / rate */
         uint32_t next_sequence;
         uint64_t produced, sent, dropped;
-        queued_sample queue[ND_PENMODEL_QUEUE_MAX];
+        /* ND_PENMODEL_QUEUE_MAX slots, allocated apart and not zeroed: a slot is written before
+         * it is read, and the queue restarts at slot 0 whenever it empties, so a host that keeps
+         * up only ever uses the first few and the rest of the memory is never touched. */
+        queued_sample *queue;
         unsigned q_head, q_len;
         unsigned corrupt_next;
 
@@ -227,6 +230,11 @@ int nd_penmodel_new(const nd_penmodel_config *c, uint64_t now_us, nd_penmodel **
         nd_penmodel *m = calloc(1, sizeof *m);
         if (!m)
                 return -ENOMEM;
+        m->queue = malloc(ND_PENMODEL_QUEUE_MAX * sizeof *m->queue);
+        if (!m->queue) {
+                free(m);
+                return -ENOMEM;
+        }
         m->n_ref = 1;
         m->cfg = *c;
         m->rng = c->seed;
@@ -252,8 +260,10 @@ nd_penmodel *nd_penmodel_ref(nd_penmodel *m) {
 }
 
 nd_penmodel *nd_penmodel_unref(nd_penmodel *m) {
-        if (m && --m->n_ref == 0)
+        if (m && --m->n_ref == 0) {
+                free(m->queue);
                 free(m);
+        }
         return NULL;
 }
 
@@ -505,6 +515,8 @@ int nd_penmodel_next_packet(nd_penmodel *m, uint64_t now_us, uint8_t *buf, size_
         int len = nd_proto_encode_packet(batch, n, buf, size);
         m->q_head = (m->q_head + n) % ND_PENMODEL_QUEUE_MAX;
         m->q_len -= n;
+        if (m->q_len == 0)
+                m->q_head = 0;
         if (len < 0) {
                 /* Not expected (the model keeps its values in range); never wedge the queue. */
                 m->dropped += n;
