@@ -116,6 +116,7 @@ typedef struct options {
         int daemon_rt;             /* > 0: daemons (and floors) run SCHED_FIFO at this priority, as
                                     * needled.service starts needled; 0: time-shared */
         int reader_rt;             /* > 0: the fd reader thread runs SCHED_FIFO at this priority */
+        bool plain;                /* floor: wake with clock_nanosleep instead of sd-event */
 } options;
 
 /* ---- Small helpers ------------------------------------------------------------------------------ */
@@ -1087,8 +1088,8 @@ static void put16(uint8_t *b, uint16_t v) { memcpy(b, &v, 2); }
 static void put32(uint8_t *b, uint32_t v) { memcpy(b, &v, 4); }
 static void put64(uint8_t *b, uint64_t v) { memcpy(b, &v, 8); }
 
-static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
-        ticker *t = userdata;
+/* Sends every sample due by now to every reader, one record per datagram. */
+static void ticker_send_due(ticker *t) {
         uint8_t rec[RECORD_SIZE] = { 0 };
         uint64_t now = now_us();
 
@@ -1101,7 +1102,28 @@ static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
                 for (unsigned i = 0; i < t->n_fds; i++)
                         (void) send(t->fds[i], rec, sizeof rec, MSG_DONTWAIT | MSG_NOSIGNAL);
         }
+}
+
+static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
+        ticker *t = userdata;
+        ticker_send_due(t);
         return sd_event_source_set_time(src, t->next_us);
+}
+
+/* The cheapest way a process can wake at 1 kHz: clock_nanosleep to absolute times, no event
+ * loop; it sends what on_tick sends. Ends with SIGTERM's default action. */
+static _Noreturn void ticker_plain(const int *fds, unsigned n_fds, uint64_t epoch_us) {
+        ticker t = { .fds = fds, .n_fds = n_fds, .epoch_us = epoch_us, .next_us = epoch_us };
+        sigset_t term;
+        sigemptyset(&term);
+        sigaddset(&term, SIGTERM);
+        pthread_sigmask(SIG_UNBLOCK, &term, NULL);
+        for (;;) {
+                struct timespec ts = { .tv_sec = (time_t) (t.next_us / USEC_PER_SEC),
+                                       .tv_nsec = (long) (t.next_us % USEC_PER_SEC * NSEC_PER_USEC) };
+                (void) clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+                ticker_send_due(&t);
+        }
 }
 
 static _Noreturn void ticker_main(const int *fds, unsigned n_fds, uint64_t epoch_us) {
@@ -1155,6 +1177,8 @@ static int cmd_floor(const options *o) {
                         _exit(3);
                 for (unsigned i = 0; i < c.n_readers; i++)
                         close(c.readers[i].fd);
+                if (o->plain)
+                        ticker_plain(child_fds, c.n_readers, epoch);
                 ticker_main(child_fds, c.n_readers, epoch);
         }
         pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -1173,8 +1197,13 @@ static int cmd_floor(const options *o) {
         long rss = proc_status_kib(pid, "VmRSS");
 
         kill(pid, SIGTERM);
-        int status;
-        if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        int status = 0;
+        if (waitpid(pid, &status, 0) < 0)
+                die("waitpid: %s", strerror(errno));
+        /* the plain ticker ends by SIGTERM's default action, the sd-event one by returning */
+        bool ended = o->plain ? WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM
+                              : WIFEXITED(status) && WEXITSTATUS(status) == 0;
+        if (!ended)
                 die("the floor's ticker failed%s", WIFEXITED(status) && WEXITSTATUS(status) == 3
                                                           ? ": not allowed to run real-time (--daemon-rt)" : "");
         /* its ends closed: every reader reads to EOF */
@@ -1196,9 +1225,9 @@ static int cmd_floor(const options *o) {
         }
         double window_s = (double) (t_end - t_start) / (double) USEC_PER_SEC;
         double cpu_ms = (double) (cpu1 - cpu0) / 1e6;
-        printf("{\"bench\": \"floor\", \"pens\": %u, \"readers_per_pen\": %u, \"daemon_rt\": %d, \"reader_rt\": %d, "
+        printf("{\"bench\": \"floor\", \"plain\": %s, \"pens\": %u, \"readers_per_pen\": %u, \"daemon_rt\": %d, \"reader_rt\": %d, "
                "\"window_s\": %.3f, \"records_received\": %" PRIu64 ", \"gap_samples\": %" PRIu64 ", \"latency_us\": {",
-               o->pens, o->readers, o->daemon_rt, o->reader_rt, window_s, received, gaps);
+               o->plain ? "true" : "false", o->pens, o->readers, o->daemon_rt, o->reader_rt, window_s, received, gaps);
         summary s_pc = series_summary(&c.fd_pen_client), s_dc = series_summary(&c.fd_daemon_client);
         print_summary("fd_pen_to_client", &s_pc, ", ");
         print_summary("fd_daemon_to_client", &s_dc, "");
@@ -1380,7 +1409,8 @@ static void usage(void) {
                "  --pin CPU          methods: pin client, bus (--bus-pid) and daemon to CPU\n"
                "  --bus-pid PID      the bus daemon, for its CPU time and pinning\n"
                "  --pens N --subscribers N --readers N --stalled N --seconds S --warmup S   telemetry\n"
-               "                     (floor: --pens, --readers, --seconds, --warmup; no daemon)\n"
+               "                     (floor: --pens, --readers, --seconds, --warmup, --plain; no daemon)\n"
+               "  --plain            floor: wake with clock_nanosleep, no event loop\n"
                "  --sessions N       stop: running sessions stopped (default 100)\n"
                "  --runs N [--fresh] startup: runs; a new state directory each run\n"
                "  --floor PATH       startup: the floor service, started in turns with needled\n"
@@ -1410,7 +1440,7 @@ static double parse_seconds(const char *s, const char *what) {
 int main(int argc, char *argv[]) {
         enum { A_NEEDLED = 0x100, A_LIMITS, A_PROFILES, A_STATE, A_LOG, A_CALLS, A_SESSIONS, A_RUNS, A_FRESH, A_PENS,
                A_SUBS, A_READERS, A_STALLED, A_SECONDS, A_WARMUP, A_PIN, A_BUS_PID, A_FLOOR, A_DAEMON_RT, A_READER_RT,
-               A_FLOOR_LEDGER, A_HELP };
+               A_FLOOR_LEDGER, A_PLAIN, A_HELP };
         static const struct option longopts[] = {
                 { "needled", required_argument, NULL, A_NEEDLED },   { "limits", required_argument, NULL, A_LIMITS },
                 { "profiles", required_argument, NULL, A_PROFILES }, { "state-dir", required_argument, NULL, A_STATE },
@@ -1422,7 +1452,7 @@ int main(int argc, char *argv[]) {
                 { "warmup", required_argument, NULL, A_WARMUP },     { "pin", required_argument, NULL, A_PIN },
                 { "bus-pid", required_argument, NULL, A_BUS_PID },   { "floor", required_argument, NULL, A_FLOOR },
                 { "daemon-rt", required_argument, NULL, A_DAEMON_RT }, { "reader-rt", required_argument, NULL, A_READER_RT },
-                { "floor-ledger", required_argument, NULL, A_FLOOR_LEDGER },
+                { "floor-ledger", required_argument, NULL, A_FLOOR_LEDGER }, { "plain", no_argument, NULL, A_PLAIN },
                 { "help", no_argument, NULL, A_HELP },
                 { NULL, 0, NULL, 0 }
         };
@@ -1457,6 +1487,7 @@ int main(int argc, char *argv[]) {
                 case A_BUS_PID: o.bus_pid = (pid_t) parse_unsigned(optarg, "--bus-pid"); break;
                 case A_FLOOR: o.floor = optarg; break;
                 case A_FLOOR_LEDGER: o.floor_ledger = optarg; break;
+                case A_PLAIN: o.plain = true; break;
                 case A_DAEMON_RT: o.daemon_rt = (int) parse_unsigned(optarg, "--daemon-rt"); break;
                 case A_READER_RT: o.reader_rt = (int) parse_unsigned(optarg, "--reader-rt"); break;
                 case A_HELP: usage(); return 0;
