@@ -19,6 +19,11 @@
 #define ROW_DIGEST_PREFIX "row-sha256="
 #define AUDIT_ACTION_BEGIN "session-begin"
 #define AUDIT_ACTION_END "session-end"
+/* The connection's page cache: 256 KiB. The ledger's work is a few small writes per session and
+ * the odd history query; the kernel's page cache holds the file anyway. SQLite's default (2 MiB)
+ * would let a long-running daemon's heap grow with the ledger (quick_check alone reads every
+ * page at start). */
+#define LEDGER_CACHE_PRAGMA "PRAGMA cache_size=-256"
 #define LEDGER_SYNC_NORMAL 1
 #define LEDGER_SYNC_FULL 2
 
@@ -583,6 +588,11 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
                 return -EINVAL;
         }
 
+        /* No up-front bulk allocation for page caches: pages are allocated as they are used, up
+         * to LEDGER_CACHE_PRAGMA's size. Process-wide, so only before SQLite is first used (SQLITE_MISUSE
+         * afterwards, which changes nothing). */
+        (void) sqlite3_config(SQLITE_CONFIG_PAGECACHE, NULL, 0, 0);
+
         l = calloc(1, sizeof *l);
         if (!l)
                 return -ENOMEM;
@@ -618,6 +628,9 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
         if (r >= 0) {
                 sqlite3_extended_result_codes(l->db, 1);
                 sqlite3_busy_timeout(l->db, LEDGER_BUSY_TIMEOUT_MS);
+                /* Before quick_check reads every page. It reads the header, so on a file that is
+                 * not a database it fails: check_file() then says what the file is. */
+                (void) sqlite3_exec(l->db, LEDGER_CACHE_PRAGMA, NULL, NULL, NULL);
                 r = check_file(l, &version);
         }
         /* Only now, with the file known to be ours, is anything written. */
