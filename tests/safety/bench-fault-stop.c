@@ -15,6 +15,8 @@
  * packet. Results travel back in shared memory. No code of the daemon is changed for this.
  *
  * Usage: bench-fault-stop [ROUNDS_PER_FAULT]  (default 40; env NEEDLED_BENCH_ROUNDS too)
+ * The daemon runs SCHED_FIFO at needled.service's priority when allowed; NEEDLED_BENCH_TIME_SHARED=1
+ * runs it time-shared instead, for comparison.
  * Prints median/p90/p99/max per fault and overall; exits 1 if any interlock stop was submitted
  * outside the loop iteration of its packet, or if a round did not trip. */
 #include <errno.h>
@@ -373,7 +375,7 @@ int main(int argc, char **argv) {
 
         /* The daemon core runs as needled.service runs needled: real-time FIFO, when this machine
          * allows it (root, or an RLIMIT_RTPRIO); otherwise time-shared, and the output says so. */
-        int rt = unit_rt_priority(src);
+        int rt = getenv("NEEDLED_BENCH_TIME_SHARED") ? 0 : unit_rt_priority(src);
         struct sched_param sp = { .sched_priority = rt };
         if (rt > 0 && sched_setscheduler(0, SCHED_FIFO, &sp) == 0) {
                 sp.sched_priority = 0;
@@ -425,7 +427,9 @@ int main(int argc, char **argv) {
         printf("fault-to-stop latency: packet with the faulty sample arrives -> MOTOR_STOP submitted to the transport\n"
                "(%u rounds per fault, simulated pen at %u samples/s, daemon core in-process, %s, %s)\n", rounds,
                TELEMETRY_RATE_HZ, getenv("NEEDLED_TEST_SANITIZED") ? "sanitized build" : "this build",
-               rt > 0 ? "real-time as needled.service runs it" : "time-shared: real-time not allowed here");
+               rt > 0                                ? "real-time as needled.service runs it"
+               : getenv("NEEDLED_BENCH_TIME_SHARED") ? "time-shared as asked (NEEDLED_BENCH_TIME_SHARED)"
+                                                     : "time-shared: real-time not allowed here");
         for (size_t f = 0; f < N_FAULTS; f++) {
                 size_t n_per = 0;
                 for (unsigned i = 0; i < rounds; i++) {
