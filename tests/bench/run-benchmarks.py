@@ -278,6 +278,37 @@ def bench_telemetry(b, quick):
             'wake_only_floor_plain': wake_plain}
 
 
+def bench_busy(b, quick):
+    """The same daemon on a machine whose CPUs are all busy with other programs (two CPU-bound
+    processes per CPU): how late samples reach the interlocks, real-time as needled.service runs
+    needled, and time-shared."""
+    seconds = 2 if quick else 4
+    hogs = [subprocess.Popen(['sh', '-c', 'while :; do :; done']) for _ in range(2 * (os.cpu_count() or 1))]
+    results = []
+    try:
+        for rt in ([b.daemon_rt] if b.daemon_rt else []) + [0]:
+            r = b.run('telemetry', b.needled_bench, '--pens', 4, '--subscribers', 1, '--readers', 1,
+                      '--seconds', seconds, '--warmup', 1, '--reader-rt', READER_RT if b.daemon_rt else 0,
+                      daemon_rt=rt)
+            results.append(r)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    rows = []
+    for r in results:
+        lat = r['latency_us']
+        rows.append(['SCHED_FIFO %d' % r['daemon_rt'] if r['daemon_rt'] else 'time-shared',
+                     fmt(lat['fd_pen_to_daemon']['median']), fmt(lat['fd_pen_to_daemon']['p99']),
+                     fmt(lat['fd_pen_to_daemon']['max']), fmt(lat['fd_pen_to_client']['p99']),
+                     '%d, %d' % (r['signal']['lost'], r['fd']['lost']), fmt(r['cpu']['others_percent'], 0)])
+    table('Busy machine (4 pens, 1 subscriber, 1 reader; %d CPU-bound programs running): pen -> daemon is how\n'
+          'late a sample reaches the interlocks, µs' % len(hogs),
+          ['daemon', 'pen->daemon med', 'p99', 'max', 'fd pen->client p99', 'lost (signal, fd)', 'others CPU %'],
+          rows)
+    return {'busy': results}
+
+
 def scaling(results):
     """CPU and latency as functions of pens (at 1 subscriber, 1 reader) and of subscribers (at 1 pen)."""
     def pick(p, s, r):
@@ -342,7 +373,8 @@ def bench_footprint(b, quick):
     return {'startup_existing_ledger': warm, 'startup_new_ledger': fresh}
 
 
-SECTIONS = {'methods': bench_methods, 'telemetry': bench_telemetry, 'stop': bench_stop, 'footprint': bench_footprint}
+SECTIONS = {'methods': bench_methods, 'telemetry': bench_telemetry, 'busy': bench_busy, 'stop': bench_stop,
+            'footprint': bench_footprint}
 
 
 def main():
@@ -356,7 +388,7 @@ def main():
     args = ap.parse_args()
 
     b = Bench(args)
-    sections = args.only or ['methods', 'telemetry', 'stop', 'footprint']
+    sections = args.only or ['methods', 'telemetry', 'busy', 'stop', 'footprint']
     out = {'quick': args.quick, 'cpus': os.cpu_count(), 'load_before': os.getloadavg()}
     print('needled benchmarks (%s), %d CPUs, load average %.2f %.2f %.2f' % (
         'quick' if args.quick else 'full', os.cpu_count(), *os.getloadavg()))
