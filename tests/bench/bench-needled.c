@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1168,11 +1169,15 @@ static int cmd_floor(const options *o) {
         sigemptyset(&term);
         sigaddset(&term, SIGTERM);
         pthread_sigmask(SIG_BLOCK, &term, &old);
+        pid_t parent = getpid();
         pid_t pid = fork();
         if (pid < 0)
                 die("fork: %s", strerror(errno));
         if (pid == 0) {
                 struct sched_param sp = { .sched_priority = o->daemon_rt };
+                /* a client that dies (die() exits) leaves no ticker behind */
+                if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0 || getppid() != parent)
+                        _exit(2);
                 if (o->daemon_rt > 0 && sched_setscheduler(0, SCHED_FIFO, &sp) < 0)
                         _exit(3);
                 for (unsigned i = 0; i < c.n_readers; i++)

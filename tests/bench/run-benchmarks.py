@@ -133,9 +133,10 @@ class Bench:
             self.broken.append('%s %s' % (cmd, ' '.join(str(x) for x in extra)))
         return result
 
-    def run_floor(self, pens, readers, seconds, reader_rt=0, plain=False):
+    def run_floor(self, pens, readers, seconds, reader_rt=0, plain=False, daemon_rt=None):
+        rt = self.daemon_rt if daemon_rt is None else daemon_rt
         p = subprocess.run([self.client, 'floor', '--pens', str(pens), '--readers', str(readers),
-                            '--seconds', str(seconds), '--warmup', '1', '--daemon-rt', str(self.daemon_rt),
+                            '--seconds', str(seconds), '--warmup', '1', '--daemon-rt', str(rt),
                             '--reader-rt', str(reader_rt)] + (['--plain'] if plain else []),
                            env=self.env, capture_output=True, text=True)
         if p.returncode != 0 or not p.stdout.strip():
@@ -199,7 +200,7 @@ def bench_telemetry(b, quick):
     wake_plain = b.run_floor(4, 0, seconds, plain=True)
 
     def one(pens, subs, readers, reader_rt, daemon_rt=None):
-        floor = b.run_floor(pens, readers, seconds, reader_rt)
+        floor = b.run_floor(pens, readers, seconds, reader_rt, daemon_rt=daemon_rt)
         r = b.run('telemetry', b.needled_bench, '--pens', pens, '--subscribers', subs, '--readers', readers,
                   '--seconds', seconds, '--warmup', 1, '--reader-rt', reader_rt, daemon_rt=daemon_rt)
         r['floor'] = floor
@@ -304,7 +305,8 @@ def bench_busy(b, quick):
                      '%d, %d' % (r['signal']['lost'], r['fd']['lost']), fmt(r['cpu']['others_percent'], 0)])
     table('Busy machine (4 pens, 1 subscriber, 1 reader; %d CPU-bound programs running): pen -> daemon is how\n'
           'late a sample reaches the interlocks, µs' % len(hogs),
-          ['daemon', 'pen->daemon med', 'p99', 'max', 'fd pen->client p99', 'lost (signal, fd)', 'others CPU %'],
+          ['daemon', 'pen->daemon med', 'p99', 'max', 'fd pen->client p99 (reader real-time)', 'lost (signal, fd)',
+           'others CPU %'],
           rows)
     return {'busy': results}
 

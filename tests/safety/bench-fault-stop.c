@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -308,8 +309,12 @@ static void report(const char *what, uint64_t *v, size_t n) {
 static pid_t start_bus(char *address, size_t size) {
         int fds[2];
         CHECK(pipe(fds) < 0 ? -errno : 0);
+        pid_t parent = getpid();
         pid_t pid = fork();
         if (pid == 0) {
+                /* a benchmark that dies leaves no bus behind (the flag survives the exec) */
+                if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0 || getppid() != parent)
+                        _exit(127);
                 dup2(fds[1], STDOUT_FILENO);
                 close(fds[0]);
                 if (!freopen("/dev/null", "w", stderr))
@@ -382,8 +387,13 @@ int main(int argc, char **argv) {
                 (void) sched_setscheduler(0, SCHED_OTHER, &sp); /* the driver itself stays time-shared */
         } else
                 rt = 0;
+        pid_t driver = getpid();
         pid_t daemon_pid = fork();
         if (daemon_pid == 0) {
+                /* a driver that dies (CHECK exits) leaves no real-time daemon behind: SIGTERM
+                 * makes it stop its pens and exit */
+                if (prctl(PR_SET_PDEATHSIG, SIGTERM) < 0 || getppid() != driver)
+                        _exit(EXIT_FAILURE);
                 sp.sched_priority = rt;
                 if (rt > 0 && sched_setscheduler(0, SCHED_FIFO, &sp) < 0)
                         _exit(EXIT_FAILURE);
