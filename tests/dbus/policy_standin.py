@@ -67,16 +67,18 @@ class StandIn(dbus.service.Object):
 
 def main():
     dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
+    # SIGTERM ends the loop cleanly: handled before the name is owned, since whoever waits for
+    # the name may stop us the moment it appears
+    loop = GLib.MainLoop()
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, 15, loop.quit)
     bus = dbus.SystemBus()
+    StandIn(bus, PATH)
     try:
         name = dbus.service.BusName(NAME, bus, do_not_queue=True)
     except dbus.exceptions.DBusException as e:
         print(f'cannot own {NAME}: {e.get_dbus_name()}: {e.get_dbus_message()}', flush=True)
         return 3
-    StandIn(bus, PATH)
     print('ready', flush=True)
-    loop = GLib.MainLoop()
-    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, 15, loop.quit)
     loop.run()
     del name
     return 0
