@@ -354,6 +354,22 @@ static int check_state(const nd_pendev *p) {
         }
 }
 
+/* The common start of every public request: a pen that may take it, and a new command for it
+ * (the caller sets its callback and request, then queues it or frees it). */
+static int command_begin(nd_pendev *p, command_kind kind, void *userdata, command **ret) {
+        if (!p)
+                return -EINVAL;
+        int r = check_state(p);
+        if (r < 0)
+                return r;
+        command *c = command_new(p, kind);
+        if (!c)
+                return -ENOMEM;
+        c->userdata = userdata;
+        *ret = c;
+        return 0;
+}
+
 /* ---- opening ---- */
 
 static bool pendev_refuse(nd_pendev *p, nd_pendev_error_kind kind, int error, const char *fmt, ...) _printf_(4, 5);
@@ -883,18 +899,11 @@ nd_transport *nd_pendev_get_transport(nd_pendev *p) {
 }
 
 static int simple_command(nd_pendev *p, command_kind kind, nd_pendev_done_fn done, void *userdata) {
-        int r;
-
-        if (!p)
-                return -EINVAL;
-        r = check_state(p);
+        command *c;
+        int r = command_begin(p, kind, userdata, &c);
         if (r < 0)
                 return r;
-        command *c = command_new(p, kind);
-        if (!c)
-                return -ENOMEM;
         c->done = done;
-        c->userdata = userdata;
         switch (kind) {
         case CMD_MOTOR_START: nd_proto_request_motor_start(&c->setup); break;
         case CMD_CLEAR_FAULTS: nd_proto_request_clear_faults(&c->setup); break;
@@ -904,22 +913,14 @@ static int simple_command(nd_pendev *p, command_kind kind, nd_pendev_done_fn don
 }
 
 int nd_pendev_set_depth(nd_pendev *p, double depth_mm, nd_pendev_done_fn done, void *userdata) {
-        int r;
-
-        if (!p)
-                return -EINVAL;
-        r = check_state(p);
+        command *c;
+        int r = command_begin(p, CMD_SET_DEPTH, userdata, &c);
         if (r < 0)
                 return r;
-        r = nd_proto_check_depth(&p->identity, depth_mm);
-        if (r < 0)
-                return r;
-        command *c = command_new(p, CMD_SET_DEPTH);
-        if (!c)
-                return -ENOMEM;
         c->done = done;
-        c->userdata = userdata;
-        r = nd_proto_request_set_depth(&c->setup, depth_mm);
+        r = nd_proto_check_depth(&p->identity, depth_mm);
+        if (r >= 0)
+                r = nd_proto_request_set_depth(&c->setup, depth_mm);
         if (r < 0) {
                 free(c);
                 return r;
@@ -928,22 +929,14 @@ int nd_pendev_set_depth(nd_pendev *p, double depth_mm, nd_pendev_done_fn done, v
 }
 
 int nd_pendev_set_speed(nd_pendev *p, double speed_hz, nd_pendev_done_fn done, void *userdata) {
-        int r;
-
-        if (!p)
-                return -EINVAL;
-        r = check_state(p);
+        command *c;
+        int r = command_begin(p, CMD_SET_SPEED, userdata, &c);
         if (r < 0)
                 return r;
-        r = nd_proto_check_speed(&p->identity, speed_hz);
-        if (r < 0)
-                return r;
-        command *c = command_new(p, CMD_SET_SPEED);
-        if (!c)
-                return -ENOMEM;
         c->done = done;
-        c->userdata = userdata;
-        r = nd_proto_request_set_speed(&c->setup, speed_hz);
+        r = nd_proto_check_speed(&p->identity, speed_hz);
+        if (r >= 0)
+                r = nd_proto_request_set_speed(&c->setup, speed_hz);
         if (r < 0) {
                 free(c);
                 return r;
@@ -952,16 +945,10 @@ int nd_pendev_set_speed(nd_pendev *p, double speed_hz, nd_pendev_done_fn done, v
 }
 
 int nd_pendev_set_heartbeat_timeout(nd_pendev *p, unsigned timeout_ms, nd_pendev_done_fn done, void *userdata) {
-        int r;
-
-        if (!p)
-                return -EINVAL;
-        r = check_state(p);
+        command *c;
+        int r = command_begin(p, CMD_CHANGE_WATCHDOG, userdata, &c);
         if (r < 0)
                 return r;
-        command *c = command_new(p, CMD_CHANGE_WATCHDOG);
-        if (!c)
-                return -ENOMEM;
         r = nd_proto_request_set_watchdog(&c->setup, timeout_ms);
         if (r < 0) {
                 free(c);
@@ -969,7 +956,6 @@ int nd_pendev_set_heartbeat_timeout(nd_pendev *p, unsigned timeout_ms, nd_pendev
         }
         c->watchdog_ms = timeout_ms;
         c->done = done;
-        c->userdata = userdata;
         /* A shorter timeout: heartbeat at its pace from now on, before the pen has it, so the
          * pen is never left longer than its new timeout without a heartbeat. */
         unsigned interval_ms = timeout_ms / ND_PENDEV_HEARTBEAT_DIVISOR_DEFAULT;
@@ -1018,35 +1004,21 @@ int nd_pendev_motor_stop(nd_pendev *p, nd_pendev_done_fn done, void *userdata) {
 }
 
 int nd_pendev_query_status(nd_pendev *p, nd_pendev_status_fn done, void *userdata) {
-        int r;
-
-        if (!p)
-                return -EINVAL;
-        r = check_state(p);
+        command *c;
+        int r = command_begin(p, CMD_QUERY_STATUS, userdata, &c);
         if (r < 0)
                 return r;
-        command *c = command_new(p, CMD_QUERY_STATUS);
-        if (!c)
-                return -ENOMEM;
         c->status_done = done;
-        c->userdata = userdata;
         nd_proto_request_get_status(&c->setup);
         return queue_command(p, c);
 }
 
 int nd_pendev_query_cartridge(nd_pendev *p, nd_pendev_cartridge_fn done, void *userdata) {
-        int r;
-
-        if (!p)
-                return -EINVAL;
-        r = check_state(p);
+        command *c;
+        int r = command_begin(p, CMD_QUERY_CARTRIDGE, userdata, &c);
         if (r < 0)
                 return r;
-        command *c = command_new(p, CMD_QUERY_CARTRIDGE);
-        if (!c)
-                return -ENOMEM;
         c->cartridge_done = done;
-        c->userdata = userdata;
         nd_proto_request_get_cartridge(&c->setup);
         return queue_command(p, c);
 }
