@@ -659,6 +659,14 @@ int ctl_check_positional(int argc, char *argv[], int min, int max, void (*usage)
         return NEEDLECTL_EXIT_USAGE;
 }
 
+int ctl_parse_args(int argc, char *argv[], const struct option *options, ctl_common *common,
+                   void (*usage)(FILE *out), ctl_option_handler handler, void *userdata, int min, int max) {
+        int r = ctl_parse_options(argc, argv, options, common, usage, handler, userdata);
+        if (r >= 0)
+                return r;
+        return ctl_check_positional(argc, argv, min, max, usage);
+}
+
 int ctl_hoist_common_options(int argc, char *argv[]) {
         static const char *const common[] = { "--system", "--session", "--json", "--no-ask-password" };
         int k = 1;

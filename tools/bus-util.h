@@ -90,6 +90,11 @@ int ctl_parse_options(int argc, char *argv[], const struct option *options, ctl_
  * error and returns 64. Returns -1 to go on. */
 int ctl_check_positional(int argc, char *argv[], int min, int max, void (*usage)(FILE *out));
 
+/* ctl_parse_options(), then ctl_check_positional() with [min, max]: the start of a verb whose
+ * number of arguments does not depend on its options. Returns -1 to go on, else the exit code. */
+int ctl_parse_args(int argc, char *argv[], const struct option *options, ctl_common *common,
+                   void (*usage)(FILE *out), ctl_option_handler handler, void *userdata, int min, int max);
+
 /* Connects to the bus the options name, with sane call timeouts and interactive authorization
  * allowed only when asked for on a terminal. On failure prints why and returns the exit code
  * (negative of it is never used: > 0), else 0 and *ret owns a reference. */

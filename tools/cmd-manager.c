@@ -45,10 +45,7 @@ static void print_violations(json_object *violations, const char *prefix) {
 int verb_profiles(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, profiles_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 0, profiles_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, profiles_usage, NULL, NULL, 0, 0);
         if (r >= 0)
                 return r;
 
@@ -106,10 +103,7 @@ static void validate_usage(FILE *out) {
 int verb_validate(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, validate_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 1, 1, validate_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, validate_usage, NULL, NULL, 1, 1);
         if (r >= 0)
                 return r;
         const char *file = argv[optind];
@@ -216,10 +210,7 @@ static void print_yaml_value(json_object *v, int indent) {
 int verb_limits(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, limits_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 0, limits_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, limits_usage, NULL, NULL, 0, 0);
         if (r >= 0)
                 return r;
 
@@ -305,10 +296,7 @@ static void reload_limits_usage(FILE *out) {
 int verb_reload_limits(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, reload_limits_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 0, reload_limits_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, reload_limits_usage, NULL, NULL, 0, 0);
         if (r >= 0)
                 return r;
 
@@ -413,10 +401,7 @@ int verb_history(int argc, char *argv[]) {
         };
         ctl_common common = { 0 };
         history_args args = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, history_usage, history_option, &args);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 0, history_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, history_usage, history_option, &args, 0, 0);
         if (r >= 0)
                 return r;
 
@@ -491,10 +476,7 @@ static void cartridge_usage(FILE *out) {
 int verb_cartridge(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, cartridge_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 1, 1, cartridge_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, cartridge_usage, NULL, NULL, 1, 1);
         if (r >= 0)
                 return r;
         const char *id = argv[optind];

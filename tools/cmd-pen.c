@@ -127,10 +127,7 @@ static int get_all_pens(sd_bus *bus, json_object **ret) {
 int verb_list(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, list_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 0, list_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, list_usage, NULL, NULL, 0, 0);
         if (r >= 0)
                 return r;
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
@@ -249,10 +246,7 @@ static void print_pen(json_object *p) {
 int verb_status(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, status_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 1, status_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, status_usage, NULL, NULL, 0, 1);
         if (r >= 0)
                 return r;
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
@@ -347,10 +341,7 @@ static int arm_pen(sd_bus *bus, const char *path, const char *profile) {
 int verb_arm(int argc, char *argv[]) {
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, arm_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 1, 2, arm_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, arm_usage, NULL, NULL, 1, 2);
         if (r >= 0)
                 return r;
         const char *pen = argc - optind == 2 ? argv[optind] : NULL;
@@ -407,10 +398,7 @@ static int run_simple(int argc, char *argv[], const char *name) {
                 if (STREQ(simple_verbs[i].name, name))
                         current_simple = &simple_verbs[i];
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, simple_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 1, simple_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, simple_usage, NULL, NULL, 0, 1);
         if (r >= 0)
                 return r;
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
@@ -451,10 +439,7 @@ static int run_setter(int argc, char *argv[], const char *name, const char *memb
         static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
         current_setter = name;
         ctl_common common = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, setter_usage, NULL, NULL);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 1, 2, setter_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, setter_usage, NULL, NULL, 1, 2);
         if (r >= 0)
                 return r;
         double value;
@@ -1006,10 +991,7 @@ int verb_run(int argc, char *argv[]) {
         };
         ctl_common common = { 0 };
         run_args args = { .interval_usec = USEC_PER_SEC };
-        int r = ctl_parse_options(argc, argv, options, &common, run_usage, run_option, &args);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 1, run_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, run_usage, run_option, &args, 0, 1);
         if (r >= 0)
                 return r;
         if (args.watch && args.quiet)
@@ -1055,10 +1037,7 @@ int verb_start(int argc, char *argv[]) {
         };
         ctl_common common = { 0 };
         run_args args = { .interval_usec = USEC_PER_SEC };
-        int r = ctl_parse_options(argc, argv, options, &common, start_usage, run_option, &args);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 1, start_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, start_usage, run_option, &args, 0, 1);
         if (r >= 0)
                 return r;
         if (args.watch && args.quiet)

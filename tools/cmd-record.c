@@ -143,10 +143,7 @@ int verb_record(int argc, char *argv[]) {
         };
         ctl_common common = { 0 };
         record_args args = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, record_usage, record_option, &args);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 1, record_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, record_usage, record_option, &args, 0, 1);
         if (r >= 0)
                 return r;
         if (!args.output)

@@ -693,10 +693,7 @@ int verb_watch(int argc, char *argv[]) {
         };
         ctl_common common = { 0 };
         watch_args args = { .interval_usec = LINE_INTERVAL_DEFAULT_USEC };
-        int r = ctl_parse_options(argc, argv, options, &common, watch_usage, watch_option, &args);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, 1, watch_usage);
+        int r = ctl_parse_args(argc, argv, options, &common, watch_usage, watch_option, &args, 0, 1);
         if (r >= 0)
                 return r;
 
