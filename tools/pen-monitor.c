@@ -128,7 +128,7 @@ static int on_telemetry_io(sd_event_source *s, int fd, uint32_t revents, void *u
 static int telemetry_open(ctl_monitor *m, bool quiet) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
-        int r = sd_bus_call_method(m->bus, NEEDLED_BUS_NAME, m->path, NEEDLED_PEN_INTERFACE, "OpenTelemetry", &error,
+        int r = sd_bus_call_method(m->bus, ND_BUS_NAME, m->path, ND_PEN_INTERFACE, "OpenTelemetry", &error,
                                    &reply, NULL);
         if (r < 0)
                 return quiet ? ctl_exit_code_for_error(&error, r)
@@ -154,8 +154,8 @@ static int telemetry_open(ctl_monitor *m, bool quiet) {
 static int reload_properties(ctl_monitor *m) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
-        int r = sd_bus_call_method(m->bus, NEEDLED_BUS_NAME, m->path, "org.freedesktop.DBus.Properties", "GetAll",
-                                   &error, &reply, "s", NEEDLED_PEN_INTERFACE);
+        int r = sd_bus_call_method(m->bus, ND_BUS_NAME, m->path, "org.freedesktop.DBus.Properties", "GetAll",
+                                   &error, &reply, "s", ND_PEN_INTERFACE);
         if (r < 0)
                 return r;
         _cleanup_json_ json_object *props = json_object_new_object();
@@ -181,7 +181,7 @@ static int on_properties_changed(sd_bus_message *msg, void *userdata, sd_bus_err
         const char *interface;
         if (sd_bus_message_read(msg, "s", &interface) < 0)
                 return 0;
-        if (STREQ(interface, NEEDLED_MANAGER_INTERFACE)) {
+        if (STREQ(interface, ND_MANAGER_INTERFACE)) {
                 /* Only LimitsDigest matters here; the rest of the Manager is not followed. */
                 _cleanup_json_ json_object *changed = json_object_new_object();
                 if (changed && ctl_message_read_properties(msg, changed) >= 0 &&
@@ -189,7 +189,7 @@ static int on_properties_changed(sd_bus_message *msg, void *userdata, sd_bus_err
                         notify(m, CTL_MONITOR_LIMITS_CHANGED);
                 return 0;
         }
-        if (!STREQ(interface, NEEDLED_PEN_INTERFACE) || !m->props)
+        if (!STREQ(interface, ND_PEN_INTERFACE) || !m->props)
                 return 0;
         if (ctl_message_read_properties(msg, m->props) < 0)
                 return 0;
@@ -217,7 +217,7 @@ static int on_interfaces_added(sd_bus_message *msg, void *userdata, sd_bus_error
                 const char *interface;
                 if (sd_bus_message_read(msg, "s", &interface) < 0)
                         return 0;
-                if (STREQ(interface, NEEDLED_PEN_INTERFACE)) {
+                if (STREQ(interface, ND_PEN_INTERFACE)) {
                         _cleanup_json_ json_object *props = json_object_new_object();
                         if (!props || ctl_message_read_properties(msg, props) < 0)
                                 return 0;
@@ -265,7 +265,7 @@ static int on_session_ended(sd_bus_message *msg, void *userdata, sd_bus_error *r
 static int on_name_owner_changed(sd_bus_message *msg, void *userdata, sd_bus_error *ret_error) {
         ctl_monitor *m = userdata;
         const char *name, *old_owner, *new_owner;
-        if (sd_bus_message_read(msg, "sss", &name, &old_owner, &new_owner) < 0 || !STREQ(name, NEEDLED_BUS_NAME))
+        if (sd_bus_message_read(msg, "sss", &name, &old_owner, &new_owner) < 0 || !STREQ(name, ND_BUS_NAME))
                 return 0;
         if (new_owner[0] == '\0') {
                 m->daemon_present = false;
@@ -302,29 +302,29 @@ int ctl_monitor_new(sd_event *event, sd_bus *bus, const char *path, bool telemet
                 return ctl_oom();
 
         /* Subscribe first, then read: nothing that happens in between is missed. */
-        int r = sd_bus_match_signal(bus, &m->slots[0], NEEDLED_BUS_NAME, path, "org.freedesktop.DBus.Properties",
+        int r = sd_bus_match_signal(bus, &m->slots[0], ND_BUS_NAME, path, "org.freedesktop.DBus.Properties",
                                     "PropertiesChanged", on_properties_changed, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[1], NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH,
+                r = sd_bus_match_signal(bus, &m->slots[1], ND_BUS_NAME, ND_MANAGER_PATH,
                                         "org.freedesktop.DBus.ObjectManager", "InterfacesAdded", on_interfaces_added, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[2], NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH,
+                r = sd_bus_match_signal(bus, &m->slots[2], ND_BUS_NAME, ND_MANAGER_PATH,
                                         "org.freedesktop.DBus.ObjectManager", "InterfacesRemoved",
                                         on_interfaces_removed, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[3], NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE,
+                r = sd_bus_match_signal(bus, &m->slots[3], ND_BUS_NAME, path, ND_PEN_INTERFACE,
                                         "SessionEnded", on_session_ended, m);
         if (r >= 0)
                 r = sd_bus_match_signal(bus, &m->slots[4], "org.freedesktop.DBus", "/org/freedesktop/DBus",
                                         "org.freedesktop.DBus", "NameOwnerChanged", on_name_owner_changed, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[5], NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH,
+                r = sd_bus_match_signal(bus, &m->slots[5], ND_BUS_NAME, ND_MANAGER_PATH,
                                         "org.freedesktop.DBus.Properties", "PropertiesChanged",
                                         on_properties_changed, m);
         if (r < 0)
                 return ctl_log_bus_error("cannot subscribe to the pen's signals", NULL, r);
 
-        r = ctl_get_all_properties(bus, path, NEEDLED_PEN_INTERFACE, &m->props);
+        r = ctl_get_all_properties(bus, path, ND_PEN_INTERFACE, &m->props);
         if (r != 0)
                 return r;
         m->present = true;
