@@ -1,5 +1,4 @@
 /* pen-monitor.c: one pen followed over the bus: properties, telemetry socket, departures. */
-#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -13,42 +12,6 @@
 
 /* Records read per wake-up at most: 4 s of samples at 1 kHz. */
 #define TELEMETRY_DRAIN_MAX 4096u
-
-_Static_assert(sizeof(double) == sizeof(uint64_t), "doubles travel as IEEE 754 binary64");
-
-static uint16_t get_le16(const uint8_t *p) { uint16_t v; memcpy(&v, p, sizeof v); return le16toh(v); }
-static uint32_t get_le32(const uint8_t *p) { uint32_t v; memcpy(&v, p, sizeof v); return le32toh(v); }
-static uint64_t get_le64(const uint8_t *p) { uint64_t v; memcpy(&v, p, sizeof v); return le64toh(v); }
-static double get_le_double(const uint8_t *p) {
-        uint64_t bits = get_le64(p);
-        double d;
-        memcpy(&d, &bits, sizeof d);
-        return d;
-}
-
-int ctl_telemetry_parse(const void *buf, size_t n, ctl_telemetry_record *ret) {
-        const uint8_t *p = buf;
-        if (n < CTL_TELEMETRY_RECORD_SIZE)
-                return -EBADMSG;
-        ctl_telemetry_record r = {
-                .version = get_le16(p + 0),
-                .size = get_le16(p + 2),
-                .sequence = get_le32(p + 4),
-                .device_time_us = get_le64(p + 8),
-                .host_time_us = get_le64(p + 16),
-                .dropped = get_le32(p + 24),
-                .flags = get_le32(p + 28),
-                .depth_mm = get_le_double(p + 32),
-                .speed_hz = get_le_double(p + 40),
-                .current_ma = get_le_double(p + 48),
-                .temperature_c = get_le_double(p + 56),
-                .battery_percent = p[64],
-        };
-        if (r.version != CTL_TELEMETRY_VERSION || r.size < CTL_TELEMETRY_RECORD_SIZE || r.size != n)
-                return -EBADMSG;
-        *ret = r;
-        return 0;
-}
 
 uint64_t ctl_now_realtime_usec(void) {
         struct timespec ts;
@@ -75,7 +38,7 @@ static void telemetry_close(ctl_monitor *m) {
         }
 }
 
-static void on_record(ctl_monitor *m, const ctl_telemetry_record *rec) {
+static void on_record(ctl_monitor *m, const nd_telemetry_record *rec) {
         if (m->have_sequence && rec->sequence != m->next_sequence)
                 m->gaps += (uint32_t) (rec->sequence - m->next_sequence);
         m->have_sequence = true;
@@ -93,7 +56,7 @@ static void on_record(ctl_monitor *m, const ctl_telemetry_record *rec) {
 
 static int on_telemetry_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         ctl_monitor *m = userdata;
-        uint8_t buf[CTL_TELEMETRY_RECV_SIZE];
+        uint8_t buf[ND_TELEMETRY_RECORD_RECV_SIZE];
 
         /* Drain what is there, bounded so one busy socket cannot starve the rest of the loop
          * (the source is level-triggered: what is left wakes us again). */
@@ -106,8 +69,8 @@ static int on_telemetry_io(sd_event_source *s, int fd, uint32_t revents, void *u
                 }
                 if (n == 0)
                         break; /* the daemon closed its end: the pen is going */
-                ctl_telemetry_record rec;
-                if ((size_t) n > sizeof buf || ctl_telemetry_parse(buf, (size_t) n, &rec) < 0) {
+                nd_telemetry_record rec;
+                if ((size_t) n > sizeof buf || nd_telemetry_record_decode(buf, (size_t) n, &rec) < 0) {
                         m->bad_records++;
                         continue;
                 }
