@@ -34,7 +34,7 @@ _Static_assert(ND_PEN_HEARTBEAT_MIN_MS >= ND_PROTO_WATCHDOG_MIN_MS && ND_PEN_HEA
 /* Longest label a client may attach to a session (an opaque reference, no patient data). */
 #define LABEL_MAX 128
 /* Largest profile YAML a client may send (the loader refuses larger ones too). */
-#define PROFILE_DATA_MAX (1024 * 1024)
+#define PROFILE_DATA_MAX ND_PROFILE_TEXT_MAX
 
 typedef enum pen_prop {
         PROP_STATE        = 1u << 0,  /* State, Fault */
