@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "audit.h"
+#include "contract.h"
 #include "daemon.h"
 #include "errors.h"
 #include "log.h"
@@ -17,10 +18,6 @@
 #include "telemetry.h"
 #include "util.h"
 
-/* Longest label a client may attach to a session (an opaque reference, no patient data). */
-#define LABEL_MAX 128
-/* Largest profile YAML a client may send (the loader refuses larger ones too). */
-#define PROFILE_DATA_MAX (1024 * 1024)
 
 static nd_caller caller_of(sd_bus_message *m) {
         return (nd_caller) { .name = sd_bus_message_get_sender(m), .uid = ND_CALLER_UNKNOWN, .pid = ND_CALLER_UNKNOWN };
@@ -273,11 +270,18 @@ static void load_profile_authorized(sd_bus_message *m, bool allowed, const sd_bu
         size_t len = 0;
         _cleanup_fclose_ FILE *f = fopen(e->path, "re");
         if (f) {
-                yaml = malloc(PROFILE_DATA_MAX + 1);
-                len = yaml ? fread(yaml, 1, PROFILE_DATA_MAX + 1, f) : 0;
+                yaml = malloc(ND_PROFILE_TEXT_MAX + 1);
+                len = yaml ? fread(yaml, 1, ND_PROFILE_TEXT_MAX + 1, f) : 0;
         }
-        if (!yaml || ferror(f) || len > PROFILE_DATA_MAX) {
+        if (!yaml || ferror(f)) {
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_UNKNOWN_PROFILE, "The profile file %s cannot be read", e->path);
+                return;
+        }
+        if (len > ND_PROFILE_TEXT_MAX) {
+                nd_audit(d, caller, "LoadProfile", p->serial, "refused: invalid profile: too long");
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INVALID_PROFILE,
+                                                  "The profile file %s is longer than %u bytes, the largest profile there may be",
+                                                  e->path, ND_PROFILE_TEXT_MAX);
                 return;
         }
         arm(p, m, caller, yaml, len, e->path);
@@ -389,9 +393,9 @@ static int parse_start_options(sd_bus_message *m, const char **label, sd_bus_err
                         if (sd_bus_message_read(m, "v", "s", label) < 0)
                                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option label must be a string (s)");
                         size_t len = strlen(*label);
-                        if (len > LABEL_MAX)
+                        if (len > ND_SESSION_LABEL_MAX)
                                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                         "Option label is %zu bytes long; at most %u", len, LABEL_MAX);
+                                                         "Option label is %zu bytes long; at most %u", len, ND_SESSION_LABEL_MAX);
                         for (const char *c = *label; *c; c++)
                                 if ((unsigned char) *c < 0x20 || *c == 0x7f)
                                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
