@@ -56,10 +56,11 @@ static int prop_warnings(sd_bus *bus, const char *path, const char *interface, c
                          sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         nd_pen *p = userdata;
         const nd_limits *l = p->daemon->limits;
+        unsigned w = nd_interlock_warnings(l, p->have_sample, p->temperature_c, p->battery_percent);
         int r = sd_bus_message_open_container(reply, 'a', "s");
-        if (r >= 0 && l && p->have_sample && p->temperature_c >= l->pen.warn_temperature_c)
+        if (r >= 0 && (w & ND_INTERLOCK_WARN_HIGH_TEMPERATURE))
                 r = sd_bus_message_append(reply, "s", "high-temperature");
-        if (r >= 0 && l && p->have_sample && p->battery_percent < l->pen.min_battery_percent)
+        if (r >= 0 && (w & ND_INTERLOCK_WARN_LOW_BATTERY))
                 r = sd_bus_message_append(reply, "s", "low-battery");
         if (r >= 0)
                 r = sd_bus_message_close_container(reply);
@@ -154,18 +155,61 @@ static nd_pen *continuation_pen(sd_bus_message *m, bool allowed, const sd_bus_er
         return p;
 }
 
-static bool reply_if_busy(nd_pen *p, sd_bus_message *m, const char *what) {
-        if (p->state == ND_PEN_FAULT) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "Cannot %s: pen %s is in fault (%s); clear it first",
-                                                  what, p->serial, strempty(p->fault));
+/* The named D-Bus error of each refusal of lib/interlocks.c. */
+static const char *const refusal_errors[_ND_INTERLOCK_REFUSAL_MAX] = {
+        [ND_INTERLOCK_ALLOWED] = NULL,
+        [ND_INTERLOCK_REFUSE_LIMITS_UNAVAILABLE] = ND_ERROR_LIMITS_UNAVAILABLE,
+        [ND_INTERLOCK_REFUSE_FAULT] = ND_ERROR_FAULT,
+        [ND_INTERLOCK_REFUSE_WRONG_STATE] = ND_ERROR_WRONG_STATE,
+        [ND_INTERLOCK_REFUSE_NO_CARTRIDGE] = ND_ERROR_NO_CARTRIDGE,
+        [ND_INTERLOCK_REFUSE_INVALID_PROFILE] = ND_ERROR_INVALID_PROFILE,
+        [ND_INTERLOCK_REFUSE_CARTRIDGE_REJECTED] = ND_ERROR_INVALID_PROFILE,
+        [ND_INTERLOCK_REFUSE_CARTRIDGE_SPENT] = ND_ERROR_CARTRIDGE_SPENT,
+        [ND_INTERLOCK_REFUSE_LOW_BATTERY] = ND_ERROR_LOW_BATTERY,
+        [ND_INTERLOCK_REFUSE_OVER_TEMPERATURE] = ND_ERROR_FAULT,
+};
+
+const char *nd_pen_refusal_error_name(nd_interlock_refusal r) {
+        /* Anything unexpected is a fault, never a success. */
+        if ((size_t) r >= ELEMENTSOF(refusal_errors) || !refusal_errors[r])
+                return r == ND_INTERLOCK_ALLOWED ? NULL : ND_ERROR_FAULT;
+        return refusal_errors[r];
+}
+
+/* The fault a pen is held in: the daemon's code, else the one the pen itself reports latched. */
+static const char *pen_fault_shown(const nd_pen *p) {
+        if (p->fault)
+                return p->fault;
+        const char *latched = nd_interlock_pen_fault_code(p->pen_faults);
+        return latched ? latched : (p->pen_faults ? "pen-fault" : "");
+}
+
+/* Replies and returns false unless a profile may be armed now (lib/interlocks.c decides). */
+static bool arm_preconditions(nd_pen *p, sd_bus_message *m) {
+        const char *what = "arm a profile";
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        nd_interlock_refusal refusal = nd_interlock_may_arm(p->daemon->limits, &reading);
+        switch (refusal) {
+        case ND_INTERLOCK_ALLOWED:
                 return true;
-        }
-        if (p->session_active || p->starting) {
+        case ND_INTERLOCK_REFUSE_FAULT:
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "Cannot %s: pen %s is in fault (%s); clear it first",
+                                                  what, p->serial, pen_fault_shown(p));
+                return false;
+        case ND_INTERLOCK_REFUSE_WRONG_STATE:
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_WRONG_STATE, "Cannot %s: pen %s is %s", what, p->serial,
                                                   p->starting ? "starting" : nd_pen_state_to_string(p->state));
-                return true;
+                return false;
+        case ND_INTERLOCK_REFUSE_LIMITS_UNAVAILABLE:
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_LIMITS_UNAVAILABLE,
+                                                  "No limits are in force (%s): nothing can be armed",
+                                                  nd_limits_state_to_string(p->daemon->limits_state));
+                return false;
+        default:
+                (void) sd_bus_reply_method_errorf(m, nd_pen_refusal_error_name(refusal), "Cannot %s: %s", what,
+                                                  strempty(nd_interlock_refusal_to_string(refusal)));
+                return false;
         }
-        return false;
 }
 
 /* Replies InvalidProfile listing every violation. */
@@ -229,18 +273,6 @@ static void arm(nd_pen *p, sd_bus_message *m, const nd_caller *caller, const cha
         snprintf(detail, sizeof detail, "profile %s sha256 %s", p->profile->name, p->profile->digest);
         nd_audit(d, caller, "LoadProfile", p->serial, detail);
         (void) sd_bus_reply_method_return(m, NULL);
-}
-
-static bool arm_preconditions(nd_pen *p, sd_bus_message *m) {
-        if (reply_if_busy(p, m, "arm a profile"))
-                return false;
-        if (!p->daemon->limits) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_LIMITS_UNAVAILABLE,
-                                                  "No limits are in force (%s): nothing can be armed",
-                                                  nd_limits_state_to_string(p->daemon->limits_state));
-                return false;
-        }
-        return true;
 }
 
 static void load_profile_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
@@ -446,55 +478,62 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 (void) sd_bus_reply_method_error(m, &error);
                 return;
         }
-        if (!l) {
+        /* The limits may have changed since arming: the armed profile is checked again, with the
+         * pen's own checks; lib/interlocks.c decides, in its order, what refuses the start. */
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        nd_ledger_cartridge info;
+        bool known = false;
+        if (l && p->profile_yaml && p->cartridge_present) {
+                _cleanup_(nd_profile_freep) nd_profile *again = NULL;
+                r = nd_profile_parse(p->profile_yaml, strlen(p->profile_yaml), NULL, l, &again, &diags);
+                if (r >= 0) {
+                        nd_pen_caps caps = pen_caps(p);
+                        r = nd_profile_check_pen(again, &caps, true, p->cartridge_needles, &diags);
+                }
+                reading.profile_valid = r >= 0 && diags.n_items == 0;
+                const char *cstate = nd_pen_cartridge_state(p, &info, &known);
+                reading.cartridge_rejected = STREQ(cstate, "rejected");
+                reading.cartridge_spent = STREQ(cstate, "spent");
+        }
+        nd_interlock_refusal refusal = nd_interlock_may_start(l, &reading);
+        switch (refusal) {
+        case ND_INTERLOCK_ALLOWED:
+                break;
+        case ND_INTERLOCK_REFUSE_LIMITS_UNAVAILABLE:
                 start_refuse(p, m, caller, ND_ERROR_LIMITS_UNAVAILABLE, "No limits are in force: nothing can start");
                 return;
-        }
-        if (p->state == ND_PEN_FAULT) {
+        case ND_INTERLOCK_REFUSE_FAULT:
                 start_refuse(p, m, caller, ND_ERROR_FAULT, "Pen %s is in fault (%s); clear it first", p->serial,
-                                                  strempty(p->fault));
+                             pen_fault_shown(p));
                 return;
-        }
-        if (p->state != ND_PEN_ARMED || p->starting || !p->profile) {
+        case ND_INTERLOCK_REFUSE_WRONG_STATE:
                 start_refuse(p, m, caller, ND_ERROR_WRONG_STATE, "Pen %s is %s: arm a profile first", p->serial,
-                                                  p->starting ? "starting" : nd_pen_state_to_string(p->state));
+                             p->starting ? "starting" : nd_pen_state_to_string(p->state));
                 return;
-        }
-        if (!p->cartridge_present) {
+        case ND_INTERLOCK_REFUSE_NO_CARTRIDGE:
                 start_refuse(p, m, caller, ND_ERROR_NO_CARTRIDGE, "Pen %s has no cartridge", p->serial);
                 return;
-        }
-        /* The limits may have changed since arming: check again, and the pen's own checks. */
-        _cleanup_(nd_profile_freep) nd_profile *again = NULL;
-        r = nd_profile_parse(p->profile_yaml, strlen(p->profile_yaml), NULL, l, &again, &diags);
-        if (r >= 0) {
-                nd_pen_caps caps = pen_caps(p);
-                r = nd_profile_check_pen(again, &caps, true, p->cartridge_needles, &diags);
-        }
-        if (r < 0 || diags.n_items > 0) {
+        case ND_INTERLOCK_REFUSE_INVALID_PROFILE:
                 nd_audit(d, caller, "Start", p->serial, "refused: InvalidProfile: the armed profile no longer passes");
                 reply_invalid_profile(m, &diags);
                 return;
-        }
-        nd_ledger_cartridge info;
-        bool known;
-        const char *cstate = nd_pen_cartridge_state(p, &info, &known);
-        if (STREQ(cstate, "rejected")) {
+        case ND_INTERLOCK_REFUSE_CARTRIDGE_REJECTED:
                 start_refuse(p, m, caller, ND_ERROR_INVALID_PROFILE,
-                                                  "Cartridge %s has %u needles, which the limits do not allow",
-                                                  p->cartridge_id, p->cartridge_needles);
+                             "Cartridge %s has %u needles, which the limits do not allow", p->cartridge_id,
+                             p->cartridge_needles);
                 return;
-        }
-        if (STREQ(cstate, "spent")) {
-                start_refuse(p, m, caller, ND_ERROR_CARTRIDGE_SPENT,
-                                                  "Cartridge %s has been used already (%s)", p->cartridge_id,
-                                                  l->cartridge.single_use ? "single use" : "runtime used up");
+        case ND_INTERLOCK_REFUSE_CARTRIDGE_SPENT:
+                start_refuse(p, m, caller, ND_ERROR_CARTRIDGE_SPENT, "Cartridge %s has been used already (%s)",
+                             p->cartridge_id, l->cartridge.single_use ? "single use" : "runtime used up");
                 return;
-        }
-        if (p->battery_percent < l->pen.min_battery_percent) {
-                start_refuse(p, m, caller, ND_ERROR_LOW_BATTERY,
-                                                  "Battery at %u %%: no start below %u %%", p->battery_percent,
-                                                  l->pen.min_battery_percent);
+        case ND_INTERLOCK_REFUSE_LOW_BATTERY:
+                start_refuse(p, m, caller, ND_ERROR_LOW_BATTERY, "Battery at %u %%: no start below %u %%",
+                             p->battery_percent, l->pen.min_battery_percent);
+                return;
+        case ND_INTERLOCK_REFUSE_OVER_TEMPERATURE:
+        case _ND_INTERLOCK_REFUSAL_MAX:
+                start_refuse(p, m, caller, nd_pen_refusal_error_name(refusal), "Pen %s may not start (%s)", p->serial,
+                             strempty(nd_interlock_refusal_to_string(refusal)));
                 return;
         }
         if (!d->ledger) {
@@ -615,7 +654,7 @@ static void pause_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         /* Paused from now: the stop is on its way and bypasses every queue. */
         p->session.elapsed_before_us += nd_pen_now_mono_us(p) - p->session.running_since_us;
         p->session.running_since_us = 0;
-        p->session.stall_since_us = 0;
+        p->session.interlock.stall_since_us = 0;
         p->session.last_device_time_us = 0;
         nd_pen_set_state(p, ND_PEN_PAUSED, NULL);
         nd_audit(p->daemon, caller, "Pause", p->serial, p->session.id);
@@ -658,14 +697,22 @@ static void resume_authorized(sd_bus_message *m, bool allowed, const sd_bus_erro
                                                   nd_pen_state_to_string(p->state));
                 return;
         }
-        if (l && p->battery_percent < l->pen.min_battery_percent) {
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        nd_interlock_refusal refusal = nd_interlock_may_resume(l, &reading);
+        switch (refusal) {
+        case ND_INTERLOCK_ALLOWED:
+                break;
+        case ND_INTERLOCK_REFUSE_LOW_BATTERY:
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_LOW_BATTERY, "Battery at %u %%: no start below %u %%",
                                                   p->battery_percent, l->pen.min_battery_percent);
                 return;
-        }
-        if (l && p->temperature_c > l->pen.max_temperature_c) {
+        case ND_INTERLOCK_REFUSE_OVER_TEMPERATURE:
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "The handpiece is at %.1f °C, above the %.1f °C maximum",
                                                   p->temperature_c, l->pen.max_temperature_c);
+                return;
+        default:
+                (void) sd_bus_reply_method_errorf(m, nd_pen_refusal_error_name(refusal), "Cannot resume: %s",
+                                                  strempty(nd_interlock_refusal_to_string(refusal)));
                 return;
         }
         nd_pen_op *op = nd_pen_op_new(p, m, 0);
@@ -704,7 +751,7 @@ static void setpoint_done(nd_pendev *dev, int status, void *userdata) {
                 if (p->session_active)
                         nd_pen_depth_settle_begin(p); /* the stall check waits for the new speed too */
         }
-        p->session.stall_since_us = 0;
+        p->session.interlock.stall_since_us = 0;
         nd_pen_changed(p, PROP_SETPOINTS);
         (void) sd_bus_reply_method_return(op->call, NULL);
         nd_pen_op_free(op);
@@ -770,7 +817,7 @@ static void setpoint_authorized(sd_bus_message *m, bool allowed, const sd_bus_er
                 return;
         }
         if (depth)
-                p->session.depth_check_known = false; /* until the pen has the new depth */
+                nd_interlock_settle_begin(&p->session.interlock); /* until the pen has the new depth */
         char detail[96];
         snprintf(detail, sizeof detail, "%s %.3f", depth ? "depth_mm" : "speed_hz", value);
         nd_audit(p->daemon, caller, depth ? "SetDepth" : "SetSpeed", p->serial, detail);
@@ -821,37 +868,15 @@ static void clear_faults_done(nd_pendev *dev, int status, void *userdata) {
                 (void) sd_bus_reply_method_errorf(op->call, status == -ENODEV ? ND_ERROR_DEVICE_GONE : ND_ERROR_FAULT,
                                                   "The pen still reports a fault (%s)", nd_pen_command_error(status));
         } else if (p->state == ND_PEN_FAULT) {
+                /* The pen took it: what it reported latched before is gone. */
+                p->pen_faults = 0;
+                p->faults_cleared_mono_us = nd_pen_now_mono_us(p);
                 nd_pen_disarm(p);
                 nd_pen_set_state(p, ND_PEN_IDLE, NULL);
                 (void) sd_bus_reply_method_return(op->call, NULL);
         } else
                 (void) sd_bus_reply_method_return(op->call, NULL);
         nd_pen_op_free(op);
-}
-
-/* Whether the condition behind the fault is gone, judged on the latest telemetry. */
-static bool fault_condition_gone(nd_pen *p, char *why, size_t size) {
-        const nd_limits *l = p->daemon->limits;
-        uint64_t silent_us = nd_pen_now_mono_us(p) - p->last_sample_mono_us;
-        uint64_t timeout_us = (uint64_t) (l ? l->pen.heartbeat_timeout_ms : ND_PROTO_WATCHDOG_DEFAULT_MS) * USEC_PER_MSEC;
-        if (!p->have_sample || silent_us > timeout_us) {
-                snprintf(why, size, "no telemetry from the pen for %.1f s", (double) silent_us / (double) USEC_PER_SEC);
-                return false;
-        }
-        /* An over-temperature clears only once the handpiece is below the warning level, so
-         * noise around the maximum cannot clear it. */
-        double cool_c = l && STREQ(strempty(p->fault), "over-temperature") ? l->pen.warn_temperature_c
-                        : l ? l->pen.max_temperature_c : 0.0;
-        if (l && p->temperature_c >= cool_c) {
-                snprintf(why, size, "the handpiece is still at %.1f °C (it must be below %.1f °C)", p->temperature_c, cool_c);
-                return false;
-        }
-        if (l && p->battery_percent < l->pen.stop_battery_percent) {
-                snprintf(why, size, "the battery is still at %u %% (cut-off %u %%)", p->battery_percent,
-                         l->pen.stop_battery_percent);
-                return false;
-        }
-        return true;
 }
 
 static void clear_fault_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
@@ -864,7 +889,8 @@ static void clear_fault_authorized(sd_bus_message *m, bool allowed, const sd_bus
                 (void) sd_bus_reply_method_return(m, NULL); /* nothing to clear */
                 return;
         }
-        if (!fault_condition_gone(p, why, sizeof why)) {
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        if (!nd_interlock_may_clear_fault(p->daemon->limits, &reading, why, sizeof why)) {
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "Fault %s is not cleared: %s", strempty(p->fault), why);
                 return;
         }
