@@ -71,8 +71,8 @@ static int append_session(sd_bus_message *reply, const nd_ledger_session *s) {
         return r;
 }
 
-static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
-                               const nd_caller *caller, void *userdata) {
+void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
+                                       const nd_caller *caller, void *userdata) {
         nd_daemon *d = userdata;
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
@@ -112,14 +112,6 @@ static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_err
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_INTERNAL, "Could not build the reply: %s", strerror(-r));
         else
                 (void) sd_bus_send(NULL, reply, NULL);
-}
-
-int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        nd_daemon *d = userdata;
-        int r = nd_bouncer_check(d->bouncer, m, history_authorized, d);
-        if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s", strerror(-r));
-        return 1;
 }
 
 int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error) {

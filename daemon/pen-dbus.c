@@ -132,16 +132,6 @@ static int prop_rate(sd_bus *bus, const char *path, const char *interface, const
 
 /* ---- Methods: helpers ------------------------------------------------------------------------ */
 
-/* Runs the bouncer for m; cont finds the pen again by path when the verdict comes, since the
- * pen may have gone in between. */
-static int pen_authorize(sd_bus_message *m, nd_pen *p, sd_bus_error *error, nd_auth_done_fn cont) {
-        int r = nd_bouncer_check(p->daemon->bouncer, m, cont, p->daemon);
-        if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s",
-                                         strerror(-r));
-        return 1;
-}
-
 /* The pen a continuation is for, or NULL after replying (denied, or the pen is gone). */
 static nd_pen *continuation_pen(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error, nd_daemon *d) {
         if (!allowed) {
@@ -319,10 +309,6 @@ static void load_profile_authorized(sd_bus_message *m, bool allowed, const sd_bu
         arm(p, m, caller, yaml, len, e->path);
 }
 
-static int method_load_profile(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, load_profile_authorized);
-}
-
 static void load_profile_data_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
                                          const nd_caller *caller, void *userdata) {
         nd_pen *p = continuation_pen(m, allowed, auth_error, userdata);
@@ -342,10 +328,6 @@ static void load_profile_data_authorized(sd_bus_message *m, bool allowed, const 
         if (!arm_preconditions(p, m))
                 return;
         arm(p, m, caller, yaml, len, NULL);
-}
-
-static int method_load_profile_data(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, load_profile_data_authorized);
 }
 
 /* ---- Start --------------------------------------------------------------------------------------- */
@@ -604,10 +586,6 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         pen_log(p, LOG_NOTICE, "%s: starting %s", p->serial, detail);
 }
 
-static int method_start(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, start_authorized);
-}
-
 /* ---- Owner-only adjustments ------------------------------------------------------------------------ */
 
 /* Replies and returns false unless m's sender owns the session in progress. */
@@ -658,10 +636,6 @@ static void pause_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         p->session.last_device_time_us = 0;
         nd_pen_set_state(p, ND_PEN_PAUSED, NULL);
         nd_audit(p->daemon, caller, "Pause", p->serial, p->session.id);
-}
-
-static int method_pause(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, pause_authorized);
 }
 
 static void resume_done(nd_pendev *dev, int status, void *userdata) {
@@ -724,10 +698,6 @@ static void resume_authorized(sd_bus_message *m, bool allowed, const sd_bus_erro
                 return;
         }
         nd_audit(p->daemon, caller, "Resume", p->serial, p->session.id);
-}
-
-static int method_resume(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, resume_authorized);
 }
 
 static void setpoint_done(nd_pendev *dev, int status, void *userdata) {
@@ -823,10 +793,6 @@ static void setpoint_authorized(sd_bus_message *m, bool allowed, const sd_bus_er
         nd_audit(p->daemon, caller, depth ? "SetDepth" : "SetSpeed", p->serial, detail);
 }
 
-static int method_setpoint(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, setpoint_authorized);
-}
-
 static void heartbeat_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
                                  const nd_caller *caller, void *userdata) {
         nd_pen *p = continuation_pen(m, allowed, auth_error, userdata);
@@ -839,10 +805,6 @@ static void heartbeat_authorized(sd_bus_message *m, bool allowed, const sd_bus_e
                 (void) sd_event_source_set_enabled(p->session.client_heartbeat, SD_EVENT_ONESHOT);
         }
         (void) sd_bus_reply_method_return(m, NULL);
-}
-
-static int method_heartbeat(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, heartbeat_authorized);
 }
 
 /* ---- Stop: no authorization, never refused while the pen is connected ------------------------------- */
@@ -906,10 +868,6 @@ static void clear_fault_authorized(sd_bus_message *m, bool allowed, const sd_bus
         }
 }
 
-static int method_clear_fault(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, clear_fault_authorized);
-}
-
 /* ---- OpenTelemetry ------------------------------------------------------------------------------------ */
 
 static int method_open_telemetry(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -931,6 +889,28 @@ static int method_open_telemetry(sd_bus_message *m, void *userdata, sd_bus_error
 _Static_assert(sizeof(((nd_pen *) NULL)->generation) == sizeof(uint32_t), "Generation is read as u");
 _Static_assert(sizeof(((nd_pen *) NULL)->battery_percent) == sizeof(uint32_t), "BatteryPercent is read as u");
 _Static_assert(sizeof(((nd_pen *) NULL)->set_depth_mm) == sizeof(double), "DepthMm is read as d");
+
+/* Every method goes through the bouncer (daemon/bouncer.c): the vtable knows no other handler.
+ * Methods that need authorization continue with the daemon and find the pen again by path, since
+ * it may have gone while polkit was asked. */
+static const nd_method pen_methods[] = {
+        { "LoadProfile", load_profile_authorized, NULL },
+        { "LoadProfileData", load_profile_data_authorized, NULL },
+        { "Start", start_authorized, NULL },
+        { "Pause", pause_authorized, NULL },
+        { "Resume", resume_authorized, NULL },
+        { "SetDepth", setpoint_authorized, NULL },
+        { "SetSpeed", setpoint_authorized, NULL },
+        { "Heartbeat", heartbeat_authorized, NULL },
+        { "ClearFault", clear_fault_authorized, NULL },
+        { "Stop", NULL, method_stop },
+        { "OpenTelemetry", NULL, method_open_telemetry },
+};
+
+static int pen_dispatch(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        return nd_bouncer_dispatch(p->daemon->bouncer, m, pen_methods, ELEMENTSOF(pen_methods), p, p->daemon, error);
+}
 
 static const sd_bus_vtable pen_vtable[] = {
         SD_BUS_VTABLE_START(0),
@@ -957,24 +937,24 @@ static const sd_bus_vtable pen_vtable[] = {
         SD_BUS_PROPERTY("Strokes", "t", prop_strokes, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("TelemetryRateHz", "u", prop_rate, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD_WITH_ARGS("LoadProfile", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT,
-                                method_load_profile, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("LoadProfileData", SD_BUS_ARGS("s", yaml), SD_BUS_NO_RESULT,
-                                method_load_profile_data, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Start", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("s", session_id),
-                                method_start, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Pause", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_pause, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Resume", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_resume, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Pause", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Resume", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("SetDepth", SD_BUS_ARGS("d", mm), SD_BUS_NO_RESULT,
-                                method_setpoint, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("SetSpeed", SD_BUS_ARGS("d", hz), SD_BUS_NO_RESULT,
-                                method_setpoint, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Stop", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_stop, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Stop", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Heartbeat", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
-                                method_heartbeat, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("ClearFault", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
-                                method_clear_fault, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("OpenTelemetry", SD_BUS_NO_ARGS, SD_BUS_RESULT("h", fd),
-                                method_open_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_SIGNAL_WITH_ARGS("Telemetry", SD_BUS_ARGS("a(tuddddu)", samples), 0),
         SD_BUS_SIGNAL_WITH_ARGS("SessionEnded", SD_BUS_ARGS("s", session_id, "s", reason), 0),
         SD_BUS_VTABLE_END

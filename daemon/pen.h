@@ -220,5 +220,7 @@ int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l);
 int nd_simulator_export(nd_daemon *d);
 
 /* History methods of the Manager (history.c, from the ledger). */
-int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_error *error);
+/* GetHistory, once the bouncer has decided (an nd_auth_done_fn with the daemon as userdata). */
+void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
+                                       const nd_caller *caller, void *userdata);
 int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error);
