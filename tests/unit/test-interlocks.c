@@ -3,6 +3,8 @@
  * 32-bit clock wrap, fault-bit precedence, hysteresis, and failing closed without limits. */
 #include <check.h>
 #include <math.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "check-main.h"
@@ -626,6 +628,46 @@ START_TEST(test_string_tables) {
 }
 END_TEST
 
+/* ---- invariants: a caller's mistake aborts, it never judges garbage ------------------------------ */
+
+/* A failed assertion aborts; the test child turns the abort into this exit status, so that a
+ * coverage build (-Db_coverage=true) still writes its data at exit (an abort writes none). */
+#define ABORTED_EXIT_STATUS 99
+
+static void exit_on_abort(int sig) {
+        exit(ABORTED_EXIT_STATUS);
+}
+
+START_TEST(test_invariants_abort) {
+        signal(SIGABRT, exit_on_abort);
+        nd_limits l = make_limits();
+        nd_interlock_input in = running_input();
+        nd_interlock_session ss = { 0 };
+        nd_proto_sample s = good_sample(0);
+        nd_interlock_result res;
+        nd_interlock_pen p = ready_pen();
+        char why[8];
+        switch (_i) {
+        case 0: nd_interlock_settle_begin(NULL); break;
+        case 1: nd_interlock_settle_from(NULL, 0); break;
+        case 2: (void) nd_interlock_check_sample(&l, NULL, &s, 0, &ss, &res); break;
+        case 3: (void) nd_interlock_check_sample(&l, &in, NULL, 0, &ss, &res); break;
+        case 4: (void) nd_interlock_check_sample(&l, &in, &s, 0, NULL, &res); break;
+        case 5: (void) nd_interlock_check_sample(&l, &in, &s, 0, &ss, NULL); break;
+        case 6: in.phase = _ND_INTERLOCK_PHASE_MAX; (void) nd_interlock_check_sample(&l, &in, &s, 0, &ss, &res); break;
+        case 7: (void) nd_interlock_check_duration(&l, NULL, 1, 0, NULL); break;
+        case 8: (void) nd_interlock_may_arm(&l, NULL); break;
+        case 9: (void) nd_interlock_may_start(&l, NULL); break;
+        case 10: (void) nd_interlock_may_resume(&l, NULL); break;
+        case 11: (void) nd_interlock_may_clear_fault(&l, NULL, why, sizeof why); break;
+        case 12: (void) nd_interlock_may_clear_fault(&l, &p, NULL, sizeof why); break;
+        case 13: (void) nd_interlock_may_clear_fault(&l, &p, why, 0); break;
+        default: break;
+        }
+}
+END_TEST
+#define N_INVARIANTS 14
+
 Suite *nd_test_suite(void) {
         Suite *s = suite_create("interlocks");
         TCase *tc = tcase_create("sample");
@@ -655,5 +697,13 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_pen_fault_code);
         tcase_add_test(tc, test_string_tables);
         suite_add_tcase(s, tc);
+
+        /* Abort tests need Check's fork mode (not under valgrind, where CK_FORK=no). */
+        const char *fork_mode = getenv("CK_FORK");
+        if (!fork_mode || !STREQ(fork_mode, "no")) {
+                tc = tcase_create("invariants");
+                tcase_add_loop_exit_test(tc, test_invariants_abort, ABORTED_EXIT_STATUS, 0, N_INVARIANTS);
+                suite_add_tcase(s, tc);
+        }
         return s;
 }
