@@ -6,7 +6,7 @@ cartridge as it was); the fault clears like any other once its cause is gone."""
 
 import dbus
 
-from needled_testlib import ERR, NeedledTestCase, main, profile_yaml, timeout_multiplier, wait_until
+from needledtest import ERR, NeedledTestCase, main, profile_yaml, timeout_multiplier, wait_until
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 # The simulated pen latches over-temperature at 45 °C; injected heat rises 10 °C/s from ~30 °C.
