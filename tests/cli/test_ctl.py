@@ -141,6 +141,15 @@ class NeedlectlTestCase(busfixture.BusTestCase):
             time.sleep(0.05)
         self.fail(f'timed out waiting for {what}')
 
+    @staticmethod
+    def csv_rows(path):
+        """Data rows written so far to a CSV file (0 when it is not there yet)."""
+        try:
+            with open(path, encoding='utf-8') as f:
+                return max(len(f.read().splitlines()) - 1, 0)
+        except FileNotFoundError:
+            return 0
+
     def read_limits(self):
         with open(self.limits_path, encoding='utf-8') as f:
             return f.read()
@@ -667,16 +676,19 @@ class Telemetry(NeedlectlTestCase):
         self.assertTrue(all(int(r[9]) == 100 for r in rows))
         device_times = [int(r[1]) for r in rows]
         self.assertEqual(device_times, sorted(device_times))
-        # The text summary, and a stop by signal.
+        # The text summary, and a stop by signal: once it records (not after a fixed sleep, which a
+        # valgrinded needlectl on a loaded machine outlasted before it handled SIGINT at all).
+        out_path = os.path.join(self.tmp, 'rec-signal.csv')
         proc = self.spawn('record', pen, '--output', out_path)
-        time.sleep(0.5 * timeout_multiplier())
+        self.wait_for(lambda: self.csv_rows(out_path) >= 1, what='the first recorded sample')
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15 * timeout_multiplier())
         self.assertEqual(proc.returncode, 0, err)
         self.assertRegex(err, rf'Recorded \d+ samples of {pen} to {re.escape(out_path)} in [\d.]+ s: 0 dropped')
         # The pen leaving ends the recording with exit 5, the file complete so far.
+        out_path = os.path.join(self.tmp, 'rec-gone.csv')
         proc = self.spawn('record', pen, '--output', out_path, '--json')
-        time.sleep(0.3 * timeout_multiplier())
+        self.wait_for(lambda: self.csv_rows(out_path) >= 1, what='the first recorded sample')
         self.ctl('sim', 'remove-pen', pen, expect='ok')
         out, err = proc.communicate(timeout=15 * timeout_multiplier())
         self.assertEqual(proc.returncode, EXIT['no-pen'], err)

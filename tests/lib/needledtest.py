@@ -106,8 +106,9 @@ def sanitized():
 VALGRIND = valgrind()
 # The pen stops its own motor when the daemon is silent this long (pen.heartbeat_timeout_ms).
 # Under valgrind on a busy machine the daemon can stall for longer than the shipped 500 ms,
-# and the pens would rightly stop themselves in the middle of unrelated tests: there the
-# limits files of the bus tests allow 10 s, the format's maximum.
+# and the pens would rightly stop themselves in the middle of unrelated tests ("heartbeat-lost
+# before the motor started"): there the limits files of the tests allow 10 s, the format's
+# maximum, unless a test sets the field itself.
 PEN_HEARTBEAT_TIMEOUT_MS = 10000 if VALGRIND else 500
 
 
@@ -194,7 +195,10 @@ def _set_line(text, key, value):
 def limits_text(**overrides):
     """The limits fixture with fields replaced: any of _SCALAR_FIELDS, speed_min_hz,
     speed_max_hz, single_use, allowed_needles, and areas (a dict name -> {max_depth_mm, ...}
-    that replaces every area)."""
+    that replaces every area). Under valgrind the pen heartbeat timeout is
+    PEN_HEARTBEAT_TIMEOUT_MS unless given."""
+    if VALGRIND:
+        overrides = {'heartbeat_timeout_ms': PEN_HEARTBEAT_TIMEOUT_MS, **overrides}
     text = limits_fixture_text()
     for key, value in overrides.items():
         if key in _SCALAR_FIELDS:
@@ -219,9 +223,8 @@ def limits_text(**overrides):
 
 
 def limits_yaml(**overrides):
-    """The limits of the bus tests: limits_text(**overrides) with the pen heartbeat timeout
-    relaxed under valgrind (PEN_HEARTBEAT_TIMEOUT_MS)."""
-    return limits_text(**{'heartbeat_timeout_ms': PEN_HEARTBEAT_TIMEOUT_MS, **overrides})
+    """The limits of the bus tests (limits_text)."""
+    return limits_text(**overrides)
 
 
 def shipped_limits_yaml():

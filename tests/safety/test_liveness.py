@@ -9,8 +9,8 @@ import signal
 
 import dbus
 
-from needledtest import (ERR, SafetyTestCase, limits_text, main, profile_yaml, pump, running,
-                         timeout_multiplier, valgrind, wait_until)
+from needledtest import (ERR, PEN_HEARTBEAT_TIMEOUT_MS, SafetyTestCase, limits_text, main, profile_yaml,
+                         pump, running, timeout_multiplier, valgrind, wait_until)
 
 # The client heartbeat the tests use, long enough for a loaded machine to keep it when it tries.
 CLIENT_HEARTBEAT_MS = 400 * (10 if valgrind() else 1)
@@ -124,6 +124,8 @@ class PenLiveness(SafetyTestCase):
         # The daemon's stop cannot reach a pen that does not answer: the pen's own watchdog is
         # the control. When it talks again, its first samples show the motor stopped and the
         # watchdog-expired fault latched.
+        if valgrind():   # there the pen's watchdog is 10 s (PEN_HEARTBEAT_TIMEOUT_MS): let it expire
+            pump(PEN_HEARTBEAT_TIMEOUT_MS / 1000 + 1)
         mark = tel.mark()
         self.sim('InjectFault', dbus.ObjectPath(pen), 'clear')
         i = tel.wait_first(lambda s: True, 5, 'telemetry again', mark)

@@ -38,7 +38,17 @@ class PenBox:
     def __init__(self, path):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(10 * timeout_multiplier())
-        self.sock.connect(path)
+        # The socket's file appears at bind(), before the box listens: on a loaded machine a
+        # connect in between is refused. Retry until a deadline (scaled) rather than assume.
+        deadline = time.monotonic() + 10 * timeout_multiplier()
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def cmd(self, *words):
         self.sock.send(' '.join(str(w) for w in words).encode())
