@@ -117,8 +117,6 @@ static void observe(ng_gadget *g, uint64_t mono_us, int cause_hint) {
 
         nd_penmodel_get_state(g->model, &st);
         uint8_t gained = (uint8_t) (st.faults & ~g->faults);
-        if (gained)
-                logf_at(g, mono_us, "event fault-latched faults=%s", fault_names(gained, names, sizeof names));
         if (g->motor_on && !st.motor_running) {
                 ng_stop_cause cause = cause_hint >= 0                               ? (ng_stop_cause) cause_hint
                                       : (gained & ND_PROTO_FAULT_WATCHDOG_EXPIRED) ? NG_STOP_WATCHDOG
@@ -126,6 +124,8 @@ static void observe(ng_gadget *g, uint64_t mono_us, int cause_hint) {
                 logf_at(g, mono_us, "motor-stop cause=%s", ng_stop_cause_to_string(cause));
         } else if (!g->motor_on && st.motor_running)
                 logf_at(g, mono_us, "motor-start depth_mm=%.3f speed_hz=%.2f", st.set_depth_mm, st.set_speed_hz);
+        if (gained)
+                logf_at(g, mono_us, "event fault-latched faults=%s", fault_names(gained, names, sizeof names));
         g->motor_on = st.motor_running;
         g->faults = st.faults;
 }
@@ -347,7 +347,15 @@ int ng_gadget_next_packet(ng_gadget *g, uint64_t now_us, uint8_t *buf, size_t si
 }
 
 uint64_t ng_gadget_next_packet_us(ng_gadget *g) {
-        return nd_penmodel_next_due_us(g->model);
+        nd_penmodel_state st;
+        uint64_t oldest = nd_penmodel_next_due_us(g->model);
+
+        if (oldest == UINT64_MAX)
+                return UINT64_MAX;
+        nd_penmodel_get_state(g->model, &st);
+        if (st.queued >= ND_PROTO_SAMPLES_PER_PACKET_MAX)
+                return oldest; /* a full packet is waiting */
+        return oldest + NG_TELEMETRY_BATCH_US;
 }
 
 /* ---- the hardware around the firmware ------------------------------------------------------------- */

@@ -32,7 +32,7 @@ const char *ng_stop_cause_to_string(ng_stop_cause c);
 typedef enum ng_hostile {
         NG_HOSTILE_MALFORMED,       /* unknown packet type and reserved bytes set, valid CRC */
         NG_HOSTILE_TRUNCATED,       /* cut short by the CRC and one byte */
-        NG_HOSTILE_OUT_OF_SEQUENCE, /* first sequence number moved back, valid CRC */
+        NG_HOSTILE_OUT_OF_SEQUENCE, /* first sequence number moved back by NG_OUT_OF_SEQUENCE_BACK, valid CRC */
         NG_HOSTILE_BAD_CRC,         /* one CRC bit flipped */
         _NG_HOSTILE_MAX,
 } ng_hostile;
@@ -41,8 +41,9 @@ typedef enum ng_hostile {
 int ng_hostile_from_string(const char *s);
 const char *ng_hostile_to_string(ng_hostile h);
 
-/* How far an out-of-sequence packet's first sequence number is moved back. */
-#define NG_OUT_OF_SEQUENCE_BACK 16u
+/* How far an out-of-sequence packet's first sequence number is moved back: behind anything the
+ * host has seen in the protocol's modular arithmetic, whatever gap other hostile packets made. */
+#define NG_OUT_OF_SEQUENCE_BACK 32768u
 /* Hostile packets waiting (each "hostile" command is one entry). */
 #define NG_HOSTILE_QUEUE_MAX 16u
 /* COUNT of one "hostile" command. */
@@ -96,8 +97,13 @@ int ng_gadget_data_stage(ng_gadget *g, uint64_t now_us, const nd_control_setup *
 /* The next telemetry packet due by now_us, hostile when one is queued: its length, 0 when none
  * is due. size >= ND_PROTO_PACKET_MAX_SIZE. */
 int ng_gadget_next_packet(ng_gadget *g, uint64_t now_us, uint8_t *buf, size_t size);
-/* When the next packet is due (UINT64_MAX: telemetry off or unresponsive). */
+/* When the next packet should be sent (UINT64_MAX: telemetry off or unresponsive): at once when
+ * a full packet's samples are queued, else NG_TELEMETRY_BATCH_US after the oldest queued (or
+ * next) sample was measured. Without IN tokens to answer (FunctionFS queues packets ahead),
+ * batching keeps the packet rate, and the wake-ups of a slow machine, to a third at 1 kHz, for at
+ * most 2 ms more latency. ng_gadget_next_packet() itself sends whatever is due. */
 uint64_t ng_gadget_next_packet_us(ng_gadget *g);
+#define NG_TELEMETRY_BATCH_US (2 * 1000u)
 
 /* ---- the hardware around the firmware ----------------------------------------------------------- */
 

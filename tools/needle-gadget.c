@@ -6,7 +6,7 @@
  *
  * One sd-event loop, no threads. ep0 is polled and read O_NONBLOCK (a read(ep0) that sleeps for
  * events holds the FunctionFS mutex, and unbinding the UDC then deadlocks on Linux 6.1); the
- * interrupt IN endpoint is written with Linux AIO, one packet in flight, so a host that does not
+ * interrupt IN endpoint is written with Linux AIO, a few packets in flight, so a host that does not
  * poll it never blocks ep0. The pen itself (requests, packets, motor log, commands) is
  * needle-gadget-core.c. docs/needle-gadget.md is the manual. */
 #include <endian.h>
@@ -44,6 +44,10 @@
  * longer than any host waits for an answer (needled: 1 s), then the request is resolved with a
  * late STALL, or found cancelled by a newer event. */
 #define UNRESPONSIVE_HOLD_US (5 * USEC_PER_SEC)
+/* Telemetry packets queued in the UDC at once: as many as needled keeps IN transfers in flight,
+ * so a controller that serves several packets per tick (dummy_hcd on a HZ=250 kernel: every 4 ms)
+ * finds them ready. */
+#define IN_FLIGHT_MAX 8u
 #define CLIENT_MAX 16u
 #define LISTEN_BACKLOG 8
 #define EXIT_CTL_ERROR 1
@@ -73,14 +77,14 @@ struct Gadget {
         sd_event_source *hold_timer;
         bool hold_in;
 
-        /* interrupt IN: AIO, one write in flight */
+        /* interrupt IN: AIO, up to IN_FLIGHT_MAX writes in flight */
         int ep_in_fd;
         aio_context_t aio;
         int aio_efd;
         sd_event_source *aio_source;
-        bool in_flight;
-        uint64_t generation;
-        uint8_t packet[ND_PROTO_PACKET_MAX_SIZE];
+        unsigned in_flight;
+        uint64_t submitted;
+        uint8_t packets[IN_FLIGHT_MAX][ND_PROTO_PACKET_MAX_SIZE];
         int last_in_error;
 
         sd_event_source *timer;
@@ -145,7 +149,7 @@ static int aio_reap(aio_context_t ctx, struct io_event *events, long n) {
 
 static void reschedule(Gadget *g) {
         uint64_t next = ng_gadget_next_wakeup_us(g->pen);
-        if (g->ep_in_fd >= 0 && !g->in_flight)
+        if (g->ep_in_fd >= 0 && g->in_flight < IN_FLIGHT_MAX)
                 next = MIN(next, ng_gadget_next_packet_us(g->pen));
         if (next == UINT64_MAX) {
                 (void) sd_event_source_set_enabled(g->timer, SD_EVENT_OFF);
@@ -155,34 +159,36 @@ static void reschedule(Gadget *g) {
         (void) sd_event_source_set_enabled(g->timer, SD_EVENT_ONESHOT);
 }
 
-/* Submits the next telemetry packet when one is due and none is in flight. */
+/* Submits the telemetry packets due while the UDC has room for them. FunctionFS copies the data
+ * at submission, but each write still gets its own buffer. */
 static void pump(Gadget *g) {
         uint64_t now = now_us();
 
-        if (g->ep_in_fd < 0 || g->in_flight) {
-                ng_gadget_advance(g->pen, now);
-                return;
+        ng_gadget_advance(g->pen, now);
+        while (g->ep_in_fd >= 0 && g->in_flight < IN_FLIGHT_MAX && ng_gadget_next_packet_us(g->pen) <= now) {
+                uint8_t *buf = g->packets[g->submitted % IN_FLIGHT_MAX];
+                int len = ng_gadget_next_packet(g->pen, now, buf, ND_PROTO_PACKET_MAX_SIZE);
+                if (len <= 0)
+                        return;
+                struct iocb cb = {
+                        .aio_data = g->submitted,
+                        .aio_lio_opcode = IOCB_CMD_PWRITE,
+                        .aio_fildes = (uint32_t) g->ep_in_fd,
+                        .aio_buf = (uint64_t) (uintptr_t) buf,
+                        .aio_nbytes = (uint64_t) len,
+                        .aio_flags = IOCB_FLAG_RESFD,
+                        .aio_resfd = (uint32_t) g->aio_efd,
+                };
+                int r = aio_submit(g->aio, &cb);
+                if (r < 0) { /* the packet is lost: the host sees a gap */
+                        if (r != g->last_in_error)
+                                log_event(g, "event in-error submit errno=%s", strerror(-r));
+                        g->last_in_error = r;
+                        return;
+                }
+                g->submitted++;
+                g->in_flight++;
         }
-        int len = ng_gadget_next_packet(g->pen, now, g->packet, sizeof g->packet);
-        if (len <= 0)
-                return;
-        struct iocb cb = {
-                .aio_data = ++g->generation,
-                .aio_lio_opcode = IOCB_CMD_PWRITE,
-                .aio_fildes = (uint32_t) g->ep_in_fd,
-                .aio_buf = (uint64_t) (uintptr_t) g->packet,
-                .aio_nbytes = (uint64_t) len,
-                .aio_flags = IOCB_FLAG_RESFD,
-                .aio_resfd = (uint32_t) g->aio_efd,
-        };
-        int r = aio_submit(g->aio, &cb);
-        if (r < 0) {
-                if (r != g->last_in_error)
-                        log_event(g, "event in-error submit errno=%s", strerror(-r));
-                g->last_in_error = r;
-                return;
-        }
-        g->in_flight = true;
 }
 
 static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -194,15 +200,15 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
 static int on_aio(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         Gadget *g = userdata;
-        struct io_event events[EP0_EVENTS_MAX];
+        struct io_event events[IN_FLIGHT_MAX];
         uint64_t count;
 
         if (read(g->aio_efd, &count, sizeof count) < 0 && errno != EAGAIN)
                 return 0;
         int n = aio_reap(g->aio, events, (long) ELEMENTSOF(events));
         for (int i = 0; i < n; i++) {
-                if (events[i].data == g->generation)
-                        g->in_flight = false;
+                if (g->in_flight > 0)
+                        g->in_flight--;
                 if (events[i].res < 0) {
                         int e = (int) events[i].res;
                         if (e != g->last_in_error)
@@ -224,7 +230,7 @@ static void close_in(Gadget *g) {
         /* io_destroy cancels the write in flight (FunctionFS dequeues it) and waits for it */
         aio_destroy(g->aio);
         g->aio = 0;
-        g->in_flight = false;
+        g->in_flight = 0;
         close(g->ep_in_fd);
         g->ep_in_fd = -1;
 }
@@ -242,7 +248,7 @@ static int open_in(Gadget *g) {
                 log_event(g, "event in-error open errno=%s", strerror(-r));
                 return r;
         }
-        r = aio_setup(EP0_EVENTS_MAX, &g->aio);
+        r = aio_setup(IN_FLIGHT_MAX, &g->aio);
         if (r < 0) {
                 log_event(g, "event in-error io_setup errno=%s", strerror(-r));
                 close(TAKE_FD(g->ep_in_fd));

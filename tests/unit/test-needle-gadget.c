@@ -254,7 +254,8 @@ START_TEST(test_motor_watchdog) {
         ck_assert_int_ge(i, 0);
         ck_assert_str_eq(lines[i].text, "motor-stop cause=watchdog");
         ck_assert_uint_eq(lines[i].mono_us, feed + MS(300));
-        ck_assert_int_ge(find_line(0, "event fault-latched faults=heartbeat-lost"), 0);
+        /* the stop first, then why */
+        ck_assert_int_gt(find_line(0, "event fault-latched faults=heartbeat-lost"), i);
         ck_assert_uint_eq(ng_gadget_next_wakeup_us(g), UINT64_MAX);
         ng_gadget_free(g);
 }
@@ -401,6 +402,42 @@ START_TEST(test_hostile) {
 }
 END_TEST
 
+START_TEST(test_batching) {
+        ng_gadget *g = new_gadget();
+        uint8_t buf[ND_PROTO_PACKET_MAX_SIZE];
+        nd_proto_packet p;
+        nd_penmodel_state st;
+
+        identify(g, T0);
+        ck_assert_int_eq(set_telemetry(g, T0, 1000), 0);
+        while (ng_gadget_next_packet(g, T0 + MS(10) + 500, buf, sizeof buf) > 0)
+                ;
+        /* nothing queued: wait for the next sample, then the batching time */
+        uint64_t next_sample = nd_penmodel_next_due_us(ng_gadget_model(g));
+        ck_assert_uint_gt(next_sample, T0 + MS(10) + 500);
+        ck_assert_uint_eq(ng_gadget_next_packet_us(g), next_sample + NG_TELEMETRY_BATCH_US);
+        /* two samples queued: still waiting for the oldest's batching time */
+        ng_gadget_advance(g, next_sample + MS(1));
+        nd_penmodel_get_state(ng_gadget_model(g), &st);
+        ck_assert_uint_eq(st.queued, 2);
+        ck_assert_uint_eq(ng_gadget_next_packet_us(g), next_sample + NG_TELEMETRY_BATCH_US);
+        /* three: a full packet, due at once */
+        ng_gadget_advance(g, next_sample + MS(2));
+        ck_assert_uint_eq(ng_gadget_next_packet_us(g), next_sample);
+        int len = ng_gadget_next_packet(g, next_sample + MS(2), buf, sizeof buf);
+        ck_assert_int_eq(len, (int) ND_PROTO_PACKET_SIZE(3));
+        ck_assert_int_eq(nd_proto_decode_packet(buf, (size_t) len, &p, NULL), 0);
+        ck_assert_uint_eq(p.n_samples, 3);
+        /* telemetry off: never */
+        nd_control_setup s;
+        uint8_t data[ND_PROTO_SET_TELEMETRY_SIZE];
+        ck_assert_int_eq(nd_proto_request_set_telemetry(&s, data, 0, false), 0);
+        ck_assert_int_eq(ng_gadget_control(g, next_sample + MS(3), &s, data, sizeof data, NULL, 0), 0);
+        ck_assert_uint_eq(ng_gadget_next_packet_us(g), UINT64_MAX);
+        ng_gadget_free(g);
+}
+END_TEST
+
 /* ---- control commands ---------------------------------------------------------------------------------- */
 
 START_TEST(test_commands) {
@@ -539,6 +576,7 @@ static Suite *gadget_suite(void) {
         tcase_add_test(tc, test_usb_reset);
         tcase_add_test(tc, test_exit_unresponsive);
         tcase_add_test(tc, test_hostile);
+        tcase_add_test(tc, test_batching);
         tcase_add_test(tc, test_commands);
         tcase_add_test(tc, test_descriptors);
         tcase_add_test(tc, test_names);
