@@ -746,6 +746,9 @@ int main(int argc, char **argv) {
         }
         (void) sd_event_source_set_enabled(g.timer, SD_EVENT_OFF);
         (void) sd_event_source_set_enabled(g.hold_timer, SD_EVENT_OFF);
+        /* A heartbeat waiting on ep0 goes to the model before a timer advances it past the
+         * watchdog deadline: on a busy machine the pen must not expire on a host that was on time. */
+        (void) sd_event_source_set_priority(g.ep0_source, SD_EVENT_PRIORITY_IMPORTANT);
         if (g.control_path && (r = listen_control(&g)) < 0) {
                 fprintf(stderr, "needle-gadget: control socket %s: %s\n", g.control_path, strerror(-r));
                 return EXIT_FAILURE;
