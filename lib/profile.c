@@ -270,32 +270,29 @@ static void check_skin_types(const nd_yctx *ctx, nd_profile *p, const nd_ynode *
                              nd_skin_type_names());
                 return;
         }
-        bool ok = true;
+        /* Like every has_X: the key is there with the right shape; the types read are kept even
+         * when another item is wrong, so their caps are still checked. */
+        p->has_skin_types = true;
         for (size_t i = 0; i < n->n_items; i++) {
                 const nd_ynode *item = n->items[i];
                 const char *s;
-                if (nd_yget_string(ctx, item, "skin_types", &s) < 0) {
-                        ok = false;
+                if (nd_yget_string(ctx, item, "skin_types", &s) < 0)
                         continue;
-                }
                 nd_skin_type t = nd_skin_type_from_string(s);
                 if (t == ND_SKIN_TYPE_NONE) {
                         _cleanup_free_ char *text = nd_text_sanitize(item->scalar, item->scalar_len, ND_DIAG_VALUE_MAX);
                         nd_diags_add(ctx->diags, ctx->file, item->line, item->column, "skin_types", "unknown-skin-type",
                                      s, nd_skin_type_names(), "'%s' is not a Fitzpatrick skin type; the types are: %s",
                                      strempty(text), nd_skin_type_names());
-                        ok = false;
                         continue;
                 }
                 if (p->skin_types[t]) {
                         nd_diags_add(ctx->diags, ctx->file, item->line, item->column, "skin_types", "duplicate-key", s,
                                      NULL, "skin_types lists %s more than once", s);
-                        ok = false;
                         continue;
                 }
                 p->skin_types[t] = true;
         }
-        p->has_skin_types = ok;
 }
 
 /* A listed type whose cap in the limits is below the profile's depth makes the profile wrong
