@@ -190,6 +190,8 @@ int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l) {
         if (r >= 0)
                 r = sd_bus_message_append(m, "{sv}{sv}", "max_duration_s", "d", (double) l->session.max_duration_s,
                                           "client_heartbeat_timeout_ms", "u", l->session.client_heartbeat_timeout_ms);
+        if (r >= 0 && l->session.has_require_skin_type)
+                r = sd_bus_message_append(m, "{sv}", "require_skin_type", "b", (int) l->session.require_skin_type);
         if (r >= 0)
                 r = close_dict_entry_dict(m);
         if (r >= 0)
@@ -223,11 +225,27 @@ int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l) {
                         r = sd_bus_message_append(m, "{sv}", "max_speed_hz", "d", a->max_speed_hz);
                 if (r >= 0 && a->has_max_duration_s)
                         r = sd_bus_message_append(m, "{sv}", "max_duration_s", "d", (double) a->max_duration_s);
+                if (r >= 0 && a->has_max_density_per_cm2)
+                        r = sd_bus_message_append(m, "{sv}", "max_density_per_cm2", "d", a->max_density_per_cm2);
                 if (r >= 0)
                         r = close_dict_entry_dict(m);
         }
         if (r >= 0)
                 r = close_dict_entry_dict(m);
+        if (r >= 0 && l->has_skin_types) {
+                r = open_dict_entry_dict(m, "skin_types");
+                for (int t = 0; r >= 0 && t < ND_SKIN_TYPES_COUNT; t++) {
+                        if (!l->skin_types[t].set)
+                                continue;
+                        r = open_dict_entry_dict(m, nd_skin_type_to_string((nd_skin_type) t));
+                        if (r >= 0)
+                                r = sd_bus_message_append(m, "{sv}", "max_depth_mm", "d", l->skin_types[t].max_depth_mm);
+                        if (r >= 0)
+                                r = close_dict_entry_dict(m);
+                }
+                if (r >= 0)
+                        r = close_dict_entry_dict(m);
+        }
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         return r;
@@ -331,6 +349,24 @@ int nd_manager_append_profile_fields(sd_bus_message *m, const nd_profile *p, boo
                                           "needles", "u", p->has_needles ? p->needles : 0u);
         if (r >= 0)
                 r = sd_bus_message_append(m, "{sv}", "digest", "s", p->digest);
+        if (r >= 0 && p->has_skin_types) {
+                r = sd_bus_message_open_container(m, 'e', "sv");
+                if (r >= 0)
+                        r = sd_bus_message_append(m, "s", "skin_types");
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'v', "as");
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'a', "s");
+                for (int t = 0; r >= 0 && t < ND_SKIN_TYPES_COUNT; t++)
+                        if (p->skin_types[t])
+                                r = sd_bus_message_append(m, "s", nd_skin_type_to_string((nd_skin_type) t));
+                for (int k = 0; r >= 0 && k < 3; k++)
+                        r = sd_bus_message_close_container(m);
+        }
+        if (r >= 0 && p->has_passes)
+                r = sd_bus_message_append(m, "{sv}", "passes", "u", p->passes);
+        if (r >= 0 && p->has_area_cm2)
+                r = sd_bus_message_append(m, "{sv}", "area_cm2", "d", p->area_cm2);
         if (r >= 0 && with_extras) {
                 r = sd_bus_message_append(m, "{sv}", "notes", "s", strempty(p->notes));
                 if (r >= 0)
