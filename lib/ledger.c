@@ -24,6 +24,7 @@
  * would let a long-running daemon's heap grow with the ledger (quick_check alone reads every
  * page at start). */
 #define LEDGER_CACHE_PRAGMA "PRAGMA cache_size=-256"
+#define LEDGER_SYNC_OFF 0
 #define LEDGER_SYNC_NORMAL 1
 #define LEDGER_SYNC_FULL 2
 
@@ -39,6 +40,7 @@ struct nd_ledger {
         sqlite3 *db;
         char *path;
         int synchronous;        /* the PRAGMA synchronous in force; -1: unknown */
+        bool bulk_load;         /* nd_ledger_set_bulk_load(): nothing synced (test ledgers only) */
         char error[1024];
 };
 
@@ -382,9 +384,12 @@ static int step_done(nd_ledger *l, sqlite3_stmt *st, const char *what) {
 }
 
 static int set_synchronous(nd_ledger *l, int level) {
+        if (l->bulk_load)
+                level = LEDGER_SYNC_OFF;
         if (l->synchronous == level)
                 return 0;
-        int r = exec(l, level == LEDGER_SYNC_FULL ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL",
+        int r = exec(l, level == LEDGER_SYNC_FULL   ? "PRAGMA synchronous=FULL" :
+                        level == LEDGER_SYNC_NORMAL ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF",
                      "setting the sync mode");
         if (r < 0)
                 return r;
@@ -742,6 +747,14 @@ int nd_ledger_set_max_pages(nd_ledger *l, uint32_t pages) {
         /* SQLite's compiled-in maximum applies for 0. */
         snprintf(sql, sizeof sql, "PRAGMA max_page_count=%" PRIu32, pages ? pages : UINT32_MAX - 1);
         return exec(l, sql, "setting the page cap");
+}
+
+int nd_ledger_set_bulk_load(nd_ledger *l, bool on) {
+        if (!l)
+                return -EINVAL;
+        l->bulk_load = on;
+        l->synchronous = -1;
+        return 0;
 }
 
 int nd_ledger_session_id_new(char out[static ND_LEDGER_SESSION_ID_SIZE]) {

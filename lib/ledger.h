@@ -234,3 +234,8 @@ const char *nd_ledger_break_to_string(nd_ledger_break b);
 /* Caps the database at this many pages (0: SQLite's default cap). Tests use it to make the disk
  * "full"; a deployment could use it to bound the ledger's size. Returns 0 or -errno. */
 int nd_ledger_set_max_pages(nd_ledger *l, uint32_t pages);
+
+/* Bulk loading of test ledgers (tests/bench/make-ledger): from now on no transaction waits for the
+ * disk (PRAGMA synchronous=OFF), so a power loss may lose or corrupt what was written. Never in the
+ * daemon. Returns 0 or -errno. */
+int nd_ledger_set_bulk_load(nd_ledger *l, bool on);
