@@ -10,6 +10,7 @@
 #include "config.h"
 #include "daemon.h"
 #include "errors.h"
+#include "ledger-reader.h"
 #include "log.h"
 #include "pen.h"
 #include "transport-usb.h"
@@ -89,6 +90,13 @@ static void daemon_open_ledger(nd_daemon *d) {
                             "the treatment ledger cannot be used (%s): no session can start until it can",
                             strempty(d->ledger_error));
                 return;
+        }
+        _cleanup_free_ char *reader_error = NULL;
+        r = nd_ledger_reader_new(d->event, nd_ledger_path(d->ledger), &d->ledger_reader, &reader_error);
+        if (r < 0) {
+                /* History cannot be read; treatment may still be recorded. */
+                nd_log_error("the ledger's history cannot be read off the loop (%s): GetHistory and GetCartridge "
+                             "answer Storage", reader_error ? reader_error : strerror(-r));
         }
         clock_gettime(CLOCK_REALTIME, &ts);
         r = nd_ledger_recover(d->ledger, (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC);
@@ -173,6 +181,7 @@ static const char *resolve_state_dir(const nd_daemon_options *opts, char **buf) 
 }
 
 static void daemon_free(nd_daemon *d) {
+        d->ledger_reader = nd_ledger_reader_free(d->ledger_reader);
         nd_pen_free_all(d, "stopped");
         d->usb = nd_usb_context_free(d->usb);
         sd_bus_slot_unref(d->manager_slot);

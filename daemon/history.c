@@ -1,10 +1,12 @@
-/* history.c: Manager.GetHistory and Manager.GetCartridge, read from the ledger. */
+/* history.c: Manager.GetHistory and Manager.GetCartridge, read from the ledger off the loop (ledger-reader.c). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "daemon.h"
 #include "errors.h"
+#include "ledger-reader.h"
+#include "log.h"
 #include "pen.h"
 #include "util.h"
 
@@ -14,6 +16,7 @@
 typedef struct history_filter {
         const char *pen;
         uint64_t since_us;
+        uint64_t before_us;
         uint32_t limit;
 } history_filter;
 
@@ -36,13 +39,17 @@ static int parse_filter(sd_bus_message *m, history_filter *f, sd_bus_error *erro
                         if (sd_bus_message_read(m, "v", "t", &f->since_us) < 0)
                                 return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS,
                                                         "Filter since must be µs since the epoch (t)");
+                } else if (STREQ(key, "before")) {
+                        if (sd_bus_message_read(m, "v", "t", &f->before_us) < 0)
+                                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                        "Filter before must be µs since the epoch (t)");
                 } else if (STREQ(key, "limit")) {
                         if (sd_bus_message_read(m, "v", "u", &f->limit) < 0)
                                 return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Filter limit must be unsigned (u)");
                 } else {
                         _cleanup_free_ char *shown = nd_text_sanitize(key, strlen(key), 64);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                 "Unknown filter key '%s' (GetHistory knows pen, since, limit)", strempty(shown));
+                                                 "Unknown filter key '%s' (GetHistory knows pen, since, before, limit)", strempty(shown));
                 }
                 if (sd_bus_message_exit_container(m) < 0)
                         return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Malformed filter");
@@ -72,15 +79,63 @@ static int append_session(sd_bus_message *reply, const nd_ledger_session *s) {
         return r;
 }
 
+/* The reply to a GetHistory whose query the ledger reader ran (on the loop). */
+static void history_done(nd_ledger_job *job, void *userdata) {
+        _cleanup_(nd_ledger_job_freep) nd_ledger_job *owned = job;
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
+        int r;
+
+        if (job->result < 0) {
+                (void) sd_bus_reply_method_errorf(job->message, ND_ERROR_STORAGE, "The ledger could not be read: %s",
+                                                  job->error);
+                return;
+        }
+        r = sd_bus_message_new_method_return(job->message, &reply);
+        if (r >= 0)
+                r = sd_bus_message_open_container(reply, 'a', "a{sv}");
+        for (size_t i = 0; r >= 0 && i < job->n_sessions; i++)
+                r = append_session(reply, &job->sessions[i]);
+        if (r >= 0)
+                r = sd_bus_message_close_container(reply);
+        if (r < 0)
+                (void) sd_bus_reply_method_errorf(job->message, ND_ERROR_INTERNAL, "Could not build the reply: %s",
+                                                  strerror(-r));
+        else
+                (void) sd_bus_send(NULL, reply, NULL);
+}
+
+/* Hands a job to the ledger reader, which answers m from its done callback; on failure answers m
+ * here. The ledger is read off the loop: a query on pages out of the page cache takes seconds. */
+static void submit_read(nd_daemon *d, sd_bus_message *m, nd_ledger_job *job, nd_ledger_job_done_t done) {
+        _cleanup_(nd_ledger_job_freep) nd_ledger_job *owned = job;
+        int r;
+
+        if (!d->ledger || !d->ledger_reader) {
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_STORAGE, "The treatment ledger is not available: %s",
+                                                  strempty(d->ledger_error));
+                return;
+        }
+        job->message = sd_bus_message_ref(m);
+        job->done = done;
+        job->userdata = d;
+        r = nd_ledger_reader_submit(d->ledger_reader, job);
+        if (r == -EAGAIN)
+                (void) sd_bus_reply_method_errorf(m, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                                  "%u ledger queries are already waiting; try again when they are answered",
+                                                  ND_LEDGER_READER_QUEUE_MAX);
+        else if (r < 0)
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INTERNAL, "Could not queue the ledger query: %s",
+                                                  strerror(-r));
+        else
+                TAKE_PTR(owned);
+}
+
 static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
                                const nd_caller *caller, void *userdata) {
         nd_daemon *d = userdata;
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
-        _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         history_filter f = { .limit = 0 };
-        nd_ledger_session *sessions = NULL;
-        size_t n = 0;
-        int r;
+        nd_ledger_job *job;
 
         if (!allowed) {
                 (void) sd_bus_reply_method_error(m, auth_error);
@@ -90,29 +145,16 @@ static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_err
                 (void) sd_bus_reply_method_error(m, &error);
                 return;
         }
-        if (!d->ledger) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_STORAGE, "The treatment ledger is not available: %s",
-                                                  strempty(d->ledger_error));
+        job = nd_ledger_job_new(ND_LEDGER_JOB_HISTORY);
+        if (!job || (f.pen && !(job->pen_serial = strdup(f.pen)))) {
+                nd_ledger_job_free(job);
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INTERNAL, "Out of memory");
                 return;
         }
-        r = nd_ledger_history(d->ledger, f.pen, f.since_us, f.limit, &sessions, &n);
-        if (r < 0) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_STORAGE, "The ledger could not be read: %s",
-                                                  nd_ledger_last_error(d->ledger));
-                return;
-        }
-        r = sd_bus_message_new_method_return(m, &reply);
-        if (r >= 0)
-                r = sd_bus_message_open_container(reply, 'a', "a{sv}");
-        for (size_t i = 0; r >= 0 && i < n; i++)
-                r = append_session(reply, &sessions[i]);
-        if (r >= 0)
-                r = sd_bus_message_close_container(reply);
-        nd_ledger_session_array_free(sessions, n);
-        if (r < 0)
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INTERNAL, "Could not build the reply: %s", strerror(-r));
-        else
-                (void) sd_bus_send(NULL, reply, NULL);
+        job->history = (nd_ledger_history_filter) {
+                .since_us = f.since_us, .before_us = f.before_us, .limit = f.limit,
+        };
+        submit_read(d, m, job, history_done);
 }
 
 int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -123,35 +165,50 @@ int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_erro
         return 1;
 }
 
+static void cartridge_done(nd_ledger_job *job, void *userdata) {
+        _cleanup_(nd_ledger_job_freep) nd_ledger_job *owned = job;
+        nd_daemon *d = userdata;
+        const nd_ledger_cartridge *c = &job->cartridge;
+        const char *state;
+
+        if (job->result == -ENOENT) {
+                (void) sd_bus_reply_method_return(job->message, "a{sv}", 6, "id", "s", job->cartridge_id, "state", "s",
+                                                  "fresh", "first_used", "t", UINT64_C(0), "runtime_s", "u", 0u,
+                                                  "sessions", "u", 0u, "needles", "u", 0u);
+                return;
+        }
+        if (job->result < 0) {
+                (void) sd_bus_reply_method_errorf(job->message, ND_ERROR_STORAGE, "The ledger could not be read: %s",
+                                                  job->error);
+                return;
+        }
+        state = nd_ledger_cartridge_state_to_string(c->state);
+        if (d->limits && c->state != ND_LEDGER_CARTRIDGE_SPENT) {
+                bool allowed = false;
+                for (size_t i = 0; i < d->limits->cartridge.n_allowed_needles; i++)
+                        allowed = allowed || d->limits->cartridge.allowed_needles[i] == c->needles;
+                if (!allowed)
+                        state = "rejected";
+        }
+        (void) sd_bus_reply_method_return(job->message, "a{sv}", 6, "id", "s", c->id, "state", "s", state, "first_used",
+                                          "t", c->first_used_us, "runtime_s", "u", (uint32_t) c->runtime_s, "sessions",
+                                          "u", (uint32_t) MIN(c->sessions, (uint64_t) UINT32_MAX), "needles", "u",
+                                          c->needles);
+}
+
 int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         nd_daemon *d = userdata;
-        nd_ledger_cartridge c;
-        const char *id, *state;
-        int r;
+        nd_ledger_job *job;
+        const char *id;
 
         if (sd_bus_message_read(m, "s", &id) < 0)
                 return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Expected a cartridge id");
         if (id[0] == '\0' || strlen(id) > CARTRIDGE_ID_MAX)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "A cartridge id has 1 to %d bytes", CARTRIDGE_ID_MAX);
-        if (!d->ledger)
-                return sd_bus_error_setf(error, ND_ERROR_STORAGE, "The treatment ledger is not available: %s",
-                                         strempty(d->ledger_error));
-        r = nd_ledger_cartridge_get(d->ledger, id, &c);
-        if (r == -ENOENT)
-                return sd_bus_reply_method_return(m, "a{sv}", 6, "id", "s", id, "state", "s", "fresh", "first_used", "t",
-                                                  UINT64_C(0), "runtime_s", "u", 0u, "sessions", "u", 0u, "needles", "u", 0u);
-        if (r < 0)
-                return sd_bus_error_setf(error, ND_ERROR_STORAGE, "The ledger could not be read: %s",
-                                         nd_ledger_last_error(d->ledger));
-        state = nd_ledger_cartridge_state_to_string(c.state);
-        if (d->limits && c.state != ND_LEDGER_CARTRIDGE_SPENT) {
-                bool allowed = false;
-                for (size_t i = 0; i < d->limits->cartridge.n_allowed_needles; i++)
-                        allowed = allowed || d->limits->cartridge.allowed_needles[i] == c.needles;
-                if (!allowed)
-                        state = "rejected";
-        }
-        return sd_bus_reply_method_return(m, "a{sv}", 6, "id", "s", c.id, "state", "s", state, "first_used", "t",
-                                          c.first_used_us, "runtime_s", "u", (uint32_t) c.runtime_s, "sessions", "u",
-                                          (uint32_t) MIN(c.sessions, (uint64_t) UINT32_MAX), "needles", "u", c.needles);
+        job = nd_ledger_job_new(ND_LEDGER_JOB_CARTRIDGE);
+        if (!job)
+                return sd_bus_error_set(error, ND_ERROR_INTERNAL, "Out of memory");
+        snprintf(job->cartridge_id, sizeof job->cartridge_id, "%s", id);
+        submit_read(d, m, job, cartridge_done);
+        return 1;
 }

@@ -24,6 +24,7 @@
  * would let a long-running daemon's heap grow with the ledger (quick_check alone reads every
  * page at start). */
 #define LEDGER_CACHE_PRAGMA "PRAGMA cache_size=-256"
+#define LEDGER_SYNC_OFF 0
 #define LEDGER_SYNC_NORMAL 1
 #define LEDGER_SYNC_FULL 2
 
@@ -39,6 +40,7 @@ struct nd_ledger {
         sqlite3 *db;
         char *path;
         int synchronous;        /* the PRAGMA synchronous in force; -1: unknown */
+        bool bulk_load;         /* nd_ledger_set_bulk_load(): nothing synced (test ledgers only) */
         char error[1024];
 };
 
@@ -75,6 +77,8 @@ static int errno_from_sqlite(sqlite3 *db, int rc) {
                 return -EBUSY;
         case SQLITE_NOMEM:
                 return -ENOMEM;
+        case SQLITE_INTERRUPT:
+                return -EINTR;
         case SQLITE_CONSTRAINT:
                 return -EEXIST;
         case SQLITE_IOERR:
@@ -380,9 +384,12 @@ static int step_done(nd_ledger *l, sqlite3_stmt *st, const char *what) {
 }
 
 static int set_synchronous(nd_ledger *l, int level) {
+        if (l->bulk_load)
+                level = LEDGER_SYNC_OFF;
         if (l->synchronous == level)
                 return 0;
-        int r = exec(l, level == LEDGER_SYNC_FULL ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL",
+        int r = exec(l, level == LEDGER_SYNC_FULL   ? "PRAGMA synchronous=FULL" :
+                        level == LEDGER_SYNC_NORMAL ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF",
                      "setting the sync mode");
         if (r < 0)
                 return r;
@@ -674,6 +681,57 @@ nd_ledger *nd_ledger_close(nd_ledger *l) {
         return NULL;
 }
 
+int nd_ledger_open_reader(const char *db_path, nd_ledger **ret, char **error) {
+        _cleanup_(nd_ledger_closep) nd_ledger *l = NULL;
+        int64_t app_id = 0, version = 0;
+        int r, rc = SQLITE_OK;
+
+        if (!ret)
+                return -EINVAL;
+        *ret = NULL;
+        if (error)
+                *error = NULL;
+        if (!db_path || !*db_path)
+                return -EINVAL;
+        l = calloc(1, sizeof *l);
+        if (!l)
+                return -ENOMEM;
+        l->synchronous = -1;
+        l->path = strdup(db_path);
+        if (!l->path)
+                return -ENOMEM;
+        /* READONLY: this connection can never write, whatever a bug asks of it. In WAL mode it
+         * still maps the -shm index the writer keeps, so it sees every committed transaction. */
+        rc = sqlite3_open_v2(l->path, &l->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE,
+                             NULL);
+        if (rc != SQLITE_OK)
+                r = sql_error(l, rc, "cannot open the ledger for reading");
+        else {
+                sqlite3_busy_timeout(l->db, LEDGER_BUSY_TIMEOUT_MS);
+                (void) sqlite3_exec(l->db, LEDGER_CACHE_PRAGMA, NULL, NULL, NULL);
+                r = exec(l, "PRAGMA trusted_schema=OFF; PRAGMA query_only=ON", "configuring the reader");
+        }
+        if (r >= 0 && (pragma_int(l->db, "PRAGMA application_id", &app_id, &rc) < 0 ||
+                       pragma_int(l->db, "PRAGMA user_version", &version, &rc) < 0))
+                r = sql_error(l, rc, "reading the schema version");
+        if (r >= 0 && (app_id != ND_LEDGER_APPLICATION_ID || version != ND_LEDGER_SCHEMA_VERSION))
+                r = set_error(l, -EBADMSG, "not a needled ledger of schema %d (application id 0x%08" PRIx64
+                              ", version %" PRId64 ")", ND_LEDGER_SCHEMA_VERSION, (uint64_t) app_id, version);
+        if (r < 0) {
+                if (error)
+                        *error = strdup(l->error);
+                return r;
+        }
+        l->error[0] = '\0';
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+void nd_ledger_interrupt(nd_ledger *l) {
+        if (l && l->db)
+                sqlite3_interrupt(l->db);
+}
+
 const char *nd_ledger_path(const nd_ledger *l) {
         return l ? l->path : NULL;
 }
@@ -689,6 +747,14 @@ int nd_ledger_set_max_pages(nd_ledger *l, uint32_t pages) {
         /* SQLite's compiled-in maximum applies for 0. */
         snprintf(sql, sizeof sql, "PRAGMA max_page_count=%" PRIu32, pages ? pages : UINT32_MAX - 1);
         return exec(l, sql, "setting the page cap");
+}
+
+int nd_ledger_set_bulk_load(nd_ledger *l, bool on) {
+        if (!l)
+                return -EINVAL;
+        l->bulk_load = on;
+        l->synchronous = -1;
+        return 0;
 }
 
 int nd_ledger_session_id_new(char out[static ND_LEDGER_SESSION_ID_SIZE]) {
@@ -1259,30 +1325,41 @@ int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret) 
         return r < 0 ? set_error(l, r, "out of memory") : 0;
 }
 
-int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, uint32_t limit,
-                      nd_ledger_session **ret, size_t *ret_n) {
+/* One statement per filter shape, so that each is answered from an index (sessions_by_pen or
+ * sessions_by_start, scanned backwards; rowid breaks ties in the same index order): an OR of
+ * "no filter" and "this pen" in one statement makes SQLite walk every row by start time. */
+#define HISTORY_SQL_ALL \
+        "SELECT " SESSION_COLUMNS " FROM sessions WHERE start_us >= ?2 AND start_us < ?3 " \
+        "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
+#define HISTORY_SQL_PEN \
+        "SELECT " SESSION_COLUMNS " FROM sessions WHERE pen_serial = ?1 AND start_us >= ?2 AND start_us < ?3 " \
+        "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
+
+int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
+                            size_t *ret_n) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         nd_ledger_session *a = NULL;
         size_t n = 0;
+        uint32_t limit;
+        uint64_t since_us, before_us;
         int r, rc = SQLITE_DONE;
 
-        if (!l || !ret || !ret_n)
+        if (!l || !f || !ret || !ret_n)
                 return -EINVAL;
-        if (pen_serial && (r = check_text(l, "pen serial", pen_serial, ND_LEDGER_NAME_MAX, false)) < 0)
+        if (f->pen_serial && (r = check_text(l, "pen serial", f->pen_serial, ND_LEDGER_NAME_MAX, false)) < 0)
                 return r;
-        if (limit == 0 || limit > ND_LEDGER_HISTORY_LIMIT_MAX)
-                limit = ND_LEDGER_HISTORY_LIMIT_MAX;
-        since_us = MIN(since_us, (uint64_t) INT64_MAX);
+        limit = f->limit == 0 || f->limit > ND_LEDGER_HISTORY_LIMIT_MAX ? ND_LEDGER_HISTORY_LIMIT_MAX : f->limit;
+        since_us = MIN(f->since_us, (uint64_t) INT64_MAX);
+        before_us = f->before_us == 0 ? (uint64_t) INT64_MAX : MIN(f->before_us, (uint64_t) INT64_MAX);
 
-        r = prepare(l, "SELECT " SESSION_COLUMNS " FROM sessions "
-                       "WHERE (?1 IS NULL OR pen_serial = ?1) AND start_us >= ?2 "
-                       "ORDER BY start_us DESC, rowid DESC LIMIT ?3", &st);
+        r = prepare(l, f->pen_serial ? HISTORY_SQL_PEN : HISTORY_SQL_ALL, &st);
         if (r < 0)
                 return r;
-        if (pen_serial)
-                bind_text(st, 1, pen_serial);
+        if (f->pen_serial)
+                bind_text(st, 1, f->pen_serial);
         sqlite3_bind_int64(st, 2, (int64_t) since_us);
-        sqlite3_bind_int64(st, 3, limit);
+        sqlite3_bind_int64(st, 3, (int64_t) before_us);
+        sqlite3_bind_int64(st, 4, limit);
 
         a = calloc(limit, sizeof *a);
         if (!a)
@@ -1302,6 +1379,12 @@ int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, u
         *ret = a;
         *ret_n = n;
         return 0;
+}
+
+int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, uint32_t limit,
+                      nd_ledger_session **ret, size_t *ret_n) {
+        nd_ledger_history_filter f = { .pen_serial = pen_serial, .since_us = since_us, .limit = limit };
+        return nd_ledger_history_query(l, &f, ret, ret_n);
 }
 
 const char *nd_ledger_cartridge_state_to_string(nd_ledger_cartridge_state s) {

@@ -34,7 +34,8 @@
 #define ND_LEDGER_NAME_MAX 256          /* serials, cartridge ids, names, labels, digests */
 #define ND_LEDGER_PROFILE_MAX 65536     /* the profile snapshot (YAML) */
 #define ND_LEDGER_AUDIT_TEXT_MAX 4096   /* each text field of an audit entry */
-/* GetHistory never returns more than this many sessions (also the default for limit 0). */
+/* GetHistory never returns more than this many sessions (also the default for limit 0); a client
+ * pages back with the filter key before (nd_ledger_history_filter.before_us). */
 #define ND_LEDGER_HISTORY_LIMIT_MAX 1000u
 
 /* A UUID in text form (8-4-4-4-12 lower-case hex) plus the NUL. */
@@ -182,6 +183,30 @@ void nd_ledger_session_array_free(nd_ledger_session *a, size_t n);
 int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, uint32_t limit,
                       nd_ledger_session **ret, size_t *ret_n);
 
+/* A history query; 0 / NULL fields do not filter. */
+typedef struct nd_ledger_history_filter {
+        const char *pen_serial;         /* one pen's sessions */
+        uint64_t since_us;              /* started at or after */
+        uint64_t before_us;             /* started strictly before (0: no bound) */
+        uint32_t limit;                 /* 0 or above ND_LEDGER_HISTORY_LIMIT_MAX: that maximum */
+} nd_ledger_history_filter;
+
+/* Sessions newest first that pass the filter, each query answered from an index (docs/ledger.md).
+ * *ret is the caller's (nd_ledger_session_array_free()); profile_yaml is not filled in. */
+int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
+                            size_t *ret_n);
+
+/* Opens the ledger at db_path read-only (PRAGMA query_only), for queries run on another thread
+ * than the writer's connection (WAL lets them run beside it). Never creates, checks or migrates
+ * the file: open the writer (nd_ledger_open) first. Only the reading functions may be used on it
+ * (nd_ledger_history*, nd_ledger_cartridge_get, nd_ledger_session_get). On failure *ret stays
+ * NULL and *error (if not NULL) says why (caller frees). */
+int nd_ledger_open_reader(const char *db_path, nd_ledger **ret, char **error);
+
+/* Makes the query running on this connection (on another thread) fail soon with -EINTR; the
+ * one call that may be made from another thread than the connection's user. */
+void nd_ledger_interrupt(nd_ledger *l);
+
 /* What the ledger knows of a cartridge. -ENOENT when it has never been used. */
 int nd_ledger_cartridge_get(nd_ledger *l, const char *id, nd_ledger_cartridge *ret);
 /* "fresh", "in-use" or "spent" (static string). */
@@ -209,3 +234,8 @@ const char *nd_ledger_break_to_string(nd_ledger_break b);
 /* Caps the database at this many pages (0: SQLite's default cap). Tests use it to make the disk
  * "full"; a deployment could use it to bound the ledger's size. Returns 0 or -errno. */
 int nd_ledger_set_max_pages(nd_ledger *l, uint32_t pages);
+
+/* Bulk loading of test ledgers (tests/bench/make-ledger): from now on no transaction waits for the
+ * disk (PRAGMA synchronous=OFF), so a power loss may lose or corrupt what was written. Never in the
+ * daemon. Returns 0 or -errno. */
+int nd_ledger_set_bulk_load(nd_ledger *l, bool on);
