@@ -203,6 +203,8 @@ static int check_stats(nd_ledger *l, const nd_ledger_stats *st) {
                 return set_error(l, -EINVAL, "session figures must be finite (and not negative)");
         if (st->strokes > (uint64_t) INT64_MAX)
                 return set_error(l, -EINVAL, "stroke count %" PRIu64 " out of range", st->strokes);
+        if (st->punctures > (uint64_t) INT64_MAX || !value_ok(st->density_per_cm2))
+                return set_error(l, -EINVAL, "puncture figures out of range");
         return 0;
 }
 
@@ -334,12 +336,26 @@ static int audit_entry_hash(int64_t seq, int64_t time_us, int64_t uid, int64_t p
         "limits_digest, label, owner_uid, owner_pid, owner_name, start_us, single_use, max_runtime_s"
 #define SESSION_END_DIGEST_COLUMNS SESSION_BEGIN_DIGEST_COLUMNS ", " \
         "end_us, duration_s, strokes, max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, end_reason"
+/* Schema 2's columns, after the ones above. They are NULL in rows written before schema 2 and
+ * never NULL after; a NULL one is left out of the digest, so a row written under schema 1
+ * hashes as it did then, and clearing or setting one of them afterwards changes the digest. */
+#define SESSION_BEGIN_DIGEST_COLUMNS_2 ", skin_type, area_cm2"
+#define SESSION_END_DIGEST_COLUMNS_2 SESSION_BEGIN_DIGEST_COLUMNS_2 ", punctures, density_per_cm2"
+#define SESSION_BEGIN_DIGEST_COUNT_1 15
+#define SESSION_END_DIGEST_COUNT_1 23
 
-static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE],
-                              int *ret_sqlite_rc) {
+/* schema: the file's schema version (verification reads files of every version). */
+static int session_row_digest(sqlite3 *db, const char *id, bool ended, int64_t schema,
+                              char out[static ND_SHA256_HEX_SIZE], int *ret_sqlite_rc) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
-        const char *sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS " FROM sessions WHERE id = ?1"
-                                : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS " FROM sessions WHERE id = ?1";
+        const char *sql;
+        if (schema >= 2)
+                sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS SESSION_END_DIGEST_COLUMNS_2 " FROM sessions WHERE id = ?1"
+                            : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS SESSION_BEGIN_DIGEST_COLUMNS_2 " FROM sessions WHERE id = ?1";
+        else
+                sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS " FROM sessions WHERE id = ?1"
+                            : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS " FROM sessions WHERE id = ?1";
+        int first_optional = ended ? SESSION_END_DIGEST_COUNT_1 : SESSION_BEGIN_DIGEST_COUNT_1;
         int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
         if (rc == SQLITE_OK)
                 rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
@@ -355,7 +371,8 @@ static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[
         const char *tag = ended ? SESSION_END_TAG : SESSION_BEGIN_TAG;
         enc_bytes(&e, tag, strlen(tag));
         for (int i = 0; i < sqlite3_column_count(st); i++)
-                enc_column(&e, st, i);
+                if (i < first_optional || sqlite3_column_type(st, i) != SQLITE_NULL)
+                        enc_column(&e, st, i);
         return enc_digest(&e, out);
 }
 
@@ -488,11 +505,24 @@ static int migrate_to_1(nd_ledger *l) {
         return exec(l, schema, "creating the schema (version 1)");
 }
 
+/* Schema 2: the skin type, treated surface and measured dose of a session (docs/ledger.md).
+ * Added as nullable columns, so the rows already there keep their values and their digests
+ * (session_row_digest leaves NULLs out); every row written from now on fills them in. */
+static int migrate_to_2(nd_ledger *l) {
+        static const char schema[] =
+                "ALTER TABLE sessions ADD COLUMN skin_type TEXT;"
+                "ALTER TABLE sessions ADD COLUMN area_cm2 REAL CHECK (area_cm2 IS NULL OR area_cm2 >= 0);"
+                "ALTER TABLE sessions ADD COLUMN punctures INTEGER CHECK (punctures IS NULL OR punctures >= 0);"
+                "ALTER TABLE sessions ADD COLUMN density_per_cm2 REAL CHECK (density_per_cm2 IS NULL OR density_per_cm2 >= 0);";
+        return exec(l, schema, "adding the dose columns (version 2)");
+}
+
 /* migrations[v - 1] brings a database at version v - 1 to version v. Version 2 is one more
  * function here; the loop in migrate() runs every step a file needs, each in its own
  * transaction, with the version written in that same transaction. */
 static int (*const migrations[])(nd_ledger *l) = {
         migrate_to_1,
+        migrate_to_2,
 };
 _Static_assert(ELEMENTSOF(migrations) == ND_LEDGER_SCHEMA_VERSION, "one migration per schema version");
 
@@ -976,8 +1006,8 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
 
         r = prepare(l, "INSERT INTO sessions (id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, "
                        "  profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, single_use, "
-                       "  max_runtime_s, start_us, updated_us) "
-                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)", &ins);
+                       "  max_runtime_s, start_us, updated_us, skin_type, area_cm2, punctures, density_per_cm2) "
+                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17, 0, 0)", &ins);
         if (r < 0)
                 return r;
         bind_text(ins, 1, s->id);
@@ -995,19 +1025,21 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
         sqlite3_bind_int(ins, 13, s->single_use);
         sqlite3_bind_int64(ins, 14, s->cartridge_max_runtime_s);
         sqlite3_bind_int64(ins, 15, (int64_t) s->start_us);
+        bind_text(ins, 16, strempty(s->skin_type));
+        sqlite3_bind_double(ins, 17, s->area_cm2);
         r = step_done(l, ins, "recording the session");
         if (r == -EEXIST)
                 return set_error(l, r, "session %s already exists", s->id);
         if (r < 0)
                 return r;
 
-        r = session_row_digest(l->db, s->id, false, digest, &rc);
+        r = session_row_digest(l->db, s->id, false, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
         if (r < 0)
                 return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
         if (asprintf(&detail, ROW_DIGEST_PREFIX "%s pen=%s cartridge=%s needles=%" PRIu32 " profile=%s "
-                     "profile-digest=%s limits-digest=%s label=%s",
+                     "profile-digest=%s limits-digest=%s label=%s skin-type=%s",
                      digest, s->pen_serial, s->cartridge_id, s->needles, s->profile_name, s->profile_digest,
-                     s->limits_digest, s->label) < 0) {
+                     s->limits_digest, s->label, (!s->skin_type || !*s->skin_type) ? "none" : s->skin_type) < 0) {
                 detail = NULL;
                 return set_error(l, -ENOMEM, "out of memory");
         }
@@ -1059,6 +1091,13 @@ static void bind_stats(sqlite3_stmt *st, int first, const nd_ledger_stats *s) {
         sqlite3_bind_double(st, first + 5, s->max_current_ma);
 }
 
+/* The dose figures go in ?10 and ?11 of the statements that use STATS_ASSIGNMENTS. */
+#define DOSE_ASSIGNMENTS "punctures = ?10, density_per_cm2 = ?11"
+static void bind_dose(sqlite3_stmt *st, const nd_ledger_stats *s) {
+        sqlite3_bind_int64(st, 10, (int64_t) s->punctures);
+        sqlite3_bind_double(st, 11, s->density_per_cm2);
+}
+
 /* Maxima never go down, whatever a caller passes. */
 #define STATS_ASSIGNMENTS \
         "duration_s = ?1, strokes = ?2, max_depth_mm = max(max_depth_mm, ?3), " \
@@ -1081,11 +1120,12 @@ int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, co
         r = set_synchronous(l, LEDGER_SYNC_NORMAL);
         if (r < 0)
                 return r;
-        r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", updated_us = ?7 WHERE id = ?8 AND end_us IS NULL",
+        r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", " DOSE_ASSIGNMENTS ", updated_us = ?7 WHERE id = ?8 AND end_us IS NULL",
                     &st);
         if (r < 0)
                 return r;
         bind_stats(st, 1, stats);
+        bind_dose(st, stats);
         sqlite3_bind_int64(st, 7, (int64_t) now_us);
         bind_text(st, 8, id);
         r = step_done(l, st, "updating the session");
@@ -1106,7 +1146,7 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
         int r, rc = SQLITE_OK;
 
         if (stats)
-                r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", end_us = ?7, updated_us = ?7, "
+                r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", " DOSE_ASSIGNMENTS ", end_us = ?7, updated_us = ?7, "
                                "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
         else
                 r = prepare(l, "UPDATE sessions SET end_us = CASE WHEN ?7 = 0 THEN updated_us ELSE ?7 END, "
@@ -1114,8 +1154,10 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
                                "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
         if (r < 0)
                 return r;
-        if (stats)
+        if (stats) {
                 bind_stats(upd, 1, stats);
+                bind_dose(upd, stats);
+        }
         sqlite3_bind_int64(upd, 7, (int64_t) end_us);
         bind_text(upd, 8, id);
         bind_text(upd, 9, reason);
@@ -1126,7 +1168,8 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
                 return session_not_running(l, id);
 
         r = prepare(l, "SELECT s.cartridge_id, s.single_use, s.max_runtime_s, s.pen_serial, s.strokes, "
-                       "  s.duration_s, (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = s.cartridge_id) "
+                       "  s.duration_s, (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = s.cartridge_id), "
+                       "  coalesce(s.punctures, 0) "
                        "FROM sessions s WHERE s.id = ?1", &info);
         if (r < 0)
                 return r;
@@ -1141,6 +1184,7 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
         int64_t strokes = sqlite3_column_int64(info, 4);
         double duration_s = sqlite3_column_double(info, 5);
         double runtime_s = sqlite3_column_double(info, 6);
+        int64_t punctures = sqlite3_column_int64(info, 7);
 
         if (force_spent || single_use || (max_runtime_s > 0 && runtime_s >= (double) max_runtime_s)) {
                 r = prepare(l, "UPDATE cartridges SET state = 'spent' WHERE id = ?1", &spend);
@@ -1152,14 +1196,14 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
                         return r;
         }
 
-        r = session_row_digest(l->db, id, true, digest, &rc);
+        r = session_row_digest(l->db, id, true, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
         if (r < 0)
                 return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
         /* Integers only: the text must not depend on the locale of whoever wrote it. */
         if (asprintf(&detail, ROW_DIGEST_PREFIX "%s reason=%s pen=%s cartridge=%s duration-ms=%" PRId64
-                     " strokes=%" PRId64,
+                     " strokes=%" PRId64 " punctures=%" PRId64,
                      digest, reason, strempty(pen), strempty(cartridge), (int64_t) llround(duration_s * 1000.0),
-                     strokes) < 0) {
+                     strokes, punctures) < 0) {
                 detail = NULL;
                 return set_error(l, -ENOMEM, "out of memory");
         }
@@ -1243,7 +1287,8 @@ int nd_ledger_recover(nd_ledger *l, uint64_t now_us) {
         "id, pen_serial, cartridge_id, needles, profile_name, profile_digest, limits_digest, label, " \
         "owner_uid, owner_pid, owner_name, start_us, coalesce(end_us, 0), updated_us, duration_s, strokes, " \
         "max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, coalesce(end_reason, ''), single_use, " \
-        "max_runtime_s"
+        "max_runtime_s, coalesce(skin_type, ''), coalesce(area_cm2, 0), coalesce(punctures, 0), " \
+        "coalesce(density_per_cm2, 0)"
 
 static int dup_col(sqlite3_stmt *st, int col, char **ret) {
         const char *t = (const char *) sqlite3_column_text(st, col);
@@ -1251,7 +1296,7 @@ static int dup_col(sqlite3_stmt *st, int col, char **ret) {
         return *ret ? 0 : -ENOMEM;
 }
 
-/* Fills *s from a row of SESSION_COLUMNS (+ profile_yaml at column 23 when with_yaml). */
+/* Fills *s from a row of SESSION_COLUMNS (+ profile_yaml at column 27 when with_yaml). */
 static int session_from_row(sqlite3_stmt *st, bool with_yaml, nd_ledger_session *s) {
         const char *id = (const char *) sqlite3_column_text(st, 0);
         int r = 0;
@@ -1262,7 +1307,7 @@ static int session_from_row(sqlite3_stmt *st, bool with_yaml, nd_ledger_session 
             dup_col(st, 4, &s->profile_name) < 0 || dup_col(st, 5, &s->profile_digest) < 0 ||
             dup_col(st, 6, &s->limits_digest) < 0 || dup_col(st, 7, &s->label) < 0 ||
             dup_col(st, 10, &s->owner_name) < 0 || dup_col(st, 20, &s->reason) < 0 ||
-            (with_yaml && dup_col(st, 23, &s->profile_yaml) < 0))
+            dup_col(st, 23, &s->skin_type) < 0 || (with_yaml && dup_col(st, 27, &s->profile_yaml) < 0))
                 r = -ENOMEM;
         s->needles = (uint32_t) sqlite3_column_int64(st, 3);
         s->owner_uid = (uint32_t) sqlite3_column_int64(st, 8);
@@ -1278,6 +1323,9 @@ static int session_from_row(sqlite3_stmt *st, bool with_yaml, nd_ledger_session 
         s->stats.max_current_ma = sqlite3_column_double(st, 19);
         s->single_use = sqlite3_column_int(st, 21) != 0;
         s->cartridge_max_runtime_s = (uint32_t) sqlite3_column_int64(st, 22);
+        s->area_cm2 = sqlite3_column_double(st, 24);
+        s->stats.punctures = (uint64_t) sqlite3_column_int64(st, 25);
+        s->stats.density_per_cm2 = sqlite3_column_double(st, 26);
         if (r < 0)
                 nd_ledger_session_clear(s);
         return r;
@@ -1292,6 +1340,7 @@ void nd_ledger_session_clear(nd_ledger_session *s) {
         free(s->profile_yaml);
         free(s->profile_digest);
         free(s->limits_digest);
+        free(s->skin_type);
         free(s->label);
         free(s->owner_name);
         free(s->reason);
@@ -1584,7 +1633,7 @@ static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, cons
 }
 
 /* One audit entry of this action for this session whose row digest matches. */
-static int verify_session_entry(sqlite3 *db, const char *path, const char *id, bool ended, bool expect,
+static int verify_session_entry(sqlite3 *db, const char *path, const char *id, bool ended, bool expect, int64_t schema,
                                 nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         char digest[ND_SHA256_HEX_SIZE];
@@ -1613,7 +1662,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
         const char *detail = (const char *) sqlite3_column_text(st, 1);
 
         int crc = SQLITE_OK;
-        int r = session_row_digest(db, id, ended, digest, &crc);
+        int r = session_row_digest(db, id, ended, schema, digest, &crc);
         if (r == -EIO)
                 return verify_sql_fail(v, db, crc, path, "reading a session");
         if (r < 0)
@@ -1630,7 +1679,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
 }
 
 /* The session and cartridge rows against the (verified) trail. */
-static int verify_records(sqlite3 *db, const char *path, nd_ledger_verify_result *v) {
+static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
         int r, rc;
 
@@ -1642,10 +1691,10 @@ static int verify_records(sqlite3 *db, const char *path, nd_ledger_verify_result
                 bool ended = sqlite3_column_int(st, 1) != 0;
                 if (!id)
                         return verify_break(v, ND_LEDGER_BREAK_RECORD, 0, "a session without an id");
-                r = verify_session_entry(db, path, id, false, true, v);
+                r = verify_session_entry(db, path, id, false, true, schema, v);
                 if (r < 0 || v->broken)
                         return r;
-                r = verify_session_entry(db, path, id, true, ended, v);
+                r = verify_session_entry(db, path, id, true, ended, schema, v);
                 if (r < 0 || v->broken)
                         return r;
                 v->sessions++;
@@ -1740,7 +1789,7 @@ int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, co
 
         r = verify_chain(db, db_path, anchor_seq, anchor_hash, v);
         if (r >= 0 && v->broken == ND_LEDGER_INTACT)
-                r = verify_records(db, db_path, v);
+                r = verify_records(db, db_path, version, v);
         (void) sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
         return r;
 }

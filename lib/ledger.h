@@ -26,7 +26,7 @@
 /* Where the daemon keeps it unless told otherwise (systemd StateDirectory=needled). */
 #define ND_LEDGER_STATE_DIR_DEFAULT "/var/lib/needled"
 /* The schema this build writes; every older version is migrated on open, newer ones refused. */
-#define ND_LEDGER_SCHEMA_VERSION 1
+#define ND_LEDGER_SCHEMA_VERSION 2
 /* PRAGMA application_id of a needled ledger ("NDLG"), so another program's database is refused. */
 #define ND_LEDGER_APPLICATION_ID 0x4e444c47
 
@@ -54,6 +54,8 @@ typedef struct nd_ledger_stats {
         double max_speed_hz;
         double max_temperature_c;
         double max_current_ma;
+        uint64_t punctures;             /* strokes x the cartridge's needles (schema 2) */
+        double density_per_cm2;         /* punctures / the profile's area_cm2; 0 without one (schema 2) */
 } nd_ledger_stats;
 
 /* What the daemon knows when a session starts. Strings are borrowed for the call. */
@@ -73,6 +75,8 @@ typedef struct nd_ledger_session_start {
         uint64_t start_us;              /* CLOCK_REALTIME, µs since the epoch */
         bool single_use;                /* limits: cartridge.single_use */
         uint32_t cartridge_max_runtime_s; /* limits: cartridge.max_runtime_s; 0: no cap */
+        const char *skin_type;          /* Fitzpatrick "I".."VI", or NULL/"" when none was given */
+        double area_cm2;                /* the profile's treated surface; 0: none */
 } nd_ledger_session_start;
 
 /* A session as recorded. Owns its strings: free with nd_ledger_session_clear(). */
@@ -96,6 +100,8 @@ typedef struct nd_ledger_session {
         char *reason;                   /* "" while running */
         bool single_use;
         uint32_t cartridge_max_runtime_s;
+        char *skin_type;                /* "" when none was given, or for a session recorded before schema 2 */
+        double area_cm2;                /* 0: none (or recorded before schema 2) */
 } nd_ledger_session;
 
 typedef enum nd_ledger_cartridge_state {

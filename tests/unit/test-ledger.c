@@ -1077,9 +1077,17 @@ START_TEST(test_tamper_records) {
                 "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
                 "profile_name, profile_yaml, profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, "
                 "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
-                "max_speed_hz, max_temperature_c, max_current_ma, end_reason FROM sessions",
+                "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
+                "density_per_cm2 FROM sessions",
                 "UPDATE cartridges SET state = 'in-use'",
                 "UPDATE sessions SET strokes = strokes + 1",
+                /* schema 2's columns are covered by the digests too, and clearing one is a change */
+                "UPDATE sessions SET skin_type = 'I'",
+                "UPDATE sessions SET skin_type = NULL",
+                "UPDATE sessions SET area_cm2 = 100",
+                "UPDATE sessions SET punctures = punctures + 1",
+                "UPDATE sessions SET density_per_cm2 = 5",
+                "UPDATE sessions SET density_per_cm2 = NULL",
         };
         for (size_t i = 0; i < ELEMENTSOF(edits); i++) {
                 _cleanup_dir_ char *d = make_dir();
@@ -1252,6 +1260,156 @@ START_TEST(test_soak) {
 }
 END_TEST
 
+
+/* ---- schema 2: skin type, surface and dose ---- */
+
+START_TEST(test_dose_columns) {
+        _cleanup_dir_ char *dir = make_dir();
+        char id[ND_LEDGER_SESSION_ID_SIZE], plain_id[ND_LEDGER_SESSION_ID_SIZE];
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                start_buf b;
+                start_of(&b, "PEN1", "C1", T0_US);
+                b.s.skin_type = "IV";
+                b.s.area_cm2 = 60;
+                ck_assert_msg(nd_ledger_session_begin(l, &b.s) == 0, "%s", nd_ledger_last_error(l));
+                memcpy(id, b.id, sizeof id);
+
+                nd_ledger_session s;
+                ck_assert_int_eq(nd_ledger_session_get(l, id, &s), 0);
+                ck_assert_str_eq(s.skin_type, "IV");
+                ck_assert(s.area_cm2 == 60);
+                ck_assert_uint_eq(s.stats.punctures, 0);
+                ck_assert(s.stats.density_per_cm2 == 0);
+                nd_ledger_session_clear(&s);
+
+                nd_ledger_stats st = stats_of(30, 3600, 1.0);
+                st.punctures = 3600 * 12;
+                st.density_per_cm2 = 3600.0 * 12 / 60;
+                ck_assert_int_eq(nd_ledger_session_progress(l, id, T0_US + 30 * USEC_PER_SEC, &st), 0);
+                ck_assert_int_eq(nd_ledger_session_get(l, id, &s), 0);
+                ck_assert_uint_eq(s.stats.punctures, 43200);
+                ck_assert(s.stats.density_per_cm2 == 720);
+                nd_ledger_session_clear(&s);
+
+                st = stats_of(60, 7200, 1.0);
+                st.punctures = 7200 * 12;
+                st.density_per_cm2 = 7200.0 * 12 / 60;
+                ck_assert_int_eq(nd_ledger_session_end(l, id, T0_US + 60 * USEC_PER_SEC, &st, "dose-reached"), 0);
+                /* A session with no skin type and no surface. */
+                run_session(l, "PEN1", "C2", T0_US + 100 * USEC_PER_SEC, plain_id);
+
+                nd_ledger_session *h = NULL;
+                size_t n = 0;
+                ck_assert_int_eq(nd_ledger_history(l, NULL, 0, 0, &h, &n), 0);
+                ck_assert_uint_eq(n, 2);
+                ck_assert_str_eq(h[1].id, id);
+                ck_assert_str_eq(h[1].skin_type, "IV");
+                ck_assert_str_eq(h[1].reason, "dose-reached");
+                ck_assert_uint_eq(h[1].stats.punctures, 86400);
+                ck_assert(h[1].stats.density_per_cm2 == 1440);
+                ck_assert(h[1].area_cm2 == 60);
+                ck_assert_str_eq(h[0].skin_type, "");
+                ck_assert(h[0].area_cm2 == 0);
+                nd_ledger_session_array_free(h, n);
+
+                /* Out-of-range figures are refused, not stored. */
+                start_buf c;
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&c, "PEN1", "C3", T0_US + 200 * USEC_PER_SEC)), 0);
+                st.density_per_cm2 = NAN;
+                ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
+                st.density_per_cm2 = -1;
+                ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
+                st.density_per_cm2 = 0;
+                st.punctures = UINT64_MAX;
+                ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
+        }
+        assert_intact(dir);
+        /* The audit trail names them. */
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=IV'"), 1);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=none'"), 2);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-end' AND detail LIKE '% punctures=86400'"), 1);
+}
+END_TEST
+
+/* tests/data/ledger-schema1.sqlite was written by needled's ledger before schema 2 (commit
+ * d14ef18, tests/cli/test_audit.c): three finished sessions, one left running, 11 entries. */
+START_TEST(test_migrate_schema1_ledger) {
+        _cleanup_dir_ char *dir = make_dir();
+        const char *root = getenv("NEEDLED_SOURCE_ROOT");
+        ck_assert_msg(root, "NEEDLED_SOURCE_ROOT is not set");
+        _cleanup_free_ char *src = NULL;
+        ck_assert_int_ge(asprintf(&src, "%s/tests/data/ledger-schema1.sqlite", root), 0);
+        size_t len;
+        _cleanup_free_ void *bytes = read_all(src, &len);
+        _cleanup_free_ char *path = db_path(dir);
+        write_all(path, bytes, len);
+
+        /* Read as it is, schema 1, by this build's verifier: intact. */
+        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 1);
+        nd_ledger_verify_result v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
+        ck_assert_uint_eq(v.entries, 11);
+        ck_assert_uint_eq(v.sessions, 4);
+
+        /* Opened: migrated, every row still there, the chain intact. */
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), ND_LEDGER_SCHEMA_VERSION);
+                ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM sessions WHERE skin_type IS NULL AND punctures IS NULL"), 4);
+                nd_ledger_session *h = NULL;
+                size_t n = 0;
+                ck_assert_int_eq(nd_ledger_history(l, NULL, 0, 0, &h, &n), 0);
+                ck_assert_uint_eq(n, 4);
+                for (size_t i = 0; i < n; i++) {
+                        ck_assert_str_eq(h[i].skin_type, "");
+                        ck_assert_uint_eq(h[i].stats.punctures, 0);
+                        ck_assert(h[i].stats.density_per_cm2 == 0);
+                        ck_assert_str_eq(h[i].profile_name, "forehead-lines");
+                }
+                ck_assert_str_eq(h[0].pen_serial, "PEN2");
+                ck_assert_str_eq(h[0].reason, "");
+                ck_assert_str_eq(h[1].reason, "completed");
+                ck_assert_uint_eq(h[1].stats.strokes, 3600);
+                nd_ledger_session_array_free(h, n);
+                nd_ledger_cartridge c;
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "CART0", &c), 0);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_SPENT);
+        }
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after migration: %s", v.message);
+        ck_assert_uint_eq(v.entries, 11);
+
+        /* The old running session ends as a restart, a new session with the new columns runs
+         * beside the old ones, and the whole trail verifies. */
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(nd_ledger_recover(l, T0_US + 2000 * USEC_PER_SEC), 1);
+                start_buf b;
+                start_of(&b, "PEN1", "NEWCART", T0_US + 3000 * USEC_PER_SEC);
+                b.s.skin_type = "V";
+                b.s.area_cm2 = 25;
+                ck_assert_int_eq(nd_ledger_session_begin(l, &b.s), 0);
+                nd_ledger_stats st = stats_of(10, 1000, 0.5);
+                st.punctures = 12000;
+                st.density_per_cm2 = 480;
+                ck_assert_int_eq(nd_ledger_session_end(l, b.id, T0_US + 3010 * USEC_PER_SEC, &st, "completed"), 0);
+                /* Schema 1's single-use record still holds. */
+                start_buf again;
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&again, "PEN1", "CART1", T0_US + 4000 * USEC_PER_SEC)),
+                                 -ESTALE);
+        }
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after new sessions: %s", v.message);
+        ck_assert_uint_eq(v.sessions, 5);
+
+        /* An old row's new columns filled in by hand: a change the digests show. */
+        sql_on(dir, "UPDATE sessions SET skin_type = 'VI' WHERE cartridge_id = 'CART0'");
+        v = verify_dir(dir);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
+}
+END_TEST
+
 static Suite *ledger_suite(void) {
         Suite *s = suite_create("ledger");
         TCase *tc;
@@ -1276,6 +1434,8 @@ static Suite *ledger_suite(void) {
         tcase_add_test(tc, test_recover);
         tcase_add_test(tc, test_recover_after_kill);
         tcase_add_test(tc, test_history);
+        tcase_add_test(tc, test_dose_columns);
+        tcase_add_test(tc, test_migrate_schema1_ledger);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("audit");
