@@ -75,6 +75,10 @@ static int append_session(sd_bus_message *reply, const nd_ledger_session *s) {
                                           "max_current_ma", "d", s->stats.max_current_ma, "reason", "s", strempty(s->reason),
                                           "needles", "u", s->needles);
         if (r >= 0)
+                r = sd_bus_message_append(reply, "{sv}{sv}{sv}{sv}", "skin_type", "s", strempty(s->skin_type),
+                                          "punctures", "t", s->stats.punctures, "density_per_cm2", "d",
+                                          s->stats.density_per_cm2, "area_cm2", "d", s->area_cm2);
+        if (r >= 0)
                 r = sd_bus_message_close_container(reply);
         return r;
 }

@@ -350,7 +350,9 @@ static void history_usage(FILE *out) {
                 "                         profile, profile_digest, limits_digest, label, owner_uid,\n"
                 "                         start, end (us since the epoch; end 0 while running),\n"
                 "                         duration_s, strokes, max_depth_mm, max_temperature_c,\n"
-                "                         max_current_ma, reason (empty while running), ...\n"
+                "                         max_current_ma, reason (empty while running), skin_type\n"
+                "                         (empty when none), punctures, density_per_cm2 (0 without\n"
+                "                         a treated surface), area_cm2, ...\n"
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
@@ -441,16 +443,21 @@ int verb_history(int argc, char *argv[]) {
                 printf("No sessions.\n");
                 return 0;
         }
-        printf("%-19s  %-12s %-24s %-12s %9s %8s  %-22s %-16s %s\n", "START", "PEN", "PROFILE", "CARTRIDGE",
-               "DURATION", "STROKES", "END", "LABEL", "ID");
+        printf("%-19s  %-12s %-24s %-12s %9s %8s %10s %9s %-4s  %-22s %-16s %s\n", "START", "PEN", "PROFILE", "CARTRIDGE",
+               "DURATION", "STROKES", "PUNCTURES", "PER-CM2", "SKIN", "END", "LABEL", "ID");
         for (size_t i = 0; i < n; i++) {
                 json_object *s = json_object_array_get_idx(sessions, i);
                 char when[64];
                 const char *reason = ctl_json_str(s, "reason");
-                printf("%-19s  %-12s %-24s %-12s %7.1f s %8" PRId64 "  %-22s %-16s %s\n",
+                char density[32] = "-";
+                if (ctl_json_double(s, "area_cm2") > 0)
+                        snprintf(density, sizeof density, "%.0f", ctl_json_double(s, "density_per_cm2"));
+                const char *skin = ctl_json_str(s, "skin_type");
+                printf("%-19s  %-12s %-24s %-12s %7.1f s %8" PRId64 " %10" PRId64 " %9s %-4s  %-22s %-16s %s\n",
                        ctl_format_time((uint64_t) ctl_json_int(s, "start"), when, sizeof when), ctl_json_str(s, "pen"),
                        ctl_json_str(s, "profile"), ctl_json_str(s, "cartridge"), ctl_json_double(s, "duration_s"),
-                       ctl_json_int(s, "strokes"), ctl_json_int(s, "end") == 0 ? "(running)" : reason,
+                       ctl_json_int(s, "strokes"), ctl_json_int(s, "punctures"), density, skin[0] ? skin : "-",
+                       ctl_json_int(s, "end") == 0 ? "(running)" : reason,
                        ctl_json_str(s, "label")[0] ? ctl_json_str(s, "label") : "-", ctl_json_str(s, "id"));
         }
         return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
