@@ -7,9 +7,7 @@
 #include <stdint.h>
 #include <systemd/sd-bus.h>
 
-#define ND_ACTION_OPERATE      "org.needled1.operate"
-#define ND_ACTION_CONFIGURE    "org.needled1.configure"
-#define ND_ACTION_READ_HISTORY "org.needled1.read-history"
+#include "contract.h"   /* ND_ACTION_*: the polkit actions */
 
 typedef enum nd_auth_mode {
         ND_AUTH_POLKIT,   /* system bus: ask polkit's CheckAuthorization */

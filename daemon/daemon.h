@@ -9,21 +9,13 @@
 #include <systemd/sd-event.h>
 
 #include "bouncer.h"
+#include "contract.h"
 #include "ledger.h"
 #include "safety-limits.h"
-
-#define ND_BUS_NAME          "org.needled"
-#define ND_MANAGER_PATH      "/org/needled"
-#define ND_PEN_PATH_PREFIX   "/org/needled/pen"
-#define ND_MANAGER_INTERFACE "org.needled1.Manager"
-#define ND_PEN_INTERFACE     "org.needled1.Pen"
-#define ND_SIM_INTERFACE     "org.needled1.Simulator"
 
 #define ND_POLKIT_TIMEOUT_MS_DEFAULT 10000u
 /* A person answering an authentication dialog needs longer than a machine. */
 #define ND_POLKIT_INTERACTIVE_TIMEOUT_MS 120000u
-/* Largest profile YAML a client may send (ValidateProfile, LoadProfileData: the contract's bound). */
-#define ND_PROFILE_TEXT_MAX (64u * 1024u)
 /* The longest a clean shutdown waits for the pens to confirm that their motors stopped. */
 #define ND_SHUTDOWN_STOP_TIMEOUT_MS 500u
 
@@ -33,7 +25,7 @@ typedef struct nd_daemon_options {
         bool verbose;
         const char *limits_path;
         const char *profiles_dir;
-        const char *state_dir;      /* NULL: $STATE_DIRECTORY, else /var/lib/needled */
+        const char *state_dir;      /* NULL: $STATE_DIRECTORY, else ND_STATE_DIR_DEFAULT */
         unsigned polkit_timeout_ms;
         sd_event *event;            /* the loop to run on (a test harness's); NULL: a new one */
 } nd_daemon_options;
@@ -45,7 +37,14 @@ typedef enum nd_limits_state {
 } nd_limits_state;
 
 typedef struct nd_pen nd_pen;
+typedef struct nd_pen_op nd_pen_op;
 typedef struct nd_daemon nd_daemon;
+
+/* A serial seen since the daemon started, and how many times it connected (Generation). */
+typedef struct nd_known_pen {
+        char *serial;
+        uint32_t generation;
+} nd_known_pen;
 
 struct nd_daemon {
         nd_daemon_options opts;
@@ -73,6 +72,9 @@ struct nd_daemon {
 
         nd_pen **pens;            /* connected pens */
         unsigned n_pens;
+        nd_pen_op *pen_ops;       /* method calls waiting for a pen's answer, all pens: few, short-lived */
+        nd_known_pen *known_pens; /* every serial seen, for Generation */
+        size_t n_known_pens;
         uint64_t limits_loaded_at_us; /* CLOCK_REALTIME of the load in force; 0 when none */
 
         struct nd_usb_context *usb;   /* NULL with --simulate, or when USB is unavailable */

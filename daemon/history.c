@@ -11,7 +11,6 @@
 #include "util.h"
 
 /* Longest cartridge id GetCartridge accepts (the ledger stores longer names, pens send 32). */
-#define CARTRIDGE_ID_MAX 64
 
 typedef struct history_filter {
         const char *pen;
@@ -207,8 +206,8 @@ int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_er
 
         if (sd_bus_message_read(m, "s", &id) < 0)
                 return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Expected a cartridge id");
-        if (id[0] == '\0' || strlen(id) > CARTRIDGE_ID_MAX)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "A cartridge id has 1 to %d bytes", CARTRIDGE_ID_MAX);
+        if (id[0] == '\0' || strlen(id) > ND_CARTRIDGE_ID_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "A cartridge id has 1 to %u bytes", ND_CARTRIDGE_ID_MAX);
         job = nd_ledger_job_new(ND_LEDGER_JOB_CARTRIDGE);
         if (!job)
                 return sd_bus_error_set(error, ND_ERROR_INTERNAL, "Out of memory");

@@ -75,19 +75,19 @@ typedef struct error_code {
 } error_code;
 
 static const error_code error_codes[] = {
-        { NEEDLED_ERROR_PREFIX "InvalidProfile",      NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "InvalidLimits",       NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "LimitExceeded",       NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "UnknownProfile",      NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "LimitsUnavailable",   NEEDLECTL_EXIT_NO_LIMITS },
-        { NEEDLED_ERROR_PREFIX "WrongState",          NEEDLECTL_EXIT_WRONG_STATE },
-        { NEEDLED_ERROR_PREFIX "NotOwner",            NEEDLECTL_EXIT_WRONG_STATE },
-        { NEEDLED_ERROR_PREFIX "NoCartridge",         NEEDLECTL_EXIT_CARTRIDGE },
-        { NEEDLED_ERROR_PREFIX "CartridgeSpent",      NEEDLECTL_EXIT_CARTRIDGE },
-        { NEEDLED_ERROR_PREFIX "LowBattery",          NEEDLECTL_EXIT_LOW_BATTERY },
-        { NEEDLED_ERROR_PREFIX "Fault",               NEEDLECTL_EXIT_FAULT },
-        { NEEDLED_ERROR_PREFIX "DeviceGone",          NEEDLECTL_EXIT_NO_PEN },
-        { NEEDLED_ERROR_PREFIX "Storage",             NEEDLECTL_EXIT_STORAGE },
+        { ND_ERROR_INVALID_PROFILE,      NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_INVALID_LIMITS,       NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_LIMIT_EXCEEDED,       NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_UNKNOWN_PROFILE,      NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_LIMITS_UNAVAILABLE,   NEEDLECTL_EXIT_NO_LIMITS },
+        { ND_ERROR_WRONG_STATE,          NEEDLECTL_EXIT_WRONG_STATE },
+        { ND_ERROR_NOT_OWNER,            NEEDLECTL_EXIT_WRONG_STATE },
+        { ND_ERROR_NO_CARTRIDGE,         NEEDLECTL_EXIT_CARTRIDGE },
+        { ND_ERROR_CARTRIDGE_SPENT,      NEEDLECTL_EXIT_CARTRIDGE },
+        { ND_ERROR_LOW_BATTERY,          NEEDLECTL_EXIT_LOW_BATTERY },
+        { ND_ERROR_FAULT,                NEEDLECTL_EXIT_FAULT },
+        { ND_ERROR_DEVICE_GONE,          NEEDLECTL_EXIT_NO_PEN },
+        { ND_ERROR_STORAGE,              NEEDLECTL_EXIT_STORAGE },
         { SD_BUS_ERROR_ACCESS_DENIED,                 NEEDLECTL_EXIT_NOT_AUTHORIZED },
         { SD_BUS_ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED, NEEDLECTL_EXIT_NOT_AUTHORIZED },
         { SD_BUS_ERROR_SERVICE_UNKNOWN,               NEEDLECTL_EXIT_NO_DAEMON },
@@ -149,7 +149,7 @@ void ctl_strv_free(char **l) {
 int ctl_get_pens(sd_bus *bus, char ***ret) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_(ctl_strv_freep) char **pens = NULL;
-        int r = sd_bus_get_property_strv(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        int r = sd_bus_get_property_strv(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                                          "Pens", &error, &pens);
         if (r < 0)
                 return ctl_log_bus_error("cannot list the pens", &error, r);
@@ -164,7 +164,7 @@ int ctl_get_pens(sd_bus *bus, char ***ret) {
 
 char *ctl_pen_serial_from_path(const char *path) {
         char *serial = NULL;
-        if (sd_bus_path_decode(path, NEEDLED_PEN_PATH_PREFIX, &serial) <= 0)
+        if (sd_bus_path_decode(path, ND_PEN_PATH_PREFIX, &serial) <= 0)
                 return NULL;
         return serial;
 }
@@ -201,7 +201,7 @@ int ctl_resolve_pen(sd_bus *bus, const char *name, char **ret_path) {
                 path = strdup(name);
         } else if (name[0] == '\0') {
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "the pen's serial is empty");
-        } else if (sd_bus_path_encode(NEEDLED_PEN_PATH_PREFIX, name, &path) < 0) {
+        } else if (sd_bus_path_encode(ND_PEN_PATH_PREFIX, name, &path) < 0) {
                 return ctl_oom();
         }
         if (!path)
@@ -412,7 +412,7 @@ int ctl_message_read_properties(sd_bus_message *m, json_object *obj) {
 int ctl_get_all_properties(sd_bus *bus, const char *path, const char *interface, json_object **ret) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
-        int r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, "org.freedesktop.DBus.Properties", "GetAll", &error,
+        int r = sd_bus_call_method(bus, ND_BUS_NAME, path, "org.freedesktop.DBus.Properties", "GetAll", &error,
                                    &reply, "s", interface);
         if (r < 0)
                 return ctl_log_bus_error(path, &error, r);
@@ -430,7 +430,7 @@ static int call_va(sd_bus *bus, const char *what, const char *path, const char *
                    json_object **ret, const char *types, va_list ap) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, path, interface, member);
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, interface, member);
         if (r >= 0 && types)
                 r = sd_bus_message_appendv(m, types, ap);
         if (r < 0)

@@ -9,18 +9,8 @@
 #include <stdint.h>
 #include <systemd/sd-bus.h>
 
+#include "contract.h"
 #include "util.h"
-
-#define NEEDLED_BUS_NAME          "org.needled"
-#define NEEDLED_MANAGER_PATH      "/org/needled"
-#define NEEDLED_PEN_PATH_PREFIX   "/org/needled/pen"
-#define NEEDLED_MANAGER_INTERFACE "org.needled1.Manager"
-#define NEEDLED_PEN_INTERFACE     "org.needled1.Pen"
-#define NEEDLED_SIM_INTERFACE     "org.needled1.Simulator"
-#define NEEDLED_ERROR_PREFIX      "org.needled1.Error."
-
-/* The largest profile text the daemon accepts (ValidateProfile, LoadProfileData). */
-#define NEEDLED_PROFILE_MAX_BYTES (64u * 1024u)
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(json_object *, json_object_put)
 #define _cleanup_json_ _cleanup_(json_object_putp)

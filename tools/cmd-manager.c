@@ -54,7 +54,7 @@ int verb_profiles(int argc, char *argv[]) {
         if (r != 0)
                 return r;
         _cleanup_json_ json_object *profiles = NULL;
-        r = ctl_call_json(bus, "cannot list the profiles", NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        r = ctl_call_json(bus, "cannot list the profiles", ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                           "GetProfiles", &profiles, NULL);
         if (r != 0)
                 return r;
@@ -109,7 +109,7 @@ int verb_validate(int argc, char *argv[]) {
         const char *file = argv[optind];
 
         _cleanup_free_ char *yaml = NULL;
-        r = ctl_read_file(file, NEEDLED_PROFILE_MAX_BYTES, &yaml);
+        r = ctl_read_file(file, ND_PROFILE_TEXT_MAX, &yaml);
         if (r != 0)
                 return r;
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
@@ -117,7 +117,7 @@ int verb_validate(int argc, char *argv[]) {
         if (r != 0)
                 return r;
         _cleanup_json_ json_object *violations = NULL;
-        r = ctl_call_json(bus, "cannot validate the profile", NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        r = ctl_call_json(bus, "cannot validate the profile", ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                           "ValidateProfile", &violations, "s", yaml);
         if (r != 0)
                 return r;
@@ -219,7 +219,7 @@ int verb_limits(int argc, char *argv[]) {
         if (r != 0)
                 return r;
         _cleanup_json_ json_object *manager = NULL;
-        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
                 return r;
 
@@ -227,7 +227,7 @@ int verb_limits(int argc, char *argv[]) {
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
         _cleanup_json_ json_object *limits = NULL;
         int exit_code = 0;
-        r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetLimits",
+        r = sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "GetLimits",
                                &error, &reply, NULL);
         if (r < 0) {
                 exit_code = ctl_exit_code_for_error(&error, r);
@@ -305,16 +305,16 @@ int verb_reload_limits(int argc, char *argv[]) {
         if (r != 0)
                 return r;
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "ReloadLimits",
+        r = sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "ReloadLimits",
                                &error, NULL, NULL);
         if (r < 0) {
                 int code = ctl_log_bus_error("the limits were not reloaded", &error, r);
-                if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "InvalidLimits"))
+                if (sd_bus_error_has_name(&error, ND_ERROR_PREFIX "InvalidLimits"))
                         fprintf(stderr, "needlectl: the limits in force are unchanged\n");
                 return code;
         }
         _cleanup_json_ json_object *manager = NULL;
-        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
                 return r;
         if (common.json) {
@@ -413,7 +413,7 @@ int verb_history(int argc, char *argv[]) {
                 return r;
 
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-        r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                                            "GetHistory");
         if (r >= 0)
                 r = sd_bus_message_open_container(m, 'a', "{sv}");
@@ -498,7 +498,7 @@ int verb_cartridge(int argc, char *argv[]) {
         _cleanup_free_ char *what = NULL;
         if (asprintf(&what, "cannot look up cartridge %s", id) < 0)
                 return ctl_oom();
-        r = ctl_call_json(bus, what, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetCartridge", &c, "s", id);
+        r = ctl_call_json(bus, what, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "GetCartridge", &c, "s", id);
         if (r != 0)
                 return r;
         if (common.json) {

@@ -44,7 +44,7 @@ static int open_pen(const ctl_common *common, const char *name, sd_bus **ret_bus
 
 static int get_pen_json(sd_bus *bus, const char *path, json_object **ret) {
         json_object *pen = NULL;
-        int r = ctl_get_all_properties(bus, path, NEEDLED_PEN_INTERFACE, &pen);
+        int r = ctl_get_all_properties(bus, path, ND_PEN_INTERFACE, &pen);
         if (r != 0)
                 return r;
         json_object_object_add(pen, "path", json_object_new_string(path));
@@ -67,7 +67,7 @@ static int pen_call(sd_bus *bus, const char *path, const char *action, const cha
                 return ctl_oom();
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, member);
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, ND_PEN_INTERFACE, member);
         if (r >= 0 && types) {
                 va_list ap;
                 va_start(ap, types);
@@ -79,7 +79,7 @@ static int pen_call(sd_bus *bus, const char *path, const char *action, const cha
         r = sd_bus_call(bus, m, 0, &error, NULL);
         if (r < 0) {
                 int code = ctl_log_bus_error(what, &error, r);
-                if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "NotOwner"))
+                if (sd_bus_error_has_name(&error, ND_ERROR_PREFIX "NotOwner"))
                         fprintf(stderr, "needlectl: only the program that started the session may do this; "
                                         "use the keys or --commands of 'needlectl run'\n");
                 else if (sd_bus_error_has_name(&error, SD_BUS_ERROR_UNKNOWN_OBJECT))
@@ -275,7 +275,7 @@ int verb_status(int argc, char *argv[]) {
         }
 
         _cleanup_json_ json_object *manager = NULL, *pens = NULL;
-        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
                 return r;
         r = get_all_pens(bus, &pens);
@@ -337,7 +337,7 @@ static int arm_pen(sd_bus *bus, const char *path, const char *profile) {
                 return r;
         }
         _cleanup_free_ char *yaml = NULL;
-        int r = ctl_read_file(profile, NEEDLED_PROFILE_MAX_BYTES, &yaml);
+        int r = ctl_read_file(profile, ND_PROFILE_TEXT_MAX, &yaml);
         if (r != 0)
                 return r;
         return pen_call(bus, path, "cannot arm", "LoadProfileData", "s", yaml);
@@ -355,7 +355,7 @@ int verb_arm(int argc, char *argv[]) {
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "arm: the profile name is empty");
         /* A file that cannot be read fails before anything is asked of the daemon. */
         _cleanup_free_ char *probe = NULL;
-        if (is_profile_file(profile) && (r = ctl_read_file(profile, NEEDLED_PROFILE_MAX_BYTES, &probe)) != 0)
+        if (is_profile_file(profile) && (r = ctl_read_file(profile, ND_PROFILE_TEXT_MAX, &probe)) != 0)
                 return r;
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
         _cleanup_free_ char *path = NULL;
@@ -587,7 +587,7 @@ static uint64_t read_heartbeat_usec(sd_bus *bus) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
         _cleanup_json_ json_object *limits = NULL;
-        if (sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetLimits",
+        if (sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "GetLimits",
                                &error, &reply, NULL) < 0 ||
             ctl_message_read_json(reply, &limits) < 0)
                 return 0;
@@ -614,8 +614,8 @@ static int on_heartbeat_timer(sd_event_source *s, uint64_t usec, void *userdata)
         if (c->heartbeat_usec == 0 || c->ended)
                 return 0;
         if (!c->heartbeat_slot)
-                (void) sd_bus_call_method_async(c->bus, &c->heartbeat_slot, NEEDLED_BUS_NAME, c->path,
-                                                NEEDLED_PEN_INTERFACE, "Heartbeat", on_heartbeat_reply, c, NULL);
+                (void) sd_bus_call_method_async(c->bus, &c->heartbeat_slot, ND_BUS_NAME, c->path,
+                                                ND_PEN_INTERFACE, "Heartbeat", on_heartbeat_reply, c, NULL);
         (void) sd_event_source_set_time_relative(s, c->heartbeat_usec);
         (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         return 0;
@@ -651,7 +651,7 @@ static void run_quit(ctl_view *v, void *userdata) {
         c->stopping = true;
         ctl_view_emit(c->v, "stopping", "Stopping the session", NULL);
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        int r = sd_bus_call_method(c->bus, NEEDLED_BUS_NAME, c->path, NEEDLED_PEN_INTERFACE, "Stop", &error, NULL, NULL);
+        int r = sd_bus_call_method(c->bus, ND_BUS_NAME, c->path, ND_PEN_INTERFACE, "Stop", &error, NULL, NULL);
         if (r < 0) {
                 _cleanup_free_ char *text = NULL;
                 int code = ctl_exit_code_for_error(&error, r);
@@ -709,9 +709,9 @@ static void run_event(ctl_monitor *m, ctl_monitor_event event, void *userdata) {
 /* A control from a key or a command line; prints what went wrong. */
 static void run_control(run_ctx *c, const char *member, const char *types, double value) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        int r = types ? sd_bus_call_method(c->bus, NEEDLED_BUS_NAME, c->path, NEEDLED_PEN_INTERFACE, member, &error, NULL,
+        int r = types ? sd_bus_call_method(c->bus, ND_BUS_NAME, c->path, ND_PEN_INTERFACE, member, &error, NULL,
                                            types, value)
-                      : sd_bus_call_method(c->bus, NEEDLED_BUS_NAME, c->path, NEEDLED_PEN_INTERFACE, member, &error, NULL,
+                      : sd_bus_call_method(c->bus, ND_BUS_NAME, c->path, ND_PEN_INTERFACE, member, &error, NULL,
                                            NULL);
         _cleanup_free_ char *text = NULL;
         if (r < 0) {
@@ -812,7 +812,7 @@ static int start_session(sd_bus *bus, const char *path, const char *label, const
                 return ctl_oom();
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Start");
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Start");
         if (r >= 0)
                 r = sd_bus_message_open_container(m, 'a', "{sv}");
         if (r >= 0 && label)
@@ -826,7 +826,7 @@ static int start_session(sd_bus *bus, const char *path, const char *label, const
         r = sd_bus_call(bus, m, 0, &error, &reply);
         if (r < 0) {
                 int code = ctl_log_bus_error(what, &error, r);
-                if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "WrongState"))
+                if (sd_bus_error_has_name(&error, ND_ERROR_PREFIX "WrongState"))
                         fprintf(stderr, "needlectl: arm a profile first ('needlectl arm', or 'needlectl run --profile')\n");
                 return code;
         }
@@ -843,7 +843,7 @@ static int run_session(const ctl_common *common, const char *pen, const run_args
         _cleanup_free_ char *probe = NULL;
         int r;
         if (args->profile && is_profile_file(args->profile) &&
-            (r = ctl_read_file(args->profile, NEEDLED_PROFILE_MAX_BYTES, &probe)) != 0)
+            (r = ctl_read_file(args->profile, ND_PROFILE_TEXT_MAX, &probe)) != 0)
                 return r;
 
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
@@ -892,14 +892,14 @@ static int run_session(const ctl_common *common, const char *pen, const run_args
         }
         if (setup_heartbeat(&c) < 0) {
                 /* Without heartbeats a session that needs them would stop: do not run it. */
-                (void) sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
+                (void) sd_bus_call_method(bus, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
                 run_ctx_done(&c);
                 return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot schedule heartbeats; the session was stopped");
         }
         if (args->commands) {
                 r = sd_event_add_io(event, &c.commands_source, STDIN_FILENO, EPOLLIN, on_commands, &c);
                 if (r < 0) {
-                        (void) sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Stop", NULL, NULL,
+                        (void) sd_bus_call_method(bus, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Stop", NULL, NULL,
                                                   NULL);
                         run_ctx_done(&c);
                         return ctl_fail(NEEDLECTL_EXIT_USAGE, "--commands: cannot read standard input: %s", strerror(-r));
@@ -922,7 +922,7 @@ static int run_session(const ctl_common *common, const char *pen, const run_args
         r = ctl_view_start(v);
         if (r < 0) {
                 ctl_view_stop(v);
-                (void) sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
+                (void) sd_bus_call_method(bus, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
                 run_ctx_done(&c);
                 return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot start the view; the session was stopped: %s", strerror(-r));
         }

@@ -98,7 +98,7 @@ static void record_end(record_ctx *c, const char *why) {
         }
 }
 
-static void on_sample(ctl_monitor *m, const ctl_telemetry_record *rec, void *userdata) {
+static void on_sample(ctl_monitor *m, const nd_telemetry_record *rec, void *userdata) {
         record_ctx *c = userdata;
         if (c->ended)
                 return;

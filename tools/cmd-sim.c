@@ -46,7 +46,7 @@ static int sim_call(sd_bus *bus, const char *what, sd_bus_message **ret_reply, c
                     const char *types, ...) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_SIM_INTERFACE,
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_SIM_INTERFACE,
                                                member);
         if (r >= 0 && types) {
                 va_list ap;
@@ -105,7 +105,7 @@ static int add_pen_option(int c, const char *arg, void *userdata) {
 static int sim_add_pen(sd_bus *bus, const ctl_common *common, const add_pen_args *a) {
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_SIM_INTERFACE,
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_SIM_INTERFACE,
                                                "AddPen");
         if (r >= 0)
                 r = sd_bus_message_open_container(m, 'a', "{sv}");

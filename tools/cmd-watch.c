@@ -183,7 +183,7 @@ static void render_screen(ctl_view *v) {
         else
                 now[0] = '\0';
         bool fresh = sample_fresh(v);
-        const ctl_telemetry_record *s = &m->last;
+        const nd_telemetry_record *s = &m->last;
 
         fputs("\033[H", out);
         fprintf(out, "\033[1mneedlectl %s: %s\033[0m  %s, firmware %s%s  generation %" PRId64 "\033[K\n", v->title,
@@ -289,7 +289,7 @@ static int emit_update(ctl_view *v, const char *event) {
         ctl_monitor *m = v->m;
         json_object *p = m->props;
         bool fresh = sample_fresh(v);
-        const ctl_telemetry_record *s = &m->last;
+        const nd_telemetry_record *s = &m->last;
         uint64_t now = ctl_now_realtime_usec();
 
         if (v->mode == CTL_VIEW_QUIET)
@@ -482,7 +482,7 @@ static void view_event(ctl_monitor *m, ctl_monitor_event event, void *userdata) 
                 v->chained(m, event, v->chained_userdata);
 }
 
-static void view_sample(ctl_monitor *m, const ctl_telemetry_record *rec, void *userdata) {
+static void view_sample(ctl_monitor *m, const nd_telemetry_record *rec, void *userdata) {
         ctl_view *v = userdata;
         v->last_sample_usec = ctl_now_monotonic_usec();
 }

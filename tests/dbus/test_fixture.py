@@ -54,12 +54,19 @@ class Polkit(busfixture.BusTestCase):
         self.polkit.allow_unknown(True)
         self.assertTrue(self.check()[0])
 
-    def test_reset_after_each_test_a(self):
+    def assert_fresh_then_leave_grants(self):
+        """Whichever of the two tests below runs second sees the mock as reset after the first
+        one left everything granted: neither depends on the order."""
+        self.assertFalse(self.check()[0], 'a grant of an earlier test leaked into this one')
         self.polkit.allow_unknown(True)
+        self.polkit.set_allowed([ACTION])
+        self.assertTrue(self.check()[0])
 
-    def test_reset_after_each_test_b(self):
-        # Runs after _a in name order: the grant must not leak into this test.
-        self.assertFalse(self.check()[0])
+    def test_reset_after_each_test_1(self):
+        self.assert_fresh_then_leave_grants()
+
+    def test_reset_after_each_test_2(self):
+        self.assert_fresh_then_leave_grants()
 
     def test_delay(self):
         self.polkit.set_allowed([ACTION])

@@ -29,6 +29,16 @@ def fast_run():
     return not valgrind() and not sanitized()
 
 
+def slow_before_stop_us(tel, stop, below_hz):
+    """Device time from the first sample of the slow run that ends in the stop sample (not the
+    spin-up at the session's start) to the stop."""
+    i = stop
+    while i > 0 and tel.samples[i - 1].speed_hz < below_hz:
+        i -= 1
+    assert i > 0, 'no sample at speed before the stall'
+    return tel.samples[stop].device_us - tel.samples[i].device_us
+
+
 class FaultsWhileRunning(SafetyTestCase):
     """Every Simulator fault, and every measured limit, while a session runs."""
 
@@ -54,7 +64,10 @@ class FaultsWhileRunning(SafetyTestCase):
         first_bad = tel.wait_first(violates, 2, f'a sample beyond the {code} limit', mark)
         stop = self.assert_motor_stops(tel, first_bad, within_ms=stop_ms or stop_bound_ms(),
                                        pen_fault=pen_fault if fast_run() else None)
-        self.assertTrue(all(running(s) for s in tel.samples[mark:first_bad]),
+        # From the last sample before the injection to the first one beyond the limit, the motor
+        # ran: so the stop that followed was the interlock's (never an empty window: mark >= 1).
+        self.assertGreaterEqual(mark, 1, 'no sample before the injection')
+        self.assertTrue(all(running(s) for s in tel.samples[mark - 1:first_bad + 1]),
                         'the motor stopped before the fault: the test proves nothing')
 
         # The record.
@@ -90,14 +103,17 @@ class FaultsWhileRunning(SafetyTestCase):
                                       'motor-stall', lambda s: s.speed_hz < 70.0, pen_fault='motor-stall',
                                       stop_ms=stop_bound_ms(250))
         # Not before the stall time: a brief dip is not a stall.
-        first_slow = tel.first(lambda s: s.speed_hz < 70.0)
-        self.assertGreaterEqual(tel.samples[stop].device_us - tel.samples[first_slow].device_us, 250_000 - 2_000)
+        self.assertGreaterEqual(slow_before_stop_us(tel, stop, 70.0), 250_000 - 2_000)
 
     def test_motor_stall_time_is_a_limit_field(self):
-        # stall_time_ms 100: the same stall trips sooner.
+        # stall_time_ms 100: the same stall trips sooner, but not before 100 ms.
         _, tel, stop = self.run_fault(lambda pen: self.sim('InjectFault', dbus.ObjectPath(pen), 'motor-stall'),
                                       'motor-stall', lambda s: s.speed_hz < 70.0,
                                       limits=limits_text(stall_time_ms=100), stop_ms=stop_bound_ms(100))
+        slow_us = slow_before_stop_us(tel, stop, 70.0)
+        self.assertGreaterEqual(slow_us, 100_000 - 2_000, 'tripped before the stall time of the limits')
+        if fast_run():   # the daemon's reaction time only means something without valgrind/sanitizers
+            self.assertLess(slow_us, 250_000 - 2_000, 'the default 250 ms stall time, not the limits\' 100 ms')
 
     def test_depth_deviation(self):
         # +0.6 mm measured: beyond the 0.15 mm tolerance at once, the pen's own backstop needs

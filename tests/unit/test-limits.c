@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check-main.h"
 #include "diag.h"
 #include "digest.h"
 #include "safety-limits.h"
@@ -805,7 +806,7 @@ START_TEST(test_skin_depth_cap) {
 }
 END_TEST
 
-static Suite *limits_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("limits");
         TCase *tc = tcase_create("load");
         tcase_add_test(tc, test_example_is_valid);
@@ -836,12 +837,4 @@ static Suite *limits_suite(void) {
         tcase_add_test(tc, test_skin_depth_cap);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(limits_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

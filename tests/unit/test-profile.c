@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check-main.h"
 #include "diag.h"
 #include "digest.h"
 #include "dose.h"
@@ -950,7 +951,7 @@ START_TEST(test_dose) {
 }
 END_TEST
 
-static Suite *profile_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("profile");
         TCase *tc = tcase_create("parse");
         tcase_add_checked_fixture(tc, setup, teardown);
@@ -985,12 +986,4 @@ static Suite *profile_suite(void) {
         tcase_add_test(tc, test_empty_dir_and_load_file);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(profile_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

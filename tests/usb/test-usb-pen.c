@@ -14,6 +14,7 @@
 #include "log.h"
 #include "pendev.h"
 #include "transport-usb.h"
+#include "unaligned.h"
 /* after util.h: GLib redefines MIN/MAX the same way, with an #undef first */
 #include "fakepen.h"
 
@@ -652,11 +653,6 @@ static size_t make_packet(uint8_t *buf, size_t size, uint32_t seq, unsigned n) {
         return (size_t) r;
 }
 
-static void put_le32(uint8_t *p, uint32_t v) {
-        for (unsigned i = 0; i < 4; i++)
-                p[i] = (uint8_t) (v >> (8 * i));
-}
-
 static void test_hostile(Fixture *f) {
         FakePen *fake;
         f->config.telemetry_rate_hz = stream_rate_hz();
@@ -679,19 +675,19 @@ static void test_hostile(Fixture *f) {
         /* too long for the protocol (64 bytes), CRC right */
         n = make_packet(buf, sizeof buf, 5, 3);
         memset(buf + n - ND_PROTO_PACKET_CRC_SIZE, 0, 64 - (n - ND_PROTO_PACKET_CRC_SIZE));
-        put_le32(buf + 64 - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, 64 - ND_PROTO_PACKET_CRC_SIZE));
+        nd_write_le32(buf + 64 - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, 64 - ND_PROTO_PACKET_CRC_SIZE));
         fakepen_inject_packet(fake, buf, 64);
         expected_corrupt++;
         /* wrong count for its length, CRC right */
         n = make_packet(buf, sizeof buf, 5, 2);
         buf[1] = 3;
-        put_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
+        nd_write_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
         fakepen_inject_packet(fake, buf, n);
         expected_corrupt++;
         /* count 0 */
         n = make_packet(buf, sizeof buf, 5, 1);
         buf[1] = 0;
-        put_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
+        nd_write_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
         fakepen_inject_packet(fake, buf, n);
         expected_corrupt++;
         /* short, and empty */
