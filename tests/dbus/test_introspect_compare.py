@@ -42,6 +42,7 @@ API = {
         'Profile: a{sv}', 'DepthMm: d', 'SpeedHz: d', 'DepthRangeMm: (dd) const',
         'DepthStepMm: d const', 'SpeedRangeHz: (dd) const', 'BatteryPercent: u',
         'TemperatureC: d', 'Cartridge: a{sv}', 'SessionId: s', 'ElapsedS: d', 'Strokes: t',
+        'Punctures: t', 'DensityPerCm2: d', 'SkinType: s',  # Punctures, DensityPerCm2: issue 15; SkinType (ext)
         'TelemetryRateHz: u',
         'LoadProfile(s name) -> ', 'LoadProfileData(s yaml) -> ',
         'Start(a{sv} options) -> s session_id', 'Pause() -> ', 'Resume() -> ',
