@@ -1335,6 +1335,12 @@ int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret) 
         "SELECT " SESSION_COLUMNS " FROM sessions WHERE pen_serial = ?1 AND start_us >= ?2 AND start_us < ?3 " \
         "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
 
+#define CARTRIDGE_SQL \
+        "SELECT c.needles, c.state, c.first_used_us, " \
+        "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = c.id), " \
+        "  (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) " \
+        "FROM cartridges c WHERE c.id = ?1"
+
 int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
                             size_t *ret_n) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
@@ -1387,6 +1393,42 @@ int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, u
         return nd_ledger_history_query(l, &f, ret, ret_n);
 }
 
+int nd_ledger_query_plan(nd_ledger *l, nd_ledger_query q, char **ret) {
+        static const char *const sql[] = {
+                [ND_LEDGER_QUERY_HISTORY] = HISTORY_SQL_ALL,
+                [ND_LEDGER_QUERY_HISTORY_PEN] = HISTORY_SQL_PEN,
+                [ND_LEDGER_QUERY_CARTRIDGE] = CARTRIDGE_SQL,
+        };
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        _cleanup_free_ char *plan = NULL;
+        char *buf = NULL;
+        size_t size = 0;
+        int r, rc;
+
+        if (!l || !ret || (unsigned) q >= ELEMENTSOF(sql))
+                return -EINVAL;
+        _cleanup_free_ char *explain = NULL;
+        if (asprintf(&explain, "EXPLAIN QUERY PLAN %s", sql[q]) < 0)
+                return -ENOMEM;
+        r = prepare(l, explain, &st);
+        if (r < 0)
+                return r;
+        FILE *f = open_memstream(&buf, &size);
+        if (!f)
+                return -ENOMEM;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+                fprintf(f, "%s\n", strempty((const char *) sqlite3_column_text(st, 3)));
+        if (fclose(f) != 0) {
+                free(buf);
+                return -ENOMEM;
+        }
+        plan = buf;
+        if (rc != SQLITE_DONE)
+                return sql_error(l, rc, "explaining a query");
+        *ret = TAKE_PTR(plan);
+        return 0;
+}
+
 const char *nd_ledger_cartridge_state_to_string(nd_ledger_cartridge_state s) {
         switch (s) {
         case ND_LEDGER_CARTRIDGE_FRESH:
@@ -1407,10 +1449,7 @@ int nd_ledger_cartridge_get(nd_ledger *l, const char *id, nd_ledger_cartridge *r
                 return -EINVAL;
         if ((r = check_text(l, "cartridge id", id, ND_LEDGER_NAME_MAX, false)) < 0)
                 return r;
-        r = prepare(l, "SELECT c.needles, c.state, c.first_used_us, "
-                       "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = c.id), "
-                       "  (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) "
-                       "FROM cartridges c WHERE c.id = ?1", &st);
+        r = prepare(l, CARTRIDGE_SQL, &st);
         if (r < 0)
                 return r;
         bind_text(st, 1, id);

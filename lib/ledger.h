@@ -196,6 +196,17 @@ typedef struct nd_ledger_history_filter {
 int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
                             size_t *ret_n);
 
+/* The read queries, for nd_ledger_query_plan(). */
+typedef enum nd_ledger_query {
+        ND_LEDGER_QUERY_HISTORY,        /* history without a pen filter (since, before, limit) */
+        ND_LEDGER_QUERY_HISTORY_PEN,    /* one pen's history */
+        ND_LEDGER_QUERY_CARTRIDGE,      /* a cartridge and its sessions' totals */
+} nd_ledger_query;
+
+/* SQLite's plan for a read query (EXPLAIN QUERY PLAN, one step a line) into *ret (caller frees):
+ * tests check that every filter is answered from an index. */
+int nd_ledger_query_plan(nd_ledger *l, nd_ledger_query q, char **ret);
+
 /* Opens the ledger at db_path read-only (PRAGMA query_only), for queries run on another thread
  * than the writer's connection (WAL lets them run beside it). Never creates, checks or migrates
  * the file: open the writer (nd_ledger_open) first. Only the reading functions may be used on it

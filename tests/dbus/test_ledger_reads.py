@@ -6,6 +6,7 @@ session ends as asked (no heartbeat-lost), a telemetry reader loses no sample, a
 stalls: the host times of consecutive samples (stamped on the loop as it decodes them) stay close.
 Before the history was read off the loop, one cold pen-filtered query held it for seconds."""
 
+import json
 import os
 import subprocess
 import time
@@ -134,6 +135,34 @@ class TestHistoryBesideASession(NeedledTestCase):
             before = starts[-1]
         self.assertEqual(len(seen), len(set(seen)))
         self.assertEqual(len(seen), LEDGER_SESSIONS // 3)
+
+    def needlectl(self, *args):
+        tool = os.path.join(os.environ['NEEDLED_BUILD_ROOT'], 'tools', 'needlectl')
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.fixture.address)
+        return subprocess.run([tool, '--system', '--no-ask-password'] + list(args), env=env, capture_output=True,
+                              text=True, timeout=120 * timeout_multiplier())
+
+    def test_needlectl_pages_and_says_when_it_shows_less(self):
+        one_pen = (LEDGER_SESSIONS + 2) // 3        # NP-0001 has sessions 0, 3, 6, ...
+        p = self.needlectl('history', '--pen', 'NP-0001', '--all', '--json')
+        self.assertEqual(p.returncode, 0, p.stderr)
+        entries = json.loads(p.stdout)
+        self.assertEqual(len(entries), one_pen)
+        self.assertEqual(len({e['id'] for e in entries}), one_pen)
+        self.assertEqual(p.stderr, '')
+        # The default is the newest 1000, and it says there are more.
+        p = self.needlectl('history', '--pen', 'NP-0001', '--json')
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(len(json.loads(p.stdout)), 1000)
+        self.assertIn('showing the newest 1000 sessions', p.stderr)
+        # --since pages by itself: everything since the 1500th newest session's start.
+        since_us = entries[1499]['start']
+        p = self.needlectl('history', '--pen', 'NP-0001', '--since', f'@{since_us // 1000000}', '--json')
+        self.assertEqual(p.returncode, 0, p.stderr)
+        got = json.loads(p.stdout)
+        self.assertEqual(len(got), sum(1 for e in entries if e['start'] >= since_us // 1000000 * 1000000))
+        self.assertGreater(len(got), 1000)
+        self.assertEqual(p.stderr, '')
 
 
 if __name__ == '__main__':

@@ -822,6 +822,99 @@ START_TEST(test_history) {
 }
 END_TEST
 
+START_TEST(test_history_before_and_reader) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        _cleanup_(nd_ledger_closep) nd_ledger *reader = NULL;
+        _cleanup_free_ char *error = NULL;
+        char ids[10][ND_LEDGER_SESSION_ID_SIZE];
+        nd_ledger_session *a = NULL;
+        size_t n = 0;
+
+        for (int i = 0; i < 10; i++) {
+                char cart[16];
+                snprintf(cart, sizeof cart, "C%d", i);
+                run_session(l, i % 2 ? "ODD" : "EVEN", cart, T0_US + (uint64_t) i * USEC_PER_SEC, ids[i]);
+        }
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, &error), 0);
+        ck_assert_ptr_null(error);
+
+        /* limit + before page back through everything, once each, newest first. */
+        nd_ledger_history_filter f = { .limit = 3 };
+        size_t seen = 0;
+        for (;;) {
+                ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+                for (size_t i = 0; i < n; i++)
+                        ck_assert_str_eq(a[i].id, ids[9 - seen - i]);
+                seen += n;
+                if (n < 3) {
+                        nd_ledger_session_array_free(a, n);
+                        break;
+                }
+                f.before_us = a[n - 1].start_us;
+                nd_ledger_session_array_free(a, n);
+        }
+        ck_assert_uint_eq(seen, 10);
+
+        f = (nd_ledger_history_filter) { .pen_serial = "EVEN", .since_us = T0_US + 2 * USEC_PER_SEC,
+                                         .before_us = T0_US + 8 * USEC_PER_SEC };
+        ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+        ck_assert_uint_eq(n, 3); /* 6, 4, 2 */
+        ck_assert_str_eq(a[0].id, ids[6]);
+        ck_assert_str_eq(a[2].id, ids[2]);
+        nd_ledger_session_array_free(a, n);
+
+        /* The reader sees what the writer commits after it opened, and cannot write. */
+        char late[ND_LEDGER_SESSION_ID_SIZE];
+        run_session(l, "ODD", "C10", T0_US + 20 * USEC_PER_SEC, late);
+        f = (nd_ledger_history_filter) { .limit = 1 };
+        ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+        ck_assert_uint_eq(n, 1);
+        ck_assert_str_eq(a[0].id, late);
+        nd_ledger_session_array_free(a, n);
+        nd_ledger_cartridge c;
+        ck_assert_int_eq(nd_ledger_cartridge_get(reader, "C10", &c), 0);
+        ck_assert_uint_eq(c.sessions, 1);
+        ck_assert_int_lt(nd_ledger_audit(reader, T0_US, 0, 0, "x", "y", "", ""), 0);
+        ck_assert_int_eq(nd_ledger_recover(reader, T0_US), -EROFS);
+
+        /* No reader on what is not a ledger. */
+        nd_ledger *bad = NULL;
+        free(TAKE_PTR(error));
+        char path[512];
+        snprintf(path, sizeof path, "%s/nothing.sqlite", dir);
+        ck_assert_int_lt(nd_ledger_open_reader(path, &bad, &error), 0);
+        ck_assert_ptr_null(bad);
+        ck_assert_ptr_nonnull(error);
+}
+END_TEST
+
+/* Every documented filter is answered from an index: each table is searched by a key of the filter
+ * (never scanned, not even along an index: the old pen query walked sessions_by_start), no sort. */
+START_TEST(test_query_plans_use_indexes) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        static const struct {
+                nd_ledger_query q;
+                const char *index;
+        } queries[] = {
+                { ND_LEDGER_QUERY_HISTORY, "SEARCH sessions USING INDEX sessions_by_start (start_us>? AND start_us<?)" },
+                { ND_LEDGER_QUERY_HISTORY_PEN,
+                  "SEARCH sessions USING INDEX sessions_by_pen (pen_serial=? AND start_us>? AND start_us<?)" },
+                { ND_LEDGER_QUERY_CARTRIDGE, "SEARCH sessions USING INDEX sessions_by_cartridge (cartridge_id=?)" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(queries); i++) {
+                _cleanup_free_ char *plan = NULL;
+                ck_assert_int_eq(nd_ledger_query_plan(l, queries[i].q, &plan), 0);
+                ck_assert_msg(strstr(plan, queries[i].index), "query %zu: %s", i, plan);
+                ck_assert_msg(!strstr(plan, "TEMP B-TREE"), "query %zu sorts: %s", i, plan);
+                ck_assert_msg(!strstr(plan, "SCAN "), "query %zu scans: %s", i, plan);
+        }
+        ck_assert_int_eq(nd_ledger_query_plan(l, (nd_ledger_query) 99, &(char *) { NULL }), -EINVAL);
+}
+END_TEST
+
 /* ---- the audit trail ---- */
 
 /* The documented encoding (docs/ledger.md), written out independently of ledger.c. */
@@ -1276,6 +1369,8 @@ static Suite *ledger_suite(void) {
         tcase_add_test(tc, test_recover);
         tcase_add_test(tc, test_recover_after_kill);
         tcase_add_test(tc, test_history);
+        tcase_add_test(tc, test_history_before_and_reader);
+        tcase_add_test(tc, test_query_plans_use_indexes);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("audit");
