@@ -24,6 +24,8 @@
  * would let a long-running daemon's heap grow with the ledger (quick_check alone reads every
  * page at start). */
 #define LEDGER_CACHE_PRAGMA "PRAGMA cache_size=-256"
+/* nd_ledger_open_deferred() checks files up to this size at open (reading 1 MiB: a few ms cold). */
+#define LEDGER_CHECK_AT_OPEN_MAX_BYTES (1024 * 1024)
 #define LEDGER_SYNC_OFF 0
 #define LEDGER_SYNC_NORMAL 1
 #define LEDGER_SYNC_FULL 2
@@ -41,7 +43,17 @@ struct nd_ledger {
         char *path;
         int synchronous;        /* the PRAGMA synchronous in force; -1: unknown */
         bool bulk_load;         /* nd_ledger_set_bulk_load(): nothing synced (test ledgers only) */
+        bool unchecked;         /* opened with nd_ledger_open_deferred(), its check not yet passed */
+        struct pending_audit *pending;  /* audit entries held while unchecked, oldest first */
+        size_t n_pending;
         char error[1024];
+};
+
+/* An audit entry made while the file's integrity check runs, written once it has passed. */
+struct pending_audit {
+        uint64_t time_us;
+        uint32_t uid, pid;
+        char *actor, *action, *object, *detail;
 };
 
 static inline void sqlite3_finalizep(sqlite3_stmt **s) {
@@ -361,6 +373,11 @@ static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[
 
 /* ---- small SQL helpers ---- */
 
+static int refuse_unchecked(nd_ledger *l) {
+        return set_error(l, -EAGAIN, "the integrity check (is the file corrupt?) has not finished: nothing is "
+                         "recorded, and no session starts, until it has passed; try again in a moment");
+}
+
 static int exec(nd_ledger *l, const char *sql, const char *what) {
         int rc = sqlite3_exec(l->db, sql, NULL, NULL, NULL);
         if (rc != SQLITE_OK)
@@ -536,12 +553,14 @@ static int migrate(nd_ledger *l, int64_t from) {
 }
 
 /* Reads the file without writing: it must be a database, intact, ours, and not from the future. */
-static int check_file(nd_ledger *l, int64_t *ret_version) {
+static int check_file(nd_ledger *l, bool quick_check, int64_t *ret_version) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         int64_t app_id, version, tables;
         int rc = SQLITE_OK;
 
-        rc = sqlite3_prepare_v2(l->db, "PRAGMA quick_check", -1, &st, NULL);
+        /* Without the check, the header is still read (the schema version): a file that is not a
+         * database fails here as it would in the check. */
+        rc = sqlite3_prepare_v2(l->db, quick_check ? "PRAGMA quick_check" : "PRAGMA schema_version", -1, &st, NULL);
         if (rc == SQLITE_OK)
                 rc = sqlite3_step(st);
         if (rc != SQLITE_ROW) {
@@ -556,7 +575,7 @@ static int check_file(nd_ledger *l, int64_t *ret_version) {
                                  sqlite3_errmsg(l->db));
         }
         const char *res = (const char *) sqlite3_column_text(st, 0);
-        if (!res || !STREQ(res, "ok"))
+        if (quick_check && (!res || !STREQ(res, "ok")))
                 return set_error(l, -EBADMSG, "the database is corrupt (quick_check: %s); left as it is", strempty(res));
 
         if (pragma_int(l->db, "PRAGMA application_id", &app_id, &rc) < 0 ||
@@ -578,7 +597,7 @@ static int check_file(nd_ledger *l, int64_t *ret_version) {
         return 0;
 }
 
-int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
+static int ledger_open(const char *state_dir, bool defer_check, nd_ledger **ret, char **error) {
         _cleanup_(nd_ledger_closep) nd_ledger *l = NULL;
         struct stat stbuf;
         int64_t version = 0;
@@ -638,7 +657,22 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
                 /* Before quick_check reads every page. It reads the header, so on a file that is
                  * not a database it fails: check_file() then says what the file is. */
                 (void) sqlite3_exec(l->db, LEDGER_CACHE_PRAGMA, NULL, NULL, NULL);
-                r = check_file(l, &version);
+                /* The check is deferred only for a file that needs no write to be opened: ours, of
+                 * this schema, already in WAL mode (header bytes 18-19 = 2). Anything else (a new
+                 * file, a migration) is checked in full first, as it will be written at once. */
+                /* A small file is checked at once: that costs less than a start-up takes anyway, and
+                 * the ledger can record from the first moment. */
+                bool defer = defer_check && stat(l->path, &stbuf) == 0 && stbuf.st_size > LEDGER_CHECK_AT_OPEN_MAX_BYTES;
+                if (defer) {
+                        _cleanup_stmt_ sqlite3_stmt *jm = NULL;
+                        defer = sqlite3_prepare_v2(l->db, "PRAGMA journal_mode", -1, &jm, NULL) == SQLITE_OK &&
+                                sqlite3_step(jm) == SQLITE_ROW &&
+                                strcasecmp(strempty((const char *) sqlite3_column_text(jm, 0)), "wal") == 0;
+                }
+                r = check_file(l, !defer, &version);
+                if (r >= 0 && defer && version != ND_LEDGER_SCHEMA_VERSION)
+                        r = check_file(l, true, &version);
+                l->unchecked = r >= 0 && defer && version == ND_LEDGER_SCHEMA_VERSION;
         }
         /* Only now, with the file known to be ours, is anything written. */
         if (r >= 0)
@@ -671,9 +705,97 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
         return 0;
 }
 
+int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
+        return ledger_open(state_dir, false, ret, error);
+}
+
+int nd_ledger_open_deferred(const char *state_dir, nd_ledger **ret, char **error) {
+        return ledger_open(state_dir, true, ret, error);
+}
+
+bool nd_ledger_checked(const nd_ledger *l) {
+        return l && !l->unchecked;
+}
+
+static void pending_clear(struct pending_audit *p) {
+        free(p->actor);
+        free(p->action);
+        free(p->object);
+        free(p->detail);
+}
+
+int nd_ledger_check_step(nd_ledger *l, unsigned step) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *chk = NULL;
+        int r, rc;
+
+        if (!l)
+                return -EINVAL;
+        /* One table (with its indexes) a step, in name order, so that other queries on this
+         * connection run between the steps. */
+        r = prepare(l, "SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name LIMIT 1 OFFSET ?1", &st);
+        if (r < 0)
+                return r;
+        sqlite3_bind_int64(st, 1, step);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return 0;
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "the integrity check: listing the tables");
+        char *sql = sqlite3_mprintf("PRAGMA quick_check(%Q)", (const char *) sqlite3_column_text(st, 0));
+        if (!sql)
+                return set_error(l, -ENOMEM, "out of memory");
+        rc = sqlite3_prepare_v2(l->db, sql, -1, &chk, NULL);
+        sqlite3_free(sql);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(chk);
+        if (rc != SQLITE_ROW)
+                return set_error(l, errno_from_sqlite(l->db, rc), "the database is corrupt (%s)", sqlite3_errmsg(l->db));
+        const char *res = (const char *) sqlite3_column_text(chk, 0);
+        if (!res || !STREQ(res, "ok"))
+                return set_error(l, -EBADMSG, "the database is corrupt (quick_check of table %s: %s)",
+                                 (const char *) sqlite3_column_text(st, 0), strempty(res));
+        return 1;
+}
+
+int nd_ledger_mark_checked(nd_ledger *l) {
+        int r = 0;
+        size_t i;
+
+        if (!l)
+                return -EINVAL;
+        l->unchecked = false;
+        for (i = 0; r >= 0 && i < l->n_pending; i++) {
+                struct pending_audit *p = &l->pending[i];
+                r = nd_ledger_audit(l, p->time_us, p->uid, p->pid, p->actor, p->action, p->object, p->detail);
+        }
+        for (size_t j = 0; j < l->n_pending; j++)
+                pending_clear(&l->pending[j]);
+        free(l->pending);
+        l->pending = NULL;
+        l->n_pending = 0;
+        return r < 0 ? r : (int) i;
+}
+
+size_t nd_ledger_drop_pending_audit(nd_ledger *l, nd_ledger_pending_audit_fn fn, void *userdata) {
+        size_t n = l ? l->n_pending : 0;
+        for (size_t i = 0; i < n; i++) {
+                struct pending_audit *p = &l->pending[i];
+                if (fn)
+                        fn(p->time_us, p->uid, p->pid, p->actor, p->action, p->object, p->detail, userdata);
+                pending_clear(p);
+        }
+        if (l) {
+                free(l->pending);
+                l->pending = NULL;
+                l->n_pending = 0;
+        }
+        return n;
+}
+
 nd_ledger *nd_ledger_close(nd_ledger *l) {
         if (!l)
                 return NULL;
+        (void) nd_ledger_drop_pending_audit(l, NULL, NULL);
         if (l->db)
                 sqlite3_close_v2(l->db);
         free(l->path);
@@ -848,6 +970,27 @@ int nd_ledger_audit(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_t pid, 
         r = check_audit_fields(l, actor, action, object, detail);
         if (r < 0)
                 return r;
+        if (l->unchecked) {
+                /* Nothing is written to a file not yet known to be intact: the entry waits, in
+                 * order, for nd_ledger_mark_checked(). */
+                if (l->n_pending >= ND_LEDGER_PENDING_AUDIT_MAX)
+                        return set_error(l, -EAGAIN, "the integrity check has not finished and %u audit entries "
+                                         "already wait for it", ND_LEDGER_PENDING_AUDIT_MAX);
+                struct pending_audit *a = realloc(l->pending, (l->n_pending + 1) * sizeof *a);
+                if (!a)
+                        return set_error(l, -ENOMEM, "out of memory");
+                l->pending = a;
+                a = &a[l->n_pending];
+                *a = (struct pending_audit) { .time_us = time_us, .uid = uid, .pid = pid, .actor = strdup(actor),
+                                              .action = strdup(action), .object = strdup(object),
+                                              .detail = strdup(detail) };
+                if (!a->actor || !a->action || !a->object || !a->detail) {
+                        pending_clear(a);
+                        return set_error(l, -ENOMEM, "out of memory");
+                }
+                l->n_pending++;
+                return 0;
+        }
         r = tx_begin(l, LEDGER_SYNC_FULL);
         if (r < 0)
                 return r;
@@ -1016,6 +1159,8 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
 }
 
 int nd_ledger_session_begin(nd_ledger *l, const nd_ledger_session_start *s) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         int r;
 
         if (!l)
@@ -1066,6 +1211,8 @@ static void bind_stats(sqlite3_stmt *st, int first, const nd_ledger_stats *s) {
         "max_current_ma = max(max_current_ma, ?6)"
 
 int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, const nd_ledger_stats *stats) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         int r;
 
@@ -1169,6 +1316,8 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
 
 int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
                           const char *reason) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         int r;
 
         if (!l)
@@ -1196,6 +1345,8 @@ static void strv_free_n(char **v, size_t n) {
 }
 
 int nd_ledger_recover(nd_ledger *l, uint64_t now_us) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         char **ids = NULL;
         size_t n = 0;

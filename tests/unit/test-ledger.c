@@ -889,6 +889,82 @@ START_TEST(test_history_before_and_reader) {
 }
 END_TEST
 
+/* A ledger past the size checked at open (1 MiB): audit entries with long details. */
+static void make_large(const char *dir, char id[static ND_LEDGER_SESSION_ID_SIZE]) {
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        char detail[4001];
+        memset(detail, 'x', sizeof detail - 1);
+        detail[sizeof detail - 1] = '\0';
+        ck_assert_int_eq(nd_ledger_set_bulk_load(l, true), 0);
+        for (int i = 0; i < 400; i++)
+                ck_assert_int_eq(nd_ledger_audit(l, T0_US + (uint64_t) i, 1000, 77, ":1.5", "SetDepth", "PEN1", detail), 0);
+        run_session(l, "PEN1", "CART1", T0_US + 1000 * USEC_PER_SEC, id);
+}
+
+START_TEST(test_deferred_check) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *error = NULL;
+        char id[ND_LEDGER_SESSION_ID_SIZE], path[512];
+        nd_ledger *l = NULL, *reader = NULL;
+        nd_ledger_verify_result v;
+        start_buf b;
+        int r;
+        unsigned step = 0;
+
+        make_large(dir, id);
+        ck_assert_int_eq(nd_ledger_open_deferred(dir, &l, &error), 0);
+        ck_assert(!nd_ledger_checked(l));
+        /* Nothing is written before the check: audit entries wait, sessions are refused. */
+        ck_assert_int_eq(nd_ledger_audit(l, T0_US + 5000 * USEC_PER_SEC, 0, 1, "needled", "LoadProfile", "PEN1", "p"), 0);
+        ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "CART2", T0_US + 6000 * USEC_PER_SEC)), -EAGAIN);
+        ck_assert_ptr_nonnull(strstr(nd_ledger_last_error(l), "integrity check"));
+        ck_assert_int_eq(nd_ledger_recover(l, T0_US), -EAGAIN);
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, NULL), 0);
+        while ((r = nd_ledger_check_step(reader, step)) > 0)
+                step++;
+        ck_assert_int_eq(r, 0);
+        ck_assert_uint_ge(step, 4); /* audit, audit_head, cartridges, sessions */
+        ck_assert_int_eq(nd_ledger_mark_checked(l), 1);
+        ck_assert(nd_ledger_checked(l));
+        ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "CART2", T0_US + 6000 * USEC_PER_SEC)), 0);
+        reader = nd_ledger_close(reader);
+        l = nd_ledger_close(l);
+        snprintf(path, sizeof path, "%s/" ND_LEDGER_FILE_NAME, dir);
+        ck_assert_int_eq(nd_ledger_audit_verify(path, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_INTACT);
+        ck_assert_uint_eq(v.entries, 400 + 2 + 1 + 1); /* details, one session, the held entry, the new begin */
+
+        /* Damage the middle: the open still succeeds (the header is fine), the check finds it, and
+         * nothing was written to the file. */
+        {
+                int fd = open(path, O_RDWR);
+                ck_assert_int_ge(fd, 0);
+                off_t size = lseek(fd, 0, SEEK_END);
+                char junk[4096];
+                memset(junk, 0xa5, sizeof junk);
+                ck_assert_int_eq(pwrite(fd, junk, sizeof junk, size / 2 / 4096 * 4096), (ssize_t) sizeof junk);
+                close(fd);
+        }
+        size_t n_before = 0, n_after = 0;
+        _cleanup_free_ void *before = read_all(path, &n_before);
+        free(TAKE_PTR(error));
+        ck_assert_int_eq(nd_ledger_open_deferred(dir, &l, &error), 0);
+        ck_assert(!nd_ledger_checked(l));
+        ck_assert_int_eq(nd_ledger_audit(l, T0_US + 7000 * USEC_PER_SEC, 0, 1, "needled", "LoadProfile", "PEN1", "q"), 0);
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, NULL), 0);
+        for (step = 0; (r = nd_ledger_check_step(reader, step)) > 0;)
+                step++;
+        ck_assert_int_eq(r, -EBADMSG);
+        ck_assert_ptr_nonnull(strstr(nd_ledger_last_error(reader), "corrupt"));
+        ck_assert_uint_eq(nd_ledger_drop_pending_audit(l, NULL, NULL), 1);
+        reader = nd_ledger_close(reader);
+        l = nd_ledger_close(l);
+        _cleanup_free_ void *after = read_all(path, &n_after);
+        ck_assert_uint_eq(n_before, n_after);
+        ck_assert(memcmp(before, after, n_before) == 0);
+}
+END_TEST
+
 /* Every documented filter is answered from an index: each table is searched by a key of the filter
  * (never scanned, not even along an index: the old pen query walked sessions_by_start), no sort. */
 START_TEST(test_query_plans_use_indexes) {
@@ -1371,6 +1447,7 @@ static Suite *ledger_suite(void) {
         tcase_add_test(tc, test_history);
         tcase_add_test(tc, test_history_before_and_reader);
         tcase_add_test(tc, test_query_plans_use_indexes);
+        tcase_add_test(tc, test_deferred_check);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("audit");
