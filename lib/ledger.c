@@ -26,6 +26,7 @@
 #define LEDGER_CACHE_PRAGMA "PRAGMA cache_size=-256"
 /* nd_ledger_open_deferred() checks files up to this size at open (reading 1 MiB: a few ms cold). */
 #define LEDGER_CHECK_AT_OPEN_MAX_BYTES (1024 * 1024)
+#define VERIFY_CACHE_PRAGMAS "PRAGMA cache_size=-65536; PRAGMA mmap_size=4294967296"
 #define LEDGER_SYNC_OFF 0
 #define LEDGER_SYNC_NORMAL 1
 #define LEDGER_SYNC_FULL 2
@@ -269,8 +270,24 @@ static void enc_fmt(enc *e, const char *fmt, ...) {
 /* i<decimal>\n ; r<16 hex digits of the IEEE-754 bits>\n ; t<length>:<bytes>\n ;
  * b<length>:<bytes>\n ; n\n. Locale-independent and unambiguous: every field says its type and
  * text says its length before its bytes. */
+/* prefix, the decimal digits of v, suffix, as enc_fmt() would write them, without printf
+ * (verification encodes millions of numbers). */
+static void enc_number(enc *e, char prefix, int64_t v, char suffix) {
+        char buf[24];
+        size_t i = sizeof buf;
+        uint64_t u = v < 0 ? (uint64_t) 0 - (uint64_t) v : (uint64_t) v;
+        buf[--i] = suffix;
+        do {
+                buf[--i] = (char) ('0' + u % 10);
+                u /= 10;
+        } while (u);
+        if (v < 0)
+                buf[--i] = '-';
+        buf[--i] = prefix;
+        enc_bytes(e, buf + i, sizeof buf - i);
+}
 static void enc_int(enc *e, int64_t v) {
-        enc_fmt(e, "i%" PRId64 "\n", v);
+        enc_number(e, 'i', v, '\n');
 }
 static void enc_real(enc *e, double v) {
         uint64_t bits;
@@ -278,7 +295,7 @@ static void enc_real(enc *e, double v) {
         enc_fmt(e, "r%016" PRIx64 "\n", bits);
 }
 static void enc_text(enc *e, const char *s, size_t n) {
-        enc_fmt(e, "t%zu:", n);
+        enc_number(e, 't', (int64_t) n, ':');
         enc_bytes(e, s, n);
         enc_bytes(e, "\n", 1);
 }
@@ -347,12 +364,22 @@ static int audit_entry_hash(int64_t seq, int64_t time_us, int64_t uid, int64_t p
 #define SESSION_END_DIGEST_COLUMNS SESSION_BEGIN_DIGEST_COLUMNS ", " \
         "end_us, duration_s, strokes, max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, end_reason"
 
-static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE],
-                              int *ret_sqlite_rc) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+/* With cache NULL the statement is prepared for this call; else *cache keeps it prepared between
+ * calls (the caller finalizes it): verification asks this once per session end and start. */
+static int session_row_digest_cached(sqlite3 *db, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE],
+                                     int *ret_sqlite_rc, sqlite3_stmt **cache) {
+        _cleanup_stmt_ sqlite3_stmt *own = NULL;
+        sqlite3_stmt *st;
         const char *sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS " FROM sessions WHERE id = ?1"
                                 : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS " FROM sessions WHERE id = ?1";
-        int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+        int rc = SQLITE_OK;
+        if (cache && *cache) {
+                st = *cache;
+                sqlite3_reset(st);
+        } else {
+                rc = sqlite3_prepare_v2(db, sql, -1, cache ? cache : &own, NULL);
+                st = cache ? *cache : own;
+        }
         if (rc == SQLITE_OK)
                 rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
         if (rc == SQLITE_OK)
@@ -369,6 +396,11 @@ static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[
         for (int i = 0; i < sqlite3_column_count(st); i++)
                 enc_column(&e, st, i);
         return enc_digest(&e, out);
+}
+
+static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE],
+                              int *ret_sqlite_rc) {
+        return session_row_digest_cached(db, id, ended, out, ret_sqlite_rc, NULL);
 }
 
 /* ---- small SQL helpers ---- */
@@ -1683,10 +1715,7 @@ static bool is_hash_text(sqlite3_stmt *st, int col) {
         if (sqlite3_column_type(st, col) != SQLITE_TEXT || sqlite3_column_bytes(st, col) != HASH_HEX_LEN)
                 return false;
         const char *h = (const char *) sqlite3_column_text(st, col);
-        for (int i = 0; i < HASH_HEX_LEN; i++)
-                if (!((h[i] >= '0' && h[i] <= '9') || (h[i] >= 'a' && h[i] <= 'f')))
-                        return false;
-        return true;
+        return h && strspn(h, "0123456789abcdef") == HASH_HEX_LEN;
 }
 
 /* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
@@ -1774,15 +1803,31 @@ static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, cons
 }
 
 /* One audit entry of this action for this session whose row digest matches. */
+/* The statements verify_session_entry() runs for every session, prepared once. */
+typedef struct verify_stmts {
+        sqlite3_stmt *entry;
+        sqlite3_stmt *row[2];           /* [ended] */
+} verify_stmts;
+
+static void verify_stmts_done(verify_stmts *vs) {
+        sqlite3_finalize(vs->entry);
+        sqlite3_finalize(vs->row[0]);
+        sqlite3_finalize(vs->row[1]);
+}
+
 static int verify_session_entry(sqlite3 *db, const char *path, const char *id, bool ended, bool expect,
-                                nd_ledger_verify_result *v) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+                                verify_stmts *vs, nd_ledger_verify_result *v) {
         char digest[ND_SHA256_HEX_SIZE];
         const char *action = ended ? AUDIT_ACTION_END : AUDIT_ACTION_BEGIN;
-        int rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE object = ?1 AND action = ?2", -1, &st,
-                                    NULL);
+        int rc = SQLITE_OK;
+        if (!vs->entry)
+                rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE object = ?1 AND action = ?2", -1,
+                                        &vs->entry, NULL);
+        else
+                sqlite3_reset(vs->entry);
         if (rc != SQLITE_OK)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_stmt *st = vs->entry;
         bind_text(st, 1, id);
         bind_text(st, 2, action);
         rc = sqlite3_step(st);
@@ -1803,7 +1848,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
         const char *detail = (const char *) sqlite3_column_text(st, 1);
 
         int crc = SQLITE_OK;
-        int r = session_row_digest(db, id, ended, digest, &crc);
+        int r = session_row_digest_cached(db, id, ended, digest, &crc, &vs->row[ended]);
         if (r == -EIO)
                 return verify_sql_fail(v, db, crc, path, "reading a session");
         if (r < 0)
@@ -1822,6 +1867,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
 /* The session and cartridge rows against the (verified) trail. */
 static int verify_records(sqlite3 *db, const char *path, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
+        _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
         int r, rc;
 
         rc = sqlite3_prepare_v2(db, "SELECT id, end_us IS NOT NULL FROM sessions ORDER BY rowid", -1, &st, NULL);
@@ -1832,10 +1878,10 @@ static int verify_records(sqlite3 *db, const char *path, nd_ledger_verify_result
                 bool ended = sqlite3_column_int(st, 1) != 0;
                 if (!id)
                         return verify_break(v, ND_LEDGER_BREAK_RECORD, 0, "a session without an id");
-                r = verify_session_entry(db, path, id, false, true, v);
+                r = verify_session_entry(db, path, id, false, true, &vs, v);
                 if (r < 0 || v->broken)
                         return r;
-                r = verify_session_entry(db, path, id, true, ended, v);
+                r = verify_session_entry(db, path, id, true, ended, &vs, v);
                 if (r < 0 || v->broken)
                         return r;
                 v->sessions++;
@@ -1913,6 +1959,10 @@ int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, co
                 return verify_sql_fail(v, db, rc, db_path, "cannot open");
         sqlite3_busy_timeout(db, LEDGER_BUSY_TIMEOUT_MS);
         rc = sqlite3_exec(db, "PRAGMA trusted_schema=OFF", NULL, NULL, NULL);
+        /* A command-line check reads the whole file once: a larger page cache and the file mapped
+         * rather than copied page by page (read-only: a mapping cannot write the file). */
+        if (rc == SQLITE_OK)
+                rc = sqlite3_exec(db, VERIFY_CACHE_PRAGMAS, NULL, NULL, NULL);
         /* One read transaction: a consistent snapshot while the daemon keeps writing. */
         if (rc == SQLITE_OK)
                 rc = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);
