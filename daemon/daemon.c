@@ -11,6 +11,7 @@
 #include "daemon.h"
 #include "errors.h"
 #include "ledger-reader.h"
+#include "ledger-state.h"
 #include "log.h"
 #include "pen.h"
 #include "transport-usb.h"
@@ -79,32 +80,6 @@ static void daemon_start_usb(nd_daemon *d) {
                 return;
         }
         nd_log_info("looking for pens %04x:%04x", (unsigned) PEN_USB_VID_DEFAULT, (unsigned) PEN_USB_PID_DEFAULT);
-}
-
-static void daemon_open_ledger(nd_daemon *d) {
-        struct timespec ts;
-        int r = nd_ledger_open(d->state_dir, &d->ledger, &d->ledger_error);
-        if (r < 0) {
-                nd_log_full(LOG_ERR, (const char *const[]) { "NEEDLED_EVENT=ledger-unavailable", NULL },
-                            "the treatment ledger cannot be used (%s): no session can start until it can",
-                            strempty(d->ledger_error));
-                return;
-        }
-        _cleanup_free_ char *reader_error = NULL;
-        r = nd_ledger_reader_new(d->event, nd_ledger_path(d->ledger), &d->ledger_reader, &reader_error);
-        if (r < 0) {
-                /* History cannot be read; treatment may still be recorded. */
-                nd_log_error("the ledger's history cannot be read off the loop (%s): GetHistory and GetCartridge "
-                             "answer Storage", reader_error ? reader_error : strerror(-r));
-        }
-        clock_gettime(CLOCK_REALTIME, &ts);
-        r = nd_ledger_recover(d->ledger, (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC);
-        if (r < 0)
-                nd_log_error("could not close the sessions left by an earlier run: %s", nd_ledger_last_error(d->ledger));
-        else if (r > 0)
-                nd_log_full(LOG_WARNING, (const char *const[]) { "NEEDLED_EVENT=sessions-recovered", NULL },
-                            "%d session(s) were running when needled last stopped: closed as daemon-restart, "
-                            "their cartridges spent", r);
 }
 
 static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -244,7 +219,7 @@ int nd_daemon_main(const nd_daemon_options *opts) {
 
         /* Fail closed: a missing or bad limits file leaves the daemon up, refusing to arm. */
         (void) nd_manager_load_limits(&d, true, &error);
-        daemon_open_ledger(&d);
+        nd_ledger_state_open(&d);
 
         r = daemon_connect_bus(&d);
         if (r < 0)

@@ -73,6 +73,9 @@ static void job_run(nd_ledger_reader *r, nd_ledger_job *job) {
         case ND_LEDGER_JOB_CARTRIDGE:
                 job->result = nd_ledger_cartridge_get(r->db, job->cartridge_id, &job->cartridge);
                 break;
+        case ND_LEDGER_JOB_CHECK:
+                job->result = nd_ledger_check_step(r->db, job->check_step);
+                break;
         default:
                 job->result = -EINVAL;
                 break;
@@ -217,7 +220,7 @@ int nd_ledger_reader_submit(nd_ledger_reader *r, nd_ledger_job *job) {
         if (!r || !job || !job->done)
                 return -EINVAL;
         pthread_mutex_lock(&r->lock);
-        if (r->in_flight >= ND_LEDGER_READER_QUEUE_MAX) {
+        if (r->in_flight >= ND_LEDGER_READER_QUEUE_MAX && !job->unbounded) {
                 pthread_mutex_unlock(&r->lock);
                 return -EAGAIN;
         }

@@ -20,6 +20,7 @@
 typedef enum nd_ledger_job_kind {
         ND_LEDGER_JOB_HISTORY,
         ND_LEDGER_JOB_CARTRIDGE,
+        ND_LEDGER_JOB_CHECK,            /* one step of the integrity check (nd_ledger_check_step) */
 } nd_ledger_job_kind;
 
 typedef struct nd_ledger_job nd_ledger_job;
@@ -35,9 +36,12 @@ struct nd_ledger_job {
         char *pen_serial;                       /* owned; history.pen_serial points here */
         nd_ledger_history_filter history;
         char cartridge_id[ND_LEDGER_NAME_MAX + 1];
+        unsigned check_step;
+        bool unbounded;                         /* queued even when the queue is full (the check) */
 
         /* Out: written by the worker, read in the done callback. */
-        int result;                             /* 0 or -errno (-ENOENT: no such cartridge) */
+        int result;                             /* 0 (check: 1 more steps, 0 done) or -errno
+                                                 * (-ENOENT: no such cartridge) */
         char error[512];                        /* the ledger's message when result < 0 */
         nd_ledger_session *sessions;            /* owned (history) */
         size_t n_sessions;

@@ -24,6 +24,9 @@
  * would let a long-running daemon's heap grow with the ledger (quick_check alone reads every
  * page at start). */
 #define LEDGER_CACHE_PRAGMA "PRAGMA cache_size=-256"
+/* nd_ledger_open_deferred() checks files up to this size at open (reading 1 MiB: a few ms cold). */
+#define LEDGER_CHECK_AT_OPEN_MAX_BYTES (1024 * 1024)
+#define VERIFY_CACHE_PRAGMAS "PRAGMA cache_size=-65536; PRAGMA mmap_size=4294967296"
 #define LEDGER_SYNC_OFF 0
 #define LEDGER_SYNC_NORMAL 1
 #define LEDGER_SYNC_FULL 2
@@ -41,7 +44,17 @@ struct nd_ledger {
         char *path;
         int synchronous;        /* the PRAGMA synchronous in force; -1: unknown */
         bool bulk_load;         /* nd_ledger_set_bulk_load(): nothing synced (test ledgers only) */
+        bool unchecked;         /* opened with nd_ledger_open_deferred(), its check not yet passed */
+        struct pending_audit *pending;  /* audit entries held while unchecked, oldest first */
+        size_t n_pending;
         char error[1024];
+};
+
+/* An audit entry made while the file's integrity check runs, written once it has passed. */
+struct pending_audit {
+        uint64_t time_us;
+        uint32_t uid, pid;
+        char *actor, *action, *object, *detail;
 };
 
 static inline void sqlite3_finalizep(sqlite3_stmt **s) {
@@ -259,8 +272,24 @@ static void enc_fmt(enc *e, const char *fmt, ...) {
 /* i<decimal>\n ; r<16 hex digits of the IEEE-754 bits>\n ; t<length>:<bytes>\n ;
  * b<length>:<bytes>\n ; n\n. Locale-independent and unambiguous: every field says its type and
  * text says its length before its bytes. */
+/* prefix, the decimal digits of v, suffix, as enc_fmt() would write them, without printf
+ * (verification encodes millions of numbers). */
+static void enc_number(enc *e, char prefix, int64_t v, char suffix) {
+        char buf[24];
+        size_t i = sizeof buf;
+        uint64_t u = v < 0 ? (uint64_t) 0 - (uint64_t) v : (uint64_t) v;
+        buf[--i] = suffix;
+        do {
+                buf[--i] = (char) ('0' + u % 10);
+                u /= 10;
+        } while (u);
+        if (v < 0)
+                buf[--i] = '-';
+        buf[--i] = prefix;
+        enc_bytes(e, buf + i, sizeof buf - i);
+}
 static void enc_int(enc *e, int64_t v) {
-        enc_fmt(e, "i%" PRId64 "\n", v);
+        enc_number(e, 'i', v, '\n');
 }
 static void enc_real(enc *e, double v) {
         uint64_t bits;
@@ -268,7 +297,7 @@ static void enc_real(enc *e, double v) {
         enc_fmt(e, "r%016" PRIx64 "\n", bits);
 }
 static void enc_text(enc *e, const char *s, size_t n) {
-        enc_fmt(e, "t%zu:", n);
+        enc_number(e, 't', (int64_t) n, ':');
         enc_bytes(e, s, n);
         enc_bytes(e, "\n", 1);
 }
@@ -344,10 +373,13 @@ static int audit_entry_hash(int64_t seq, int64_t time_us, int64_t uid, int64_t p
 #define SESSION_BEGIN_DIGEST_COUNT_1 15
 #define SESSION_END_DIGEST_COUNT_1 23
 
-/* schema: the file's schema version (verification reads files of every version). */
-static int session_row_digest(sqlite3 *db, const char *id, bool ended, int64_t schema,
-                              char out[static ND_SHA256_HEX_SIZE], int *ret_sqlite_rc) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+/* schema: the file's schema version (verification reads files of every version). With cache
+ * NULL the statement is prepared for this call; else *cache keeps it prepared between calls (the
+ * caller finalizes it): verification asks this once per session end and start. */
+static int session_row_digest_cached(sqlite3 *db, const char *id, bool ended, int64_t schema,
+                                     char out[static ND_SHA256_HEX_SIZE], int *ret_sqlite_rc, sqlite3_stmt **cache) {
+        _cleanup_stmt_ sqlite3_stmt *own = NULL;
+        sqlite3_stmt *st;
         const char *sql;
         if (schema >= 2)
                 sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS SESSION_END_DIGEST_COLUMNS_2 " FROM sessions WHERE id = ?1"
@@ -356,7 +388,14 @@ static int session_row_digest(sqlite3 *db, const char *id, bool ended, int64_t s
                 sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS " FROM sessions WHERE id = ?1"
                             : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS " FROM sessions WHERE id = ?1";
         int first_optional = ended ? SESSION_END_DIGEST_COUNT_1 : SESSION_BEGIN_DIGEST_COUNT_1;
-        int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+        int rc = SQLITE_OK;
+        if (cache && *cache) {
+                st = *cache;
+                sqlite3_reset(st);
+        } else {
+                rc = sqlite3_prepare_v2(db, sql, -1, cache ? cache : &own, NULL);
+                st = cache ? *cache : own;
+        }
         if (rc == SQLITE_OK)
                 rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
         if (rc == SQLITE_OK)
@@ -376,7 +415,17 @@ static int session_row_digest(sqlite3 *db, const char *id, bool ended, int64_t s
         return enc_digest(&e, out);
 }
 
+static int session_row_digest(sqlite3 *db, const char *id, bool ended, int64_t schema,
+                              char out[static ND_SHA256_HEX_SIZE], int *ret_sqlite_rc) {
+        return session_row_digest_cached(db, id, ended, schema, out, ret_sqlite_rc, NULL);
+}
+
 /* ---- small SQL helpers ---- */
+
+static int refuse_unchecked(nd_ledger *l) {
+        return set_error(l, -EAGAIN, "the integrity check (is the file corrupt?) has not finished: nothing is "
+                         "recorded, and no session starts, until it has passed; try again in a moment");
+}
 
 static int exec(nd_ledger *l, const char *sql, const char *what) {
         int rc = sqlite3_exec(l->db, sql, NULL, NULL, NULL);
@@ -566,12 +615,14 @@ static int migrate(nd_ledger *l, int64_t from) {
 }
 
 /* Reads the file without writing: it must be a database, intact, ours, and not from the future. */
-static int check_file(nd_ledger *l, int64_t *ret_version) {
+static int check_file(nd_ledger *l, bool quick_check, int64_t *ret_version) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         int64_t app_id, version, tables;
         int rc = SQLITE_OK;
 
-        rc = sqlite3_prepare_v2(l->db, "PRAGMA quick_check", -1, &st, NULL);
+        /* Without the check, the header is still read (the schema version): a file that is not a
+         * database fails here as it would in the check. */
+        rc = sqlite3_prepare_v2(l->db, quick_check ? "PRAGMA quick_check" : "PRAGMA schema_version", -1, &st, NULL);
         if (rc == SQLITE_OK)
                 rc = sqlite3_step(st);
         if (rc != SQLITE_ROW) {
@@ -586,7 +637,7 @@ static int check_file(nd_ledger *l, int64_t *ret_version) {
                                  sqlite3_errmsg(l->db));
         }
         const char *res = (const char *) sqlite3_column_text(st, 0);
-        if (!res || !STREQ(res, "ok"))
+        if (quick_check && (!res || !STREQ(res, "ok")))
                 return set_error(l, -EBADMSG, "the database is corrupt (quick_check: %s); left as it is", strempty(res));
 
         if (pragma_int(l->db, "PRAGMA application_id", &app_id, &rc) < 0 ||
@@ -608,7 +659,7 @@ static int check_file(nd_ledger *l, int64_t *ret_version) {
         return 0;
 }
 
-int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
+static int ledger_open(const char *state_dir, bool defer_check, nd_ledger **ret, char **error) {
         _cleanup_(nd_ledger_closep) nd_ledger *l = NULL;
         struct stat stbuf;
         int64_t version = 0;
@@ -668,7 +719,22 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
                 /* Before quick_check reads every page. It reads the header, so on a file that is
                  * not a database it fails: check_file() then says what the file is. */
                 (void) sqlite3_exec(l->db, LEDGER_CACHE_PRAGMA, NULL, NULL, NULL);
-                r = check_file(l, &version);
+                /* The check is deferred only for a file that needs no write to be opened: ours, of
+                 * this schema, already in WAL mode (header bytes 18-19 = 2). Anything else (a new
+                 * file, a migration) is checked in full first, as it will be written at once. */
+                /* A small file is checked at once: that costs less than a start-up takes anyway, and
+                 * the ledger can record from the first moment. */
+                bool defer = defer_check && stat(l->path, &stbuf) == 0 && stbuf.st_size > LEDGER_CHECK_AT_OPEN_MAX_BYTES;
+                if (defer) {
+                        _cleanup_stmt_ sqlite3_stmt *jm = NULL;
+                        defer = sqlite3_prepare_v2(l->db, "PRAGMA journal_mode", -1, &jm, NULL) == SQLITE_OK &&
+                                sqlite3_step(jm) == SQLITE_ROW &&
+                                strcasecmp(strempty((const char *) sqlite3_column_text(jm, 0)), "wal") == 0;
+                }
+                r = check_file(l, !defer, &version);
+                if (r >= 0 && defer && version != ND_LEDGER_SCHEMA_VERSION)
+                        r = check_file(l, true, &version);
+                l->unchecked = r >= 0 && defer && version == ND_LEDGER_SCHEMA_VERSION;
         }
         /* Only now, with the file known to be ours, is anything written. */
         if (r >= 0)
@@ -701,9 +767,97 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
         return 0;
 }
 
+int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
+        return ledger_open(state_dir, false, ret, error);
+}
+
+int nd_ledger_open_deferred(const char *state_dir, nd_ledger **ret, char **error) {
+        return ledger_open(state_dir, true, ret, error);
+}
+
+bool nd_ledger_checked(const nd_ledger *l) {
+        return l && !l->unchecked;
+}
+
+static void pending_clear(struct pending_audit *p) {
+        free(p->actor);
+        free(p->action);
+        free(p->object);
+        free(p->detail);
+}
+
+int nd_ledger_check_step(nd_ledger *l, unsigned step) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *chk = NULL;
+        int r, rc;
+
+        if (!l)
+                return -EINVAL;
+        /* One table (with its indexes) a step, in name order, so that other queries on this
+         * connection run between the steps. */
+        r = prepare(l, "SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name LIMIT 1 OFFSET ?1", &st);
+        if (r < 0)
+                return r;
+        sqlite3_bind_int64(st, 1, step);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return 0;
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "the integrity check: listing the tables");
+        char *sql = sqlite3_mprintf("PRAGMA quick_check(%Q)", (const char *) sqlite3_column_text(st, 0));
+        if (!sql)
+                return set_error(l, -ENOMEM, "out of memory");
+        rc = sqlite3_prepare_v2(l->db, sql, -1, &chk, NULL);
+        sqlite3_free(sql);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(chk);
+        if (rc != SQLITE_ROW)
+                return set_error(l, errno_from_sqlite(l->db, rc), "the database is corrupt (%s)", sqlite3_errmsg(l->db));
+        const char *res = (const char *) sqlite3_column_text(chk, 0);
+        if (!res || !STREQ(res, "ok"))
+                return set_error(l, -EBADMSG, "the database is corrupt (quick_check of table %s: %s)",
+                                 (const char *) sqlite3_column_text(st, 0), strempty(res));
+        return 1;
+}
+
+int nd_ledger_mark_checked(nd_ledger *l) {
+        int r = 0;
+        size_t i;
+
+        if (!l)
+                return -EINVAL;
+        l->unchecked = false;
+        for (i = 0; r >= 0 && i < l->n_pending; i++) {
+                struct pending_audit *p = &l->pending[i];
+                r = nd_ledger_audit(l, p->time_us, p->uid, p->pid, p->actor, p->action, p->object, p->detail);
+        }
+        for (size_t j = 0; j < l->n_pending; j++)
+                pending_clear(&l->pending[j]);
+        free(l->pending);
+        l->pending = NULL;
+        l->n_pending = 0;
+        return r < 0 ? r : (int) i;
+}
+
+size_t nd_ledger_drop_pending_audit(nd_ledger *l, nd_ledger_pending_audit_fn fn, void *userdata) {
+        size_t n = l ? l->n_pending : 0;
+        for (size_t i = 0; i < n; i++) {
+                struct pending_audit *p = &l->pending[i];
+                if (fn)
+                        fn(p->time_us, p->uid, p->pid, p->actor, p->action, p->object, p->detail, userdata);
+                pending_clear(p);
+        }
+        if (l) {
+                free(l->pending);
+                l->pending = NULL;
+                l->n_pending = 0;
+        }
+        return n;
+}
+
 nd_ledger *nd_ledger_close(nd_ledger *l) {
         if (!l)
                 return NULL;
+        (void) nd_ledger_drop_pending_audit(l, NULL, NULL);
         if (l->db)
                 sqlite3_close_v2(l->db);
         free(l->path);
@@ -878,6 +1032,27 @@ int nd_ledger_audit(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_t pid, 
         r = check_audit_fields(l, actor, action, object, detail);
         if (r < 0)
                 return r;
+        if (l->unchecked) {
+                /* Nothing is written to a file not yet known to be intact: the entry waits, in
+                 * order, for nd_ledger_mark_checked(). */
+                if (l->n_pending >= ND_LEDGER_PENDING_AUDIT_MAX)
+                        return set_error(l, -EAGAIN, "the integrity check has not finished and %u audit entries "
+                                         "already wait for it", ND_LEDGER_PENDING_AUDIT_MAX);
+                struct pending_audit *a = realloc(l->pending, (l->n_pending + 1) * sizeof *a);
+                if (!a)
+                        return set_error(l, -ENOMEM, "out of memory");
+                l->pending = a;
+                a = &a[l->n_pending];
+                *a = (struct pending_audit) { .time_us = time_us, .uid = uid, .pid = pid, .actor = strdup(actor),
+                                              .action = strdup(action), .object = strdup(object),
+                                              .detail = strdup(detail) };
+                if (!a->actor || !a->action || !a->object || !a->detail) {
+                        pending_clear(a);
+                        return set_error(l, -ENOMEM, "out of memory");
+                }
+                l->n_pending++;
+                return 0;
+        }
         r = tx_begin(l, LEDGER_SYNC_FULL);
         if (r < 0)
                 return r;
@@ -1048,6 +1223,8 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
 }
 
 int nd_ledger_session_begin(nd_ledger *l, const nd_ledger_session_start *s) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         int r;
 
         if (!l)
@@ -1105,6 +1282,8 @@ static void bind_dose(sqlite3_stmt *st, const nd_ledger_stats *s) {
         "max_current_ma = max(max_current_ma, ?6)"
 
 int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, const nd_ledger_stats *stats) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         int r;
 
@@ -1213,6 +1392,8 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
 
 int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
                           const char *reason) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         int r;
 
         if (!l)
@@ -1240,6 +1421,8 @@ static void strv_free_n(char **v, size_t n) {
 }
 
 int nd_ledger_recover(nd_ledger *l, uint64_t now_us) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         char **ids = NULL;
         size_t n = 0;
@@ -1384,6 +1567,12 @@ int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret) 
         "SELECT " SESSION_COLUMNS " FROM sessions WHERE pen_serial = ?1 AND start_us >= ?2 AND start_us < ?3 " \
         "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
 
+#define CARTRIDGE_SQL \
+        "SELECT c.needles, c.state, c.first_used_us, " \
+        "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = c.id), " \
+        "  (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) " \
+        "FROM cartridges c WHERE c.id = ?1"
+
 int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
                             size_t *ret_n) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
@@ -1436,6 +1625,42 @@ int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, u
         return nd_ledger_history_query(l, &f, ret, ret_n);
 }
 
+int nd_ledger_query_plan(nd_ledger *l, nd_ledger_query q, char **ret) {
+        static const char *const sql[] = {
+                [ND_LEDGER_QUERY_HISTORY] = HISTORY_SQL_ALL,
+                [ND_LEDGER_QUERY_HISTORY_PEN] = HISTORY_SQL_PEN,
+                [ND_LEDGER_QUERY_CARTRIDGE] = CARTRIDGE_SQL,
+        };
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        _cleanup_free_ char *plan = NULL;
+        char *buf = NULL;
+        size_t size = 0;
+        int r, rc;
+
+        if (!l || !ret || (unsigned) q >= ELEMENTSOF(sql))
+                return -EINVAL;
+        _cleanup_free_ char *explain = NULL;
+        if (asprintf(&explain, "EXPLAIN QUERY PLAN %s", sql[q]) < 0)
+                return -ENOMEM;
+        r = prepare(l, explain, &st);
+        if (r < 0)
+                return r;
+        FILE *f = open_memstream(&buf, &size);
+        if (!f)
+                return -ENOMEM;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+                fprintf(f, "%s\n", strempty((const char *) sqlite3_column_text(st, 3)));
+        if (fclose(f) != 0) {
+                free(buf);
+                return -ENOMEM;
+        }
+        plan = buf;
+        if (rc != SQLITE_DONE)
+                return sql_error(l, rc, "explaining a query");
+        *ret = TAKE_PTR(plan);
+        return 0;
+}
+
 const char *nd_ledger_cartridge_state_to_string(nd_ledger_cartridge_state s) {
         switch (s) {
         case ND_LEDGER_CARTRIDGE_FRESH:
@@ -1456,10 +1681,7 @@ int nd_ledger_cartridge_get(nd_ledger *l, const char *id, nd_ledger_cartridge *r
                 return -EINVAL;
         if ((r = check_text(l, "cartridge id", id, ND_LEDGER_NAME_MAX, false)) < 0)
                 return r;
-        r = prepare(l, "SELECT c.needles, c.state, c.first_used_us, "
-                       "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = c.id), "
-                       "  (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) "
-                       "FROM cartridges c WHERE c.id = ?1", &st);
+        r = prepare(l, CARTRIDGE_SQL, &st);
         if (r < 0)
                 return r;
         bind_text(st, 1, id);
@@ -1542,10 +1764,7 @@ static bool is_hash_text(sqlite3_stmt *st, int col) {
         if (sqlite3_column_type(st, col) != SQLITE_TEXT || sqlite3_column_bytes(st, col) != HASH_HEX_LEN)
                 return false;
         const char *h = (const char *) sqlite3_column_text(st, col);
-        for (int i = 0; i < HASH_HEX_LEN; i++)
-                if (!((h[i] >= '0' && h[i] <= '9') || (h[i] >= 'a' && h[i] <= 'f')))
-                        return false;
-        return true;
+        return h && strspn(h, "0123456789abcdef") == HASH_HEX_LEN;
 }
 
 /* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
@@ -1633,15 +1852,31 @@ static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, cons
 }
 
 /* One audit entry of this action for this session whose row digest matches. */
-static int verify_session_entry(sqlite3 *db, const char *path, const char *id, bool ended, bool expect, int64_t schema,
-                                nd_ledger_verify_result *v) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+/* The statements verify_session_entry() runs for every session, prepared once. */
+typedef struct verify_stmts {
+        sqlite3_stmt *entry;
+        sqlite3_stmt *row[2];           /* [ended] */
+} verify_stmts;
+
+static void verify_stmts_done(verify_stmts *vs) {
+        sqlite3_finalize(vs->entry);
+        sqlite3_finalize(vs->row[0]);
+        sqlite3_finalize(vs->row[1]);
+}
+
+static int verify_session_entry(sqlite3 *db, const char *path, const char *id, bool ended, bool expect,
+                                int64_t schema, verify_stmts *vs, nd_ledger_verify_result *v) {
         char digest[ND_SHA256_HEX_SIZE];
         const char *action = ended ? AUDIT_ACTION_END : AUDIT_ACTION_BEGIN;
-        int rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE object = ?1 AND action = ?2", -1, &st,
-                                    NULL);
+        int rc = SQLITE_OK;
+        if (!vs->entry)
+                rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE object = ?1 AND action = ?2", -1,
+                                        &vs->entry, NULL);
+        else
+                sqlite3_reset(vs->entry);
         if (rc != SQLITE_OK)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_stmt *st = vs->entry;
         bind_text(st, 1, id);
         bind_text(st, 2, action);
         rc = sqlite3_step(st);
@@ -1662,7 +1897,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
         const char *detail = (const char *) sqlite3_column_text(st, 1);
 
         int crc = SQLITE_OK;
-        int r = session_row_digest(db, id, ended, schema, digest, &crc);
+        int r = session_row_digest_cached(db, id, ended, schema, digest, &crc, &vs->row[ended]);
         if (r == -EIO)
                 return verify_sql_fail(v, db, crc, path, "reading a session");
         if (r < 0)
@@ -1681,6 +1916,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
 /* The session and cartridge rows against the (verified) trail. */
 static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
+        _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
         int r, rc;
 
         rc = sqlite3_prepare_v2(db, "SELECT id, end_us IS NOT NULL FROM sessions ORDER BY rowid", -1, &st, NULL);
@@ -1691,10 +1927,10 @@ static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledg
                 bool ended = sqlite3_column_int(st, 1) != 0;
                 if (!id)
                         return verify_break(v, ND_LEDGER_BREAK_RECORD, 0, "a session without an id");
-                r = verify_session_entry(db, path, id, false, true, schema, v);
+                r = verify_session_entry(db, path, id, false, true, schema, &vs, v);
                 if (r < 0 || v->broken)
                         return r;
-                r = verify_session_entry(db, path, id, true, ended, schema, v);
+                r = verify_session_entry(db, path, id, true, ended, schema, &vs, v);
                 if (r < 0 || v->broken)
                         return r;
                 v->sessions++;
@@ -1772,6 +2008,10 @@ int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, co
                 return verify_sql_fail(v, db, rc, db_path, "cannot open");
         sqlite3_busy_timeout(db, LEDGER_BUSY_TIMEOUT_MS);
         rc = sqlite3_exec(db, "PRAGMA trusted_schema=OFF", NULL, NULL, NULL);
+        /* A command-line check reads the whole file once: a larger page cache and the file mapped
+         * rather than copied page by page (read-only: a mapping cannot write the file). */
+        if (rc == SQLITE_OK)
+                rc = sqlite3_exec(db, VERIFY_CACHE_PRAGMAS, NULL, NULL, NULL);
         /* One read transaction: a consistent snapshot while the daemon keeps writing. */
         if (rc == SQLITE_OK)
                 rc = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);

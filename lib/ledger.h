@@ -146,6 +146,32 @@ typedef struct nd_ledger_verify_result {
  * On failure *ret stays NULL, *error (if error is not NULL) gets a message naming the path
  * and the problem (caller frees), and nothing on disk has been changed or deleted. */
 int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error);
+/* Audit entries held in memory while a deferred integrity check runs (nd_ledger_audit). */
+#define ND_LEDGER_PENDING_AUDIT_MAX 1024u
+
+/* As nd_ledger_open(), without reading every page first when the file needs no write to be
+ * opened (ours, this schema, WAL): its integrity check is left to the caller, table by table with
+ * nd_ledger_check_step() on a reader connection (nd_ledger_open_reader), off the loop. Until
+ * nd_ledger_mark_checked(), nothing is written: a session cannot begin, progress or end and
+ * recovery waits (-EAGAIN, docs/ledger.md), and audit entries are held in memory, in order.
+ * A file that needs writing (new, older schema) is checked in full here, as nd_ledger_open() does. */
+int nd_ledger_open_deferred(const char *state_dir, nd_ledger **ret, char **error);
+/* Whether the file has passed its integrity check (always, after nd_ledger_open()). */
+bool nd_ledger_checked(const nd_ledger *l);
+/* Checks the step'th table and its indexes (PRAGMA quick_check(TABLE)). Returns 1 when it is
+ * intact and there are more steps, 0 when there was no such table (all are done), -EBADMSG when
+ * it is corrupt, or another -errno; the message is in nd_ledger_last_error(). */
+int nd_ledger_check_step(nd_ledger *l, unsigned step);
+/* The check passed: writes the held audit entries (in order, synced) and allows writes. Returns
+ * how many were written, or -errno. */
+int nd_ledger_mark_checked(nd_ledger *l);
+typedef void (*nd_ledger_pending_audit_fn)(uint64_t time_us, uint32_t uid, uint32_t pid, const char *actor,
+                                           const char *action, const char *object, const char *detail,
+                                           void *userdata);
+/* The check failed: hands every held audit entry to fn (for the journal) and forgets it. Returns
+ * how many there were. */
+size_t nd_ledger_drop_pending_audit(nd_ledger *l, nd_ledger_pending_audit_fn fn, void *userdata);
+
 /* Closes the ledger; returns NULL. */
 nd_ledger *nd_ledger_close(nd_ledger *l);
 DEFINE_TRIVIAL_CLEANUP_FUNC(nd_ledger *, nd_ledger_close)
@@ -202,6 +228,17 @@ typedef struct nd_ledger_history_filter {
  * *ret is the caller's (nd_ledger_session_array_free()); profile_yaml is not filled in. */
 int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
                             size_t *ret_n);
+
+/* The read queries, for nd_ledger_query_plan(). */
+typedef enum nd_ledger_query {
+        ND_LEDGER_QUERY_HISTORY,        /* history without a pen filter (since, before, limit) */
+        ND_LEDGER_QUERY_HISTORY_PEN,    /* one pen's history */
+        ND_LEDGER_QUERY_CARTRIDGE,      /* a cartridge and its sessions' totals */
+} nd_ledger_query;
+
+/* SQLite's plan for a read query (EXPLAIN QUERY PLAN, one step a line) into *ret (caller frees):
+ * tests check that every filter is answered from an index. */
+int nd_ledger_query_plan(nd_ledger *l, nd_ledger_query q, char **ret);
 
 /* Opens the ledger at db_path read-only (PRAGMA query_only), for queries run on another thread
  * than the writer's connection (WAL lets them run beside it). Never creates, checks or migrates

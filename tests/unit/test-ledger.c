@@ -823,6 +823,175 @@ START_TEST(test_history) {
 }
 END_TEST
 
+START_TEST(test_history_before_and_reader) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        _cleanup_(nd_ledger_closep) nd_ledger *reader = NULL;
+        _cleanup_free_ char *error = NULL;
+        char ids[10][ND_LEDGER_SESSION_ID_SIZE];
+        nd_ledger_session *a = NULL;
+        size_t n = 0;
+
+        for (int i = 0; i < 10; i++) {
+                char cart[16];
+                snprintf(cart, sizeof cart, "C%d", i);
+                run_session(l, i % 2 ? "ODD" : "EVEN", cart, T0_US + (uint64_t) i * USEC_PER_SEC, ids[i]);
+        }
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, &error), 0);
+        ck_assert_ptr_null(error);
+
+        /* limit + before page back through everything, once each, newest first. */
+        nd_ledger_history_filter f = { .limit = 3 };
+        size_t seen = 0;
+        for (;;) {
+                ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+                for (size_t i = 0; i < n; i++)
+                        ck_assert_str_eq(a[i].id, ids[9 - seen - i]);
+                seen += n;
+                if (n < 3) {
+                        nd_ledger_session_array_free(a, n);
+                        break;
+                }
+                f.before_us = a[n - 1].start_us;
+                nd_ledger_session_array_free(a, n);
+        }
+        ck_assert_uint_eq(seen, 10);
+
+        f = (nd_ledger_history_filter) { .pen_serial = "EVEN", .since_us = T0_US + 2 * USEC_PER_SEC,
+                                         .before_us = T0_US + 8 * USEC_PER_SEC };
+        ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+        ck_assert_uint_eq(n, 3); /* 6, 4, 2 */
+        ck_assert_str_eq(a[0].id, ids[6]);
+        ck_assert_str_eq(a[2].id, ids[2]);
+        nd_ledger_session_array_free(a, n);
+
+        /* The reader sees what the writer commits after it opened, and cannot write. */
+        char late[ND_LEDGER_SESSION_ID_SIZE];
+        run_session(l, "ODD", "C10", T0_US + 20 * USEC_PER_SEC, late);
+        f = (nd_ledger_history_filter) { .limit = 1 };
+        ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+        ck_assert_uint_eq(n, 1);
+        ck_assert_str_eq(a[0].id, late);
+        nd_ledger_session_array_free(a, n);
+        nd_ledger_cartridge c;
+        ck_assert_int_eq(nd_ledger_cartridge_get(reader, "C10", &c), 0);
+        ck_assert_uint_eq(c.sessions, 1);
+        ck_assert_int_lt(nd_ledger_audit(reader, T0_US, 0, 0, "x", "y", "", ""), 0);
+        ck_assert_int_eq(nd_ledger_recover(reader, T0_US), -EROFS);
+
+        /* No reader on what is not a ledger. */
+        nd_ledger *bad = NULL;
+        free(TAKE_PTR(error));
+        char path[512];
+        snprintf(path, sizeof path, "%s/nothing.sqlite", dir);
+        ck_assert_int_lt(nd_ledger_open_reader(path, &bad, &error), 0);
+        ck_assert_ptr_null(bad);
+        ck_assert_ptr_nonnull(error);
+}
+END_TEST
+
+/* A ledger past the size checked at open (1 MiB): audit entries with long details. */
+static void make_large(const char *dir, char id[static ND_LEDGER_SESSION_ID_SIZE]) {
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        char detail[4001];
+        memset(detail, 'x', sizeof detail - 1);
+        detail[sizeof detail - 1] = '\0';
+        ck_assert_int_eq(nd_ledger_set_bulk_load(l, true), 0);
+        for (int i = 0; i < 400; i++)
+                ck_assert_int_eq(nd_ledger_audit(l, T0_US + (uint64_t) i, 1000, 77, ":1.5", "SetDepth", "PEN1", detail), 0);
+        run_session(l, "PEN1", "CART1", T0_US + 1000 * USEC_PER_SEC, id);
+}
+
+START_TEST(test_deferred_check) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *error = NULL;
+        char id[ND_LEDGER_SESSION_ID_SIZE], path[512];
+        nd_ledger *l = NULL, *reader = NULL;
+        nd_ledger_verify_result v;
+        start_buf b;
+        int r;
+        unsigned step = 0;
+
+        make_large(dir, id);
+        ck_assert_int_eq(nd_ledger_open_deferred(dir, &l, &error), 0);
+        ck_assert(!nd_ledger_checked(l));
+        /* Nothing is written before the check: audit entries wait, sessions are refused. */
+        ck_assert_int_eq(nd_ledger_audit(l, T0_US + 5000 * USEC_PER_SEC, 0, 1, "needled", "LoadProfile", "PEN1", "p"), 0);
+        ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "CART2", T0_US + 6000 * USEC_PER_SEC)), -EAGAIN);
+        ck_assert_ptr_nonnull(strstr(nd_ledger_last_error(l), "integrity check"));
+        ck_assert_int_eq(nd_ledger_recover(l, T0_US), -EAGAIN);
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, NULL), 0);
+        while ((r = nd_ledger_check_step(reader, step)) > 0)
+                step++;
+        ck_assert_int_eq(r, 0);
+        ck_assert_uint_ge(step, 4); /* audit, audit_head, cartridges, sessions */
+        ck_assert_int_eq(nd_ledger_mark_checked(l), 1);
+        ck_assert(nd_ledger_checked(l));
+        ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "CART2", T0_US + 6000 * USEC_PER_SEC)), 0);
+        reader = nd_ledger_close(reader);
+        l = nd_ledger_close(l);
+        snprintf(path, sizeof path, "%s/" ND_LEDGER_FILE_NAME, dir);
+        ck_assert_int_eq(nd_ledger_audit_verify(path, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_INTACT);
+        ck_assert_uint_eq(v.entries, 400 + 2 + 1 + 1); /* details, one session, the held entry, the new begin */
+
+        /* Damage the middle: the open still succeeds (the header is fine), the check finds it, and
+         * nothing was written to the file. */
+        {
+                int fd = open(path, O_RDWR);
+                ck_assert_int_ge(fd, 0);
+                off_t size = lseek(fd, 0, SEEK_END);
+                char junk[4096];
+                memset(junk, 0xa5, sizeof junk);
+                ck_assert_int_eq(pwrite(fd, junk, sizeof junk, size / 2 / 4096 * 4096), (ssize_t) sizeof junk);
+                close(fd);
+        }
+        size_t n_before = 0, n_after = 0;
+        _cleanup_free_ void *before = read_all(path, &n_before);
+        free(TAKE_PTR(error));
+        ck_assert_int_eq(nd_ledger_open_deferred(dir, &l, &error), 0);
+        ck_assert(!nd_ledger_checked(l));
+        ck_assert_int_eq(nd_ledger_audit(l, T0_US + 7000 * USEC_PER_SEC, 0, 1, "needled", "LoadProfile", "PEN1", "q"), 0);
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, NULL), 0);
+        for (step = 0; (r = nd_ledger_check_step(reader, step)) > 0;)
+                step++;
+        ck_assert_int_eq(r, -EBADMSG);
+        ck_assert_ptr_nonnull(strstr(nd_ledger_last_error(reader), "corrupt"));
+        ck_assert_uint_eq(nd_ledger_drop_pending_audit(l, NULL, NULL), 1);
+        reader = nd_ledger_close(reader);
+        l = nd_ledger_close(l);
+        _cleanup_free_ void *after = read_all(path, &n_after);
+        ck_assert_uint_eq(n_before, n_after);
+        ck_assert(memcmp(before, after, n_before) == 0);
+}
+END_TEST
+
+/* Every documented filter is answered from an index: each table is searched by a key of the filter
+ * (never scanned, not even along an index: the old pen query walked sessions_by_start), no sort. */
+START_TEST(test_query_plans_use_indexes) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        static const struct {
+                nd_ledger_query q;
+                const char *index;
+        } queries[] = {
+                { ND_LEDGER_QUERY_HISTORY, "SEARCH sessions USING INDEX sessions_by_start (start_us>? AND start_us<?)" },
+                { ND_LEDGER_QUERY_HISTORY_PEN,
+                  "SEARCH sessions USING INDEX sessions_by_pen (pen_serial=? AND start_us>? AND start_us<?)" },
+                { ND_LEDGER_QUERY_CARTRIDGE, "SEARCH sessions USING INDEX sessions_by_cartridge (cartridge_id=?)" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(queries); i++) {
+                _cleanup_free_ char *plan = NULL;
+                ck_assert_int_eq(nd_ledger_query_plan(l, queries[i].q, &plan), 0);
+                ck_assert_msg(strstr(plan, queries[i].index), "query %zu: %s", i, plan);
+                ck_assert_msg(!strstr(plan, "TEMP B-TREE"), "query %zu sorts: %s", i, plan);
+                ck_assert_msg(!strstr(plan, "SCAN "), "query %zu scans: %s", i, plan);
+        }
+        ck_assert_int_eq(nd_ledger_query_plan(l, (nd_ledger_query) 99, &(char *) { NULL }), -EINVAL);
+}
+END_TEST
+
 /* ---- the audit trail ---- */
 
 /* The documented encoding (docs/ledger.md), written out independently of ledger.c. */
@@ -1437,6 +1606,9 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_history);
         tcase_add_test(tc, test_dose_columns);
         tcase_add_test(tc, test_migrate_schema1_ledger);
+        tcase_add_test(tc, test_history_before_and_reader);
+        tcase_add_test(tc, test_query_plans_use_indexes);
+        tcase_add_test(tc, test_deferred_check);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("audit");
