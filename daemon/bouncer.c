@@ -1,4 +1,5 @@
 /* bouncer.c: method -> polkit action table and asynchronous, time-bounded checks. */
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,6 +84,42 @@ const char *nd_bouncer_action_for(const char *interface, const char *member) {
                 if (STREQ(method_actions[i].interface, interface) && STREQ(method_actions[i].member, member))
                         return method_actions[i].action;
         return NULL;
+}
+
+bool nd_bouncer_table_entry(size_t i, const char **interface, const char **member, const char **action) {
+        if (i >= ELEMENTSOF(method_actions))
+                return false;
+        *interface = method_actions[i].interface;
+        *member = method_actions[i].member;
+        *action = method_actions[i].action;
+        return true;
+}
+
+int nd_bouncer_dispatch(nd_bouncer *b, sd_bus_message *m, const nd_method *methods, size_t n, void *object,
+                        void *cont_userdata, sd_bus_error *error) {
+        assert(b && m && methods);
+        const char *interface = sd_bus_message_get_interface(m), *member = sd_bus_message_get_member(m);
+        const char *action = nd_bouncer_action_for(interface, member);
+        const nd_method *method = NULL;
+
+        for (size_t i = 0; member && i < n && !method; i++)
+                if (STREQ(methods[i].member, member))
+                        method = &methods[i];
+        /* One of the two, never both, never neither: a table mistake must refuse, not run. */
+        if (!action || !method || !method->authorized == !method->unguarded || (method->unguarded && action[0])) {
+                nd_log_error("refused %s.%s from %s: %s", strempty(interface), strempty(member),
+                             strempty(sd_bus_message_get_sender(m)),
+                             !action ? "not in the bouncer's table" : !method ? "no implementation" : "mis-mapped");
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Not authorized to call %s: %s",
+                                         strempty(member), "this method is not mapped to any authorization");
+        }
+        if (method->unguarded)
+                return method->unguarded(m, object, error);
+        int r = nd_bouncer_check(b, m, method->authorized, cont_userdata);
+        if (r < 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s",
+                                         strerror(-r));
+        return 1;
 }
 
 int nd_bouncer_new(sd_bus *bus, nd_auth_mode mode, uint64_t timeout_usec,

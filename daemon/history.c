@@ -204,8 +204,8 @@ static void submit_read(nd_daemon *d, sd_bus_message *m, nd_ledger_job *job, nd_
                 TAKE_PTR(owned);
 }
 
-static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
-                               const nd_caller *caller, void *userdata) {
+void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
+                                       const nd_caller *caller, void *userdata) {
         nd_daemon *d = userdata;
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
         history_filter f = { .limit = 0 };
@@ -229,14 +229,6 @@ static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_err
                 .since_us = f.since_us, .before_us = f.before_us, .limit = f.limit,
         };
         submit_read(d, m, job, history_done);
-}
-
-int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        nd_daemon *d = userdata;
-        int r = nd_bouncer_check(d->bouncer, m, history_authorized, d);
-        if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s", strerror(-r));
-        return 1;
 }
 
 static void cartridge_done(nd_ledger_job *job, void *userdata) {

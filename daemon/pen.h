@@ -9,6 +9,7 @@
 #include <systemd/sd-bus.h>
 
 #include "audit.h"
+#include "interlocks.h"
 #include "daemon.h"
 #include "ledger.h"
 #include "log.h"
@@ -104,14 +105,11 @@ typedef struct nd_pen_session {
         double area_cm2;              /* the profile's treated surface; 0: none (no density) */
         double cartridge_runtime_before_s;
         sd_event_source *client_heartbeat;
-        /* Depth is checked only on samples the pen measured from depth_check_from_ts on (its
-         * 32-bit clock, as in samples), once the pen has told us when the change took effect. */
-        bool depth_check_known;
-        uint32_t depth_check_from_ts;
-        uint32_t stall_check_from_ts; /* likewise for the stall check (spin-up grace) */
+        /* The settle and spin-up windows and the stall timing (lib/interlocks.h): depth is
+         * checked only on samples the pen measured once a change took effect, as it says. */
+        nd_interlock_session interlock;
         unsigned depth_settle_queries;
         uint32_t last_sample_ts;      /* the pen's clock of the latest sample seen */
-        uint64_t stall_since_us;      /* 0: speed fine */
 } nd_pen_session;
 
 struct nd_pen {
@@ -137,6 +135,8 @@ struct nd_pen {
         double temperature_c;
         uint32_t battery_percent;
         uint8_t last_status;
+        uint8_t pen_faults;           /* fault bits the pen reports latched (latest sample or status) */
+        uint64_t faults_cleared_mono_us; /* when the pen last confirmed a ClearFault */
         uint64_t last_sample_mono_us;
 
         /* The inserted cartridge. */
@@ -200,6 +200,8 @@ void nd_pen_op_free(nd_pen_op *op);
 const char *nd_pen_command_error(int status);
 /* Sets state and fault code (copied; NULL: none), announcing a change. */
 void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault);
+/* The pen's latest reading, for the preconditions of lib/interlocks.h. */
+nd_interlock_pen nd_pen_interlock_reading(const nd_pen *p);
 /* Drops the armed profile. */
 void nd_pen_disarm(nd_pen *p);
 /* Sends the motor stop now; it bypasses every queue. */
@@ -225,5 +227,7 @@ int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l);
 int nd_simulator_export(nd_daemon *d);
 
 /* History methods of the Manager (history.c, from the ledger). */
-int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_error *error);
+/* GetHistory, once the bouncer has decided (an nd_auth_done_fn with the daemon as userdata). */
+void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
+                                       const nd_caller *caller, void *userdata);
 int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error);

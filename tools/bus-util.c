@@ -1,4 +1,5 @@
 /* bus-util.c: the connection to needled, pens by name, replies as JSON, errors as exit codes. */
+#include <assert.h>
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -665,6 +666,50 @@ int ctl_parse_args(int argc, char *argv[], const struct option *options, ctl_com
         if (r >= 0)
                 return r;
         return ctl_check_positional(argc, argv, min, max, usage);
+}
+
+static const struct option common_only_options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+
+static void free_verb_args(const ctl_verb_syntax *s, void *args) {
+        if (args && s->args_free)
+                s->args_free(args);
+        free(args);
+}
+
+int ctl_verb_dispatch(const ctl_verb *v, int argc, char *argv[]) {
+        assert(v && argc >= 1);
+        if (!v->syntax)
+                return v->run_raw(argc, argv);
+        const ctl_verb_syntax *s = v->syntax;
+        assert(s->usage && v->run && v->min_args >= 0 && v->min_args <= v->max_args);
+
+        ctl_invocation inv = { .verb = v };
+        if (s->args_size > 0) {
+                inv.args = calloc(1, s->args_size);
+                if (!inv.args)
+                        return ctl_oom();
+                if (s->args_init)
+                        s->args_init(inv.args);
+        }
+        int r = ctl_parse_args(argc, argv, s->options ? s->options : common_only_options, &inv.common, s->usage,
+                               s->handler, inv.args, v->min_args, v->max_args);
+        if (r < 0) {
+                inv.argc = argc - optind;
+                inv.argv = argv + optind;
+                if (s->check)
+                        r = s->check(&inv);
+        }
+        if (r < 0 && v->needs_bus) {
+                int c = ctl_connect(&inv.common, &inv.bus);
+                if (c != 0)
+                        r = c;
+        }
+        if (r < 0)
+                r = v->run(&inv);
+        if (inv.bus)
+                sd_bus_flush_close_unref(inv.bus);
+        free_verb_args(s, inv.args);
+        return r;
 }
 
 int ctl_hoist_common_options(int argc, char *argv[]) {

@@ -85,6 +85,47 @@ int ctl_check_positional(int argc, char *argv[], int min, int max, void (*usage)
 int ctl_parse_args(int argc, char *argv[], const struct option *options, ctl_common *common,
                    void (*usage)(FILE *out), ctl_option_handler handler, void *userdata, int min, int max);
 
+/* ---- the verb table (tools/needlectl.c) ---- */
+
+typedef struct ctl_verb ctl_verb;
+
+/* What the dispatcher hands a verb: its positional arguments (options removed), the common
+ * options, its own options (args), and the bus when its entry says it needs one. */
+typedef struct ctl_invocation {
+        const ctl_verb *verb;
+        int argc;                  /* positional arguments only */
+        char **argv;
+        ctl_common common;
+        void *args;                /* ctl_verb_syntax.args_size bytes; NULL when 0 */
+        sd_bus *bus;               /* connected when ctl_verb.needs_bus, else NULL; not the verb's to free */
+} ctl_invocation;
+
+/* How a verb reads its command line. */
+typedef struct ctl_verb_syntax {
+        void (*usage)(FILE *out);
+        const struct option *options;        /* starts with CTL_COMMON_OPTIONS; NULL: only those */
+        ctl_option_handler handler;          /* the verb's own options, into args */
+        size_t args_size;
+        void (*args_init)(void *args);       /* defaults; NULL: all zero */
+        void (*args_free)(void *args);       /* frees what check put into args; NULL: nothing */
+        int (*check)(ctl_invocation *inv);   /* after parsing, before the bus: -1 to go on, else the exit code */
+} ctl_verb_syntax;
+
+/* One entry of needlectl's verb table. */
+struct ctl_verb {
+        const char *name;
+        const char *summary;
+        int (*run)(ctl_invocation *inv);     /* returns the exit code */
+        const ctl_verb_syntax *syntax;       /* NULL: run_raw gets the command line as it is */
+        int (*run_raw)(int argc, char *argv[]);
+        int min_args, max_args;              /* positional arguments, checked before check() */
+        bool needs_bus;                      /* connect (ctl_connect) before run */
+};
+
+/* Runs a verb: argv[0] its name. Parses its options, checks the number of positional
+ * arguments, calls its check(), connects when it needs the bus, runs it. Returns the exit code. */
+int ctl_verb_dispatch(const ctl_verb *v, int argc, char *argv[]);
+
 /* Connects to the bus the options name, with sane call timeouts and interactive authorization
  * allowed only when asked for on a terminal. On failure prints why and returns the exit code
  * (negative of it is never used: > 0), else 0 and *ret owns a reference. */

@@ -42,23 +42,18 @@ static void print_violations(json_object *violations, const char *prefix) {
         }
 }
 
-int verb_profiles(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, profiles_usage, NULL, NULL, 0, 0);
-        if (r >= 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_profiles = { .usage = profiles_usage };
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+int verb_profiles(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
+
         _cleanup_json_ json_object *profiles = NULL;
         r = ctl_call_json(bus, "cannot list the profiles", ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                           "GetProfiles", &profiles, NULL);
         if (r != 0)
                 return r;
-        if (common.json)
+        if (inv->common.json)
                 return ctl_print_json(profiles);
 
         size_t n = json_object_array_length(profiles);
@@ -100,22 +95,28 @@ static void validate_usage(FILE *out) {
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
-int verb_validate(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, validate_usage, NULL, NULL, 1, 1);
-        if (r >= 0)
-                return r;
-        const char *file = argv[optind];
+/* The file is read before anything is asked of the daemon. */
+static int validate_check(ctl_invocation *inv) {
+        char **yaml = inv->args;
+        int r = ctl_read_file(inv->argv[0], ND_PROFILE_TEXT_MAX, yaml);
+        return r != 0 ? r : -1;
+}
 
-        _cleanup_free_ char *yaml = NULL;
-        r = ctl_read_file(file, ND_PROFILE_TEXT_MAX, &yaml);
-        if (r != 0)
-                return r;
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+static void validate_args_free(void *args) {
+        free(*(char **) args);
+}
+
+const ctl_verb_syntax ctl_syntax_validate = {
+        .usage = validate_usage,
+        .args_size = sizeof(char *),
+        .check = validate_check,
+        .args_free = validate_args_free,
+};
+
+int verb_validate(ctl_invocation *inv) {
+        const char *file = inv->argv[0], *yaml = *(char **) inv->args;
+        sd_bus *bus = inv->bus;
+        int r;
         _cleanup_json_ json_object *violations = NULL;
         r = ctl_call_json(bus, "cannot validate the profile", ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                           "ValidateProfile", &violations, "s", yaml);
@@ -123,7 +124,7 @@ int verb_validate(int argc, char *argv[]) {
                 return r;
 
         size_t n = json_object_array_length(violations);
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *out = json_object_new_array();
                 if (!out)
                         return ctl_oom();
@@ -207,17 +208,12 @@ static void print_yaml_value(json_object *v, int indent) {
         }
 }
 
-int verb_limits(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, limits_usage, NULL, NULL, 0, 0);
-        if (r >= 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_limits = { .usage = limits_usage };
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+int verb_limits(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
+
         _cleanup_json_ json_object *manager = NULL;
         r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
@@ -239,7 +235,7 @@ int verb_limits(int argc, char *argv[]) {
                         return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot read the limits: %s", strerror(-r));
         }
 
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *out = json_object_new_object();
                 if (!out)
                         return ctl_oom();
@@ -293,17 +289,12 @@ static void reload_limits_usage(FILE *out) {
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
-int verb_reload_limits(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, reload_limits_usage, NULL, NULL, 0, 0);
-        if (r >= 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_reload_limits = { .usage = reload_limits_usage };
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+int verb_reload_limits(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
+
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         r = sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "ReloadLimits",
                                &error, NULL, NULL);
@@ -317,7 +308,7 @@ int verb_reload_limits(int argc, char *argv[]) {
         r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
                 return r;
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *out = json_object_new_object();
                 if (!out)
                         return ctl_oom();
@@ -505,31 +496,32 @@ static int history_collect(sd_bus *bus, const history_args *a, uint64_t want, js
         return 0;
 }
 
-int verb_history(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "pen",    required_argument, NULL, ARG_PEN },
-                { "since",  required_argument, NULL, ARG_SINCE },
-                { "before", required_argument, NULL, ARG_BEFORE },
-                { "limit",  required_argument, NULL, ARG_LIMIT },
-                { "all",    no_argument,       NULL, ARG_ALL },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        history_args args = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, history_usage, history_option, &args, 0, 0);
-        if (r >= 0)
-                return r;
-        if (args.all && args.have_limit)
-                return ctl_fail(NEEDLECTL_EXIT_USAGE, "history: --all and --limit exclude each other");
+static const struct option history_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "pen",    required_argument, NULL, ARG_PEN },
+        { "since",  required_argument, NULL, ARG_SINCE },
+        { "before", required_argument, NULL, ARG_BEFORE },
+        { "limit",  required_argument, NULL, ARG_LIMIT },
+        { "all",    no_argument,       NULL, ARG_ALL },
+        { NULL, 0, NULL, 0 }
+};
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_history = {
+        .usage = history_usage,
+        .options = history_options,
+        .handler = history_option,
+        .args_size = sizeof(history_args),
+};
+
+int verb_history(ctl_invocation *inv) {
+        const history_args args = *(const history_args *) inv->args;
+        sd_bus *bus = inv->bus;
+        int r;
 
         uint64_t want = args.have_limit ? args.limit : args.all || args.have_since ? 0 : HISTORY_PAGE_MAX;
         _cleanup_json_ json_object *sessions = NULL;
+        if (args.all && args.have_limit)
+                return ctl_fail(NEEDLECTL_EXIT_USAGE, "history: --all and --limit exclude each other");
         bool more = false;
         r = history_collect(bus, &args, want, &sessions, &more);
         if (r != 0)
@@ -538,7 +530,7 @@ int verb_history(int argc, char *argv[]) {
         if (more)
                 fprintf(stderr, "needlectl: showing the newest %zu sessions; there are older ones (--all, --since, "
                         "--before or --limit show them)\n", n);
-        if (common.json)
+        if (inv->common.json)
                 return ctl_print_json(sessions);
 
         if (n == 0) {
@@ -582,20 +574,18 @@ static void cartridge_usage(FILE *out) {
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
-int verb_cartridge(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, cartridge_usage, NULL, NULL, 1, 1);
-        if (r >= 0)
-                return r;
-        const char *id = argv[optind];
-        if (id[0] == '\0')
+static int cartridge_check(ctl_invocation *inv) {
+        if (inv->argv[0][0] == '\0')
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "cartridge: the id is empty");
+        return -1;
+}
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_cartridge = { .usage = cartridge_usage, .check = cartridge_check };
+
+int verb_cartridge(ctl_invocation *inv) {
+        const char *id = inv->argv[0];
+        sd_bus *bus = inv->bus;
+        int r;
         _cleanup_json_ json_object *c = NULL;
         _cleanup_free_ char *what = NULL;
         if (asprintf(&what, "cannot look up cartridge %s", id) < 0)
@@ -603,7 +593,7 @@ int verb_cartridge(int argc, char *argv[]) {
         r = ctl_call_json(bus, what, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "GetCartridge", &c, "s", id);
         if (r != 0)
                 return r;
-        if (common.json) {
+        if (inv->common.json) {
                 json_object_object_add(c, "id", json_object_new_string(id));
                 return ctl_print_json(c);
         }

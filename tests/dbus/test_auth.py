@@ -13,10 +13,9 @@ import dbus
 from gi.repository import Gio, GLib
 
 import busfixture
-from needled_testlib import (ACCESS_DENIED, ALL_ACTIONS, CONFIGURE, MANAGER_IFACE, MANAGER_PATH,
-                             OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, AsyncCall,
-                             NeedledTestCase, main, profile_yaml, pump, timeout_multiplier, unwrap,
-                             wait_until)
+from needledtest import (ACCESS_DENIED, ALL_ACTIONS, CONFIGURE, MANAGER_IFACE, MANAGER_PATH,
+                         OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, AsyncCall, NeedledTestCase,
+                         main, profile_yaml, pump, timeout_multiplier, unwrap, wait_until)
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 IAR = 'org.freedesktop.DBus.Error.InteractiveAuthorizationRequired'

@@ -5,12 +5,10 @@ and teardown leaves no process and no zombie behind."""
 
 import os
 import signal
-import sys
 import time
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import busfixture  # noqa: E402
+import busfixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STANDIN = [busfixture.PYTHON, os.path.join(HERE, 'policy_standin.py')]

@@ -13,7 +13,7 @@ import time
 
 import dbus
 
-from needled_testlib import (NeedledTestCase, AsyncCall, main, pump, timeout_multiplier,
+from needledtest import (NeedledTestCase, AsyncCall, main, pump, timeout_multiplier,
                              unwrap, wait_until)
 from test_pen import TelemetryReader, check_records
 

@@ -11,10 +11,10 @@ import threading
 
 import dbus
 
-from needled_testlib import (ERR, INVALID_ARGS, OPERATE, PEN_IFACE, PROPS_IFACE,
-                             TELEMETRY_RECORD, UNKNOWN_METHOD, UNKNOWN_OBJECT, AsyncCall,
-                             NeedledTestCase, SignalLog, limits_yaml, main, profile_yaml, pump,
-                             sha256_file, source_path, timeout_multiplier, unwrap, wait_until)
+from needledtest import (ERR, INVALID_ARGS, OPERATE, PEN_IFACE, PROFILE_TEXT_MAX, PROPS_IFACE,
+                         TELEMETRY_RECORD, UNKNOWN_METHOD, UNKNOWN_OBJECT, AsyncCall,
+                         NeedledTestCase, SignalLog, limits_yaml, main, profile_yaml, pump,
+                         sha256_file, source_path, timeout_multiplier, unwrap, wait_until)
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 # Pen properties and their D-Bus types, as the contract (XML) has them.
@@ -624,9 +624,6 @@ class PenClientHeartbeat(NeedledTestCase):
         item = ended.wait_for(lambda i: i[1][0] == sid, 5, 'SessionEnded')
         self.assertEqual(item[1], (sid, 'stopped'))
 
-
-# The contract's profile size bound (lib/contract.h ND_PROFILE_TEXT_MAX; the XML says 64 KiB).
-PROFILE_TEXT_MAX = 64 * 1024
 
 
 def profile_of_size(size, name='largest'):

@@ -11,7 +11,7 @@ import subprocess
 import dbus
 import yaml
 
-from needled_testlib import (ERR, INVALID_ARGS, PEN_IFACE, NeedledTestCase, SignalLog, limits_yaml, main,
+from needledtest import (ERR, INVALID_ARGS, PEN_IFACE, NeedledTestCase, SignalLog, limits_yaml, main,
                              profile_yaml, source_path, unwrap, wait_until)
 import busfixture
 

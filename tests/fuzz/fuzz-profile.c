@@ -1,56 +1,46 @@
-/* fuzz-profile.c: the profile parser on arbitrary bytes, against fixed limits (the defaults of
- * formats.md), then the pen checks of a simulated pen. Checks the parser's contract: success
- * means a valid profile with every field, -EINVAL means at least one violation. */
+/* fuzz-profile.c: the profile parser on arbitrary bytes, against fixed limits (the example of
+ * formats.md, tests/data/limits-test.yaml), then the pen checks of a simulated pen. Checks the
+ * parser's contract: success means a valid profile with every field, -EINVAL means at least one
+ * violation. */
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "diag.h"
+#include "limits-test.h"
 #include "profile.h"
 #include "safety-limits.h"
 #include "util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static const char LIMITS[] =
-        "version: 1\n"
-        "pen:\n"
-        "  speed_hz: {min: 50, max: 150}\n"
-        "  depth_tolerance_mm: 0.15\n"
-        "  warn_temperature_c: 41\n"
-        "  max_temperature_c: 43\n"
-        "  max_current_ma: 1200\n"
-        "  stall_speed_fraction: 0.7\n"
-        "  stall_time_ms: 250\n"
-        "  min_battery_percent: 20\n"
-        "  stop_battery_percent: 5\n"
-        "  heartbeat_timeout_ms: 500\n"
-        "session:\n"
-        "  max_duration_s: 2700\n"
-        "  client_heartbeat_timeout_ms: 0\n"
-        "cartridge:\n"
-        "  single_use: true\n"
-        "  max_runtime_s: 3600\n"
-        "  allowed_needles: [12, 14, 16, 24, 36, 42]\n"
-        "areas:\n"
-        "  periorbital: {max_depth_mm: 0.5}\n"
-        "  forehead:    {max_depth_mm: 0.75}\n"
-        "  cheeks:      {max_depth_mm: 1.5}\n"
-        "  neck:        {max_depth_mm: 1.0}\n"
-        "  scalp:       {max_depth_mm: 1.5}\n"
-        "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800, max_density_per_cm2: 20000}\n"
-        "skin_types:\n"
-        "  IV: {max_depth_mm: 1.0}\n"
-        "  V:  {max_depth_mm: 0.75}\n"
-        "  VI: {max_depth_mm: 0.5}\n";
+/* tests/data/limits-test.yaml: the example of formats.md, with the optional keys added at load
+ * (skin type caps, a density cap on body) so that their rules are fuzzed too. */
+static const char LIMITS[] = ND_TEST_LIMITS_YAML;
+#define BODY_LINE "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800}\n"
+#define BODY_WITH_DENSITY "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800, max_density_per_cm2: 20000}\n"
+#define SKIN_TYPES "skin_types:\n  IV: {max_depth_mm: 1.0}\n  V:  {max_depth_mm: 0.75}\n  VI: {max_depth_mm: 0.5}\n"
 
 static const nd_pen_caps SIM_PEN = { 0.0, 2.5, 0.05, 25, 150 };
 
 static nd_limits *limits(void) {
         /* Loaded once: the fuzzer calls the target millions of times. */
         static nd_limits *l;
-        if (!l && nd_limits_load_data(LIMITS, strlen(LIMITS), "limits.yaml", &l, NULL) < 0)
+        if (l)
+                return l;
+        const char *body = strstr(LIMITS, BODY_LINE);
+        if (!body)
+                abort();
+        char *text = NULL;
+        if (asprintf(&text, "%.*s%s%s%s", (int) (body - LIMITS), LIMITS, BODY_WITH_DENSITY, body + strlen(BODY_LINE),
+                     SKIN_TYPES) < 0)
+                abort();
+        if (nd_limits_load_data(text, strlen(text), "limits.yaml", &l, NULL) < 0)
+                abort();
+        free(text);
+        if (!l->skin_types[ND_SKIN_TYPE_VI].set || !nd_limits_find_area(l, "body")->has_max_density_per_cm2)
                 abort();
         return l;
 }

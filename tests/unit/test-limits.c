@@ -12,42 +12,13 @@
 #include "check-main.h"
 #include "diag.h"
 #include "digest.h"
+#include "limits-test.h"
 #include "safety-limits.h"
 #include "util.h"
 #include "yamltree.h"
 
-/* The example of formats.md. */
-static const char VALID_LIMITS[] =
-        "version: 1\n"
-        "pen:\n"
-        "  speed_hz: {min: 50, max: 150}\n"
-        "  depth_tolerance_mm: 0.15\n"
-        "  warn_temperature_c: 41\n"
-        "  max_temperature_c: 43\n"
-        "  max_current_ma: 1200\n"
-        "  stall_speed_fraction: 0.7\n"
-        "  stall_time_ms: 250\n"
-        "  min_battery_percent: 20\n"
-        "  stop_battery_percent: 5\n"
-        "  heartbeat_timeout_ms: 500\n"
-        "session:\n"
-        "  max_duration_s: 2700\n"
-        "  client_heartbeat_timeout_ms: 0\n"
-        "cartridge:\n"
-        "  single_use: true\n"
-        "  max_runtime_s: 3600\n"
-        "  allowed_needles: [12, 14, 16, 24, 36, 42]\n"
-        "areas:\n"
-        "  periorbital: {max_depth_mm: 0.5}\n"
-        "  forehead:    {max_depth_mm: 0.75}\n"
-        "  nose:        {max_depth_mm: 0.5}\n"
-        "  perioral:    {max_depth_mm: 0.75}\n"
-        "  cheeks:      {max_depth_mm: 1.5}\n"
-        "  chin:        {max_depth_mm: 1.5}\n"
-        "  neck:        {max_depth_mm: 1.0}\n"
-        "  decollete:   {max_depth_mm: 0.75}\n"
-        "  scalp:       {max_depth_mm: 1.5}\n"
-        "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800}\n";
+/* tests/data/limits-test.yaml: the example of formats.md (cheeks is on line 25, body on 30). */
+static const char VALID_LIMITS[] = ND_TEST_LIMITS_YAML;
 
 static char *mutate(const char *text, const char *from, const char *to) {
         const char *at = strstr(text, from);
@@ -610,6 +581,14 @@ END_TEST
         "  V:  {max_depth_mm: 0.75}\n" \
         "  VI: {max_depth_mm: 0.5}\n"
 
+/* Lines of the fixture: the skin types appended to it start on the next one. */
+static unsigned fixture_lines(void) {
+        unsigned n = 0;
+        for (const char *c = VALID_LIMITS; *c; c++)
+                n += *c == '\n';
+        return n;
+}
+
 static char *skin_limits_text(void) {
         _cleanup_free_ char *base = NULL;
         char *text = NULL;
@@ -630,7 +609,7 @@ START_TEST(test_skin_types_valid) {
         ck_assert(!l->skin_types[ND_SKIN_TYPE_III].set);
         ck_assert(l->skin_types[ND_SKIN_TYPE_IV].set);
         ck_assert(l->skin_types[ND_SKIN_TYPE_IV].max_depth_mm == 1.0);
-        ck_assert_uint_eq(l->skin_types[ND_SKIN_TYPE_IV].line, 31 + 1);
+        ck_assert_uint_eq(l->skin_types[ND_SKIN_TYPE_IV].line, fixture_lines() + 2);
         ck_assert(l->skin_types[ND_SKIN_TYPE_VI].max_depth_mm == 0.5);
         ck_assert(!l->session.has_require_skin_type);
         ck_assert(!l->session.require_skin_type);
@@ -685,24 +664,27 @@ START_TEST(test_skin_types_optional_forms) {
 }
 END_TEST
 
-/* One change each to the skin-type example, and the single problem it must produce. */
+/* One change each to the skin-type example, and the single problem it must produce. The
+ * skin_types lines follow the fixture, however long it is: SKIN_LINE(1) is "skin_types:". */
+#define SKIN_LINE_BASE 1000u
+#define SKIN_LINE(n) (SKIN_LINE_BASE + (n))
 static const limits_case skin_cases[] = {
-        { "  VI: {max_depth_mm: 0.5}", "  VII: {max_depth_mm: 0.5}", "unknown-skin-type", "skin_types", 34, 3 },
-        { "  IV: {max_depth_mm: 1.0}", "  iv: {max_depth_mm: 1.0}", "unknown-skin-type", "skin_types", 32, 3 },
-        { "  IV: {max_depth_mm: 1.0}", "  4: {max_depth_mm: 1.0}", "unknown-skin-type", "skin_types", 32, 3 },
-        { "  V:  {max_depth_mm: 0.75}", "  IV: {max_depth_mm: 0.75}", "duplicate-key", "skin_types.IV", 33, 3 },
+        { "  VI: {max_depth_mm: 0.5}", "  VII: {max_depth_mm: 0.5}", "unknown-skin-type", "skin_types", SKIN_LINE(4), 3 },
+        { "  IV: {max_depth_mm: 1.0}", "  iv: {max_depth_mm: 1.0}", "unknown-skin-type", "skin_types", SKIN_LINE(2), 3 },
+        { "  IV: {max_depth_mm: 1.0}", "  4: {max_depth_mm: 1.0}", "unknown-skin-type", "skin_types", SKIN_LINE(2), 3 },
+        { "  V:  {max_depth_mm: 0.75}", "  IV: {max_depth_mm: 0.75}", "duplicate-key", "skin_types.IV", SKIN_LINE(3), 3 },
         /* the cap: at most 3.0 mm, more than 0 */
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 3.0001}", "depth-out-of-range", "skin_types.IV.max_depth_mm", 32, 22 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 3.5}", "depth-out-of-range", "skin_types.IV.max_depth_mm", 32, 22 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 0}", "depth-out-of-range", "skin_types.IV.max_depth_mm", 32, 22 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: -0.5}", "depth-out-of-range", "skin_types.IV.max_depth_mm", 32, 22 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: \"1.0\"}", "wrong-type", "skin_types.IV.max_depth_mm", 32, 22 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: .nan}", "not-finite", "skin_types.IV.max_depth_mm", 32, 22 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {}", "missing-field", "skin_types.IV.max_depth_mm", 32, 7 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 1.0, max_speed_hz: 100}", "unknown-field", "skin_types.IV.max_speed_hz", 32, 27 },
-        { "  IV: {max_depth_mm: 1.0}", "  IV: 1.0", "wrong-type", "skin_types.IV", 32, 7 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 3.0001}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 3.5}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 0}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: -0.5}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: \"1.0\"}", "wrong-type", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: .nan}", "not-finite", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {}", "missing-field", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 7 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 1.0, max_speed_hz: 100}", "unknown-field", "skin_types.IV.max_speed_hz", SKIN_LINE(2), 27 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: 1.0", "wrong-type", "skin_types.IV", SKIN_LINE(2), 7 },
         { "skin_types:\n  IV: {max_depth_mm: 1.0}\n  V:  {max_depth_mm: 0.75}\n  VI: {max_depth_mm: 0.5}\n",
-          "skin_types: [IV, V]\n", "wrong-type", "skin_types", 31, 13 },
+          "skin_types: [IV, V]\n", "wrong-type", "skin_types", SKIN_LINE(1), 13 },
         /* session.require_skin_type: a boolean */
         { "  client_heartbeat_timeout_ms: 0\n", "  client_heartbeat_timeout_ms: 0\n  require_skin_type: yes\n",
           "wrong-type", "session.require_skin_type", 16, 22 },
@@ -729,7 +711,8 @@ START_TEST(test_skin_single_violation) {
         ck_assert_ptr_null(l);
         ck_assert_msg(nd_diags_count(&d) == 1, "case %d ('%s' -> '%s'): %zu problems:%s", _i, c->from, c->to,
                       nd_diags_count(&d), got);
-        assert_diag(&d.items[0], "limits.yaml", c->line, c->column, c->field, c->code);
+        unsigned line = c->line > SKIN_LINE_BASE ? fixture_lines() + c->line - SKIN_LINE_BASE : c->line;
+        assert_diag(&d.items[0], "limits.yaml", line, c->column, c->field, c->code);
 }
 END_TEST
 
@@ -743,9 +726,13 @@ START_TEST(test_skin_messages) {
         ck_assert_str_eq(d.items[0].message, "'VII' is not a Fitzpatrick skin type; the types are: I, II, III, IV, V, VI");
         ck_assert_str_eq(d.items[0].value, "VII");
         ck_assert_str_eq(d.items[1].code, "duplicate-key");
-        ck_assert_str_eq(d.items[1].message, "skin type IV appears twice in skin_types (first at line 32)");
+        char want[160];
+        snprintf(want, sizeof want, "skin type IV appears twice in skin_types (first at line %u)", fixture_lines() + 2);
+        ck_assert_str_eq(d.items[1].message, want);
         _cleanup_free_ char *line = nd_diag_format(&d.items[0]);
-        ck_assert_str_eq(line, "limits.yaml:34:3: skin_types: 'VII' is not a Fitzpatrick skin type; the types are: I, II, III, IV, V, VI");
+        snprintf(want, sizeof want, "limits.yaml:%u:3: skin_types: 'VII' is not a Fitzpatrick skin type; the types are: I, II, III, IV, V, VI",
+                 fixture_lines() + 4);
+        ck_assert_str_eq(line, want);
 }
 END_TEST
 
@@ -787,7 +774,10 @@ START_TEST(test_skin_depth_cap) {
         ck_assert_uint_eq(nd_diags_count(&d), 0);
         ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_IV, 1.0000001, &d), -ERANGE);
         assert_diag(&d.items[0], NULL, 0, 0, "depth_mm", "above-skin-type-max");
-        ck_assert_str_eq(d.items[0].message, "depth_mm 1.0000001 exceeds the 1 mm maximum for skin type IV (limits.yaml line 32)");
+        char want[160];
+        snprintf(want, sizeof want, "depth_mm 1.0000001 exceeds the 1 mm maximum for skin type IV (limits.yaml line %u)",
+                 fixture_lines() + 2);
+        ck_assert_str_eq(d.items[0].message, want);
         ck_assert_str_eq(d.items[0].limit, "1");
         /* Beyond the area: the area's code comes first, alone. */
         ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_IV, 1.6, &d), -ERANGE);

@@ -14,43 +14,14 @@
 #include "diag.h"
 #include "digest.h"
 #include "dose.h"
+#include "limits-test.h"
 #include "profile.h"
 #include "safety-limits.h"
 #include "util.h"
 #include "yamltree.h"
 
-/* The limits example of formats.md (cheeks is on line 25, body on 30). */
-static const char LIMITS[] =
-        "version: 1\n"
-        "pen:\n"
-        "  speed_hz: {min: 50, max: 150}\n"
-        "  depth_tolerance_mm: 0.15\n"
-        "  warn_temperature_c: 41\n"
-        "  max_temperature_c: 43\n"
-        "  max_current_ma: 1200\n"
-        "  stall_speed_fraction: 0.7\n"
-        "  stall_time_ms: 250\n"
-        "  min_battery_percent: 20\n"
-        "  stop_battery_percent: 5\n"
-        "  heartbeat_timeout_ms: 500\n"
-        "session:\n"
-        "  max_duration_s: 2700\n"
-        "  client_heartbeat_timeout_ms: 0\n"
-        "cartridge:\n"
-        "  single_use: true\n"
-        "  max_runtime_s: 3600\n"
-        "  allowed_needles: [12, 14, 16, 24, 36, 42]\n"
-        "areas:\n"
-        "  periorbital: {max_depth_mm: 0.5}\n"
-        "  forehead:    {max_depth_mm: 0.75}\n"
-        "  nose:        {max_depth_mm: 0.5}\n"
-        "  perioral:    {max_depth_mm: 0.75}\n"
-        "  cheeks:      {max_depth_mm: 1.5}\n"
-        "  chin:        {max_depth_mm: 1.5}\n"
-        "  neck:        {max_depth_mm: 1.0}\n"
-        "  decollete:   {max_depth_mm: 0.75}\n"
-        "  scalp:       {max_depth_mm: 1.5}\n"
-        "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800}\n";
+/* tests/data/limits-test.yaml: the example of formats.md (cheeks is on line 25, body on 30). */
+static const char LIMITS[] = ND_TEST_LIMITS_YAML;
 
 /* The profile example of formats.md. */
 static const char PROFILE[] =
@@ -833,9 +804,16 @@ START_TEST(test_skin_messages) {
         _cleanup_free_ char *got = dump(&d);
         ck_assert_msg(nd_diags_count(&d) == 4, "%s", got);
         /* Every type deeper than its cap, once each, then the dose. */
-        ck_assert_str_eq(d.items[0].message, "depth_mm 1.25 exceeds the 1 mm maximum for skin type IV (limits.yaml line 32)");
-        ck_assert_str_eq(d.items[1].message, "depth_mm 1.25 exceeds the 0.75 mm maximum for skin type V (limits.yaml line 33)");
-        ck_assert_str_eq(d.items[2].message, "depth_mm 1.25 exceeds the 0.5 mm maximum for skin type VI (limits.yaml line 34)");
+        unsigned lines = 0;  /* the fixture's lines: "skin_types:" is the next one */
+        for (const char *c = LIMITS; *c; c++)
+                lines += *c == '\n';
+        char want[3][160];
+        snprintf(want[0], sizeof want[0], "depth_mm 1.25 exceeds the 1 mm maximum for skin type IV (limits.yaml line %u)", lines + 2);
+        snprintf(want[1], sizeof want[1], "depth_mm 1.25 exceeds the 0.75 mm maximum for skin type V (limits.yaml line %u)", lines + 3);
+        snprintf(want[2], sizeof want[2], "depth_mm 1.25 exceeds the 0.5 mm maximum for skin type VI (limits.yaml line %u)", lines + 4);
+        ck_assert_str_eq(d.items[0].message, want[0]);
+        ck_assert_str_eq(d.items[1].message, want[1]);
+        ck_assert_str_eq(d.items[2].message, want[2]);
         ck_assert_str_eq(d.items[3].code, "above-density-max");
         ck_assert_str_eq(d.items[3].message,
                          "the planned dose of 25920 punctures/cm² (12 needles x 120 Hz x 900 s / 50 cm²) exceeds the 21600 "
