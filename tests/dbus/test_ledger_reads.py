@@ -67,6 +67,7 @@ class TestHistoryBesideASession(NeedledTestCase):
         # A ledger this size is checked in the background; sessions start once it has passed.
         wait_until(lambda: 'passed its integrity check' in self.daemon_log(), 120 * timeout_multiplier(),
                    'the ledger check')
+        self.assertEqual((self.mprop('LedgerState'), self.mprop('LedgerError')), ('ok', ''))
         reader = TelemetryReader(self.pen_call(pen, 'OpenTelemetry'))
         self.addCleanup(reader.close)
         sid = str(self.pen_call(pen, 'Start', dbus.Dictionary({}, signature='sv')))
@@ -202,6 +203,8 @@ class TestLargeCorruptLedger(NeedledTestCase):
             self.assertIn('corrupt', e.get_dbus_message())
             self.assertIn('ledger.sqlite', e.get_dbus_message())
         self.assertEqual(self.pprop(pen, 'State'), 'armed')
+        self.assertEqual(self.mprop('LedgerState'), 'unavailable')
+        self.assertIn('corrupt', self.mprop('LedgerError'))
         try:
             self.mgr('GetHistory', dbus.Dictionary({}, signature='sv'))
             self.fail('GetHistory answered from a corrupt ledger')
