@@ -78,7 +78,14 @@ static int print_json(const char *path, int r, const nd_ledger_verify_result *v)
         return 0;
 }
 
-static void print_text(const char *path, const nd_ledger_verify_result *v) {
+/* from_seq: the first entry checked by an incremental verification; 0 for a full one. */
+static void print_text(const char *path, const nd_ledger_verify_result *v, uint64_t from_seq) {
+        if (v->broken == ND_LEDGER_INTACT && from_seq > 0) {
+                printf("%s: audit trail intact from the anchor: entries %" PRIu64 "..%" PRIu64 ", %" PRIu64
+                       " sessions checked\n", path, from_seq, v->head_seq, v->sessions);
+                printf("anchor: %" PRIu64 ":%s\n", v->head_seq, v->head_hash);
+                return;
+        }
         if (v->broken == ND_LEDGER_INTACT) {
                 printf("%s: audit trail intact: %" PRIu64 " entries, %" PRIu64 " sessions checked\n", path, v->entries,
                        v->sessions);
@@ -199,7 +206,7 @@ static int audit_verify(int argc, char *argv[]) {
                         return NEEDLECTL_EXIT_UNREADABLE;
                 }
         } else if (r >= 0)
-                print_text(path, &v);
+                print_text(path, &v, incremental ? anchor_seq : 0);
         if (r < 0) {
                 fprintf(stderr, "needlectl: cannot verify: %s\n", v.message);
                 return NEEDLECTL_EXIT_UNREADABLE;
