@@ -36,6 +36,29 @@ static void log_dropped_audit(uint64_t time_us, uint32_t uid, uint32_t pid, cons
                     (unsigned long long) time_us, actor, uid, pid, action, object, detail);
 }
 
+const char *nd_ledger_state_name(const nd_daemon *d) {
+        if (!d->ledger)
+                return "unavailable";
+        return nd_ledger_checked(d->ledger) ? "ok" : "checking";
+}
+
+int nd_ledger_state_property_state(sd_bus *bus, const char *path, const char *interface, const char *property,
+                                   sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "s", nd_ledger_state_name(userdata));
+}
+
+int nd_ledger_state_property_error(sd_bus *bus, const char *path, const char *interface, const char *property,
+                                   sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        const nd_daemon *d = userdata;
+        return sd_bus_message_append(reply, "s", d->ledger ? "" : strempty(d->ledger_error));
+}
+
+static void announce(nd_daemon *d) {
+        if (d->bus)
+                (void) sd_bus_emit_properties_changed(d->bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "LedgerState",
+                                                      "LedgerError", NULL);
+}
+
 static void check_done(nd_ledger_job *job, void *userdata) {
         _cleanup_(nd_ledger_job_freep) nd_ledger_job *owned = job;
         nd_daemon *d = userdata;
@@ -65,6 +88,7 @@ static void check_done(nd_ledger_job *job, void *userdata) {
                             "the ledger passed its integrity check (%u tables) in %.2f s: sessions may start",
                             job->check_step, (double) elapsed_us / 1e6);
                 ledger_recover(d);
+                announce(d);
                 return;
         }
         /* Corrupt (or unreadable): as if nd_ledger_open() had refused it. Nothing was written. */
@@ -76,6 +100,7 @@ static void check_done(nd_ledger_job *job, void *userdata) {
         (void) nd_ledger_drop_pending_audit(d->ledger, log_dropped_audit, d);
         d->ledger_reader = nd_ledger_reader_free(d->ledger_reader);
         d->ledger = nd_ledger_close(d->ledger);
+        announce(d);
 }
 
 void nd_ledger_state_open(nd_daemon *d) {

@@ -6,6 +6,7 @@
 
 #include "config.h"
 #include "daemon.h"
+#include "ledger-state.h"
 #include "errors.h"
 #include "log.h"
 #include "pen.h"
@@ -446,6 +447,8 @@ static const sd_bus_vtable manager_vtable[] = {
         SD_BUS_PROPERTY("LimitsError", "s", property_limits_error, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("LimitsDigest", "s", property_limits_digest, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("LimitsLoadedAt", "t", property_limits_loaded_at, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("LedgerState", "s", nd_ledger_state_property_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("LedgerError", "s", nd_ledger_state_property_error, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD_WITH_ARGS("GetLimits", SD_BUS_NO_ARGS, SD_BUS_RESULT("a{sv}", limits),
                                 manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("ReloadLimits", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,

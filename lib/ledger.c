@@ -1768,19 +1768,24 @@ static bool is_hash_text(sqlite3_stmt *st, int col) {
 }
 
 /* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
+/* from_anchor: start at entry anchor_seq instead of the first; that entry's own prev_hash is taken
+ * as it is, since the anchor (its hash, kept outside the database) covers it. */
 static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *anchor_hash,
-                        nd_ledger_verify_result *v) {
+                        bool from_anchor, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL, *head = NULL;
         char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE];
-        uint64_t expected = 1;
+        uint64_t expected = from_anchor ? anchor_seq : 1;
         int rc;
 
         memcpy(prev, zero_hash, sizeof prev);
         rc = sqlite3_prepare_v2(db, "SELECT seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash "
-                                    "FROM audit ORDER BY seq", -1, &st, NULL);
+                                    "FROM audit WHERE seq >= ?1 ORDER BY seq", -1, &st, NULL);
         if (rc != SQLITE_OK)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_bind_int64(st, 1, (int64_t) expected);
         while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                if (from_anchor && expected == anchor_seq && is_hash_text(st, 8))
+                        memcpy(prev, sqlite3_column_text(st, 8), sizeof prev);
                 if (sqlite3_column_type(st, 0) != SQLITE_INTEGER || !is_hash_text(st, 8) || !is_hash_text(st, 9))
                         return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
                                             "entry %" PRIu64 ": its sequence number or hashes are not of the "
@@ -1980,8 +1985,56 @@ int nd_ledger_audit_verify(const char *db_path, nd_ledger_verify_result *v) {
         return nd_ledger_audit_verify_anchored(db_path, 0, NULL, v);
 }
 
+static int audit_verify(const char *db_path, uint64_t anchor_seq, const char *anchor_hash, bool from_anchor,
+                        nd_ledger_verify_result *v);
+
+/* Incremental: the session rows recorded by entries from anchor_seq on, against them. */
+static int verify_records_since(sqlite3 *db, const char *path, uint64_t anchor_seq, int64_t schema,
+                                nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
+        int r, rc;
+
+        rc = sqlite3_prepare_v2(db, "SELECT object, action = ?3 FROM audit WHERE seq >= ?1 AND action IN (?2, ?3) "
+                                    "ORDER BY seq", -1, &st, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_bind_int64(st, 1, (int64_t) anchor_seq);
+        bind_text(st, 2, AUDIT_ACTION_BEGIN);
+        bind_text(st, 3, AUDIT_ACTION_END);
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *id = (const char *) sqlite3_column_text(st, 0);
+                bool ended = sqlite3_column_int(st, 1) != 0;
+                if (!id)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, 0, "a session entry without a session id");
+                r = verify_session_entry(db, path, id, ended, true, schema, &vs, v);
+                if (r < 0 || v->broken)
+                        return r;
+                if (!ended)
+                        v->sessions++;
+        }
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        return 0;
+}
+
 int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
                                     nd_ledger_verify_result *v) {
+        return audit_verify(db_path, anchor_seq, anchor_hash, false, v);
+}
+
+int nd_ledger_audit_verify_from_anchor(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
+                                       nd_ledger_verify_result *v) {
+        if (anchor_seq == 0 || !anchor_hash) {
+                if (v)
+                        *v = (nd_ledger_verify_result) { 0 };
+                return v ? verify_fail(v, -EINVAL, "an incremental verification needs an anchor") : -EINVAL;
+        }
+        return audit_verify(db_path, anchor_seq, anchor_hash, true, v);
+}
+
+static int audit_verify(const char *db_path, uint64_t anchor_seq, const char *anchor_hash, bool from_anchor,
+                        nd_ledger_verify_result *v) {
         _cleanup_(sqlite3_closep) sqlite3 *db = NULL;
         struct stat stbuf;
         int64_t app_id = 0, version = 0;
@@ -2027,9 +2080,10 @@ int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, co
                 return verify_fail(v, -ENOTSUP, "%s: schema version %" PRId64 ", this needlectl reads 1..%d", db_path,
                                    version, ND_LEDGER_SCHEMA_VERSION);
 
-        r = verify_chain(db, db_path, anchor_seq, anchor_hash, v);
+        r = verify_chain(db, db_path, anchor_seq, anchor_hash, from_anchor, v);
         if (r >= 0 && v->broken == ND_LEDGER_INTACT)
-                r = verify_records(db, db_path, version, v);
+                r = from_anchor ? verify_records_since(db, db_path, anchor_seq, version, v)
+                                : verify_records(db, db_path, version, v);
         (void) sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
         return r;
 }

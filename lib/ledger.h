@@ -272,6 +272,12 @@ int nd_ledger_audit_verify(const char *db_path, nd_ledger_verify_result *ret);
  * verification and kept outside the database exposes a trail rewritten as a whole. */
 int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
                                     nd_ledger_verify_result *ret);
+/* Incremental: verifies only from entry anchor_seq (which must hash to anchor_hash: a head printed
+ * by an earlier verification) to the head, and the session rows those entries recorded; a nightly
+ * check then costs what the day added. What lies before the anchor is trusted to the earlier
+ * verification that printed it. */
+int nd_ledger_audit_verify_from_anchor(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
+                                       nd_ledger_verify_result *ret);
 /* A short name for a break kind ("intact", "hash-mismatch", ...; static string). */
 const char *nd_ledger_break_to_string(nd_ledger_break b);
 

@@ -176,7 +176,8 @@ static void status_usage(FILE *out) {
                 "                         punctures, density_per_cm2, skin_type,\n"
                 "                         telemetry_rate_hz) plus path; without PEN, {version,\n"
                 "                         features, pens [...], limits_path, limits_state,\n"
-                "                         limits_error, limits_digest, limits_loaded_at}\n"
+                "                         limits_error, limits_digest, limits_loaded_at,\n"
+                "                         ledger_state, ledger_error}\n"
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
@@ -280,6 +281,9 @@ int verb_status(ctl_invocation *inv) {
                digest[0] ? ", sha256 " : "", digest);
         if (ctl_json_str(manager, "limits_error")[0])
                 printf("  Limits error: %s\n", ctl_json_str(manager, "limits_error"));
+        if (ctl_json_str(manager, "ledger_state")[0])
+                printf("  Ledger:       %s%s%s\n", ctl_json_str(manager, "ledger_state"),
+                       ctl_json_str(manager, "ledger_error")[0] ? ": " : "", ctl_json_str(manager, "ledger_error"));
         size_t n = json_object_array_length(pens);
         printf("  Pens:         %zu\n", n);
         for (size_t i = 0; i < n; i++) {

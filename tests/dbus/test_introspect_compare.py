@@ -29,6 +29,7 @@ API = {
         'Version: s const', 'Features: as const', 'Pens: ao', 'LimitsPath: s const',
         'LimitsState: s', 'LimitsError: s', 'LimitsDigest: s',
         'LimitsLoadedAt: t',  # (ext)
+        'LedgerState: s', 'LedgerError: s',  # (ext)
         'GetLimits() -> a{sv} limits', 'ReloadLimits() -> ',
         'ValidateProfile(s yaml) -> a(sss) violations', 'GetProfiles() -> aa{sv} profiles',
         'GetHistory(a{sv} filter) -> aa{sv} sessions', 'GetCartridge(s id) -> a{sv} cartridge',

@@ -1037,6 +1037,49 @@ static void make_trail(const char *dir, int extra_entries) {
         run_session(l, "PEN1", "CART1", T0_US + 1000, id);
 }
 
+/* Incremental verification from an anchor: the entries and sessions after it are checked, the
+ * anchor itself must match, and a change before it is left to the full verification. */
+START_TEST(test_verify_from_anchor) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *p = db_path(dir);
+        nd_ledger_verify_result v;
+        char id[ND_LEDGER_SESSION_ID_SIZE], anchor[ND_SHA256_HEX_SIZE], sql[256];
+
+        make_trail(dir, 3);                     /* entries 1-3, a session: 4 and 5 */
+        v = verify_dir(dir);
+        uint64_t anchor_seq = v.head_seq;
+        memcpy(anchor, v.head_hash, sizeof anchor);
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                run_session(l, "PEN1", "CART2", T0_US + 9000 * USEC_PER_SEC, id);      /* 6 and 7 */
+        }
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_INTACT);
+        ck_assert_uint_eq(v.head_seq, 7);
+        ck_assert_uint_eq(v.sessions, 1);       /* the session after the anchor only */
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, 0, NULL, &v), -EINVAL);
+
+        /* A wrong anchor is refused. */
+        char wrong[ND_SHA256_HEX_SIZE];
+        memcpy(wrong, anchor, sizeof wrong);
+        wrong[0] = wrong[0] == 'a' ? 'b' : 'a';
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, wrong, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_ANCHOR);
+
+        /* A session after the anchor changed by hand is found. */
+        snprintf(sql, sizeof sql, "UPDATE sessions SET max_depth_mm = 0.5 WHERE id = '%s'", id);
+        sql_on(dir, sql);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
+
+        /* An entry after the anchor changed by hand is found. */
+        sql_on(dir, "UPDATE audit SET detail = 'x' WHERE seq = 6");
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_HASH);
+        ck_assert_uint_eq(v.broken_seq, 6);
+}
+END_TEST
+
 START_TEST(test_audit_chain) {
         _cleanup_dir_ char *dir = make_dir();
         {
@@ -1609,6 +1652,7 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_history_before_and_reader);
         tcase_add_test(tc, test_query_plans_use_indexes);
         tcase_add_test(tc, test_deferred_check);
+        tcase_add_test(tc, test_verify_from_anchor);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("audit");
