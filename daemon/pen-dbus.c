@@ -1020,9 +1020,16 @@ static int pen_object_find(sd_bus *bus, const char *path, const char *interface,
         return 1;
 }
 
+/* Frees a NULL-terminated list of strings. */
+static void strv_freep(char ***l) {
+        for (char **i = *l; i && *i; i++)
+                free(*i);
+        free(*l);
+}
+
 static int pen_enumerate(sd_bus *bus, const char *prefix, void *userdata, char ***nodes, sd_bus_error *error) {
         nd_daemon *d = userdata;
-        char **l = calloc(d->n_pens + 1, sizeof *l);
+        _cleanup_(strv_freep) char **l = calloc(d->n_pens + 1, sizeof *l);
         unsigned n = 0;
         if (!l)
                 return -ENOMEM;
@@ -1030,15 +1037,11 @@ static int pen_enumerate(sd_bus *bus, const char *prefix, void *userdata, char *
                 if (!d->pens[i]->exported)
                         continue;
                 l[n] = strdup(d->pens[i]->path);
-                if (!l[n]) {
-                        for (unsigned k = 0; k < n; k++)
-                                free(l[k]);
-                        free(l);
+                if (!l[n])
                         return -ENOMEM;
-                }
                 n++;
         }
-        *nodes = l;
+        *nodes = TAKE_PTR(l);
         return 1;
 }
 

@@ -2,6 +2,7 @@
  * telemetry intake. Every telemetry sample is checked against the limits in force in the loop
  * iteration that decoded it; a tripped interlock sends the motor stop at once. The bus adapter
  * (properties, methods, vtable) is pen-dbus.c. */
+#include <assert.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -30,14 +31,12 @@
 _Static_assert(ND_PEN_HEARTBEAT_MIN_MS >= ND_PROTO_WATCHDOG_MIN_MS && ND_PEN_HEARTBEAT_MAX_MS <= ND_PROTO_WATCHDOG_MAX_MS,
                "every heartbeat_timeout_ms the limits file accepts must be one the pen's watchdog accepts");
 
-static const char *const state_names[] = {
+static const char *const nd_pen_state_table[_ND_PEN_STATE_MAX] = {
         [ND_PEN_IDLE] = "idle", [ND_PEN_ARMED] = "armed", [ND_PEN_RUNNING] = "running",
         [ND_PEN_PAUSED] = "paused", [ND_PEN_FAULT] = "fault",
 };
 
-const char *nd_pen_state_to_string(nd_pen_state s) {
-        return (size_t) s < ELEMENTSOF(state_names) ? state_names[s] : "fault";
-}
+DEFINE_STRING_TABLE_TO_STRING(nd_pen_state, nd_pen_state)
 
 const char *nd_pen_get_path(const nd_pen *p) { return p->path; }
 const char *nd_pen_get_serial(const nd_pen *p) { return p->serial; }
@@ -94,7 +93,7 @@ static void pen_emit(nd_pen *p, unsigned props) {
         char **strv = (char **) names;
         int r = sd_bus_emit_properties_changed_strv(p->daemon->bus, p->path, ND_PEN_INTERFACE, strv);
         if (r < 0)
-                pen_log(p, LOG_WARNING, "%s: could not announce property changes: %s", p->serial, strerror(-r));
+                (void) pen_log_errno(p, LOG_WARNING, r, "%s: could not announce property changes", p->serial);
 }
 
 /* State-like properties go out at once; low-rate ones wait for the tick. */
@@ -186,6 +185,8 @@ const char *nd_pen_command_error(int status) {
 /* ---- State ------------------------------------------------------------------------------------- */
 
 void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault) {
+        assert((size_t) state < _ND_PEN_STATE_MAX);
+        assert((state == ND_PEN_FAULT) == (fault != NULL)); /* a fault state has a code, no other has */
         bool changed = p->state != state || !STREQ(strempty(p->fault), strempty(fault));
         p->state = state;
         free(p->fault);
@@ -224,7 +225,7 @@ void nd_pen_motor_stop(nd_pen *p) {
         if (r >= 0)
                 p->stops_in_flight++;
         else if (r != -ENODEV)
-                pen_log(p, LOG_ERR, "%s: could not send the motor stop: %s", p->serial, strerror(-r));
+                (void) pen_log_errno(p, LOG_ERR, r, "%s: could not send the motor stop", p->serial);
 }
 
 uint64_t nd_pen_session_punctures(const nd_pen *p) {
@@ -624,7 +625,7 @@ static void on_ready(nd_pendev *dev, void *userdata) {
         if (r >= 0)
                 r = nd_telemetry_new(d->event, d->bus, p->path, &p->telemetry);
         if (r < 0) {
-                pen_log(p, LOG_ERR, "pen %s: cannot serve it: %s", serial, strerror(-r));
+                (void) pen_log_errno(p, LOG_ERR, r, "pen %s: cannot serve it", serial);
                 pen_depart(p, "out of resources");
                 pen_free_later(p);
                 return;
@@ -832,8 +833,8 @@ void nd_pen_limits_changed(nd_pen *p, const nd_limits *old) {
             nd_pendev_get_state(p->dev) == ND_PENDEV_READY) {
                 int r = nd_pendev_set_heartbeat_timeout(p->dev, l->pen.heartbeat_timeout_ms, on_watchdog_changed, p);
                 if (r < 0)
-                        pen_log(p, LOG_ERR, "%s: cannot change the pen's watchdog timeout: %s", strempty(p->serial),
-                                strerror(-r));
+                        (void) pen_log_errno(p, LOG_ERR, r, "%s: cannot change the pen's watchdog timeout",
+                                             strempty(p->serial));
         }
         if (!p->session_active || !p->profile_yaml)
                 return;

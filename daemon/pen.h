@@ -26,9 +26,10 @@ typedef enum nd_pen_state {
         ND_PEN_RUNNING,
         ND_PEN_PAUSED,
         ND_PEN_FAULT,
+        _ND_PEN_STATE_MAX,
 } nd_pen_state;
 
-/* The kebab name of a state ("idle", "armed", ...). */
+/* The kebab name of a state ("idle", "armed", ...; static; NULL out of range). */
 const char *nd_pen_state_to_string(nd_pen_state s);
 
 /* Takes ownership of transport and starts opening the pen behind it. The pen appears on the
@@ -178,6 +179,15 @@ static inline const char *nd_pen_log_fields_serial(const nd_pen *p, char *buf, s
                 nd_log_full(level, (const char *const[]) { nd_pen_log_fields_serial(p, _f, sizeof _f), NULL }, \
                             __VA_ARGS__);                                                   \
         } while (0)
+
+/* Logs "<message>: <strerror(|r|)>" with the pen's PEN_SERIAL= field and evaluates to -|r|:
+ * return pen_log_errno(p, LOG_ERR, r, "..."). */
+#define pen_log_errno(p, level, r, ...)                                                     \
+        __extension__ ({                                                                    \
+                char _f[64];                                                                \
+                nd_log_full_errno(level, (const char *const[]) { nd_pen_log_fields_serial(p, _f, sizeof _f), NULL }, \
+                                  (r), __VA_ARGS__);                                        \
+        })
 
 /* The loop's CLOCK_MONOTONIC now. */
 uint64_t nd_pen_now_mono_us(const nd_pen *p);

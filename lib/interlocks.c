@@ -8,20 +8,20 @@
 #include "interlocks.h"
 #include "util.h"
 
-static const char *const verdict_names[_ND_INTERLOCK_VERDICT_MAX] = {
+static const char *const nd_interlock_verdict_table[_ND_INTERLOCK_VERDICT_MAX] = {
         [ND_INTERLOCK_NONE] = "none",
         [ND_INTERLOCK_WARN] = "warn",
         [ND_INTERLOCK_TRIP] = "trip",
         [ND_INTERLOCK_COMPLETE] = "complete",
 };
 
-static const char *const phase_names[_ND_INTERLOCK_PHASE_MAX] = {
+static const char *const nd_interlock_phase_table[_ND_INTERLOCK_PHASE_MAX] = {
         [ND_INTERLOCK_PHASE_IDLE] = "idle",
         [ND_INTERLOCK_PHASE_PAUSED] = "paused",
         [ND_INTERLOCK_PHASE_RUNNING] = "running",
 };
 
-static const char *const refusal_names[_ND_INTERLOCK_REFUSAL_MAX] = {
+static const char *const nd_interlock_refusal_table[_ND_INTERLOCK_REFUSAL_MAX] = {
         [ND_INTERLOCK_ALLOWED] = "allowed",
         [ND_INTERLOCK_REFUSE_LIMITS_UNAVAILABLE] = "limits-unavailable",
         [ND_INTERLOCK_REFUSE_FAULT] = "fault",
@@ -34,17 +34,9 @@ static const char *const refusal_names[_ND_INTERLOCK_REFUSAL_MAX] = {
         [ND_INTERLOCK_REFUSE_OVER_TEMPERATURE] = "over-temperature",
 };
 
-const char *nd_interlock_verdict_to_string(nd_interlock_verdict v) {
-        return (size_t) v < ELEMENTSOF(verdict_names) ? verdict_names[v] : NULL;
-}
-
-const char *nd_interlock_phase_to_string(nd_interlock_phase p) {
-        return (size_t) p < ELEMENTSOF(phase_names) ? phase_names[p] : NULL;
-}
-
-const char *nd_interlock_refusal_to_string(nd_interlock_refusal r) {
-        return (size_t) r < ELEMENTSOF(refusal_names) ? refusal_names[r] : NULL;
-}
+DEFINE_STRING_TABLE_TO_STRING(nd_interlock_verdict, nd_interlock_verdict)
+DEFINE_STRING_TABLE_TO_STRING(nd_interlock_phase, nd_interlock_phase)
+DEFINE_STRING_TABLE_TO_STRING(nd_interlock_refusal, nd_interlock_refusal)
 
 bool nd_interlock_clock_reached(uint32_t ts, uint32_t from_ts) {
         return (int32_t) (ts - from_ts) >= 0;

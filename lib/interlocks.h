@@ -69,7 +69,7 @@ typedef struct nd_interlock_input {
         const char *cartridge_id;            /* for messages; NULL is fine */
 } nd_interlock_input;
 
-/* The kebab name of a verdict / phase (static). */
+/* The kebab name of a verdict / phase (static; NULL out of range: DEFINE_STRING_TABLE_TO_STRING). */
 const char *nd_interlock_verdict_to_string(nd_interlock_verdict v);
 const char *nd_interlock_phase_to_string(nd_interlock_phase p);
 
@@ -141,7 +141,7 @@ typedef enum nd_interlock_refusal {
         _ND_INTERLOCK_REFUSAL_MAX,
 } nd_interlock_refusal;
 
-/* The kebab name of a refusal (static). */
+/* The kebab name of a refusal (static; NULL out of range). */
 const char *nd_interlock_refusal_to_string(nd_interlock_refusal r);
 
 /* The pen's own latched fault code (lowest fault bit first; static), NULL when none. */

@@ -6,7 +6,7 @@ cartridge as it was); the fault clears like any other once its cause is gone."""
 
 import dbus
 
-from needledtest import ERR, NeedledTestCase, main, profile_yaml, timeout_multiplier, wait_until
+from needledtest import ERR, NeedledTestCase, main, profile_yaml, wait_until
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 # The simulated pen latches over-temperature at 45 °C; injected heat rises 10 °C/s from ~30 °C.
@@ -17,7 +17,7 @@ class LatchedFault(NeedledTestCase):
 
     def latch_over_temperature(self, pen):
         self.sim('InjectFault', dbus.ObjectPath(pen), 'over-temperature')
-        self.wait_state(pen, 'fault', LATCH_TIMEOUT_S * timeout_multiplier())
+        self.wait_state(pen, 'fault', LATCH_TIMEOUT_S)
         self.assertEqual(self.pprop(pen, 'Fault'), 'over-temperature')
 
     def history_of(self, serial):
@@ -66,7 +66,7 @@ class LatchedFault(NeedledTestCase):
         self.latch_over_temperature(pen)
         self.assertDBusError(ERR + 'Fault', self.pen_call, pen, 'ClearFault')
         self.sim('InjectFault', dbus.ObjectPath(pen), 'clear')
-        self.wait_pen_prop(pen, 'TemperatureC', lambda v: v < 41, 10 * timeout_multiplier(), 'cooling down')
+        self.wait_pen_prop(pen, 'TemperatureC', lambda v: v < 41, 10, 'cooling down')
 
         def cleared():
             try:
@@ -76,7 +76,7 @@ class LatchedFault(NeedledTestCase):
                 if e.get_dbus_name() != ERR + 'Fault':
                     raise
                 return False
-        wait_until(cleared, 5 * timeout_multiplier(), 'ClearFault to succeed')
+        wait_until(cleared, 5, 'ClearFault to succeed')
         self.assertEqual(self.pprop(pen, 'State'), 'idle')
         self.assertEqual(self.pprop(pen, 'Fault'), '')
         # It stays idle (the pen's bits are gone), and now arms and starts on the same cartridge.
