@@ -690,7 +690,9 @@ static void on_error(nd_pendev *dev, const nd_pendev_error *e, void *userdata) {
                 return;
         case ND_PENDEV_ERROR_TELEMETRY_STALLED:
         case ND_PENDEV_ERROR_HEARTBEAT:
-                if (p->session_active)
+                /* A pen that stops answering is in fault whatever it was doing: idle or armed, it
+                 * must not be armed or started as if it were fine. */
+                if (p->session_active || (p->exported && (p->state == ND_PEN_IDLE || p->state == ND_PEN_ARMED)))
                         nd_pen_trip(p, "heartbeat-lost", e->message);
                 return;
         case ND_PENDEV_ERROR_TELEMETRY_GAP:

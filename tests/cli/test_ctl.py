@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """needlectl's D-Bus verbs against a real needled --simulate on a private, policy-enforcing
-system bus with a mock polkit (tests/dbus/busfixture.py): every command, --json output
+system bus with a mock polkit (tests/lib/busfixture.py): every command, --json output
 parsed and checked, exit codes, watch and run --watch under a pseudo-terminal.
 
 Environment: NEEDLECTL, NEEDLED_BUILD_ROOT, NEEDLED_SOURCE_ROOT (set by meson).
