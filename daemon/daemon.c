@@ -10,6 +10,8 @@
 #include "config.h"
 #include "daemon.h"
 #include "errors.h"
+#include "ledger-reader.h"
+#include "ledger-state.h"
 #include "log.h"
 #include "pen.h"
 #include "transport-usb.h"
@@ -78,25 +80,6 @@ static void daemon_start_usb(nd_daemon *d) {
                 return;
         }
         nd_log_info("looking for pens %04x:%04x", (unsigned) PEN_USB_VID_DEFAULT, (unsigned) PEN_USB_PID_DEFAULT);
-}
-
-static void daemon_open_ledger(nd_daemon *d) {
-        struct timespec ts;
-        int r = nd_ledger_open(d->state_dir, &d->ledger, &d->ledger_error);
-        if (r < 0) {
-                nd_log_full(LOG_ERR, (const char *const[]) { "NEEDLED_EVENT=ledger-unavailable", NULL },
-                            "the treatment ledger cannot be used (%s): no session can start until it can",
-                            strempty(d->ledger_error));
-                return;
-        }
-        clock_gettime(CLOCK_REALTIME, &ts);
-        r = nd_ledger_recover(d->ledger, (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC);
-        if (r < 0)
-                nd_log_error("could not close the sessions left by an earlier run: %s", nd_ledger_last_error(d->ledger));
-        else if (r > 0)
-                nd_log_full(LOG_WARNING, (const char *const[]) { "NEEDLED_EVENT=sessions-recovered", NULL },
-                            "%d session(s) were running when needled last stopped: closed as daemon-restart, "
-                            "their cartridges spent", r);
 }
 
 static int on_terminate(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -172,6 +155,7 @@ static const char *resolve_state_dir(const nd_daemon_options *opts, char **buf) 
 }
 
 static void daemon_free(nd_daemon *d) {
+        d->ledger_reader = nd_ledger_reader_free(d->ledger_reader);
         nd_pen_free_all(d, "stopped");
         d->usb = nd_usb_context_free(d->usb);
         sd_bus_slot_unref(d->manager_slot);
@@ -235,7 +219,7 @@ int nd_daemon_main(const nd_daemon_options *opts) {
 
         /* Fail closed: a missing or bad limits file leaves the daemon up, refusing to arm. */
         (void) nd_manager_load_limits(&d, true, &error);
-        daemon_open_ledger(&d);
+        nd_ledger_state_open(&d);
 
         r = daemon_connect_bus(&d);
         if (r < 0)

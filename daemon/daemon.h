@@ -1,5 +1,6 @@
 /* daemon.h: needled's state, shared by the files that implement its D-Bus objects. One
- * sd-event loop, no threads, no locks. */
+ * sd-event loop; the one other thread is the ledger reader's (ledger-reader.h), which touches
+ * nothing of the loop's. */
 #pragma once
 
 #include <stdbool.h>
@@ -65,6 +66,10 @@ struct nd_daemon {
         /* The treatment ledger; NULL when it could not be opened (Start is then refused). */
         nd_ledger *ledger;
         char *ledger_error;
+        /* History and cartridge queries, on a read-only connection off the loop (ledger-reader.c);
+         * NULL when the ledger is not available. */
+        struct nd_ledger_reader *ledger_reader;
+        uint64_t ledger_check_started_us;   /* CLOCK_MONOTONIC (ledger-state.c) */
 
         nd_pen **pens;            /* connected pens */
         unsigned n_pens;

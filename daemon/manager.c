@@ -6,6 +6,7 @@
 
 #include "config.h"
 #include "daemon.h"
+#include "ledger-state.h"
 #include "errors.h"
 #include "log.h"
 #include "pen.h"
@@ -191,6 +192,8 @@ int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l) {
         if (r >= 0)
                 r = sd_bus_message_append(m, "{sv}{sv}", "max_duration_s", "d", (double) l->session.max_duration_s,
                                           "client_heartbeat_timeout_ms", "u", l->session.client_heartbeat_timeout_ms);
+        if (r >= 0 && l->session.has_require_skin_type)
+                r = sd_bus_message_append(m, "{sv}", "require_skin_type", "b", (int) l->session.require_skin_type);
         if (r >= 0)
                 r = close_dict_entry_dict(m);
         if (r >= 0)
@@ -224,11 +227,27 @@ int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l) {
                         r = sd_bus_message_append(m, "{sv}", "max_speed_hz", "d", a->max_speed_hz);
                 if (r >= 0 && a->has_max_duration_s)
                         r = sd_bus_message_append(m, "{sv}", "max_duration_s", "d", (double) a->max_duration_s);
+                if (r >= 0 && a->has_max_density_per_cm2)
+                        r = sd_bus_message_append(m, "{sv}", "max_density_per_cm2", "d", a->max_density_per_cm2);
                 if (r >= 0)
                         r = close_dict_entry_dict(m);
         }
         if (r >= 0)
                 r = close_dict_entry_dict(m);
+        if (r >= 0 && l->has_skin_types) {
+                r = open_dict_entry_dict(m, "skin_types");
+                for (int t = 0; r >= 0 && t < ND_SKIN_TYPES_COUNT; t++) {
+                        if (!l->skin_types[t].set)
+                                continue;
+                        r = open_dict_entry_dict(m, nd_skin_type_to_string((nd_skin_type) t));
+                        if (r >= 0)
+                                r = sd_bus_message_append(m, "{sv}", "max_depth_mm", "d", l->skin_types[t].max_depth_mm);
+                        if (r >= 0)
+                                r = close_dict_entry_dict(m);
+                }
+                if (r >= 0)
+                        r = close_dict_entry_dict(m);
+        }
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         return r;
@@ -323,6 +342,24 @@ int nd_manager_append_profile_fields(sd_bus_message *m, const nd_profile *p, boo
                                           "needles", "u", p->has_needles ? p->needles : 0u);
         if (r >= 0)
                 r = sd_bus_message_append(m, "{sv}", "digest", "s", p->digest);
+        if (r >= 0 && p->has_skin_types) {
+                r = sd_bus_message_open_container(m, 'e', "sv");
+                if (r >= 0)
+                        r = sd_bus_message_append(m, "s", "skin_types");
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'v', "as");
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'a', "s");
+                for (int t = 0; r >= 0 && t < ND_SKIN_TYPES_COUNT; t++)
+                        if (p->skin_types[t])
+                                r = sd_bus_message_append(m, "s", nd_skin_type_to_string((nd_skin_type) t));
+                for (int k = 0; r >= 0 && k < 3; k++)
+                        r = sd_bus_message_close_container(m);
+        }
+        if (r >= 0 && p->has_passes)
+                r = sd_bus_message_append(m, "{sv}", "passes", "u", p->passes);
+        if (r >= 0 && p->has_area_cm2)
+                r = sd_bus_message_append(m, "{sv}", "area_cm2", "d", p->area_cm2);
         if (r >= 0 && with_extras) {
                 r = sd_bus_message_append(m, "{sv}", "notes", "s", strempty(p->notes));
                 if (r >= 0)
@@ -410,6 +447,8 @@ static const sd_bus_vtable manager_vtable[] = {
         SD_BUS_PROPERTY("LimitsError", "s", property_limits_error, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("LimitsDigest", "s", property_limits_digest, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("LimitsLoadedAt", "t", property_limits_loaded_at, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("LedgerState", "s", nd_ledger_state_property_state, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("LedgerError", "s", nd_ledger_state_property_error, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD_WITH_ARGS("GetLimits", SD_BUS_NO_ARGS, SD_BUS_RESULT("a{sv}", limits),
                                 manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("ReloadLimits", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,

@@ -125,6 +125,22 @@ static int prop_strokes(sd_bus *bus, const char *path, const char *interface, co
         return sd_bus_message_append(reply, "t", p->session_active ? (uint64_t) floor(p->session.strokes) : UINT64_C(0));
 }
 
+static int prop_punctures(sd_bus *bus, const char *path, const char *interface, const char *property,
+                          sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "t", nd_pen_session_punctures(PEN_FROM(userdata)));
+}
+
+static int prop_density(sd_bus *bus, const char *path, const char *interface, const char *property,
+                        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "d", nd_pen_session_density_per_cm2(PEN_FROM(userdata)));
+}
+
+static int prop_skin_type(sd_bus *bus, const char *path, const char *interface, const char *property,
+                          sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        return sd_bus_message_append(reply, "s", p->session_active ? strempty(nd_skin_type_to_string(p->session.skin_type)) : "");
+}
+
 static int prop_rate(sd_bus *bus, const char *path, const char *interface, const char *property,
                      sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         return sd_bus_message_append(reply, "u", (uint32_t) nd_pendev_get_telemetry_rate_hz(PEN_FROM(userdata)->dev));
@@ -392,13 +408,16 @@ static void start_depth_done(nd_pendev *dev, int status, void *userdata) {
 }
 
 /* Reads Start's options: label (s). Anything else is refused, so typos do not pass silently. */
-static int parse_start_options(sd_bus_message *m, const char **label, sd_bus_error *error) {
+/* Reads Start's options: label (s) and skin_type (s; checked by nd_profile_check_skin_type, so
+ * a value that is not a type is an InvalidProfile violation, not a bad argument). */
+static int parse_start_options(sd_bus_message *m, const char **label, const char **skin_type, sd_bus_error *error) {
         int r = sd_bus_message_rewind(m, true);
         if (r >= 0)
                 r = sd_bus_message_enter_container(m, 'a', "{sv}");
         if (r < 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Expected options a{sv}");
         *label = "";
+        *skin_type = NULL;
         while ((r = sd_bus_message_enter_container(m, 'e', "sv")) > 0) {
                 const char *key;
                 if (sd_bus_message_read(m, "s", &key) < 0)
@@ -414,10 +433,14 @@ static int parse_start_options(sd_bus_message *m, const char **label, sd_bus_err
                                 if ((unsigned char) *c < 0x20 || *c == 0x7f)
                                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                                                  "Option label contains a control character");
+                } else if (STREQ(key, "skin_type")) {
+                        if (sd_bus_message_read(m, "v", "s", skin_type) < 0)
+                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                         "Option skin_type must be a string (s): I, II, III, IV, V or VI");
                 } else {
                         _cleanup_free_ char *shown = nd_text_sanitize(key, strlen(key), ND_DIAG_VALUE_MAX);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                 "Unknown option '%s' (Start knows: label)", strempty(shown));
+                                                 "Unknown option '%s' (Start knows: label, skin_type)", strempty(shown));
                 }
                 if (sd_bus_message_exit_container(m) < 0)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Malformed options");
@@ -451,12 +474,14 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_diags_ nd_diags diags = ND_DIAGS_INIT;
         const nd_limits *l = d->limits;
-        const char *label;
+        const char *label, *skin_type_text;
+        nd_skin_type skin_type = ND_SKIN_TYPE_NONE;
+        double area_cm2 = 0.0;          /* the profile's treated surface; 0: none */
         int r;
 
         if (!p)
                 return;
-        if (parse_start_options(m, &label, &error) < 0) {
+        if (parse_start_options(m, &label, &skin_type_text, &error) < 0) {
                 (void) sd_bus_reply_method_error(m, &error);
                 return;
         }
@@ -472,6 +497,12 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                         nd_pen_caps caps = pen_caps(p);
                         r = nd_profile_check_pen(again, &caps, true, p->cartridge_needles, &diags);
                 }
+                /* The patient's skin type: meant for by the profile, within its cap, and given when
+                 * the limits require one (lib/profile.c decides). */
+                if (r >= 0 && diags.n_items == 0)
+                        r = nd_profile_check_skin_type(again, l, skin_type_text, &skin_type, &diags);
+                if (again && again->has_area_cm2)
+                        area_cm2 = again->area_cm2;
                 reading.profile_valid = r >= 0 && diags.n_items == 0;
                 const char *cstate = nd_pen_cartridge_state(p, &info, &known);
                 reading.cartridge_rejected = STREQ(cstate, "rejected");
@@ -495,10 +526,21 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         case ND_INTERLOCK_REFUSE_NO_CARTRIDGE:
                 start_refuse(p, m, caller, ND_ERROR_NO_CARTRIDGE, "Pen %s has no cartridge", p->serial);
                 return;
-        case ND_INTERLOCK_REFUSE_INVALID_PROFILE:
-                nd_audit(d, caller, "Start", p->serial, "refused: InvalidProfile: the armed profile no longer passes");
+        case ND_INTERLOCK_REFUSE_INVALID_PROFILE: {
+                /* The codes, and the skin type asked for, so the trail shows why. */
+                char codes[256] = "";
+                for (size_t i = 0; i < diags.n_items; i++)
+                        snprintf(codes + strlen(codes), sizeof codes - strlen(codes), "%s%s", i ? "," : "",
+                                 diags.items[i].code);
+                _cleanup_free_ char *shown = skin_type_text ? nd_text_sanitize(skin_type_text, strlen(skin_type_text), 16) : NULL;
+                _cleanup_free_ char *detail = NULL;
+                if (asprintf(&detail, "refused: InvalidProfile: %s (skin-type %s)", codes,
+                             shown && *shown ? shown : "none") < 0)
+                        detail = NULL;
+                nd_audit(d, caller, "Start", p->serial, detail ? detail : "refused: InvalidProfile");
                 reply_invalid_profile(m, &diags);
                 return;
+        }
         case ND_INTERLOCK_REFUSE_CARTRIDGE_REJECTED:
                 start_refuse(p, m, caller, ND_ERROR_INVALID_PROFILE,
                              "Cartridge %s has %u needles, which the limits do not allow", p->cartridge_id,
@@ -528,6 +570,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         /* Record first, synced; only then the motor. */
         nd_pen_session *ss = &p->session;
         memset(ss, 0, sizeof *ss);
+        ss->skin_type = ND_SKIN_TYPE_NONE;
         r = nd_ledger_session_id_new(ss->id);
         nd_ledger_session_start rec = {
                 .id = ss->id, .pen_serial = p->serial, .cartridge_id = p->cartridge_id, .needles = p->cartridge_needles,
@@ -535,6 +578,8 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 .limits_digest = l->digest, .label = label, .owner_uid = caller->uid, .owner_pid = caller->pid,
                 .owner_name = caller->name, .start_us = nd_now_realtime_us(), .single_use = l->cartridge.single_use,
                 .cartridge_max_runtime_s = l->cartridge.max_runtime_s,
+                .skin_type = nd_skin_type_to_string(skin_type),
+                .area_cm2 = area_cm2,
         };
         if (r >= 0)
                 r = nd_ledger_session_begin(d->ledger, &rec);
@@ -554,6 +599,9 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         ss->owner_uid = caller->uid;
         ss->owner_pid = caller->pid;
         ss->cartridge_runtime_before_s = known ? info.runtime_s : 0.0;
+        ss->skin_type = skin_type;
+        ss->needles = p->cartridge_needles;
+        ss->area_cm2 = rec.area_cm2;
         r = sd_bus_track_new(d->bus, &ss->owner, nd_pen_on_owner_gone, p);
         if (r >= 0)
                 r = sd_bus_track_add_sender(ss->owner, m);
@@ -580,9 +628,9 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 return;
         }
         p->starting = true;
-        char detail[256];
-        snprintf(detail, sizeof detail, "session %s profile %s cartridge %s label %s", ss->id, p->profile->name,
-                 p->cartridge_id, label);
+        char detail[320];
+        snprintf(detail, sizeof detail, "session %s profile %s cartridge %s label %s skin-type %s", ss->id,
+                 p->profile->name, p->cartridge_id, label, skin_type == ND_SKIN_TYPE_NONE ? "none" : nd_skin_type_to_string(skin_type));
         pen_log(p, LOG_NOTICE, "%s: starting %s", p->serial, detail);
 }
 
@@ -754,7 +802,7 @@ static void setpoint_authorized(sd_bus_message *m, bool allowed, const sd_bus_er
                 return;
         }
         const nd_proto_identity *id = nd_pendev_get_identity(p->dev);
-        r = depth ? nd_limits_check_depth(p->daemon->limits, p->profile->area, value, &diags)
+        r = depth ? nd_limits_check_depth_for_skin(p->daemon->limits, p->profile->area, p->session.skin_type, value, &diags)
                   : nd_limits_check_speed(p->daemon->limits, p->profile->area, value, &diags);
         if (r < 0) {
                 nd_audit(p->daemon, caller, depth ? "SetDepth" : "SetSpeed", p->serial, "refused: beyond the limits");
@@ -935,6 +983,9 @@ static const sd_bus_vtable pen_vtable[] = {
         SD_BUS_PROPERTY("SessionId", "s", prop_session_id, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("ElapsedS", "d", prop_elapsed, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Strokes", "t", prop_strokes, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Punctures", "t", prop_punctures, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("DensityPerCm2", "d", prop_density, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("SkinType", "s", prop_skin_type, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("TelemetryRateHz", "u", prop_rate, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD_WITH_ARGS("LoadProfile", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT,
                                 pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),

@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "daemon.h"
+#include "dose.h"
 #include "errors.h"
 #include "log.h"
 #include "pen.h"
@@ -71,7 +72,7 @@ static nd_pen *find_by_serial(nd_daemon *d, const char *serial) {
 static void pen_emit(nd_pen *p, unsigned props) {
         if (!p->exported || !props)
                 return;
-        const char *names[16];
+        const char *names[24];
         size_t n = 0;
         if (props & PROP_STATE) { names[n++] = "State"; names[n++] = "Fault"; }
         if (props & PROP_PROFILE) names[n++] = "Profile";
@@ -79,8 +80,13 @@ static void pen_emit(nd_pen *p, unsigned props) {
         if (props & PROP_BATTERY) names[n++] = "BatteryPercent";
         if (props & PROP_TEMPERATURE) names[n++] = "TemperatureC";
         if (props & PROP_CARTRIDGE) names[n++] = "Cartridge";
-        if (props & PROP_SESSION) names[n++] = "SessionId";
-        if (props & PROP_PROGRESS) { names[n++] = "ElapsedS"; names[n++] = "Strokes"; }
+        if (props & PROP_SESSION) { names[n++] = "SessionId"; names[n++] = "SkinType"; }
+        if (props & PROP_PROGRESS) {
+                names[n++] = "ElapsedS";
+                names[n++] = "Strokes";
+                names[n++] = "Punctures";
+                names[n++] = "DensityPerCm2";
+        }
         if (props & PROP_WARNINGS) names[n++] = "Warnings";
         if (props & PROP_RATE) names[n++] = "TelemetryRateHz";
         names[n] = NULL;
@@ -222,10 +228,24 @@ void nd_pen_motor_stop(nd_pen *p) {
                 (void) pen_log_errno(p, LOG_ERR, r, "%s: could not send the motor stop", p->serial);
 }
 
+uint64_t nd_pen_session_punctures(const nd_pen *p) {
+        if (!p->session_active)
+                return 0;
+        return nd_dose_punctures((uint64_t) floor(p->session.strokes), p->session.needles);
+}
+
+double nd_pen_session_density_per_cm2(const nd_pen *p) {
+        if (!p->session_active)
+                return 0;
+        return nd_dose_density_per_cm2(nd_pen_session_punctures(p), p->session.area_cm2);
+}
+
 static void session_stats_now(nd_pen *p, nd_ledger_stats *stats) {
         *stats = p->session.stats;
         stats->duration_s = nd_pen_session_elapsed_s(p);
         stats->strokes = (uint64_t) floor(p->session.strokes);
+        stats->punctures = nd_pen_session_punctures(p);
+        stats->density_per_cm2 = nd_pen_session_density_per_cm2(p);
 }
 
 /* Ends the session in progress: records it, announces it, and leaves the pen idle (disarmed)
@@ -244,8 +264,8 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
                         pen_log(p, LOG_ERR, "%s: the end of session %s (%s) was not recorded: %s", p->serial,
                                 p->session.id, reason, nd_ledger_last_error(d->ledger));
         }
-        pen_log(p, LOG_NOTICE, "%s: session %s ended: %s after %.1f s, %" PRIu64 " strokes", p->serial,
-                p->session.id, reason, stats.duration_s, stats.strokes);
+        pen_log(p, LOG_NOTICE, "%s: session %s ended: %s after %.1f s, %" PRIu64 " strokes, %" PRIu64 " punctures",
+                p->serial, p->session.id, reason, stats.duration_s, stats.strokes, stats.punctures);
 
         /* Every sample of the session reaches clients before the signal that ends it. */
         nd_telemetry_flush(p->telemetry);
@@ -257,6 +277,7 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
         free(p->session.owner_name);
         sd_event_source_disable_unref(p->session.client_heartbeat);
         memset(&p->session, 0, sizeof p->session);
+        p->session.skin_type = ND_SKIN_TYPE_NONE;
         p->session_active = false;
 
         if (fault)
@@ -385,6 +406,17 @@ static void check_duration(nd_pen *p) {
         }
 }
 
+/* The area's density cap reached: the planned dose is delivered, a normal end (lib/dose.c
+ * decides). Checked after every batch of samples, so the session overshoots by at most a
+ * batch's strokes. */
+static void check_dose(nd_pen *p) {
+        if (!p->session_active || p->state != ND_PEN_RUNNING || !p->profile)
+                return;
+        const nd_area_limits *area = nd_limits_find_area(p->daemon->limits, p->profile->area);
+        if (nd_dose_reached(area, nd_pen_session_density_per_cm2(p)))
+                nd_pen_stop_session(p, "dose-reached");
+}
+
 /* ---- Telemetry --------------------------------------------------------------------------------- */
 
 static void on_cartridge(nd_pendev *dev, int status, const nd_proto_cartridge *c, void *userdata);
@@ -454,6 +486,7 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
                 p->have_sample = true;
                 p->last_sample_mono_us = now_us;
         }
+        check_dose(p);
 }
 
 static void on_cartridge(nd_pendev *dev, int status, const nd_proto_cartridge *c, void *userdata) {
@@ -810,10 +843,13 @@ void nd_pen_limits_changed(nd_pen *p, const nd_limits *old) {
         _cleanup_diags_ nd_diags diags = ND_DIAGS_INIT;
         _cleanup_(nd_profile_freep) nd_profile *again = NULL;
         int r = nd_profile_parse(p->profile_yaml, strlen(p->profile_yaml), NULL, l, &again, &diags);
-        /* The set points in force count too, since SetDepth/SetSpeed may have moved them. */
+        /* The set points in force count too, since SetDepth/SetSpeed may have moved them, and so
+         * does the session's skin type (its cap, the profile's types, require_skin_type). */
         if (r >= 0 && p->profile->area) {
-                if (nd_limits_check_depth(l, p->profile->area, p->set_depth_mm, &diags) < 0 ||
-                    nd_limits_check_speed(l, p->profile->area, p->set_speed_hz, &diags) < 0)
+                nd_skin_type t;
+                if (nd_limits_check_depth_for_skin(l, p->profile->area, p->session.skin_type, p->set_depth_mm, &diags) < 0 ||
+                    nd_limits_check_speed(l, p->profile->area, p->set_speed_hz, &diags) < 0 ||
+                    nd_profile_check_skin_type(again, l, nd_skin_type_to_string(p->session.skin_type), &t, &diags) < 0)
                         r = -ERANGE;
         }
         if (r < 0 || diags.n_items > 0) {

@@ -83,8 +83,8 @@ typedef enum pen_prop {
         PROP_BATTERY      = 1u << 3,
         PROP_TEMPERATURE  = 1u << 4,
         PROP_CARTRIDGE    = 1u << 5,
-        PROP_SESSION      = 1u << 6,  /* SessionId */
-        PROP_PROGRESS     = 1u << 7,  /* ElapsedS, Strokes */
+        PROP_SESSION      = 1u << 6,  /* SessionId, SkinType */
+        PROP_PROGRESS     = 1u << 7,  /* ElapsedS, Strokes, Punctures, DensityPerCm2 */
         PROP_WARNINGS     = 1u << 8,
         PROP_RATE         = 1u << 9,
 } pen_prop;
@@ -101,6 +101,9 @@ typedef struct nd_pen_session {
         uint64_t last_device_time_us; /* for stroke counting */
         double strokes;
         nd_ledger_stats stats;
+        nd_skin_type skin_type;       /* the Start option; ND_SKIN_TYPE_NONE when none was given */
+        uint32_t needles;             /* the cartridge's, at Start: punctures = strokes x needles */
+        double area_cm2;              /* the profile's treated surface; 0: none (no density) */
         double cartridge_runtime_before_s;
         sd_event_source *client_heartbeat;
         /* The settle and spin-up windows and the stall timing (lib/interlocks.h): depth is
@@ -192,6 +195,10 @@ uint64_t nd_pen_now_mono_us(const nd_pen *p);
 void nd_pen_changed(nd_pen *p, unsigned props);
 /* Running time of the session in progress (0 without one). */
 double nd_pen_session_elapsed_s(const nd_pen *p);
+/* The dose of the session in progress (lib/dose.h): punctures, and per cm² (0 without a
+ * surface); both 0 without a session. */
+uint64_t nd_pen_session_punctures(const nd_pen *p);
+double nd_pen_session_density_per_cm2(const nd_pen *p);
 /* What the ledger knows of the inserted cartridge ("none", "rejected", "in-use", "spent",
  * "fresh"; static); *known tells whether info was filled from the ledger. */
 const char *nd_pen_cartridge_state(const nd_pen *p, nd_ledger_cartridge *info, bool *known);

@@ -24,6 +24,10 @@
  * would let a long-running daemon's heap grow with the ledger (quick_check alone reads every
  * page at start). */
 #define LEDGER_CACHE_PRAGMA "PRAGMA cache_size=-256"
+/* nd_ledger_open_deferred() checks files up to this size at open (reading 1 MiB: a few ms cold). */
+#define LEDGER_CHECK_AT_OPEN_MAX_BYTES (1024 * 1024)
+#define VERIFY_CACHE_PRAGMAS "PRAGMA cache_size=-65536; PRAGMA mmap_size=4294967296"
+#define LEDGER_SYNC_OFF 0
 #define LEDGER_SYNC_NORMAL 1
 #define LEDGER_SYNC_FULL 2
 
@@ -39,7 +43,18 @@ struct nd_ledger {
         sqlite3 *db;
         char *path;
         int synchronous;        /* the PRAGMA synchronous in force; -1: unknown */
+        bool bulk_load;         /* nd_ledger_set_bulk_load(): nothing synced (test ledgers only) */
+        bool unchecked;         /* opened with nd_ledger_open_deferred(), its check not yet passed */
+        struct pending_audit *pending;  /* audit entries held while unchecked, oldest first */
+        size_t n_pending;
         char error[1024];
+};
+
+/* An audit entry made while the file's integrity check runs, written once it has passed. */
+struct pending_audit {
+        uint64_t time_us;
+        uint32_t uid, pid;
+        char *actor, *action, *object, *detail;
 };
 
 static inline void sqlite3_finalizep(sqlite3_stmt **s) {
@@ -75,6 +90,8 @@ static int errno_from_sqlite(sqlite3 *db, int rc) {
                 return -EBUSY;
         case SQLITE_NOMEM:
                 return -ENOMEM;
+        case SQLITE_INTERRUPT:
+                return -EINTR;
         case SQLITE_CONSTRAINT:
                 return -EEXIST;
         case SQLITE_IOERR:
@@ -199,6 +216,8 @@ static int check_stats(nd_ledger *l, const nd_ledger_stats *st) {
                 return set_error(l, -EINVAL, "session figures must be finite (and not negative)");
         if (st->strokes > (uint64_t) INT64_MAX)
                 return set_error(l, -EINVAL, "stroke count %" PRIu64 " out of range", st->strokes);
+        if (st->punctures > (uint64_t) INT64_MAX || !value_ok(st->density_per_cm2))
+                return set_error(l, -EINVAL, "puncture figures out of range");
         return 0;
 }
 
@@ -253,8 +272,24 @@ static void enc_fmt(enc *e, const char *fmt, ...) {
 /* i<decimal>\n ; r<16 hex digits of the IEEE-754 bits>\n ; t<length>:<bytes>\n ;
  * b<length>:<bytes>\n ; n\n. Locale-independent and unambiguous: every field says its type and
  * text says its length before its bytes. */
+/* prefix, the decimal digits of v, suffix, as enc_fmt() would write them, without printf
+ * (verification encodes millions of numbers). */
+static void enc_number(enc *e, char prefix, int64_t v, char suffix) {
+        char buf[24];
+        size_t i = sizeof buf;
+        uint64_t u = v < 0 ? (uint64_t) 0 - (uint64_t) v : (uint64_t) v;
+        buf[--i] = suffix;
+        do {
+                buf[--i] = (char) ('0' + u % 10);
+                u /= 10;
+        } while (u);
+        if (v < 0)
+                buf[--i] = '-';
+        buf[--i] = prefix;
+        enc_bytes(e, buf + i, sizeof buf - i);
+}
 static void enc_int(enc *e, int64_t v) {
-        enc_fmt(e, "i%" PRId64 "\n", v);
+        enc_number(e, 'i', v, '\n');
 }
 static void enc_real(enc *e, double v) {
         uint64_t bits;
@@ -262,7 +297,7 @@ static void enc_real(enc *e, double v) {
         enc_fmt(e, "r%016" PRIx64 "\n", bits);
 }
 static void enc_text(enc *e, const char *s, size_t n) {
-        enc_fmt(e, "t%zu:", n);
+        enc_number(e, 't', (int64_t) n, ':');
         enc_bytes(e, s, n);
         enc_bytes(e, "\n", 1);
 }
@@ -330,13 +365,37 @@ static int audit_entry_hash(int64_t seq, int64_t time_us, int64_t uid, int64_t p
         "limits_digest, label, owner_uid, owner_pid, owner_name, start_us, single_use, max_runtime_s"
 #define SESSION_END_DIGEST_COLUMNS SESSION_BEGIN_DIGEST_COLUMNS ", " \
         "end_us, duration_s, strokes, max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, end_reason"
+/* Schema 2's columns, after the ones above. They are NULL in rows written before schema 2 and
+ * never NULL after; a NULL one is left out of the digest, so a row written under schema 1
+ * hashes as it did then, and clearing or setting one of them afterwards changes the digest. */
+#define SESSION_BEGIN_DIGEST_COLUMNS_2 ", skin_type, area_cm2"
+#define SESSION_END_DIGEST_COLUMNS_2 SESSION_BEGIN_DIGEST_COLUMNS_2 ", punctures, density_per_cm2"
+#define SESSION_BEGIN_DIGEST_COUNT_1 15
+#define SESSION_END_DIGEST_COUNT_1 23
 
-static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE],
-                              int *ret_sqlite_rc) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL;
-        const char *sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS " FROM sessions WHERE id = ?1"
-                                : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS " FROM sessions WHERE id = ?1";
-        int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+/* schema: the file's schema version (verification reads files of every version). With cache
+ * NULL the statement is prepared for this call; else *cache keeps it prepared between calls (the
+ * caller finalizes it): verification asks this once per session end and start. */
+static int session_row_digest_cached(sqlite3 *db, const char *id, bool ended, int64_t schema,
+                                     char out[static ND_SHA256_HEX_SIZE], int *ret_sqlite_rc, sqlite3_stmt **cache) {
+        _cleanup_stmt_ sqlite3_stmt *own = NULL;
+        sqlite3_stmt *st;
+        const char *sql;
+        if (schema >= 2)
+                sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS SESSION_END_DIGEST_COLUMNS_2 " FROM sessions WHERE id = ?1"
+                            : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS SESSION_BEGIN_DIGEST_COLUMNS_2 " FROM sessions WHERE id = ?1";
+        else
+                sql = ended ? "SELECT " SESSION_END_DIGEST_COLUMNS " FROM sessions WHERE id = ?1"
+                            : "SELECT " SESSION_BEGIN_DIGEST_COLUMNS " FROM sessions WHERE id = ?1";
+        int first_optional = ended ? SESSION_END_DIGEST_COUNT_1 : SESSION_BEGIN_DIGEST_COUNT_1;
+        int rc = SQLITE_OK;
+        if (cache && *cache) {
+                st = *cache;
+                sqlite3_reset(st);
+        } else {
+                rc = sqlite3_prepare_v2(db, sql, -1, cache ? cache : &own, NULL);
+                st = cache ? *cache : own;
+        }
         if (rc == SQLITE_OK)
                 rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
         if (rc == SQLITE_OK)
@@ -351,11 +410,22 @@ static int session_row_digest(sqlite3 *db, const char *id, bool ended, char out[
         const char *tag = ended ? SESSION_END_TAG : SESSION_BEGIN_TAG;
         enc_bytes(&e, tag, strlen(tag));
         for (int i = 0; i < sqlite3_column_count(st); i++)
-                enc_column(&e, st, i);
+                if (i < first_optional || sqlite3_column_type(st, i) != SQLITE_NULL)
+                        enc_column(&e, st, i);
         return enc_digest(&e, out);
 }
 
+static int session_row_digest(sqlite3 *db, const char *id, bool ended, int64_t schema,
+                              char out[static ND_SHA256_HEX_SIZE], int *ret_sqlite_rc) {
+        return session_row_digest_cached(db, id, ended, schema, out, ret_sqlite_rc, NULL);
+}
+
 /* ---- small SQL helpers ---- */
+
+static int refuse_unchecked(nd_ledger *l) {
+        return set_error(l, -EAGAIN, "the integrity check (is the file corrupt?) has not finished: nothing is "
+                         "recorded, and no session starts, until it has passed; try again in a moment");
+}
 
 static int exec(nd_ledger *l, const char *sql, const char *what) {
         int rc = sqlite3_exec(l->db, sql, NULL, NULL, NULL);
@@ -380,9 +450,12 @@ static int step_done(nd_ledger *l, sqlite3_stmt *st, const char *what) {
 }
 
 static int set_synchronous(nd_ledger *l, int level) {
+        if (l->bulk_load)
+                level = LEDGER_SYNC_OFF;
         if (l->synchronous == level)
                 return 0;
-        int r = exec(l, level == LEDGER_SYNC_FULL ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL",
+        int r = exec(l, level == LEDGER_SYNC_FULL   ? "PRAGMA synchronous=FULL" :
+                        level == LEDGER_SYNC_NORMAL ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=OFF",
                      "setting the sync mode");
         if (r < 0)
                 return r;
@@ -481,11 +554,24 @@ static int migrate_to_1(nd_ledger *l) {
         return exec(l, schema, "creating the schema (version 1)");
 }
 
+/* Schema 2: the skin type, treated surface and measured dose of a session (docs/ledger.md).
+ * Added as nullable columns, so the rows already there keep their values and their digests
+ * (session_row_digest leaves NULLs out); every row written from now on fills them in. */
+static int migrate_to_2(nd_ledger *l) {
+        static const char schema[] =
+                "ALTER TABLE sessions ADD COLUMN skin_type TEXT;"
+                "ALTER TABLE sessions ADD COLUMN area_cm2 REAL CHECK (area_cm2 IS NULL OR area_cm2 >= 0);"
+                "ALTER TABLE sessions ADD COLUMN punctures INTEGER CHECK (punctures IS NULL OR punctures >= 0);"
+                "ALTER TABLE sessions ADD COLUMN density_per_cm2 REAL CHECK (density_per_cm2 IS NULL OR density_per_cm2 >= 0);";
+        return exec(l, schema, "adding the dose columns (version 2)");
+}
+
 /* migrations[v - 1] brings a database at version v - 1 to version v. Version 2 is one more
  * function here; the loop in migrate() runs every step a file needs, each in its own
  * transaction, with the version written in that same transaction. */
 static int (*const migrations[])(nd_ledger *l) = {
         migrate_to_1,
+        migrate_to_2,
 };
 _Static_assert(ELEMENTSOF(migrations) == ND_LEDGER_SCHEMA_VERSION, "one migration per schema version");
 
@@ -529,12 +615,14 @@ static int migrate(nd_ledger *l, int64_t from) {
 }
 
 /* Reads the file without writing: it must be a database, intact, ours, and not from the future. */
-static int check_file(nd_ledger *l, int64_t *ret_version) {
+static int check_file(nd_ledger *l, bool quick_check, int64_t *ret_version) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         int64_t app_id, version, tables;
         int rc = SQLITE_OK;
 
-        rc = sqlite3_prepare_v2(l->db, "PRAGMA quick_check", -1, &st, NULL);
+        /* Without the check, the header is still read (the schema version): a file that is not a
+         * database fails here as it would in the check. */
+        rc = sqlite3_prepare_v2(l->db, quick_check ? "PRAGMA quick_check" : "PRAGMA schema_version", -1, &st, NULL);
         if (rc == SQLITE_OK)
                 rc = sqlite3_step(st);
         if (rc != SQLITE_ROW) {
@@ -549,7 +637,7 @@ static int check_file(nd_ledger *l, int64_t *ret_version) {
                                  sqlite3_errmsg(l->db));
         }
         const char *res = (const char *) sqlite3_column_text(st, 0);
-        if (!res || !STREQ(res, "ok"))
+        if (quick_check && (!res || !STREQ(res, "ok")))
                 return set_error(l, -EBADMSG, "the database is corrupt (quick_check: %s); left as it is", strempty(res));
 
         if (pragma_int(l->db, "PRAGMA application_id", &app_id, &rc) < 0 ||
@@ -571,7 +659,7 @@ static int check_file(nd_ledger *l, int64_t *ret_version) {
         return 0;
 }
 
-int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
+static int ledger_open(const char *state_dir, bool defer_check, nd_ledger **ret, char **error) {
         _cleanup_(nd_ledger_closep) nd_ledger *l = NULL;
         struct stat stbuf;
         int64_t version = 0;
@@ -631,7 +719,22 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
                 /* Before quick_check reads every page. It reads the header, so on a file that is
                  * not a database it fails: check_file() then says what the file is. */
                 (void) sqlite3_exec(l->db, LEDGER_CACHE_PRAGMA, NULL, NULL, NULL);
-                r = check_file(l, &version);
+                /* The check is deferred only for a file that needs no write to be opened: ours, of
+                 * this schema, already in WAL mode (header bytes 18-19 = 2). Anything else (a new
+                 * file, a migration) is checked in full first, as it will be written at once. */
+                /* A small file is checked at once: that costs less than a start-up takes anyway, and
+                 * the ledger can record from the first moment. */
+                bool defer = defer_check && stat(l->path, &stbuf) == 0 && stbuf.st_size > LEDGER_CHECK_AT_OPEN_MAX_BYTES;
+                if (defer) {
+                        _cleanup_stmt_ sqlite3_stmt *jm = NULL;
+                        defer = sqlite3_prepare_v2(l->db, "PRAGMA journal_mode", -1, &jm, NULL) == SQLITE_OK &&
+                                sqlite3_step(jm) == SQLITE_ROW &&
+                                strcasecmp(strempty((const char *) sqlite3_column_text(jm, 0)), "wal") == 0;
+                }
+                r = check_file(l, !defer, &version);
+                if (r >= 0 && defer && version != ND_LEDGER_SCHEMA_VERSION)
+                        r = check_file(l, true, &version);
+                l->unchecked = r >= 0 && defer && version == ND_LEDGER_SCHEMA_VERSION;
         }
         /* Only now, with the file known to be ours, is anything written. */
         if (r >= 0)
@@ -664,14 +767,153 @@ int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
         return 0;
 }
 
+int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error) {
+        return ledger_open(state_dir, false, ret, error);
+}
+
+int nd_ledger_open_deferred(const char *state_dir, nd_ledger **ret, char **error) {
+        return ledger_open(state_dir, true, ret, error);
+}
+
+bool nd_ledger_checked(const nd_ledger *l) {
+        return l && !l->unchecked;
+}
+
+static void pending_clear(struct pending_audit *p) {
+        free(p->actor);
+        free(p->action);
+        free(p->object);
+        free(p->detail);
+}
+
+int nd_ledger_check_step(nd_ledger *l, unsigned step) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *chk = NULL;
+        int r, rc;
+
+        if (!l)
+                return -EINVAL;
+        /* One table (with its indexes) a step, in name order, so that other queries on this
+         * connection run between the steps. */
+        r = prepare(l, "SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name LIMIT 1 OFFSET ?1", &st);
+        if (r < 0)
+                return r;
+        sqlite3_bind_int64(st, 1, step);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_DONE)
+                return 0;
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "the integrity check: listing the tables");
+        char *sql = sqlite3_mprintf("PRAGMA quick_check(%Q)", (const char *) sqlite3_column_text(st, 0));
+        if (!sql)
+                return set_error(l, -ENOMEM, "out of memory");
+        rc = sqlite3_prepare_v2(l->db, sql, -1, &chk, NULL);
+        sqlite3_free(sql);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(chk);
+        if (rc != SQLITE_ROW)
+                return set_error(l, errno_from_sqlite(l->db, rc), "the database is corrupt (%s)", sqlite3_errmsg(l->db));
+        const char *res = (const char *) sqlite3_column_text(chk, 0);
+        if (!res || !STREQ(res, "ok"))
+                return set_error(l, -EBADMSG, "the database is corrupt (quick_check of table %s: %s)",
+                                 (const char *) sqlite3_column_text(st, 0), strempty(res));
+        return 1;
+}
+
+int nd_ledger_mark_checked(nd_ledger *l) {
+        int r = 0;
+        size_t i;
+
+        if (!l)
+                return -EINVAL;
+        l->unchecked = false;
+        for (i = 0; r >= 0 && i < l->n_pending; i++) {
+                struct pending_audit *p = &l->pending[i];
+                r = nd_ledger_audit(l, p->time_us, p->uid, p->pid, p->actor, p->action, p->object, p->detail);
+        }
+        for (size_t j = 0; j < l->n_pending; j++)
+                pending_clear(&l->pending[j]);
+        free(l->pending);
+        l->pending = NULL;
+        l->n_pending = 0;
+        return r < 0 ? r : (int) i;
+}
+
+size_t nd_ledger_drop_pending_audit(nd_ledger *l, nd_ledger_pending_audit_fn fn, void *userdata) {
+        size_t n = l ? l->n_pending : 0;
+        for (size_t i = 0; i < n; i++) {
+                struct pending_audit *p = &l->pending[i];
+                if (fn)
+                        fn(p->time_us, p->uid, p->pid, p->actor, p->action, p->object, p->detail, userdata);
+                pending_clear(p);
+        }
+        if (l) {
+                free(l->pending);
+                l->pending = NULL;
+                l->n_pending = 0;
+        }
+        return n;
+}
+
 nd_ledger *nd_ledger_close(nd_ledger *l) {
         if (!l)
                 return NULL;
+        (void) nd_ledger_drop_pending_audit(l, NULL, NULL);
         if (l->db)
                 sqlite3_close_v2(l->db);
         free(l->path);
         free(l);
         return NULL;
+}
+
+int nd_ledger_open_reader(const char *db_path, nd_ledger **ret, char **error) {
+        _cleanup_(nd_ledger_closep) nd_ledger *l = NULL;
+        int64_t app_id = 0, version = 0;
+        int r, rc = SQLITE_OK;
+
+        if (!ret)
+                return -EINVAL;
+        *ret = NULL;
+        if (error)
+                *error = NULL;
+        if (!db_path || !*db_path)
+                return -EINVAL;
+        l = calloc(1, sizeof *l);
+        if (!l)
+                return -ENOMEM;
+        l->synchronous = -1;
+        l->path = strdup(db_path);
+        if (!l->path)
+                return -ENOMEM;
+        /* READONLY: this connection can never write, whatever a bug asks of it. In WAL mode it
+         * still maps the -shm index the writer keeps, so it sees every committed transaction. */
+        rc = sqlite3_open_v2(l->path, &l->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOFOLLOW | SQLITE_OPEN_EXRESCODE,
+                             NULL);
+        if (rc != SQLITE_OK)
+                r = sql_error(l, rc, "cannot open the ledger for reading");
+        else {
+                sqlite3_busy_timeout(l->db, LEDGER_BUSY_TIMEOUT_MS);
+                (void) sqlite3_exec(l->db, LEDGER_CACHE_PRAGMA, NULL, NULL, NULL);
+                r = exec(l, "PRAGMA trusted_schema=OFF; PRAGMA query_only=ON", "configuring the reader");
+        }
+        if (r >= 0 && (pragma_int(l->db, "PRAGMA application_id", &app_id, &rc) < 0 ||
+                       pragma_int(l->db, "PRAGMA user_version", &version, &rc) < 0))
+                r = sql_error(l, rc, "reading the schema version");
+        if (r >= 0 && (app_id != ND_LEDGER_APPLICATION_ID || version != ND_LEDGER_SCHEMA_VERSION))
+                r = set_error(l, -EBADMSG, "not a needled ledger of schema %d (application id 0x%08" PRIx64
+                              ", version %" PRId64 ")", ND_LEDGER_SCHEMA_VERSION, (uint64_t) app_id, version);
+        if (r < 0) {
+                if (error)
+                        *error = strdup(l->error);
+                return r;
+        }
+        l->error[0] = '\0';
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+void nd_ledger_interrupt(nd_ledger *l) {
+        if (l && l->db)
+                sqlite3_interrupt(l->db);
 }
 
 const char *nd_ledger_path(const nd_ledger *l) {
@@ -689,6 +931,14 @@ int nd_ledger_set_max_pages(nd_ledger *l, uint32_t pages) {
         /* SQLite's compiled-in maximum applies for 0. */
         snprintf(sql, sizeof sql, "PRAGMA max_page_count=%" PRIu32, pages ? pages : UINT32_MAX - 1);
         return exec(l, sql, "setting the page cap");
+}
+
+int nd_ledger_set_bulk_load(nd_ledger *l, bool on) {
+        if (!l)
+                return -EINVAL;
+        l->bulk_load = on;
+        l->synchronous = -1;
+        return 0;
 }
 
 int nd_ledger_session_id_new(char out[static ND_LEDGER_SESSION_ID_SIZE]) {
@@ -782,6 +1032,27 @@ int nd_ledger_audit(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_t pid, 
         r = check_audit_fields(l, actor, action, object, detail);
         if (r < 0)
                 return r;
+        if (l->unchecked) {
+                /* Nothing is written to a file not yet known to be intact: the entry waits, in
+                 * order, for nd_ledger_mark_checked(). */
+                if (l->n_pending >= ND_LEDGER_PENDING_AUDIT_MAX)
+                        return set_error(l, -EAGAIN, "the integrity check has not finished and %u audit entries "
+                                         "already wait for it", ND_LEDGER_PENDING_AUDIT_MAX);
+                struct pending_audit *a = realloc(l->pending, (l->n_pending + 1) * sizeof *a);
+                if (!a)
+                        return set_error(l, -ENOMEM, "out of memory");
+                l->pending = a;
+                a = &a[l->n_pending];
+                *a = (struct pending_audit) { .time_us = time_us, .uid = uid, .pid = pid, .actor = strdup(actor),
+                                              .action = strdup(action), .object = strdup(object),
+                                              .detail = strdup(detail) };
+                if (!a->actor || !a->action || !a->object || !a->detail) {
+                        pending_clear(a);
+                        return set_error(l, -ENOMEM, "out of memory");
+                }
+                l->n_pending++;
+                return 0;
+        }
         r = tx_begin(l, LEDGER_SYNC_FULL);
         if (r < 0)
                 return r;
@@ -910,8 +1181,8 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
 
         r = prepare(l, "INSERT INTO sessions (id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, "
                        "  profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, single_use, "
-                       "  max_runtime_s, start_us, updated_us) "
-                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)", &ins);
+                       "  max_runtime_s, start_us, updated_us, skin_type, area_cm2, punctures, density_per_cm2) "
+                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17, 0, 0)", &ins);
         if (r < 0)
                 return r;
         bind_text(ins, 1, s->id);
@@ -929,19 +1200,21 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
         sqlite3_bind_int(ins, 13, s->single_use);
         sqlite3_bind_int64(ins, 14, s->cartridge_max_runtime_s);
         sqlite3_bind_int64(ins, 15, (int64_t) s->start_us);
+        bind_text(ins, 16, strempty(s->skin_type));
+        sqlite3_bind_double(ins, 17, s->area_cm2);
         r = step_done(l, ins, "recording the session");
         if (r == -EEXIST)
                 return set_error(l, r, "session %s already exists", s->id);
         if (r < 0)
                 return r;
 
-        r = session_row_digest(l->db, s->id, false, digest, &rc);
+        r = session_row_digest(l->db, s->id, false, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
         if (r < 0)
                 return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
         if (asprintf(&detail, ROW_DIGEST_PREFIX "%s pen=%s cartridge=%s needles=%" PRIu32 " profile=%s "
-                     "profile-digest=%s limits-digest=%s label=%s",
+                     "profile-digest=%s limits-digest=%s label=%s skin-type=%s",
                      digest, s->pen_serial, s->cartridge_id, s->needles, s->profile_name, s->profile_digest,
-                     s->limits_digest, s->label) < 0) {
+                     s->limits_digest, s->label, (!s->skin_type || !*s->skin_type) ? "none" : s->skin_type) < 0) {
                 detail = NULL;
                 return set_error(l, -ENOMEM, "out of memory");
         }
@@ -950,6 +1223,8 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
 }
 
 int nd_ledger_session_begin(nd_ledger *l, const nd_ledger_session_start *s) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         int r;
 
         if (!l)
@@ -993,6 +1268,13 @@ static void bind_stats(sqlite3_stmt *st, int first, const nd_ledger_stats *s) {
         sqlite3_bind_double(st, first + 5, s->max_current_ma);
 }
 
+/* The dose figures go in ?10 and ?11 of the statements that use STATS_ASSIGNMENTS. */
+#define DOSE_ASSIGNMENTS "punctures = ?10, density_per_cm2 = ?11"
+static void bind_dose(sqlite3_stmt *st, const nd_ledger_stats *s) {
+        sqlite3_bind_int64(st, 10, (int64_t) s->punctures);
+        sqlite3_bind_double(st, 11, s->density_per_cm2);
+}
+
 /* Maxima never go down, whatever a caller passes. */
 #define STATS_ASSIGNMENTS \
         "duration_s = ?1, strokes = ?2, max_depth_mm = max(max_depth_mm, ?3), " \
@@ -1000,6 +1282,8 @@ static void bind_stats(sqlite3_stmt *st, int first, const nd_ledger_stats *s) {
         "max_current_ma = max(max_current_ma, ?6)"
 
 int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, const nd_ledger_stats *stats) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         int r;
 
@@ -1015,11 +1299,12 @@ int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, co
         r = set_synchronous(l, LEDGER_SYNC_NORMAL);
         if (r < 0)
                 return r;
-        r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", updated_us = ?7 WHERE id = ?8 AND end_us IS NULL",
+        r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", " DOSE_ASSIGNMENTS ", updated_us = ?7 WHERE id = ?8 AND end_us IS NULL",
                     &st);
         if (r < 0)
                 return r;
         bind_stats(st, 1, stats);
+        bind_dose(st, stats);
         sqlite3_bind_int64(st, 7, (int64_t) now_us);
         bind_text(st, 8, id);
         r = step_done(l, st, "updating the session");
@@ -1040,7 +1325,7 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
         int r, rc = SQLITE_OK;
 
         if (stats)
-                r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", end_us = ?7, updated_us = ?7, "
+                r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", " DOSE_ASSIGNMENTS ", end_us = ?7, updated_us = ?7, "
                                "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
         else
                 r = prepare(l, "UPDATE sessions SET end_us = CASE WHEN ?7 = 0 THEN updated_us ELSE ?7 END, "
@@ -1048,8 +1333,10 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
                                "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
         if (r < 0)
                 return r;
-        if (stats)
+        if (stats) {
                 bind_stats(upd, 1, stats);
+                bind_dose(upd, stats);
+        }
         sqlite3_bind_int64(upd, 7, (int64_t) end_us);
         bind_text(upd, 8, id);
         bind_text(upd, 9, reason);
@@ -1060,7 +1347,8 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
                 return session_not_running(l, id);
 
         r = prepare(l, "SELECT s.cartridge_id, s.single_use, s.max_runtime_s, s.pen_serial, s.strokes, "
-                       "  s.duration_s, (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = s.cartridge_id) "
+                       "  s.duration_s, (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = s.cartridge_id), "
+                       "  coalesce(s.punctures, 0) "
                        "FROM sessions s WHERE s.id = ?1", &info);
         if (r < 0)
                 return r;
@@ -1075,6 +1363,7 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
         int64_t strokes = sqlite3_column_int64(info, 4);
         double duration_s = sqlite3_column_double(info, 5);
         double runtime_s = sqlite3_column_double(info, 6);
+        int64_t punctures = sqlite3_column_int64(info, 7);
 
         if (force_spent || single_use || (max_runtime_s > 0 && runtime_s >= (double) max_runtime_s)) {
                 r = prepare(l, "UPDATE cartridges SET state = 'spent' WHERE id = ?1", &spend);
@@ -1086,14 +1375,14 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
                         return r;
         }
 
-        r = session_row_digest(l->db, id, true, digest, &rc);
+        r = session_row_digest(l->db, id, true, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
         if (r < 0)
                 return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
         /* Integers only: the text must not depend on the locale of whoever wrote it. */
         if (asprintf(&detail, ROW_DIGEST_PREFIX "%s reason=%s pen=%s cartridge=%s duration-ms=%" PRId64
-                     " strokes=%" PRId64,
+                     " strokes=%" PRId64 " punctures=%" PRId64,
                      digest, reason, strempty(pen), strempty(cartridge), (int64_t) llround(duration_s * 1000.0),
-                     strokes) < 0) {
+                     strokes, punctures) < 0) {
                 detail = NULL;
                 return set_error(l, -ENOMEM, "out of memory");
         }
@@ -1103,6 +1392,8 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
 
 int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
                           const char *reason) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         int r;
 
         if (!l)
@@ -1130,6 +1421,8 @@ static void strv_free_n(char **v, size_t n) {
 }
 
 int nd_ledger_recover(nd_ledger *l, uint64_t now_us) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         char **ids = NULL;
         size_t n = 0;
@@ -1177,7 +1470,8 @@ int nd_ledger_recover(nd_ledger *l, uint64_t now_us) {
         "id, pen_serial, cartridge_id, needles, profile_name, profile_digest, limits_digest, label, " \
         "owner_uid, owner_pid, owner_name, start_us, coalesce(end_us, 0), updated_us, duration_s, strokes, " \
         "max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, coalesce(end_reason, ''), single_use, " \
-        "max_runtime_s"
+        "max_runtime_s, coalesce(skin_type, ''), coalesce(area_cm2, 0), coalesce(punctures, 0), " \
+        "coalesce(density_per_cm2, 0)"
 
 static int dup_col(sqlite3_stmt *st, int col, char **ret) {
         const char *t = (const char *) sqlite3_column_text(st, col);
@@ -1185,7 +1479,7 @@ static int dup_col(sqlite3_stmt *st, int col, char **ret) {
         return *ret ? 0 : -ENOMEM;
 }
 
-/* Fills *s from a row of SESSION_COLUMNS (+ profile_yaml at column 23 when with_yaml). */
+/* Fills *s from a row of SESSION_COLUMNS (+ profile_yaml at column 27 when with_yaml). */
 static int session_from_row(sqlite3_stmt *st, bool with_yaml, nd_ledger_session *s) {
         const char *id = (const char *) sqlite3_column_text(st, 0);
         int r = 0;
@@ -1196,7 +1490,7 @@ static int session_from_row(sqlite3_stmt *st, bool with_yaml, nd_ledger_session 
             dup_col(st, 4, &s->profile_name) < 0 || dup_col(st, 5, &s->profile_digest) < 0 ||
             dup_col(st, 6, &s->limits_digest) < 0 || dup_col(st, 7, &s->label) < 0 ||
             dup_col(st, 10, &s->owner_name) < 0 || dup_col(st, 20, &s->reason) < 0 ||
-            (with_yaml && dup_col(st, 23, &s->profile_yaml) < 0))
+            dup_col(st, 23, &s->skin_type) < 0 || (with_yaml && dup_col(st, 27, &s->profile_yaml) < 0))
                 r = -ENOMEM;
         s->needles = (uint32_t) sqlite3_column_int64(st, 3);
         s->owner_uid = (uint32_t) sqlite3_column_int64(st, 8);
@@ -1212,6 +1506,9 @@ static int session_from_row(sqlite3_stmt *st, bool with_yaml, nd_ledger_session 
         s->stats.max_current_ma = sqlite3_column_double(st, 19);
         s->single_use = sqlite3_column_int(st, 21) != 0;
         s->cartridge_max_runtime_s = (uint32_t) sqlite3_column_int64(st, 22);
+        s->area_cm2 = sqlite3_column_double(st, 24);
+        s->stats.punctures = (uint64_t) sqlite3_column_int64(st, 25);
+        s->stats.density_per_cm2 = sqlite3_column_double(st, 26);
         if (r < 0)
                 nd_ledger_session_clear(s);
         return r;
@@ -1226,6 +1523,7 @@ void nd_ledger_session_clear(nd_ledger_session *s) {
         free(s->profile_yaml);
         free(s->profile_digest);
         free(s->limits_digest);
+        free(s->skin_type);
         free(s->label);
         free(s->owner_name);
         free(s->reason);
@@ -1259,30 +1557,47 @@ int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret) 
         return r < 0 ? set_error(l, r, "out of memory") : 0;
 }
 
-int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, uint32_t limit,
-                      nd_ledger_session **ret, size_t *ret_n) {
+/* One statement per filter shape, so that each is answered from an index (sessions_by_pen or
+ * sessions_by_start, scanned backwards; rowid breaks ties in the same index order): an OR of
+ * "no filter" and "this pen" in one statement makes SQLite walk every row by start time. */
+#define HISTORY_SQL_ALL \
+        "SELECT " SESSION_COLUMNS " FROM sessions WHERE start_us >= ?2 AND start_us < ?3 " \
+        "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
+#define HISTORY_SQL_PEN \
+        "SELECT " SESSION_COLUMNS " FROM sessions WHERE pen_serial = ?1 AND start_us >= ?2 AND start_us < ?3 " \
+        "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
+
+#define CARTRIDGE_SQL \
+        "SELECT c.needles, c.state, c.first_used_us, " \
+        "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = c.id), " \
+        "  (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) " \
+        "FROM cartridges c WHERE c.id = ?1"
+
+int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
+                            size_t *ret_n) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL;
         nd_ledger_session *a = NULL;
         size_t n = 0;
+        uint32_t limit;
+        uint64_t since_us, before_us;
         int r, rc = SQLITE_DONE;
 
-        if (!l || !ret || !ret_n)
+        if (!l || !f || !ret || !ret_n)
                 return -EINVAL;
-        if (pen_serial && (r = check_text(l, "pen serial", pen_serial, ND_LEDGER_NAME_MAX, false)) < 0)
+        if (f->pen_serial && (r = check_text(l, "pen serial", f->pen_serial, ND_LEDGER_NAME_MAX, false)) < 0)
                 return r;
-        if (limit == 0 || limit > ND_LEDGER_HISTORY_LIMIT_MAX)
-                limit = ND_LEDGER_HISTORY_LIMIT_MAX;
-        since_us = MIN(since_us, (uint64_t) INT64_MAX);
+        limit = f->limit == 0 || f->limit > ND_LEDGER_HISTORY_LIMIT_MAX ? ND_LEDGER_HISTORY_LIMIT_MAX : f->limit;
+        since_us = MIN(f->since_us, (uint64_t) INT64_MAX);
+        before_us = f->before_us == 0 ? (uint64_t) INT64_MAX : MIN(f->before_us, (uint64_t) INT64_MAX);
 
-        r = prepare(l, "SELECT " SESSION_COLUMNS " FROM sessions "
-                       "WHERE (?1 IS NULL OR pen_serial = ?1) AND start_us >= ?2 "
-                       "ORDER BY start_us DESC, rowid DESC LIMIT ?3", &st);
+        r = prepare(l, f->pen_serial ? HISTORY_SQL_PEN : HISTORY_SQL_ALL, &st);
         if (r < 0)
                 return r;
-        if (pen_serial)
-                bind_text(st, 1, pen_serial);
+        if (f->pen_serial)
+                bind_text(st, 1, f->pen_serial);
         sqlite3_bind_int64(st, 2, (int64_t) since_us);
-        sqlite3_bind_int64(st, 3, limit);
+        sqlite3_bind_int64(st, 3, (int64_t) before_us);
+        sqlite3_bind_int64(st, 4, limit);
 
         a = calloc(limit, sizeof *a);
         if (!a)
@@ -1301,6 +1616,48 @@ int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, u
         }
         *ret = a;
         *ret_n = n;
+        return 0;
+}
+
+int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, uint32_t limit,
+                      nd_ledger_session **ret, size_t *ret_n) {
+        nd_ledger_history_filter f = { .pen_serial = pen_serial, .since_us = since_us, .limit = limit };
+        return nd_ledger_history_query(l, &f, ret, ret_n);
+}
+
+int nd_ledger_query_plan(nd_ledger *l, nd_ledger_query q, char **ret) {
+        static const char *const sql[] = {
+                [ND_LEDGER_QUERY_HISTORY] = HISTORY_SQL_ALL,
+                [ND_LEDGER_QUERY_HISTORY_PEN] = HISTORY_SQL_PEN,
+                [ND_LEDGER_QUERY_CARTRIDGE] = CARTRIDGE_SQL,
+        };
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        _cleanup_free_ char *plan = NULL;
+        char *buf = NULL;
+        size_t size = 0;
+        int r, rc;
+
+        if (!l || !ret || (unsigned) q >= ELEMENTSOF(sql))
+                return -EINVAL;
+        _cleanup_free_ char *explain = NULL;
+        if (asprintf(&explain, "EXPLAIN QUERY PLAN %s", sql[q]) < 0)
+                return -ENOMEM;
+        r = prepare(l, explain, &st);
+        if (r < 0)
+                return r;
+        FILE *f = open_memstream(&buf, &size);
+        if (!f)
+                return -ENOMEM;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+                fprintf(f, "%s\n", strempty((const char *) sqlite3_column_text(st, 3)));
+        if (fclose(f) != 0) {
+                free(buf);
+                return -ENOMEM;
+        }
+        plan = buf;
+        if (rc != SQLITE_DONE)
+                return sql_error(l, rc, "explaining a query");
+        *ret = TAKE_PTR(plan);
         return 0;
 }
 
@@ -1324,10 +1681,7 @@ int nd_ledger_cartridge_get(nd_ledger *l, const char *id, nd_ledger_cartridge *r
                 return -EINVAL;
         if ((r = check_text(l, "cartridge id", id, ND_LEDGER_NAME_MAX, false)) < 0)
                 return r;
-        r = prepare(l, "SELECT c.needles, c.state, c.first_used_us, "
-                       "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = c.id), "
-                       "  (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) "
-                       "FROM cartridges c WHERE c.id = ?1", &st);
+        r = prepare(l, CARTRIDGE_SQL, &st);
         if (r < 0)
                 return r;
         bind_text(st, 1, id);
@@ -1410,26 +1764,28 @@ static bool is_hash_text(sqlite3_stmt *st, int col) {
         if (sqlite3_column_type(st, col) != SQLITE_TEXT || sqlite3_column_bytes(st, col) != HASH_HEX_LEN)
                 return false;
         const char *h = (const char *) sqlite3_column_text(st, col);
-        for (int i = 0; i < HASH_HEX_LEN; i++)
-                if (!((h[i] >= '0' && h[i] <= '9') || (h[i] >= 'a' && h[i] <= 'f')))
-                        return false;
-        return true;
+        return h && strspn(h, "0123456789abcdef") == HASH_HEX_LEN;
 }
 
 /* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
+/* from_anchor: start at entry anchor_seq instead of the first; that entry's own prev_hash is taken
+ * as it is, since the anchor (its hash, kept outside the database) covers it. */
 static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *anchor_hash,
-                        nd_ledger_verify_result *v) {
+                        bool from_anchor, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL, *head = NULL;
         char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE];
-        uint64_t expected = 1;
+        uint64_t expected = from_anchor ? anchor_seq : 1;
         int rc;
 
         memcpy(prev, zero_hash, sizeof prev);
         rc = sqlite3_prepare_v2(db, "SELECT seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash "
-                                    "FROM audit ORDER BY seq", -1, &st, NULL);
+                                    "FROM audit WHERE seq >= ?1 ORDER BY seq", -1, &st, NULL);
         if (rc != SQLITE_OK)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_bind_int64(st, 1, (int64_t) expected);
         while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                if (from_anchor && expected == anchor_seq && is_hash_text(st, 8))
+                        memcpy(prev, sqlite3_column_text(st, 8), sizeof prev);
                 if (sqlite3_column_type(st, 0) != SQLITE_INTEGER || !is_hash_text(st, 8) || !is_hash_text(st, 9))
                         return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
                                             "entry %" PRIu64 ": its sequence number or hashes are not of the "
@@ -1501,15 +1857,31 @@ static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, cons
 }
 
 /* One audit entry of this action for this session whose row digest matches. */
+/* The statements verify_session_entry() runs for every session, prepared once. */
+typedef struct verify_stmts {
+        sqlite3_stmt *entry;
+        sqlite3_stmt *row[2];           /* [ended] */
+} verify_stmts;
+
+static void verify_stmts_done(verify_stmts *vs) {
+        sqlite3_finalize(vs->entry);
+        sqlite3_finalize(vs->row[0]);
+        sqlite3_finalize(vs->row[1]);
+}
+
 static int verify_session_entry(sqlite3 *db, const char *path, const char *id, bool ended, bool expect,
-                                nd_ledger_verify_result *v) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+                                int64_t schema, verify_stmts *vs, nd_ledger_verify_result *v) {
         char digest[ND_SHA256_HEX_SIZE];
         const char *action = ended ? AUDIT_ACTION_END : AUDIT_ACTION_BEGIN;
-        int rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE object = ?1 AND action = ?2", -1, &st,
-                                    NULL);
+        int rc = SQLITE_OK;
+        if (!vs->entry)
+                rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE object = ?1 AND action = ?2", -1,
+                                        &vs->entry, NULL);
+        else
+                sqlite3_reset(vs->entry);
         if (rc != SQLITE_OK)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_stmt *st = vs->entry;
         bind_text(st, 1, id);
         bind_text(st, 2, action);
         rc = sqlite3_step(st);
@@ -1530,7 +1902,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
         const char *detail = (const char *) sqlite3_column_text(st, 1);
 
         int crc = SQLITE_OK;
-        int r = session_row_digest(db, id, ended, digest, &crc);
+        int r = session_row_digest_cached(db, id, ended, schema, digest, &crc, &vs->row[ended]);
         if (r == -EIO)
                 return verify_sql_fail(v, db, crc, path, "reading a session");
         if (r < 0)
@@ -1547,8 +1919,9 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
 }
 
 /* The session and cartridge rows against the (verified) trail. */
-static int verify_records(sqlite3 *db, const char *path, nd_ledger_verify_result *v) {
+static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
+        _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
         int r, rc;
 
         rc = sqlite3_prepare_v2(db, "SELECT id, end_us IS NOT NULL FROM sessions ORDER BY rowid", -1, &st, NULL);
@@ -1559,10 +1932,10 @@ static int verify_records(sqlite3 *db, const char *path, nd_ledger_verify_result
                 bool ended = sqlite3_column_int(st, 1) != 0;
                 if (!id)
                         return verify_break(v, ND_LEDGER_BREAK_RECORD, 0, "a session without an id");
-                r = verify_session_entry(db, path, id, false, true, v);
+                r = verify_session_entry(db, path, id, false, true, schema, &vs, v);
                 if (r < 0 || v->broken)
                         return r;
-                r = verify_session_entry(db, path, id, true, ended, v);
+                r = verify_session_entry(db, path, id, true, ended, schema, &vs, v);
                 if (r < 0 || v->broken)
                         return r;
                 v->sessions++;
@@ -1612,8 +1985,56 @@ int nd_ledger_audit_verify(const char *db_path, nd_ledger_verify_result *v) {
         return nd_ledger_audit_verify_anchored(db_path, 0, NULL, v);
 }
 
+static int audit_verify(const char *db_path, uint64_t anchor_seq, const char *anchor_hash, bool from_anchor,
+                        nd_ledger_verify_result *v);
+
+/* Incremental: the session rows recorded by entries from anchor_seq on, against them. */
+static int verify_records_since(sqlite3 *db, const char *path, uint64_t anchor_seq, int64_t schema,
+                                nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
+        int r, rc;
+
+        rc = sqlite3_prepare_v2(db, "SELECT object, action = ?3 FROM audit WHERE seq >= ?1 AND action IN (?2, ?3) "
+                                    "ORDER BY seq", -1, &st, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_bind_int64(st, 1, (int64_t) anchor_seq);
+        bind_text(st, 2, AUDIT_ACTION_BEGIN);
+        bind_text(st, 3, AUDIT_ACTION_END);
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *id = (const char *) sqlite3_column_text(st, 0);
+                bool ended = sqlite3_column_int(st, 1) != 0;
+                if (!id)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, 0, "a session entry without a session id");
+                r = verify_session_entry(db, path, id, ended, true, schema, &vs, v);
+                if (r < 0 || v->broken)
+                        return r;
+                if (!ended)
+                        v->sessions++;
+        }
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        return 0;
+}
+
 int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
                                     nd_ledger_verify_result *v) {
+        return audit_verify(db_path, anchor_seq, anchor_hash, false, v);
+}
+
+int nd_ledger_audit_verify_from_anchor(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
+                                       nd_ledger_verify_result *v) {
+        if (anchor_seq == 0 || !anchor_hash) {
+                if (v)
+                        *v = (nd_ledger_verify_result) { 0 };
+                return v ? verify_fail(v, -EINVAL, "an incremental verification needs an anchor") : -EINVAL;
+        }
+        return audit_verify(db_path, anchor_seq, anchor_hash, true, v);
+}
+
+static int audit_verify(const char *db_path, uint64_t anchor_seq, const char *anchor_hash, bool from_anchor,
+                        nd_ledger_verify_result *v) {
         _cleanup_(sqlite3_closep) sqlite3 *db = NULL;
         struct stat stbuf;
         int64_t app_id = 0, version = 0;
@@ -1640,6 +2061,10 @@ int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, co
                 return verify_sql_fail(v, db, rc, db_path, "cannot open");
         sqlite3_busy_timeout(db, LEDGER_BUSY_TIMEOUT_MS);
         rc = sqlite3_exec(db, "PRAGMA trusted_schema=OFF", NULL, NULL, NULL);
+        /* A command-line check reads the whole file once: a larger page cache and the file mapped
+         * rather than copied page by page (read-only: a mapping cannot write the file). */
+        if (rc == SQLITE_OK)
+                rc = sqlite3_exec(db, VERIFY_CACHE_PRAGMAS, NULL, NULL, NULL);
         /* One read transaction: a consistent snapshot while the daemon keeps writing. */
         if (rc == SQLITE_OK)
                 rc = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);
@@ -1655,9 +2080,10 @@ int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, co
                 return verify_fail(v, -ENOTSUP, "%s: schema version %" PRId64 ", this needlectl reads 1..%d", db_path,
                                    version, ND_LEDGER_SCHEMA_VERSION);
 
-        r = verify_chain(db, db_path, anchor_seq, anchor_hash, v);
+        r = verify_chain(db, db_path, anchor_seq, anchor_hash, from_anchor, v);
         if (r >= 0 && v->broken == ND_LEDGER_INTACT)
-                r = verify_records(db, db_path, v);
+                r = from_anchor ? verify_records_since(db, db_path, anchor_seq, version, v)
+                                : verify_records(db, db_path, version, v);
         (void) sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
         return r;
 }

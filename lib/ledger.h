@@ -27,7 +27,7 @@
 /* Where the daemon keeps it unless told otherwise (systemd StateDirectory=needled). */
 #define ND_LEDGER_STATE_DIR_DEFAULT ND_STATE_DIR_DEFAULT
 /* The schema this build writes; every older version is migrated on open, newer ones refused. */
-#define ND_LEDGER_SCHEMA_VERSION 1
+#define ND_LEDGER_SCHEMA_VERSION 2
 /* PRAGMA application_id of a needled ledger ("NDLG"), so another program's database is refused. */
 #define ND_LEDGER_APPLICATION_ID 0x4e444c47
 
@@ -35,7 +35,8 @@
 #define ND_LEDGER_NAME_MAX 256          /* serials, cartridge ids, names, labels, digests */
 #define ND_LEDGER_PROFILE_MAX ND_PROFILE_TEXT_MAX /* the profile snapshot (YAML) */
 #define ND_LEDGER_AUDIT_TEXT_MAX 4096   /* each text field of an audit entry */
-/* GetHistory never returns more than this many sessions (also the default for limit 0). */
+/* GetHistory never returns more than this many sessions (also the default for limit 0); a client
+ * pages back with the filter key before (nd_ledger_history_filter.before_us). */
 #define ND_LEDGER_HISTORY_LIMIT_MAX 1000u
 
 /* A UUID in text form (8-4-4-4-12 lower-case hex) plus the NUL. */
@@ -54,6 +55,8 @@ typedef struct nd_ledger_stats {
         double max_speed_hz;
         double max_temperature_c;
         double max_current_ma;
+        uint64_t punctures;             /* strokes x the cartridge's needles (schema 2) */
+        double density_per_cm2;         /* punctures / the profile's area_cm2; 0 without one (schema 2) */
 } nd_ledger_stats;
 
 /* What the daemon knows when a session starts. Strings are borrowed for the call. */
@@ -73,6 +76,8 @@ typedef struct nd_ledger_session_start {
         uint64_t start_us;              /* CLOCK_REALTIME, µs since the epoch */
         bool single_use;                /* limits: cartridge.single_use */
         uint32_t cartridge_max_runtime_s; /* limits: cartridge.max_runtime_s; 0: no cap */
+        const char *skin_type;          /* Fitzpatrick "I".."VI", or NULL/"" when none was given */
+        double area_cm2;                /* the profile's treated surface; 0: none */
 } nd_ledger_session_start;
 
 /* A session as recorded. Owns its strings: free with nd_ledger_session_clear(). */
@@ -96,6 +101,8 @@ typedef struct nd_ledger_session {
         char *reason;                   /* "" while running */
         bool single_use;
         uint32_t cartridge_max_runtime_s;
+        char *skin_type;                /* "" when none was given, or for a session recorded before schema 2 */
+        double area_cm2;                /* 0: none (or recorded before schema 2) */
 } nd_ledger_session;
 
 typedef enum nd_ledger_cartridge_state {
@@ -139,6 +146,32 @@ typedef struct nd_ledger_verify_result {
  * On failure *ret stays NULL, *error (if error is not NULL) gets a message naming the path
  * and the problem (caller frees), and nothing on disk has been changed or deleted. */
 int nd_ledger_open(const char *state_dir, nd_ledger **ret, char **error);
+/* Audit entries held in memory while a deferred integrity check runs (nd_ledger_audit). */
+#define ND_LEDGER_PENDING_AUDIT_MAX 1024u
+
+/* As nd_ledger_open(), without reading every page first when the file needs no write to be
+ * opened (ours, this schema, WAL): its integrity check is left to the caller, table by table with
+ * nd_ledger_check_step() on a reader connection (nd_ledger_open_reader), off the loop. Until
+ * nd_ledger_mark_checked(), nothing is written: a session cannot begin, progress or end and
+ * recovery waits (-EAGAIN, docs/ledger.md), and audit entries are held in memory, in order.
+ * A file that needs writing (new, older schema) is checked in full here, as nd_ledger_open() does. */
+int nd_ledger_open_deferred(const char *state_dir, nd_ledger **ret, char **error);
+/* Whether the file has passed its integrity check (always, after nd_ledger_open()). */
+bool nd_ledger_checked(const nd_ledger *l);
+/* Checks the step'th table and its indexes (PRAGMA quick_check(TABLE)). Returns 1 when it is
+ * intact and there are more steps, 0 when there was no such table (all are done), -EBADMSG when
+ * it is corrupt, or another -errno; the message is in nd_ledger_last_error(). */
+int nd_ledger_check_step(nd_ledger *l, unsigned step);
+/* The check passed: writes the held audit entries (in order, synced) and allows writes. Returns
+ * how many were written, or -errno. */
+int nd_ledger_mark_checked(nd_ledger *l);
+typedef void (*nd_ledger_pending_audit_fn)(uint64_t time_us, uint32_t uid, uint32_t pid, const char *actor,
+                                           const char *action, const char *object, const char *detail,
+                                           void *userdata);
+/* The check failed: hands every held audit entry to fn (for the journal) and forgets it. Returns
+ * how many there were. */
+size_t nd_ledger_drop_pending_audit(nd_ledger *l, nd_ledger_pending_audit_fn fn, void *userdata);
+
 /* Closes the ledger; returns NULL. */
 nd_ledger *nd_ledger_close(nd_ledger *l);
 DEFINE_TRIVIAL_CLEANUP_FUNC(nd_ledger *, nd_ledger_close)
@@ -183,6 +216,41 @@ void nd_ledger_session_array_free(nd_ledger_session *a, size_t n);
 int nd_ledger_history(nd_ledger *l, const char *pen_serial, uint64_t since_us, uint32_t limit,
                       nd_ledger_session **ret, size_t *ret_n);
 
+/* A history query; 0 / NULL fields do not filter. */
+typedef struct nd_ledger_history_filter {
+        const char *pen_serial;         /* one pen's sessions */
+        uint64_t since_us;              /* started at or after */
+        uint64_t before_us;             /* started strictly before (0: no bound) */
+        uint32_t limit;                 /* 0 or above ND_LEDGER_HISTORY_LIMIT_MAX: that maximum */
+} nd_ledger_history_filter;
+
+/* Sessions newest first that pass the filter, each query answered from an index (docs/ledger.md).
+ * *ret is the caller's (nd_ledger_session_array_free()); profile_yaml is not filled in. */
+int nd_ledger_history_query(nd_ledger *l, const nd_ledger_history_filter *f, nd_ledger_session **ret,
+                            size_t *ret_n);
+
+/* The read queries, for nd_ledger_query_plan(). */
+typedef enum nd_ledger_query {
+        ND_LEDGER_QUERY_HISTORY,        /* history without a pen filter (since, before, limit) */
+        ND_LEDGER_QUERY_HISTORY_PEN,    /* one pen's history */
+        ND_LEDGER_QUERY_CARTRIDGE,      /* a cartridge and its sessions' totals */
+} nd_ledger_query;
+
+/* SQLite's plan for a read query (EXPLAIN QUERY PLAN, one step a line) into *ret (caller frees):
+ * tests check that every filter is answered from an index. */
+int nd_ledger_query_plan(nd_ledger *l, nd_ledger_query q, char **ret);
+
+/* Opens the ledger at db_path read-only (PRAGMA query_only), for queries run on another thread
+ * than the writer's connection (WAL lets them run beside it). Never creates, checks or migrates
+ * the file: open the writer (nd_ledger_open) first. Only the reading functions may be used on it
+ * (nd_ledger_history*, nd_ledger_cartridge_get, nd_ledger_session_get). On failure *ret stays
+ * NULL and *error (if not NULL) says why (caller frees). */
+int nd_ledger_open_reader(const char *db_path, nd_ledger **ret, char **error);
+
+/* Makes the query running on this connection (on another thread) fail soon with -EINTR; the
+ * one call that may be made from another thread than the connection's user. */
+void nd_ledger_interrupt(nd_ledger *l);
+
 /* What the ledger knows of a cartridge. -ENOENT when it has never been used. */
 int nd_ledger_cartridge_get(nd_ledger *l, const char *id, nd_ledger_cartridge *ret);
 /* "fresh", "in-use" or "spent" (static string). */
@@ -204,9 +272,20 @@ int nd_ledger_audit_verify(const char *db_path, nd_ledger_verify_result *ret);
  * verification and kept outside the database exposes a trail rewritten as a whole. */
 int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
                                     nd_ledger_verify_result *ret);
+/* Incremental: verifies only from entry anchor_seq (which must hash to anchor_hash: a head printed
+ * by an earlier verification) to the head, and the session rows those entries recorded; a nightly
+ * check then costs what the day added. What lies before the anchor is trusted to the earlier
+ * verification that printed it. */
+int nd_ledger_audit_verify_from_anchor(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,
+                                       nd_ledger_verify_result *ret);
 /* A short name for a break kind ("intact", "hash-mismatch", ...; static string). */
 const char *nd_ledger_break_to_string(nd_ledger_break b);
 
 /* Caps the database at this many pages (0: SQLite's default cap). Tests use it to make the disk
  * "full"; a deployment could use it to bound the ledger's size. Returns 0 or -errno. */
 int nd_ledger_set_max_pages(nd_ledger *l, uint32_t pages);
+
+/* Bulk loading of test ledgers (tests/bench/make-ledger): from now on no transaction waits for the
+ * disk (PRAGMA synchronous=OFF), so a power loss may lose or corrupt what was written. Never in the
+ * daemon. Returns 0 or -errno. */
+int nd_ledger_set_bulk_load(nd_ledger *l, bool on);

@@ -255,6 +255,164 @@ static void check_aftercare(const nd_yctx *ctx, nd_profile *p, const nd_ynode *n
         p->has_aftercare = ok;
 }
 
+static void check_skin_types(const nd_yctx *ctx, nd_profile *p, const nd_ynode *n) {
+        if (n->kind != ND_YNODE_SEQUENCE) {
+                nd_diags_add(ctx->diags, ctx->file, n->line, n->column, "skin_types", "wrong-type",
+                             n->kind == ND_YNODE_SCALAR ? n->scalar : NULL, NULL,
+                             "skin_types must be a list of Fitzpatrick types such as [I, II, III], not %s",
+                             nd_ynode_describe(n));
+                return;
+        }
+        if (n->n_items == 0) {
+                nd_diags_add(ctx->diags, ctx->file, n->line, n->column, "skin_types", "out-of-range", NULL,
+                             nd_skin_type_names(),
+                             "skin_types is empty; list the types the profile is meant for (%s), or leave the key out",
+                             nd_skin_type_names());
+                return;
+        }
+        /* Like every has_X: the key is there with the right shape; the types read are kept even
+         * when another item is wrong, so their caps are still checked. */
+        p->has_skin_types = true;
+        for (size_t i = 0; i < n->n_items; i++) {
+                const nd_ynode *item = n->items[i];
+                const char *s;
+                if (nd_yget_string(ctx, item, "skin_types", &s) < 0)
+                        continue;
+                nd_skin_type t = nd_skin_type_from_string(s);
+                if (t == ND_SKIN_TYPE_NONE) {
+                        _cleanup_free_ char *text = nd_text_sanitize(item->scalar, item->scalar_len, ND_DIAG_VALUE_MAX);
+                        nd_diags_add(ctx->diags, ctx->file, item->line, item->column, "skin_types", "unknown-skin-type",
+                                     s, nd_skin_type_names(), "'%s' is not a Fitzpatrick skin type; the types are: %s",
+                                     strempty(text), nd_skin_type_names());
+                        continue;
+                }
+                if (p->skin_types[t]) {
+                        nd_diags_add(ctx->diags, ctx->file, item->line, item->column, "skin_types", "duplicate-key", s,
+                                     NULL, "skin_types lists %s more than once", s);
+                        continue;
+                }
+                p->skin_types[t] = true;
+        }
+}
+
+/* A listed type whose cap in the limits is below the profile's depth makes the profile wrong
+ * for that type: reported at the depth, once per type. */
+static void check_skin_type_caps(const nd_yctx *ctx, const nd_profile *p, const nd_ynode *depth,
+                                 const nd_limits *limits) {
+        if (!limits || !p->has_skin_types || !p->has_depth_mm || !depth)
+                return;
+        nd_limits_at at = { ctx->file, depth->line, depth->column, depth->scalar };
+        for (int t = 0; t < ND_SKIN_TYPES_COUNT; t++)
+                if (p->skin_types[t])
+                        nd_limits_check_skin_type_depth(limits, (nd_skin_type) t, p->depth_mm, &at, ctx->diags);
+}
+
+static void check_passes(const nd_yctx *ctx, nd_profile *p, const nd_ynode *n) {
+        int64_t v;
+        if (nd_yget_integer(ctx, n, "passes", &v) < 0)
+                return;
+        if (v < ND_PROFILE_PASSES_MIN || v > ND_PROFILE_PASSES_MAX) {
+                char limit[32];
+                snprintf(limit, sizeof limit, "%d to %d", ND_PROFILE_PASSES_MIN, ND_PROFILE_PASSES_MAX);
+                out_of_range(ctx, n, "passes", limit, "");
+                return;
+        }
+        p->passes = (uint32_t) v;
+        p->has_passes = true;
+}
+
+static void check_area_cm2(const nd_yctx *ctx, nd_profile *p, const nd_ynode *n) {
+        double v;
+        if (nd_yget_number(ctx, n, "area_cm2", &v) < 0)
+                return;
+        if (!(v > 0) || v > ND_PROFILE_AREA_CM2_MAX) {
+                char limit[64];
+                snprintf(limit, sizeof limit, "more than 0 and at most %g", ND_PROFILE_AREA_CM2_MAX);
+                out_of_range(ctx, n, "area_cm2", limit, " cm²");
+                return;
+        }
+        p->area_cm2 = v;
+        p->has_area_cm2 = true;
+}
+
+double nd_profile_planned_density_per_cm2(const nd_profile *p) {
+        if (!p->has_needles || !p->has_speed_hz || !p->has_duration_s || !p->has_area_cm2 || !(p->area_cm2 > 0))
+                return -1;
+        return (double) p->needles * p->speed_hz * (double) p->duration_s / p->area_cm2;
+}
+
+/* The area's density cap: the profile must say its surface, and its planned dose must fit. */
+static void check_density(const nd_yctx *ctx, const nd_profile *p, const nd_limits *limits,
+                          const nd_area_limits *area, const nd_ynode *area_node, const nd_ynode *area_cm2_node) {
+        if (!limits || !area || !area->has_max_density_per_cm2)
+                return;
+        char limit[32];
+        nd_format_number(area->max_density_per_cm2, limit);
+        if (!area_cm2_node) {
+                nd_diags_add(ctx->diags, ctx->file, area_node->line, area_node->column, "area_cm2", "no-surface", NULL,
+                             limit,
+                             "area %s has a density cap of %s punctures/cm² (%s line %u) but the profile gives no "
+                             "area_cm2, so its dose cannot be judged; add the treated surface in cm²",
+                             area->name, limit, nd_limits_display_name(limits), area->line);
+                return;
+        }
+        double planned = nd_profile_planned_density_per_cm2(p);
+        if (planned < 0 || planned <= area->max_density_per_cm2)
+                return;
+        char value[32];
+        snprintf(value, sizeof value, "%.0f", planned);
+        nd_diags_add(ctx->diags, ctx->file, area_cm2_node->line, area_cm2_node->column, "area_cm2",
+                     "above-density-max", value, limit,
+                     "the planned dose of %s punctures/cm² (%" PRIu32 " needles x %g Hz x %" PRIu32 " s / %g cm²) "
+                     "exceeds the %s punctures/cm² maximum for area %s (%s line %u)",
+                     value, p->needles, p->speed_hz, p->duration_s, p->area_cm2, limit, area->name,
+                     nd_limits_display_name(limits), area->line);
+}
+
+void nd_profile_skin_types_text(const nd_profile *p, char buf[static 32]) {
+        size_t used = 0;
+        buf[0] = '\0';
+        for (int t = 0; p->has_skin_types && t < ND_SKIN_TYPES_COUNT; t++)
+                if (p->skin_types[t])
+                        used += (size_t) snprintf(buf + used, 32 - used, "%s%s", used ? ", " : "",
+                                                  nd_skin_type_to_string((nd_skin_type) t));
+}
+
+int nd_profile_check_skin_type(const nd_profile *p, const nd_limits *limits, const char *skin_type,
+                               nd_skin_type *ret, nd_diags *diags) {
+        *ret = ND_SKIN_TYPE_NONE;
+        if (!skin_type || !*skin_type) {
+                if (!limits->session.require_skin_type)
+                        return 0;
+                nd_diags_add(diags, NULL, 0, 0, "skin_type", "missing-field", NULL, nd_skin_type_names(),
+                             "the limits require a skin type for every session (session.require_skin_type, %s); "
+                             "give the option skin_type (%s)", nd_limits_display_name(limits), nd_skin_type_names());
+                return -EINVAL;
+        }
+        nd_skin_type t = nd_skin_type_from_string(skin_type);
+        if (t == ND_SKIN_TYPE_NONE) {
+                _cleanup_free_ char *text = nd_text_sanitize(skin_type, strlen(skin_type), ND_DIAG_VALUE_MAX);
+                nd_diags_add(diags, NULL, 0, 0, "skin_type", "unknown-skin-type", text, nd_skin_type_names(),
+                             "skin type '%s' is not a Fitzpatrick type; the types are: %s", strempty(text),
+                             nd_skin_type_names());
+                return -EINVAL;
+        }
+        bool failed = false;
+        if (p->has_skin_types && !p->skin_types[t]) {
+                char list[32];
+                nd_profile_skin_types_text(p, list);
+                nd_diags_add(diags, NULL, 0, 0, "skin_type", "skin-type-not-allowed", skin_type, list,
+                             "profile %s is meant for skin types %s, not %s", strempty(p->name), list, skin_type);
+                failed = true;
+        }
+        if (p->has_depth_mm && nd_limits_check_skin_type_depth(limits, t, p->depth_mm, NULL, diags) < 0)
+                failed = true;
+        if (failed)
+                return -EINVAL;
+        *ret = t;
+        return 0;
+}
+
 int nd_profile_parse(const void *data, size_t len, const char *filename, const nd_limits *limits,
                      nd_profile **ret, nd_diags *diags) {
         _cleanup_diags_ nd_diags local = ND_DIAGS_INIT;
@@ -288,6 +446,7 @@ int nd_profile_parse(const void *data, size_t len, const char *filename, const n
                         ND_YFIELD_REQUIRED("name"),       ND_YFIELD_REQUIRED("indication"), ND_YFIELD_REQUIRED("area"),
                         ND_YFIELD_REQUIRED("depth_mm"),   ND_YFIELD_REQUIRED("speed_hz"),   ND_YFIELD_REQUIRED("duration_s"),
                         ND_YFIELD_REQUIRED("needles"),    ND_YFIELD_OPTIONAL("notes"),     ND_YFIELD_OPTIONAL("aftercare"),
+                        ND_YFIELD_OPTIONAL("skin_types"), ND_YFIELD_OPTIONAL("passes"),    ND_YFIELD_OPTIONAL("area_cm2"),
                 };
                 nd_ymap_fields(&ctx, root, "", f, ELEMENTSOF(f));
 
@@ -310,6 +469,15 @@ int nd_profile_parse(const void *data, size_t len, const char *filename, const n
                         check_notes(&ctx, p, f[7].value);
                 if (f[8].value)
                         check_aftercare(&ctx, p, f[8].value);
+                if (f[9].value)
+                        check_skin_types(&ctx, p, f[9].value);
+                if (f[10].value)
+                        check_passes(&ctx, p, f[10].value);
+                if (f[11].value)
+                        check_area_cm2(&ctx, p, f[11].value);
+                check_skin_type_caps(&ctx, p, f[3].value, limits);
+                if (f[2].value)
+                        check_density(&ctx, p, limits, area, f[2].value, f[11].value);
         }
 
         if (nd_diags_sort(&local) < 0)

@@ -7,7 +7,12 @@
  *     duplicate-key (field = the repeated key's name)
  *   per field: unknown-field, missing-field, wrong-type, not-finite, out-of-range,
  *     invalid-name, unknown-indication, unknown-area, above-area-max (depth),
- *     speed-out-of-range, above-duration-max, needles-not-allowed
+ *     speed-out-of-range, above-duration-max, needles-not-allowed;
+ *     with the optional skin type and dose keys: unknown-skin-type, above-skin-type-max (depth),
+ *     above-density-max, no-surface (a density cap applies but area_cm2 is absent); a type
+ *     listed twice in skin_types is duplicate-key
+ *   only at Start with a skin type (nd_profile_check_skin_type): skin-type-not-allowed,
+ *     above-skin-type-max, unknown-skin-type, missing-field (the limits require a skin type)
  *   only when arming on a pen: beyond-pen-range, off-step, needles-mismatch
  *   only in the installed profiles directory: duplicate-name, unreadable */
 #pragma once
@@ -28,12 +33,15 @@
 /* Grid tolerance of nd_profile_check_pen: depths are decimals like 1.05 that doubles
  * cannot hold exactly. */
 #define ND_PEN_STEP_TOLERANCE_MM  1e-6
+#define ND_PROFILE_PASSES_MIN     1
+#define ND_PROFILE_PASSES_MAX     10
+#define ND_PROFILE_AREA_CM2_MAX   1000.0  /* the treated surface: more than 0, at most this */
 
 typedef struct nd_profile {
         /* Each has_X says the key was present with a value of the right type; the value may
          * still break a rule (then valid is false and the violation says which). */
         bool has_name, has_indication, has_area, has_depth_mm, has_speed_hz, has_duration_s,
-             has_needles, has_notes, has_aftercare;
+             has_needles, has_notes, has_aftercare, has_skin_types, has_passes, has_area_cm2;
         char *name;
         char *indication;
         char *area;
@@ -44,6 +52,9 @@ typedef struct nd_profile {
         char *notes;
         char **aftercare;
         size_t n_aftercare;
+        bool skin_types[ND_SKIN_TYPES_COUNT];   /* the Fitzpatrick types it is meant for (has_skin_types) */
+        uint32_t passes;
+        double area_cm2;                        /* the treated surface */
 
         unsigned name_line;     /* position of the name's value, for later messages */
         unsigned name_column;
@@ -78,6 +89,22 @@ int nd_profile_load_file(const char *path, const nd_limits *limits, nd_profile *
 /* Frees a profile; NULL is fine. */
 void nd_profile_free(nd_profile *p);
 DEFINE_TRIVIAL_CLEANUP_FUNC(nd_profile *, nd_profile_free)
+
+/* The skin types a profile is meant for as "I, II, III" (buf gets "" when it lists none). */
+void nd_profile_skin_types_text(const nd_profile *p, char buf[static 32]);
+
+/* May this (valid) profile start on a patient of skin_type under limits? skin_type NULL or ""
+ * means none given. Checks, reporting every failure (field skin_type unless noted):
+ * missing-field (none given but session.require_skin_type), unknown-skin-type (not I..VI),
+ * skin-type-not-allowed (the profile lists skin_types without it), above-skin-type-max (field
+ * depth_mm: deeper than the type's cap). Returns 0 with *ret the type (ND_SKIN_TYPE_NONE when
+ * none given), or -EINVAL with diagnostics. */
+int nd_profile_check_skin_type(const nd_profile *p, const nd_limits *limits, const char *skin_type,
+                               nd_skin_type *ret, nd_diags *diags);
+
+/* The profile's planned dose in punctures per cm² (needles x speed_hz x duration_s / area_cm2),
+ * or -1 when it lacks one of those keys. */
+double nd_profile_planned_density_per_cm2(const nd_profile *p);
 
 /* The pen's checks at arming: depth within the pen's range and on its step grid, speed
  * within its range, and, when a cartridge is inserted, its needle count equal to the

@@ -45,6 +45,26 @@ static const range RANGE_SESSION = { 1, ND_SESSION_DURATION_MAX_S, false, "s", "
 static const range RANGE_CLIENT_HEARTBEAT = { 0, ND_CLIENT_HEARTBEAT_MAX_MS, false, "ms", "out-of-range", "out-of-range" };
 static const range RANGE_RUNTIME = { 1, ND_CARTRIDGE_RUNTIME_MAX_S, false, "s", "not-positive", "out-of-range" };
 static const range RANGE_NEEDLES = { 1, ND_NEEDLES_MAX, false, "", "needles-not-positive", "out-of-range" };
+static const range RANGE_DENSITY = { 0, ND_DENSITY_MAX_PER_CM2, true, "per cm²", "not-positive", "out-of-range" };
+
+static const char *const SKIN_TYPE_NAMES[ND_SKIN_TYPES_COUNT] = { "I", "II", "III", "IV", "V", "VI" };
+
+const char *nd_skin_type_to_string(nd_skin_type t) {
+        if (t < 0 || t >= ND_SKIN_TYPES_COUNT)
+                return NULL;
+        return SKIN_TYPE_NAMES[t];
+}
+
+nd_skin_type nd_skin_type_from_string(const char *s) {
+        for (int i = 0; s && i < ND_SKIN_TYPES_COUNT; i++)
+                if (STREQ(s, SKIN_TYPE_NAMES[i]))
+                        return (nd_skin_type) i;
+        return ND_SKIN_TYPE_NONE;
+}
+
+const char *nd_skin_type_names(void) {
+        return "I, II, III, IV, V, VI";
+}
 
 void nd_limits_free(nd_limits *l) {
         if (!l)
@@ -165,9 +185,12 @@ static void load_pen(loader *L, const nd_ynode *node, bool *speed_ok) {
 
 static bool load_session(loader *L, const nd_ynode *node) {
         nd_limits *l = L->limits;
-        nd_yfield f[] = { ND_YFIELD_REQUIRED("max_duration_s"), ND_YFIELD_REQUIRED("client_heartbeat_timeout_ms") };
+        nd_yfield f[] = { ND_YFIELD_REQUIRED("max_duration_s"), ND_YFIELD_REQUIRED("client_heartbeat_timeout_ms"),
+                          ND_YFIELD_OPTIONAL("require_skin_type") };
         if (nd_ymap_fields(&L->ctx, node, "session", f, ELEMENTSOF(f)) < 0)
                 return false;
+        if (f[2].value && nd_yget_bool(&L->ctx, f[2].value, "session.require_skin_type", &l->session.require_skin_type) == 0)
+                l->session.has_require_skin_type = true;
         bool duration_ok = get_uint32(L, &f[0], "session.max_duration_s", &RANGE_SESSION, &l->session.max_duration_s);
         if (f[0].value)
                 l->lines.max_duration_s = f[0].value->line;
@@ -274,7 +297,8 @@ static void load_area(loader *L, const nd_ynode *areas, size_t index, bool speed
         }
         l->n_areas++;
 
-        nd_yfield f[] = { ND_YFIELD_REQUIRED("max_depth_mm"), ND_YFIELD_OPTIONAL("max_speed_hz"), ND_YFIELD_OPTIONAL("max_duration_s") };
+        nd_yfield f[] = { ND_YFIELD_REQUIRED("max_depth_mm"), ND_YFIELD_OPTIONAL("max_speed_hz"), ND_YFIELD_OPTIONAL("max_duration_s"),
+                          ND_YFIELD_OPTIONAL("max_density_per_cm2") };
         if (nd_ymap_fields(&L->ctx, pair->value, path, f, ELEMENTSOF(f)) < 0)
                 return;
 
@@ -307,6 +331,51 @@ static void load_area(loader *L, const nd_ynode *areas, size_t index, bool speed
                                      "%s %s is above session.max_duration_s %" PRIu32 " (line %u); an area may only tighten the global limit",
                                      field, f[2].value->scalar, l->session.max_duration_s, l->lines.max_duration_s);
                 }
+        }
+
+        snprintf(field, sizeof field, "%s.max_density_per_cm2", path);
+        if (f[3].value && get_number(L, &f[3], field, &RANGE_DENSITY, &a->max_density_per_cm2))
+                a->has_max_density_per_cm2 = true;
+}
+
+static void load_skin_types(loader *L, const nd_ynode *node) {
+        nd_limits *l = L->limits;
+        if (node->kind != ND_YNODE_MAPPING) {
+                nd_diags_add(L->ctx.diags, L->ctx.file, node->line, node->column, "skin_types", "wrong-type",
+                             node->kind == ND_YNODE_SCALAR ? node->scalar : NULL, NULL,
+                             "skin_types must be a mapping of Fitzpatrick types (%s) to {max_depth_mm: N}, not %s",
+                             nd_skin_type_names(), nd_ynode_describe(node));
+                return;
+        }
+        l->has_skin_types = true;
+        for (size_t i = 0; i < node->n_pairs; i++) {
+                const nd_ypair *pair = &node->pairs[i];
+                const nd_ynode *key = pair->key;
+                nd_skin_type t = key->kind == ND_YNODE_SCALAR ? nd_skin_type_from_string(key->scalar) : ND_SKIN_TYPE_NONE;
+                if (t == ND_SKIN_TYPE_NONE) {
+                        _cleanup_free_ char *text = key->kind == ND_YNODE_SCALAR
+                                ? nd_text_sanitize(key->scalar, key->scalar_len, ND_DIAG_VALUE_MAX) : NULL;
+                        nd_diags_add(L->ctx.diags, L->ctx.file, key->line, key->column, "skin_types", "unknown-skin-type",
+                                     key->kind == ND_YNODE_SCALAR ? key->scalar : NULL, nd_skin_type_names(),
+                                     "'%s' is not a Fitzpatrick skin type; the types are: %s",
+                                     text ? text : "(not a name)", nd_skin_type_names());
+                        continue;
+                }
+                char path[32], field[64];
+                snprintf(path, sizeof path, "skin_types.%s", key->scalar);
+                if (pair->duplicate || l->skin_types[t].set) {
+                        nd_diags_add(L->ctx.diags, L->ctx.file, key->line, key->column, path, "duplicate-key", key->scalar,
+                                     NULL, "skin type %s appears twice in skin_types (first at line %u)", key->scalar,
+                                     l->skin_types[t].line);
+                        continue;
+                }
+                l->skin_types[t] = (nd_skin_type_limits) { .set = true, .line = key->line };
+
+                nd_yfield f[] = { ND_YFIELD_REQUIRED("max_depth_mm") };
+                if (nd_ymap_fields(&L->ctx, pair->value, path, f, ELEMENTSOF(f)) < 0)
+                        continue;
+                snprintf(field, sizeof field, "%s.max_depth_mm", path);
+                get_number(L, &f[0], field, &RANGE_AREA_DEPTH, &l->skin_types[t].max_depth_mm);
         }
 }
 
@@ -349,6 +418,7 @@ static void load_root(loader *L, const nd_ynode *root) {
 
         nd_yfield f[] = {
                 ND_YFIELD_REQUIRED("version"), ND_YFIELD_REQUIRED("pen"), ND_YFIELD_REQUIRED("session"), ND_YFIELD_REQUIRED("cartridge"), ND_YFIELD_REQUIRED("areas"),
+                ND_YFIELD_OPTIONAL("skin_types"),
         };
         nd_ymap_fields(&L->ctx, root, "", f, ELEMENTSOF(f));
 
@@ -372,6 +442,8 @@ static void load_root(loader *L, const nd_ynode *root) {
                 load_cartridge(L, f[3].value);
         if (f[4].value)
                 load_areas(L, f[4].value, speed_ok, session_ok);
+        if (f[5].value)
+                load_skin_types(L, f[5].value);
 }
 
 int nd_limits_load_data(const void *data, size_t len, const char *filename, nd_limits **ret,
@@ -589,4 +661,35 @@ int nd_limits_check_speed(const nd_limits *l, const char *area, double speed_hz,
                 return -ERANGE;
         }
         return nd_limits_area_check_speed(l, a, speed_hz, NULL, diags);
+}
+
+double nd_limits_effective_max_depth_mm(const nd_limits *l, const nd_area_limits *a, nd_skin_type t) {
+        double max = a ? a->max_depth_mm : ND_DEPTH_MAX_MM;
+        if (t >= 0 && t < ND_SKIN_TYPES_COUNT && l->skin_types[t].set)
+                max = MIN(max, l->skin_types[t].max_depth_mm);
+        return max;
+}
+
+int nd_limits_check_skin_type_depth(const nd_limits *l, nd_skin_type t, double depth_mm, const nd_limits_at *at,
+                                    nd_diags *diags) {
+        if (!at)
+                at = &NO_POSITION;
+        if (t < 0 || t >= ND_SKIN_TYPES_COUNT || !l->skin_types[t].set || depth_mm <= l->skin_types[t].max_depth_mm)
+                return 0;
+        char value[32], limit[32];
+        nd_format_number(l->skin_types[t].max_depth_mm, limit);
+        nd_diags_add(diags, at->file, at->line, at->column, "depth_mm", "above-skin-type-max",
+                     value_text(at, depth_mm, value), limit,
+                     "depth_mm %s exceeds the %s mm maximum for skin type %s (%s line %u)",
+                     value_text(at, depth_mm, value), limit, nd_skin_type_to_string(t), nd_limits_display_name(l),
+                     l->skin_types[t].line);
+        return -ERANGE;
+}
+
+int nd_limits_check_depth_for_skin(const nd_limits *l, const char *area, nd_skin_type t, double depth_mm,
+                                   nd_diags *diags) {
+        int r = nd_limits_check_depth(l, area, depth_mm, diags);
+        if (r < 0)
+                return r;
+        return nd_limits_check_skin_type_depth(l, t, depth_mm, NULL, diags);
 }

@@ -24,6 +24,9 @@
  *   duplicate-needles     an allowed needle count is listed twice
  *   no-areas              areas is empty
  *   invalid-area-name     an area name outside [a-z0-9_-] (1..64 characters)
+ *   unknown-skin-type     a key of skin_types that is not a Fitzpatrick type I..VI
+ *   (skin_types: a repeated type is duplicate-key; a cap outside (0, 3.0] is depth-out-of-range;
+ *    an area's max_density_per_cm2 of 0 or less is not-positive, above the bound out-of-range)
  *   unreadable            the file could not be read (nd_limits_load_file's -errno case) */
 #pragma once
 
@@ -55,6 +58,34 @@
 #define ND_AREAS_MAX                 64
 #define ND_AREA_NAME_MAX             64
 #define ND_ALLOWED_NEEDLES_MAX       64
+/* Highest puncture density an area's max_density_per_cm2 may name: far above any treatment
+ * (a 12-needle cartridge at 150 Hz for 45 min over 1 cm² is under 5e6), so only typos fail. */
+#define ND_DENSITY_MAX_PER_CM2       10000000.0
+
+/* Fitzpatrick skin types I..VI, as indexes 0..5 of nd_limits.skin_types. */
+typedef enum nd_skin_type {
+        ND_SKIN_TYPE_NONE = -1,
+        ND_SKIN_TYPE_I,
+        ND_SKIN_TYPE_II,
+        ND_SKIN_TYPE_III,
+        ND_SKIN_TYPE_IV,
+        ND_SKIN_TYPE_V,
+        ND_SKIN_TYPE_VI,
+        ND_SKIN_TYPES_COUNT,
+} nd_skin_type;
+
+/* "I".."VI" for a type, NULL for anything else. Static. */
+const char *nd_skin_type_to_string(nd_skin_type t);
+/* The type named exactly "I".."VI", or ND_SKIN_TYPE_NONE. */
+nd_skin_type nd_skin_type_from_string(const char *s);
+/* "I, II, III, IV, V, VI", for messages. Static. */
+const char *nd_skin_type_names(void);
+
+typedef struct nd_skin_type_limits {
+        bool set;               /* the type is in skin_types */
+        double max_depth_mm;
+        unsigned line;          /* line of the type's entry, for messages */
+} nd_skin_type_limits;
 
 typedef struct nd_area_limits {
         char *name;
@@ -63,6 +94,8 @@ typedef struct nd_area_limits {
         double max_speed_hz;
         bool has_max_duration_s;
         uint32_t max_duration_s;
+        bool has_max_density_per_cm2;
+        double max_density_per_cm2;     /* punctures per cm² at which a session ends (dose-reached) */
         unsigned line;          /* line of the area's entry in the file, for messages */
 } nd_area_limits;
 
@@ -87,6 +120,8 @@ typedef struct nd_limits {
         struct {
                 uint32_t max_duration_s;
                 uint32_t client_heartbeat_timeout_ms;   /* 0: off */
+                bool has_require_skin_type;     /* the key is written (GetLimits mirrors the file) */
+                bool require_skin_type;         /* Start needs a skin_type option */
         } session;
         struct {
                 bool single_use;
@@ -96,6 +131,8 @@ typedef struct nd_limits {
         } cartridge;
         nd_area_limits *areas;  /* in file order */
         size_t n_areas;
+        bool has_skin_types;    /* the optional skin_types key is written (it may be empty) */
+        nd_skin_type_limits skin_types[ND_SKIN_TYPES_COUNT];
 
         /* Source lines, so messages can say where a limit comes from. */
         struct {
@@ -161,3 +198,18 @@ int nd_limits_check_depth(const nd_limits *limits, const char *area, double dept
  * 0 when allowed, -ERANGE with a diagnostic (field "speed_hz"; codes unknown-area, not-finite,
  * speed-out-of-range) when not. */
 int nd_limits_check_speed(const nd_limits *limits, const char *area, double speed_hz, nd_diags *diags);
+
+/* The deepest setting allowed in an area for a skin type: the lower of the area's max_depth_mm
+ * and the type's cap; the area's alone for ND_SKIN_TYPE_NONE or a type without a cap. */
+double nd_limits_effective_max_depth_mm(const nd_limits *limits, const nd_area_limits *area, nd_skin_type skin_type);
+
+/* Checks a depth (a profile's at Start, or a SetDepth) against a skin type's cap: 0 when the
+ * type has no cap or depth_mm is within it, else -ERANGE with one diagnostic (field depth_mm,
+ * code above-skin-type-max) naming the value, the cap and its line. at may be NULL. */
+int nd_limits_check_skin_type_depth(const nd_limits *limits, nd_skin_type skin_type, double depth_mm,
+                                    const nd_limits_at *at, nd_diags *diags);
+
+/* nd_limits_check_depth for a session with a skin type (ND_SKIN_TYPE_NONE: none): the area's
+ * checks, then the type's cap (above-skin-type-max). 0 when allowed, -ERANGE with a diagnostic. */
+int nd_limits_check_depth_for_skin(const nd_limits *limits, const char *area, nd_skin_type skin_type,
+                                   double depth_mm, nd_diags *diags);

@@ -18,7 +18,7 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(json_object *, json_object_put)
 static void audit_usage(FILE *out) {
         fprintf(out,
                 "Usage: needlectl audit verify [--state-dir DIR | --database FILE] [--anchor SEQ:HASH]\n"
-                "                              [--json]\n"
+                "                              [--incremental] [--json]\n"
                 "\n"
                 "Verifies the ledger's audit trail without the daemon: every entry's hash, the\n"
                 "chain of hashes from the first entry to the last, the recorded head (count and\n"
@@ -31,6 +31,10 @@ static void audit_usage(FILE *out) {
                 "  --database FILE  the ledger database itself (default DIR/%s)\n"
                 "  --anchor SEQ:HASH  also require entry SEQ to have this hash (the 'anchor' an\n"
                 "                   earlier verification printed)\n"
+                "  --incremental    with --anchor: verify only from that entry to the head, and\n"
+                "                   the sessions those entries recorded (a nightly check costs\n"
+                "                   what the day added; what lies before the anchor was verified\n"
+                "                   when it was printed). Prints the new anchor.\n"
                 "  --json           print one JSON object: {database, intact, entries, sessions,\n"
                 "                   head_seq, head_hash, anchor, problem, broken_seq, message}\n"
                 "  -h, --help       show this help\n"
@@ -74,7 +78,14 @@ static int print_json(const char *path, int r, const nd_ledger_verify_result *v)
         return 0;
 }
 
-static void print_text(const char *path, const nd_ledger_verify_result *v) {
+/* from_seq: the first entry checked by an incremental verification; 0 for a full one. */
+static void print_text(const char *path, const nd_ledger_verify_result *v, uint64_t from_seq) {
+        if (v->broken == ND_LEDGER_INTACT && from_seq > 0) {
+                printf("%s: audit trail intact from the anchor: entries %" PRIu64 "..%" PRIu64 ", %" PRIu64
+                       " sessions checked\n", path, from_seq, v->head_seq, v->sessions);
+                printf("anchor: %" PRIu64 ":%s\n", v->head_seq, v->head_hash);
+                return;
+        }
         if (v->broken == ND_LEDGER_INTACT) {
                 printf("%s: audit trail intact: %" PRIu64 " entries, %" PRIu64 " sessions checked\n", path, v->entries,
                        v->sessions);
@@ -107,20 +118,21 @@ static int parse_anchor(const char *s, uint64_t *ret_seq, char ret_hash[static N
 }
 
 static int audit_verify(int argc, char *argv[]) {
-        enum { ARG_STATE_DIR = 0x100, ARG_DATABASE, ARG_ANCHOR, ARG_JSON };
+        enum { ARG_STATE_DIR = 0x100, ARG_DATABASE, ARG_ANCHOR, ARG_JSON, ARG_INCREMENTAL };
         static const struct option options[] = {
                 { "help",      no_argument,       NULL, 'h' },
                 { "state-dir", required_argument, NULL, ARG_STATE_DIR },
                 { "database",  required_argument, NULL, ARG_DATABASE },
                 { "anchor",    required_argument, NULL, ARG_ANCHOR },
                 { "json",      no_argument,       NULL, ARG_JSON },
+                { "incremental", no_argument,     NULL, ARG_INCREMENTAL },
                 { NULL, 0, NULL, 0 }
         };
         const char *state_dir = NULL, *database = NULL, *anchor = NULL;
         uint64_t anchor_seq = 0;
         char anchor_hash[ND_SHA256_HEX_SIZE] = "";
         _cleanup_free_ char *path = NULL;
-        bool json = false;
+        bool json = false, incremental = false;
         int c;
 
         opterr = 0;
@@ -141,6 +153,9 @@ static int audit_verify(int argc, char *argv[]) {
                         break;
                 case ARG_JSON:
                         json = true;
+                        break;
+                case ARG_INCREMENTAL:
+                        incremental = true;
                         break;
                 default:
                         fprintf(stderr, "needlectl audit verify: unknown option or missing value '%s'\n",
@@ -167,6 +182,11 @@ static int audit_verify(int argc, char *argv[]) {
                         "and 64 lower-case hex digits)\n", anchor);
                 return NEEDLECTL_EXIT_USAGE;
         }
+        if (incremental && !anchor) {
+                fprintf(stderr, "needlectl audit verify: --incremental needs --anchor SEQ:HASH (from an earlier "
+                        "verification)\n");
+                return NEEDLECTL_EXIT_USAGE;
+        }
         if (database)
                 path = strdup(database);
         else if (asprintf(&path, "%s/%s", state_dir ? state_dir : ND_LEDGER_STATE_DIR_DEFAULT, ND_LEDGER_FILE_NAME) < 0)
@@ -177,7 +197,8 @@ static int audit_verify(int argc, char *argv[]) {
         }
 
         nd_ledger_verify_result v;
-        int r = nd_ledger_audit_verify_anchored(path, anchor_seq, anchor_hash, &v);
+        int r = incremental ? nd_ledger_audit_verify_from_anchor(path, anchor_seq, anchor_hash, &v)
+                            : nd_ledger_audit_verify_anchored(path, anchor_seq, anchor_hash, &v);
         if (json) {
                 int k = print_json(path, r, &v);
                 if (k < 0) {
@@ -185,7 +206,7 @@ static int audit_verify(int argc, char *argv[]) {
                         return NEEDLECTL_EXIT_UNREADABLE;
                 }
         } else if (r >= 0)
-                print_text(path, &v);
+                print_text(path, &v, incremental ? anchor_seq : 0);
         if (r < 0) {
                 fprintf(stderr, "needlectl: cannot verify: %s\n", v.message);
                 return NEEDLECTL_EXIT_UNREADABLE;

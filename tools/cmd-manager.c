@@ -323,25 +323,38 @@ int verb_reload_limits(ctl_invocation *inv) {
 
 /* ---- history -------------------------------------------------------------------------------- */
 
+/* The daemon's largest reply (the contract's, ND_LEDGER_HISTORY_LIMIT_MAX): needlectl asks for
+ * pages of this size and pages back with the filter key before. */
+#define HISTORY_PAGE_MAX 1000u
+
 static void history_usage(FILE *out) {
         fprintf(out,
-                "Usage: needlectl history [--pen SERIAL] [--since TIME] [--limit N] [--json]\n"
+                "Usage: needlectl history [--pen SERIAL] [--since TIME] [--before TIME]\n"
+                "                         [--limit N | --all] [--json]\n"
                 "                         [--system|--session] [--no-ask-password]\n"
                 "\n"
                 "Lists treatment sessions from the daemon's ledger, newest first. Needs polkit\n"
-                "authorization org.needled1.read-history.\n"
+                "authorization org.needled1.read-history. The daemon answers at most 1000\n"
+                "sessions a call; needlectl asks page after page (the filter key before) until\n"
+                "it has what was asked: every session since TIME with --since, N with --limit,\n"
+                "all with --all, else the newest 1000. When there are more sessions than it\n"
+                "shows, it says so on stderr.\n"
                 "\n"
                 "Options:\n"
                 "      --pen SERIAL       only this pen's sessions\n"
                 "      --since TIME       only sessions started at or after TIME: YYYY-MM-DD,\n"
                 "                         'YYYY-MM-DD HH:MM[:SS]' (local time), @SECONDS since\n"
                 "                         the epoch, or -N{s,m,h,d} before now (e.g. -7d)\n"
+                "      --before TIME      only sessions started before TIME (same forms)\n"
                 "      --limit N          at most N sessions\n"
+                "      --all              every session that passes the filters\n"
                 "      --json             a JSON array of the daemon's entries: id, pen, cartridge,\n"
                 "                         profile, profile_digest, limits_digest, label, owner_uid,\n"
                 "                         start, end (us since the epoch; end 0 while running),\n"
                 "                         duration_s, strokes, max_depth_mm, max_temperature_c,\n"
-                "                         max_current_ma, reason (empty while running), ...\n"
+                "                         max_current_ma, reason (empty while running), skin_type\n"
+                "                         (empty when none), punctures, density_per_cm2 (0 without\n"
+                "                         a treated surface), area_cm2, ...\n"
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
@@ -349,11 +362,14 @@ typedef struct history_args {
         const char *pen;
         uint64_t since_usec;
         bool have_since;
-        uint32_t limit;
+        uint64_t before_usec;
+        bool have_before;
+        uint64_t limit;
         bool have_limit;
+        bool all;
 } history_args;
 
-enum { ARG_PEN = CTL_ARG_VERB, ARG_SINCE, ARG_LIMIT };
+enum { ARG_PEN = CTL_ARG_VERB, ARG_SINCE, ARG_LIMIT, ARG_BEFORE, ARG_ALL };
 
 static int history_option(int c, const char *arg, void *userdata) {
         history_args *a = userdata;
@@ -371,22 +387,122 @@ static int history_option(int c, const char *arg, void *userdata) {
                                         arg);
                 a->have_since = true;
                 return 0;
+        case ARG_BEFORE:
+                if (ctl_parse_time(arg, &a->before_usec) < 0 || a->before_usec == 0)
+                        return ctl_fail(NEEDLECTL_EXIT_USAGE,
+                                        "history: --before '%s' is not a time (YYYY-MM-DD[ HH:MM[:SS]], @SECONDS, -Nd)",
+                                        arg);
+                a->have_before = true;
+                return 0;
         case ARG_LIMIT:
                 if (ctl_parse_unsigned(arg, UINT32_MAX, &v) < 0 || v == 0)
                         return ctl_fail(NEEDLECTL_EXIT_USAGE, "history: --limit takes a whole number from 1, not '%s'", arg);
-                a->limit = (uint32_t) v;
+                a->limit = v;
                 a->have_limit = true;
+                return 0;
+        case ARG_ALL:
+                a->all = true;
                 return 0;
         default:
                 return NEEDLECTL_EXIT_USAGE;
         }
 }
 
+/* One GetHistory call: sessions of the filter started before before_usec (0: no bound). */
+static int history_page(sd_bus *bus, const history_args *a, uint64_t before_usec, uint32_t limit,
+                        json_object **ret) {
+        _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
+        _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
+                                               "GetHistory");
+        if (r >= 0)
+                r = sd_bus_message_open_container(m, 'a', "{sv}");
+        if (r >= 0 && a->pen)
+                r = sd_bus_message_append(m, "{sv}", "pen", "s", a->pen);
+        if (r >= 0 && a->have_since)
+                r = sd_bus_message_append(m, "{sv}", "since", "t", a->since_usec);
+        if (r >= 0 && before_usec)
+                r = sd_bus_message_append(m, "{sv}", "before", "t", before_usec);
+        if (r >= 0)
+                r = sd_bus_message_append(m, "{sv}", "limit", "u", limit);
+        if (r >= 0)
+                r = sd_bus_message_close_container(m);
+        if (r < 0)
+                return ctl_log_bus_error("cannot ask for the history", NULL, r);
+        r = sd_bus_call(bus, m, 0, &error, &reply);
+        if (r < 0)
+                return ctl_log_bus_error("cannot read the history", &error, r);
+        r = ctl_message_read_json(reply, ret);
+        if (r < 0)
+                return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot read the history: %s", strerror(-r));
+        return 0;
+}
+
+/* Pages back through the history into *ret until want sessions (0: all) or no more; *ret_more
+ * says whether sessions that pass the filters were left out. A page asks for sessions before the
+ * last start + 1 µs and skips the ids it already has, so sessions that share a start time at a
+ * page's edge are neither lost nor shown twice. */
+static int history_collect(sd_bus *bus, const history_args *a, uint64_t want, json_object **ret, bool *ret_more) {
+        _cleanup_json_ json_object *all = json_object_new_array();
+        uint64_t before = a->have_before ? a->before_usec : 0;
+        uint64_t edge_start = 0;
+        bool more = false;
+        int r;
+
+        if (!all)
+                return ctl_oom();
+        for (;;) {
+                _cleanup_json_ json_object *page = NULL;
+                size_t have = json_object_array_length(all);
+                uint64_t left = want ? want - have : HISTORY_PAGE_MAX;
+                size_t edge_count = 0;
+                while (have > 0 && edge_count < have &&
+                       (uint64_t) ctl_json_int(json_object_array_get_idx(all, have - 1 - edge_count), "start") == edge_start)
+                        edge_count++;
+                /* One more than is wanted, to know whether there is more, and the repeats. */
+                uint32_t ask = (uint32_t) MIN((uint64_t) HISTORY_PAGE_MAX, left + 1 + edge_count);
+                r = history_page(bus, a, before, ask, &page);
+                if (r != 0)
+                        return r;
+                size_t n = json_object_array_length(page), added = 0;
+                for (size_t i = 0; i < n; i++) {
+                        json_object *s = json_object_array_get_idx(page, i);
+                        uint64_t start = (uint64_t) ctl_json_int(s, "start");
+                        bool seen = false;
+                        /* Only the sessions at the previous page's last start time can repeat. */
+                        for (size_t j = have; !seen && j-- > 0;) {
+                                json_object *o = json_object_array_get_idx(all, j);
+                                if ((uint64_t) ctl_json_int(o, "start") != edge_start)
+                                        break;
+                                seen = start == edge_start && STREQ(ctl_json_str(o, "id"), ctl_json_str(s, "id"));
+                        }
+                        if (seen)
+                                continue;
+                        if (want && json_object_array_length(all) >= want) {
+                                more = true;
+                                break;
+                        }
+                        json_object_array_add(all, json_object_get(s));
+                        added++;
+                }
+                if (more || n < ask || added == 0)
+                        break;
+                json_object *last = json_object_array_get_idx(all, json_object_array_length(all) - 1);
+                edge_start = (uint64_t) ctl_json_int(last, "start");
+                before = edge_start + 1;
+        }
+        *ret = TAKE_PTR(all);
+        *ret_more = more;
+        return 0;
+}
+
 static const struct option history_options[] = {
         CTL_COMMON_OPTIONS,
-        { "pen",   required_argument, NULL, ARG_PEN },
-        { "since", required_argument, NULL, ARG_SINCE },
-        { "limit", required_argument, NULL, ARG_LIMIT },
+        { "pen",    required_argument, NULL, ARG_PEN },
+        { "since",  required_argument, NULL, ARG_SINCE },
+        { "before", required_argument, NULL, ARG_BEFORE },
+        { "limit",  required_argument, NULL, ARG_LIMIT },
+        { "all",    no_argument,       NULL, ARG_ALL },
         { NULL, 0, NULL, 0 }
 };
 
@@ -402,47 +518,40 @@ int verb_history(ctl_invocation *inv) {
         sd_bus *bus = inv->bus;
         int r;
 
-        _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-        r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
-                                           "GetHistory");
-        if (r >= 0)
-                r = sd_bus_message_open_container(m, 'a', "{sv}");
-        if (r >= 0 && args.pen)
-                r = sd_bus_message_append(m, "{sv}", "pen", "s", args.pen);
-        if (r >= 0 && args.have_since)
-                r = sd_bus_message_append(m, "{sv}", "since", "t", args.since_usec);
-        if (r >= 0 && args.have_limit)
-                r = sd_bus_message_append(m, "{sv}", "limit", "u", args.limit);
-        if (r >= 0)
-                r = sd_bus_message_close_container(m);
-        if (r < 0)
-                return ctl_log_bus_error("cannot ask for the history", NULL, r);
-        _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        r = sd_bus_call(bus, m, 0, &error, &reply);
-        if (r < 0)
-                return ctl_log_bus_error("cannot read the history", &error, r);
+        uint64_t want = args.have_limit ? args.limit : args.all || args.have_since ? 0 : HISTORY_PAGE_MAX;
         _cleanup_json_ json_object *sessions = NULL;
-        r = ctl_message_read_json(reply, &sessions);
-        if (r < 0)
-                return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot read the history: %s", strerror(-r));
+        if (args.all && args.have_limit)
+                return ctl_fail(NEEDLECTL_EXIT_USAGE, "history: --all and --limit exclude each other");
+        bool more = false;
+        r = history_collect(bus, &args, want, &sessions, &more);
+        if (r != 0)
+                return r;
+        size_t n = json_object_array_length(sessions);
+        if (more)
+                fprintf(stderr, "needlectl: showing the newest %zu sessions; there are older ones (--all, --since, "
+                        "--before or --limit show them)\n", n);
         if (inv->common.json)
                 return ctl_print_json(sessions);
 
-        size_t n = json_object_array_length(sessions);
         if (n == 0) {
                 printf("No sessions.\n");
                 return 0;
         }
-        printf("%-19s  %-12s %-24s %-12s %9s %8s  %-22s %-16s %s\n", "START", "PEN", "PROFILE", "CARTRIDGE",
-               "DURATION", "STROKES", "END", "LABEL", "ID");
+        printf("%-19s  %-12s %-24s %-12s %9s %8s %10s %9s %-4s  %-22s %-16s %s\n", "START", "PEN", "PROFILE", "CARTRIDGE",
+               "DURATION", "STROKES", "PUNCTURES", "PER-CM2", "SKIN", "END", "LABEL", "ID");
         for (size_t i = 0; i < n; i++) {
                 json_object *s = json_object_array_get_idx(sessions, i);
                 char when[64];
                 const char *reason = ctl_json_str(s, "reason");
-                printf("%-19s  %-12s %-24s %-12s %7.1f s %8" PRId64 "  %-22s %-16s %s\n",
+                char density[32] = "-";
+                if (ctl_json_double(s, "area_cm2") > 0)
+                        snprintf(density, sizeof density, "%.0f", ctl_json_double(s, "density_per_cm2"));
+                const char *skin = ctl_json_str(s, "skin_type");
+                printf("%-19s  %-12s %-24s %-12s %7.1f s %8" PRId64 " %10" PRId64 " %9s %-4s  %-22s %-16s %s\n",
                        ctl_format_time((uint64_t) ctl_json_int(s, "start"), when, sizeof when), ctl_json_str(s, "pen"),
                        ctl_json_str(s, "profile"), ctl_json_str(s, "cartridge"), ctl_json_double(s, "duration_s"),
-                       ctl_json_int(s, "strokes"), ctl_json_int(s, "end") == 0 ? "(running)" : reason,
+                       ctl_json_int(s, "strokes"), ctl_json_int(s, "punctures"), density, skin[0] ? skin : "-",
+                       ctl_json_int(s, "end") == 0 ? "(running)" : reason,
                        ctl_json_str(s, "label")[0] ? ctl_json_str(s, "label") : "-", ctl_json_str(s, "id"));
         }
         return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");

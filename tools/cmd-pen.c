@@ -173,9 +173,11 @@ static void status_usage(FILE *out) {
                 "                         speed_range_hz [min, max], battery_percent,\n"
                 "                         temperature_c, cartridge {id, needles, state,\n"
                 "                         runtime_s}, session_id, elapsed_s, strokes,\n"
+                "                         punctures, density_per_cm2, skin_type,\n"
                 "                         telemetry_rate_hz) plus path; without PEN, {version,\n"
                 "                         features, pens [...], limits_path, limits_state,\n"
-                "                         limits_error, limits_digest, limits_loaded_at}\n"
+                "                         limits_error, limits_digest, limits_loaded_at,\n"
+                "                         ledger_state, ledger_error}\n"
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
@@ -223,9 +225,13 @@ static void print_pen(json_object *p) {
         else
                 printf("  Cartridge:    none\n");
         const char *session = ctl_json_str(p, "session_id");
-        if (session[0])
+        if (session[0]) {
                 printf("  Session:      %s, %.1f s elapsed, %" PRId64 " strokes\n", session,
                        ctl_json_double(p, "elapsed_s"), ctl_json_int(p, "strokes"));
+                const char *skin = ctl_json_str(p, "skin_type");
+                printf("  Dose:         %" PRId64 " punctures, %.0f per cm², skin type %s\n", ctl_json_int(p, "punctures"),
+                       ctl_json_double(p, "density_per_cm2"), skin[0] ? skin : "-");
+        }
         else
                 printf("  Session:      -\n");
         printf("  Generation:   %" PRId64 "\n", ctl_json_int(p, "generation"));
@@ -275,6 +281,9 @@ int verb_status(ctl_invocation *inv) {
                digest[0] ? ", sha256 " : "", digest);
         if (ctl_json_str(manager, "limits_error")[0])
                 printf("  Limits error: %s\n", ctl_json_str(manager, "limits_error"));
+        if (ctl_json_str(manager, "ledger_state")[0])
+                printf("  Ledger:       %s%s%s\n", ctl_json_str(manager, "ledger_state"),
+                       ctl_json_str(manager, "ledger_error")[0] ? ": " : "", ctl_json_str(manager, "ledger_error"));
         size_t n = json_object_array_length(pens);
         printf("  Pens:         %zu\n", n);
         for (size_t i = 0; i < n; i++) {
@@ -460,7 +469,8 @@ static void stop_usage(FILE *out) {
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
-enum { ARG_ALL = CTL_ARG_VERB, ARG_LABEL, ARG_WAIT, ARG_WATCH, ARG_PROFILE, ARG_QUIET, ARG_COMMANDS, ARG_INTERVAL };
+enum { ARG_ALL = CTL_ARG_VERB, ARG_LABEL, ARG_WAIT, ARG_WATCH, ARG_PROFILE, ARG_QUIET, ARG_COMMANDS, ARG_INTERVAL,
+       ARG_SKIN_TYPE };
 
 static int stop_option(int c, const char *arg, void *userdata) {
         if (c != ARG_ALL)
@@ -524,6 +534,7 @@ int verb_stop(ctl_invocation *inv) {
 
 typedef struct run_args {
         const char *label;
+        const char *skin_type;          /* Fitzpatrick I..VI, or NULL */
         const char *profile;
         bool wait;
         bool watch;
@@ -553,7 +564,7 @@ typedef struct run_ctx {
 } run_ctx;
 
 static int exit_code_for_reason(const char *reason) {
-        if (STREQ(reason, "completed"))
+        if (STREQ(reason, "completed") || STREQ(reason, "dose-reached"))
                 return NEEDLECTL_EXIT_OK;
         if (strncmp(reason, "fault:", strlen("fault:")) == 0)
                 return NEEDLECTL_EXIT_FAULT;
@@ -670,9 +681,14 @@ static void run_event(ctl_monitor *m, ctl_monitor_event event, void *userdata) {
                         json_object_object_add(extra, "reason", json_object_new_string(reason));
                         json_object_object_add(extra, "elapsed_s", json_object_new_double(ctl_json_double(m->props, "elapsed_s")));
                         json_object_object_add(extra, "strokes", json_object_new_int64(ctl_json_int(m->props, "strokes")));
+                        json_object_object_add(extra, "punctures", json_object_new_int64(ctl_json_int(m->props, "punctures")));
+                        json_object_object_add(extra, "density_per_cm2",
+                                               json_object_new_double(ctl_json_double(m->props, "density_per_cm2")));
                 }
-                if (asprintf(&text, "Session %s ended: %s (%.1f s, %" PRId64 " strokes)", c->session_id, reason,
-                             ctl_json_double(m->props, "elapsed_s"), ctl_json_int(m->props, "strokes")) < 0)
+                if (asprintf(&text, "Session %s ended: %s (%.1f s, %" PRId64 " strokes, %" PRId64 " punctures, %.0f/cm²)",
+                             c->session_id, reason, ctl_json_double(m->props, "elapsed_s"),
+                             ctl_json_int(m->props, "strokes"), ctl_json_int(m->props, "punctures"),
+                             ctl_json_double(m->props, "density_per_cm2")) < 0)
                         text = NULL;
                 run_finish(c, exit_code_for_reason(reason), "session-ended", text ? text : reason, extra);
                 return;
@@ -792,7 +808,7 @@ static void run_ctx_done(run_ctx *c) {
         free(c->summary);
 }
 
-static int start_session(sd_bus *bus, const char *path, const char *label, char **ret_id) {
+static int start_session(sd_bus *bus, const char *path, const char *label, const char *skin_type, char **ret_id) {
         _cleanup_free_ char *what = pen_what(path, "cannot start");
         if (!what)
                 return ctl_oom();
@@ -800,7 +816,13 @@ static int start_session(sd_bus *bus, const char *path, const char *label, char 
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
         int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Start");
         if (r >= 0)
-                r = label ? sd_bus_message_append(m, "a{sv}", 1, "label", "s", label) : sd_bus_message_append(m, "a{sv}", 0);
+                r = sd_bus_message_open_container(m, 'a', "{sv}");
+        if (r >= 0 && label)
+                r = sd_bus_message_append(m, "{sv}", "label", "s", label);
+        if (r >= 0 && skin_type)
+                r = sd_bus_message_append(m, "{sv}", "skin_type", "s", skin_type);
+        if (r >= 0)
+                r = sd_bus_message_close_container(m);
         if (r < 0)
                 return ctl_log_bus_error(what, NULL, r);
         r = sd_bus_call(bus, m, 0, &error, &reply);
@@ -859,7 +881,7 @@ static int run_session(sd_bus *bus, const ctl_common *common, const char *pen, c
         ctl_view_set_keys(v, run_key, &c,
                           "q or Ctrl-C: stop the session and quit   p: pause/resume   +/-: depth   >/<: speed");
 
-        r = start_session(bus, path, args->label, &c.session_id);
+        r = start_session(bus, path, args->label, args->skin_type, &c.session_id);
         if (r != 0) {
                 run_ctx_done(&c);
                 return r;
@@ -885,9 +907,11 @@ static int run_session(sd_bus *bus, const ctl_common *common, const char *pen, c
         if (extra) {
                 json_object_object_add(extra, "session_id", json_object_new_string(c.session_id));
                 json_object_object_add(extra, "heartbeat_ms", json_object_new_int64((int64_t) (c.heartbeat_usec / USEC_PER_MSEC)));
+                json_object_object_add(extra, "skin_type", json_object_new_string(strempty(args->skin_type)));
         }
-        if (asprintf(&started, "Session %s started on %s%s. It lasts while needlectl runs: Ctrl-C stops it.",
-                     c.session_id, m->serial, c.heartbeat_usec ? " (heartbeats on)" : "") < 0)
+        if (asprintf(&started, "Session %s started on %s%s%s%s. It lasts while needlectl runs: Ctrl-C stops it.",
+                     c.session_id, m->serial, args->skin_type ? ", skin type " : "", strempty(args->skin_type),
+                     c.heartbeat_usec ? " (heartbeats on)" : "") < 0)
                 started = NULL;
         ctl_view_emit(v, "session-started", started ? started : c.session_id, extra);
 
@@ -912,6 +936,7 @@ static int run_option(int c, const char *arg, void *userdata) {
         double s;
         switch (c) {
         case ARG_LABEL: a->label = arg; return 0;
+        case ARG_SKIN_TYPE: a->skin_type = arg; return 0;
         case ARG_PROFILE:
                 if (arg[0] == '\0')
                         return ctl_fail(NEEDLECTL_EXIT_USAGE, "--profile needs a profile name or file");
@@ -933,6 +958,10 @@ static int run_option(int c, const char *arg, void *userdata) {
 #define RUN_OPTIONS_HELP                                                                                 \
         "      --label L          an opaque reference for the ledger (e.g. an appointment id;\n"         \
         "                         never patient data), at most 128 bytes\n"                              \
+        "      --skin-type T      the patient's Fitzpatrick skin type, I to VI: needled refuses a\n"    \
+        "                         profile not meant for it or deeper than its cap in the limits,\n"     \
+        "                         and caps depth changes (required when the limits say\n"              \
+        "                         require_skin_type: true)\n"                                          \
         "      --watch            show the live view of 'needlectl watch' (on a terminal) with\n"        \
         "                         keys: q or Ctrl-C stop the session, p pause/resume, +/- depth\n"       \
         "                         by one pen step, >/< speed by 5 Hz\n"                                  \
@@ -942,12 +971,14 @@ static int run_option(int c, const char *arg, void *userdata) {
         "                         resume, depth MM, speed HZ, stop\n"                                    \
         "      --json             JSON lines: progress objects as 'watch --json' prints them,\n"          \
         "                         and events {time, event, pen, message, ...}: session-started\n"       \
-        "                         (session_id, heartbeat_ms), session-ended (session_id, reason,\n"      \
-        "                         elapsed_s, strokes), stopping, done, refused, pen-gone, ...\n"
+        "                         (session_id, heartbeat_ms, skin_type), session-ended (session_id,\n"  \
+        "                         reason, elapsed_s, strokes, punctures, density_per_cm2),\n"          \
+        "                         stopping, done, refused, pen-gone, ...\n"
 
 static void run_usage(FILE *out) {
         fprintf(out,
-                "Usage: needlectl run [PEN] [--profile PROFILE|FILE] [--label L] [--watch|--quiet]\n"
+                "Usage: needlectl run [PEN] [--profile PROFILE|FILE] [--label L] [--skin-type T]\n"
+                "                     [--watch|--quiet]\n"
                 "                     [--commands] [--json] [--system|--session] [--no-ask-password]\n"
                 "\n"
                 "Runs a treatment session and stays with it: arms the pen with --profile (an\n"
@@ -965,7 +996,8 @@ static void run_usage(FILE *out) {
                 "      --profile P        arm P first (installed name or FILE)\n"
                 RUN_OPTIONS_HELP
                 CTL_COMMON_HELP "\n"
-                "Exit status: 0 when the session completed; 7 when a fault ended it; 5 when the\n"
+                "Exit status: 0 when the session completed (or reached its dose: dose-reached); 7\n"
+                "when a fault ended it; 5 when the\n"
                 "pen left; 12 when it ended otherwise (stopped, Ctrl-C, client-heartbeat-lost,\n"
                 "limits-changed); and the codes below when it could not start.\n" CTL_EXIT_HELP);
 }
@@ -990,6 +1022,7 @@ static int run_check(ctl_invocation *inv) {
 static const struct option run_options[] = {
         CTL_COMMON_OPTIONS,
         { "label",    required_argument, NULL, ARG_LABEL },
+        { "skin-type", required_argument, NULL, ARG_SKIN_TYPE },
         { "profile",  required_argument, NULL, ARG_PROFILE },
         { "watch",    no_argument,       NULL, ARG_WATCH },
         { "quiet",    no_argument,       NULL, ARG_QUIET },
@@ -1013,7 +1046,7 @@ int verb_run(ctl_invocation *inv) {
 
 static void start_usage(FILE *out) {
         fprintf(out,
-                "Usage: needlectl start [PEN] [--label L] [--wait|--watch] [--json]\n"
+                "Usage: needlectl start [PEN] [--label L] [--skin-type T] [--wait|--watch] [--json]\n"
                 "                       [--system|--session] [--no-ask-password]\n"
                 "\n"
                 "Starts the session of the armed profile (see 'needlectl arm') and prints its id.\n"
@@ -1048,6 +1081,7 @@ static int start_check(ctl_invocation *inv) {
 static const struct option start_options[] = {
         CTL_COMMON_OPTIONS,
         { "label",    required_argument, NULL, ARG_LABEL },
+        { "skin-type", required_argument, NULL, ARG_SKIN_TYPE },
         { "wait",     no_argument,       NULL, ARG_WAIT },
         { "watch",    no_argument,       NULL, ARG_WATCH },
         { "quiet",    no_argument,       NULL, ARG_QUIET },
@@ -1076,7 +1110,7 @@ int verb_start(ctl_invocation *inv) {
         int r = ctl_resolve_pen(bus, pen, &path);
         if (r != 0)
                 return r;
-        r = start_session(bus, path, args->label, &id);
+        r = start_session(bus, path, args->label, args->skin_type, &id);
         if (r != 0)
                 return r;
         if (inv->common.json) {

@@ -251,8 +251,11 @@ static void render_screen(ctl_view *v) {
                 if (isfinite(duration))
                         fprintf(out, " of %.0f s", duration);
                 fprintf(out, ", %" PRId64 " strokes\033[K\n", ctl_json_int(p, "strokes"));
+                const char *skin = ctl_json_str(p, "skin_type");
+                fprintf(out, "%-12s %" PRId64 " punctures, %.0f per cm², skin type %s\033[K\n", "Dose",
+                        ctl_json_int(p, "punctures"), ctl_json_double(p, "density_per_cm2"), skin[0] ? skin : "-");
         } else {
-                fprintf(out, "%-12s -\033[K\n%-12s -\033[K\n", "Session", "Elapsed");
+                fprintf(out, "%-12s -\033[K\n%-12s -\033[K\n%-12s -\033[K\n", "Session", "Elapsed", "Dose");
         }
         fprintf(out, "%-12s %" PRId64 " Hz: %" PRIu64 " samples, %" PRIu64 " dropped, %" PRIu64 " missing\033[K\n",
                 "Telemetry", ctl_json_int(p, "telemetry_rate_hz"), m->samples, m->dropped,
@@ -320,6 +323,9 @@ static int emit_update(ctl_view *v, const char *event) {
                 json_object_object_add(o, "session_id", json_object_new_string(ctl_json_str(p, "session_id")));
                 json_object_object_add(o, "elapsed_s", json_double_or_null(ctl_json_double(p, "elapsed_s")));
                 json_object_object_add(o, "strokes", json_object_new_int64(ctl_json_int(p, "strokes")));
+                json_object_object_add(o, "punctures", json_object_new_int64(ctl_json_int(p, "punctures")));
+                json_object_object_add(o, "density_per_cm2", json_object_new_double(ctl_json_double(p, "density_per_cm2")));
+                json_object_object_add(o, "skin_type", json_object_new_string(ctl_json_str(p, "skin_type")));
                 json_object_object_add(o, "samples", json_object_new_int64((int64_t) m->samples));
                 json_object_object_add(o, "dropped", json_object_new_int64((int64_t) m->dropped));
                 const char *text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
@@ -353,12 +359,13 @@ static int emit_update(ctl_view *v, const char *event) {
                 json_object_object_get_ex(p, "cartridge", &cartridge);
                 const char *fault = ctl_json_str(p, "fault");
                 printf("%s %s %s%s%s depth %.2f/%s mm speed %.1f/%s Hz current %s mA temperature %s C battery %" PRId64
-                       "%% cartridge %s elapsed %.1f s strokes %" PRId64 "\n",
+                       "%% cartridge %s elapsed %.1f s strokes %" PRId64 " punctures %" PRId64 " per-cm2 %.0f\n",
                        stamp, m->serial, ctl_json_str(p, "state"), fault[0] ? ":" : "", fault,
                        ctl_json_double(p, "depth_mm"), measured_depth, ctl_json_double(p, "speed_hz"), measured_speed,
                        current, temperature, ctl_json_int(p, "battery_percent"),
                        ctl_json_str(cartridge, "id")[0] ? ctl_json_str(cartridge, "id") : "-",
-                       ctl_json_double(p, "elapsed_s"), ctl_json_int(p, "strokes"));
+                       ctl_json_double(p, "elapsed_s"), ctl_json_int(p, "strokes"), ctl_json_int(p, "punctures"),
+                       ctl_json_double(p, "density_per_cm2"));
         }
         return fflush(stdout) == 0 ? 0 : -EIO;
 }
@@ -658,8 +665,8 @@ static void watch_usage(FILE *out) {
                 "                         daemon-gone, daemon-back), pen, present, state, fault,\n"
                 "                         warnings, profile, set_depth_mm, depth_mm, set_speed_hz,\n"
                 "                         speed_hz, current_ma, temperature_c, battery_percent,\n"
-                "                         cartridge, session_id, elapsed_s, strokes, samples,\n"
-                "                         dropped}; measured values are null when the pen is not\n"
+                "                         cartridge, session_id, elapsed_s, strokes, punctures,\n"
+                "                         density_per_cm2, skin_type, samples, dropped}; measured values are null when the pen is not\n"
                 "                         streaming\n"
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }

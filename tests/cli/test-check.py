@@ -204,5 +204,93 @@ class CheckProfile(unittest.TestCase):
         self.assertEqual((rc, out), (64, ""))
 
 
+class CheckSkinTypesAndDose(unittest.TestCase):
+    """The optional skin types, density caps, passes and treated surface (issue 15)."""
+    SKIN_LIMITS = os.path.join(DATA, "limits-skin.yaml")
+
+    def test_valid_files(self):
+        rc, out, err = run("check-limits", self.SKIN_LIMITS)
+        self.assertEqual((rc, out, err), (0, "", ""))
+        rc, out, err = run("check-profile", os.path.join(DATA, "profile-skin.yaml"), "--limits", self.SKIN_LIMITS)
+        self.assertEqual((rc, out, err), (0, "", ""))
+        # The shipped profiles are valid under limits with skin types too, except where the
+        # density cap of cheeks asks for a surface they do not give.
+        for name in sorted(os.listdir(PROFILES)):
+            rc, out, _ = run("check-profile", os.path.join(PROFILES, name), "--limits", self.SKIN_LIMITS, "--json")
+            codes = {p["code"] for p in json.loads(out)}
+            self.assertTrue(codes <= {"no-surface", "unknown-area", "above-skin-type-max"}, (name, codes))
+
+    def test_limits_every_problem(self):
+        path = os.path.join(DATA, "limits-skin-invalid.yaml")
+        rc, out, err = run("check-limits", path)
+        self.assertEqual(rc, 1, err)
+        problems = parse_lines(out)
+        got = [(int(p["line"]), int(p["column"]), p["field"]) for p in problems]
+        self.assertEqual(got, [(17, 22, "session.require_skin_type"),
+                               (23, 52, "areas.cheeks.max_density_per_cm2"),
+                               (24, 52, "areas.body.max_density_per_cm2"),
+                               (26, 22, "skin_types.IV.max_depth_mm"),
+                               (27, 3, "skin_types"),
+                               (28, 3, "skin_types.IV"),
+                               (29, 28, "skin_types.V.max_speed_hz")])
+        self.assertEqual(problems[4]["message"],
+                         "'VII' is not a Fitzpatrick skin type; the types are: I, II, III, IV, V, VI")
+        self.assertEqual(problems[5]["message"], "skin type IV appears twice in skin_types (first at line 26)")
+        rc, out, _ = run("check-limits", path, "--json")
+        self.assertEqual([p["code"] for p in json.loads(out)],
+                         ["wrong-type", "not-positive", "out-of-range", "depth-out-of-range", "unknown-skin-type",
+                          "duplicate-key", "unknown-field"])
+
+    def test_profile_every_problem(self):
+        path = os.path.join(DATA, "profile-skin-invalid.yaml")
+        rc, out, err = run("check-profile", path, "--limits", self.SKIN_LIMITS, "--json")
+        self.assertEqual(rc, 1, err)
+        problems = json.loads(out)
+        self.assertEqual([(p["line"], p["column"], p["field"], p["code"]) for p in problems],
+                         [(5, 11, "depth_mm", "above-skin-type-max"),
+                          (9, 21, "skin_types", "unknown-skin-type"),
+                          (9, 26, "skin_types", "duplicate-key"),
+                          (10, 9, "passes", "out-of-range"),
+                          (11, 11, "area_cm2", "above-density-max")])
+        self.assertEqual(problems[0]["message"],
+                         "depth_mm 1.25 exceeds the 1 mm maximum for skin type IV (limits-skin.yaml line 27)")
+        self.assertEqual((problems[4]["value"], problems[4]["limit"]), ("25920", "21600"))
+        rc, text, _ = run("check-profile", path, "--limits", self.SKIN_LIMITS)
+        self.assertEqual([p["message"] for p in problems], [p["message"] for p in parse_lines(text)])
+
+    def test_no_surface(self):
+        path = os.path.join(DATA, "profile-no-surface.yaml")
+        rc, out, err = run("check-profile", path, "--limits", self.SKIN_LIMITS)
+        self.assertEqual(rc, 1, err)
+        (p,) = parse_lines(out)
+        self.assertEqual((p["line"], p["column"], p["field"]), ("4", "7", "area_cm2"))
+        self.assertIn("no area_cm2", p["message"])
+        # The same profile under today's limits (no density cap): valid.
+        rc, out, err = run("check-profile", path, "--limits", LIMITS)
+        self.assertEqual((rc, out, err), (0, "", ""))
+
+    def test_boundaries(self):
+        """At the dose cap, just below it and just above it; passes and area_cm2 at their ends."""
+        with open(os.path.join(DATA, "profile-skin.yaml"), encoding="utf-8") as f:
+            base = f.read()
+        cases = [("area_cm2: 60", "area_cm2: 60", None), ("area_cm2: 60", "area_cm2: 60.5", None),
+                 ("area_cm2: 60", "area_cm2: 59.5", "above-density-max"),
+                 ("passes: 3", "passes: 10", None), ("passes: 3", "passes: 11", "out-of-range"),
+                 ("passes: 3", "passes: 1", None), ("passes: 3", "passes: 0", "out-of-range"),
+                 ("area_cm2: 60", "area_cm2: 1000.5", "out-of-range"),
+                 ("area_cm2: 60", "area_cm2: 0", "out-of-range"),
+                 ("depth_mm: 1.0", "depth_mm: 1.05", "above-skin-type-max"),
+                 ("skin_types: [I, II, III, IV]", "skin_types: [I, II, III]", None),
+                 ("skin_types: [I, II, III, IV]", "skin_types: [i]", "unknown-skin-type")]
+        with tempfile.TemporaryDirectory() as d:
+            for old, new, code in cases:
+                path = os.path.join(d, "p.yaml")
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(base.replace(old, new))
+                rc, out, _ = run("check-profile", path, "--limits", self.SKIN_LIMITS, "--json")
+                codes = [p["code"] for p in json.loads(out)]
+                self.assertEqual((rc, codes), (0, []) if code is None else (1, [code]), new)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -483,6 +483,28 @@ class Sessions(NeedlectlTestCase):
         self.assertRegex(out, rf'(?m)^\d\d:\d\d:\d\d\.\d{{3}} {pen} running depth 1\.00/')
         self.assertEqual(self.pen(pen)['state'], 'idle')
 
+    def test_run_with_a_skin_type_shows_the_dose(self):
+        pen = self.add_pen(cartridge=('SKIN-CLI-1', 12))
+        short = self.write('skin.yaml', profile_text(name='skin-one', duration_s=1) + 'skin_types: [I, II]\npasses: 2\n')
+        rc, out, err = self.ctl('run', pen, '--profile', short, '--skin-type', 'II', '--interval', '0.2',
+                                expect='ok', timeout=60)
+        self.assertRegex(out, r'Session \S+ started on ' + pen + ', skin type II')
+        self.assertRegex(out, r'Session \S+ ended: completed \([\d.]+ s, \d+ strokes, \d+ punctures, 0/cm²\)')
+        self.assertRegex(out, rf'(?m)^\d\d:\d\d:\d\d\.\d{{3}} {pen} running .* punctures [1-9]\d* per-cm2 0$')
+        entry = self.ctl_json('history', '--pen', pen, '--limit', '1')[0]
+        self.assertEqual(entry['skin_type'], 'II')
+        self.assertGreater(entry['punctures'], 0)
+        self.assertEqual(entry['punctures'], entry['strokes'] * 12)
+        _, table, _ = self.ctl('history', '--pen', pen, '--limit', '1', expect='ok')
+        self.assertIn('PUNCTURES', table.splitlines()[0])
+        self.assertRegex(table.splitlines()[1], rf'\s{entry["punctures"]}\s+-\s+II\s+completed')
+        # A type the profile is not meant for: refused as invalid, nothing recorded.
+        self.ctl('sim', 'eject', pen, expect='ok')
+        self.ctl('sim', 'insert-cartridge', pen, 'SKIN-CLI-2', '12', expect='ok')
+        rc, _, err = self.ctl('run', pen, '--profile', short, '--skin-type', 'IV', expect='invalid')
+        self.assertIn('skin-type-not-allowed', err)
+        self.assertEqual(len(self.ctl_json('history', '--pen', pen)), 1)
+
     def test_run_refused_exits_with_the_reason(self):
         pen = self.add_pen()
         rc, _, err = self.ctl('run', pen, '--profile', 'acne-scars-cheeks', expect='cartridge')

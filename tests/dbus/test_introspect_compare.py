@@ -29,6 +29,7 @@ API = {
         'Version: s const', 'Features: as const', 'Pens: ao', 'LimitsPath: s const',
         'LimitsState: s', 'LimitsError: s', 'LimitsDigest: s',
         'LimitsLoadedAt: t',  # (ext)
+        'LedgerState: s', 'LedgerError: s',  # (ext)
         'GetLimits() -> a{sv} limits', 'ReloadLimits() -> ',
         'ValidateProfile(s yaml) -> a(sss) violations', 'GetProfiles() -> aa{sv} profiles',
         'GetHistory(a{sv} filter) -> aa{sv} sessions', 'GetCartridge(s id) -> a{sv} cartridge',
@@ -42,6 +43,7 @@ API = {
         'Profile: a{sv}', 'DepthMm: d', 'SpeedHz: d', 'DepthRangeMm: (dd) const',
         'DepthStepMm: d const', 'SpeedRangeHz: (dd) const', 'BatteryPercent: u',
         'TemperatureC: d', 'Cartridge: a{sv}', 'SessionId: s', 'ElapsedS: d', 'Strokes: t',
+        'Punctures: t', 'DensityPerCm2: d', 'SkinType: s',  # Punctures, DensityPerCm2: issue 15; SkinType (ext)
         'TelemetryRateHz: u',
         'LoadProfile(s name) -> ', 'LoadProfileData(s yaml) -> ',
         'Start(a{sv} options) -> s session_id', 'Pause() -> ', 'Resume() -> ',

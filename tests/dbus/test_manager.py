@@ -541,6 +541,9 @@ class LedgerAcrossRestarts(NeedledTestCase):
         killed = self.start_session(pen)
         self.assertEqual(self.history(killed)[0]['reason'], '')
         self.restart(signal.SIGKILL)
+        # Recovery runs once the ledger's background integrity check has passed (docs/ledger.md).
+        wait_until(lambda: self.history(killed)[0]['reason'] == 'daemon-restart', 10 * timeout_multiplier(),
+                   'the killed session recovered')
         h = self.history(killed)
         self.assertEqual(len(h), 1)
         self.assertEqual(h[0]['reason'], 'daemon-restart')

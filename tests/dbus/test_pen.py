@@ -23,7 +23,8 @@ PEN_PROPERTIES = {
     'Simulated': 'b', 'State': 's', 'Fault': 's', 'Warnings': 'as', 'Profile': 'a{sv}', 'DepthMm': 'd',
     'SpeedHz': 'd', 'DepthRangeMm': '(dd)', 'DepthStepMm': 'd', 'SpeedRangeHz': '(dd)',
     'BatteryPercent': 'u', 'TemperatureC': 'd', 'Cartridge': 'a{sv}', 'SessionId': 's',
-    'ElapsedS': 'd', 'Strokes': 't', 'TelemetryRateHz': 'u',
+    'ElapsedS': 'd', 'Strokes': 't', 'Punctures': 't', 'DensityPerCm2': 'd', 'SkinType': 's',
+    'TelemetryRateHz': 'u',
 }
 FLAG_MOTOR_RUNNING = 1 << 0
 FLAG_CARTRIDGE_PRESENT = 1 << 1
@@ -146,6 +147,9 @@ class PenProperties(NeedledTestCase):
         self.assertEqual(p['SessionId'], '')
         self.assertEqual(p['ElapsedS'], 0.0)
         self.assertEqual(p['Strokes'], 0)
+        self.assertEqual(p['Punctures'], 0)
+        self.assertEqual(p['DensityPerCm2'], 0.0)
+        self.assertEqual(p['SkinType'], '')
         self.assertEqual(p['Cartridge'], {'id': '', 'needles': 0, 'state': 'none', 'runtime_s': 0})
         self.assertTrue(math.isfinite(p['TemperatureC']) and 15 < p['TemperatureC'] < 41, p['TemperatureC'])
         self.wait_pen_prop(pen, 'BatteryPercent', lambda v: 78 <= v <= 80)
@@ -382,7 +386,7 @@ class PenTreatment(NeedledTestCase):
                             and mirror['DepthMm'] == 0.8)[1], 5, 'the session in the mirror')
         self.pen_call(pen, 'Stop')
         stable = ('State', 'Fault', 'Profile', 'SessionId', 'DepthMm', 'SpeedHz', 'Cartridge', 'ElapsedS',
-                  'Strokes', 'Warnings')
+                  'Strokes', 'Punctures', 'DensityPerCm2', 'SkinType', 'Warnings')
         want = {k: v for k, v in self.get_all(pen, PEN_IFACE).items() if k in stable}
         # Low-rate values are announced within about a quarter second (the last one always).
         wait_until(lambda: (follow(), {k: mirror[k] for k in stable} == want)[1], 5,

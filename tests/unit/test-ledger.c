@@ -823,6 +823,175 @@ START_TEST(test_history) {
 }
 END_TEST
 
+START_TEST(test_history_before_and_reader) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        _cleanup_(nd_ledger_closep) nd_ledger *reader = NULL;
+        _cleanup_free_ char *error = NULL;
+        char ids[10][ND_LEDGER_SESSION_ID_SIZE];
+        nd_ledger_session *a = NULL;
+        size_t n = 0;
+
+        for (int i = 0; i < 10; i++) {
+                char cart[16];
+                snprintf(cart, sizeof cart, "C%d", i);
+                run_session(l, i % 2 ? "ODD" : "EVEN", cart, T0_US + (uint64_t) i * USEC_PER_SEC, ids[i]);
+        }
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, &error), 0);
+        ck_assert_ptr_null(error);
+
+        /* limit + before page back through everything, once each, newest first. */
+        nd_ledger_history_filter f = { .limit = 3 };
+        size_t seen = 0;
+        for (;;) {
+                ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+                for (size_t i = 0; i < n; i++)
+                        ck_assert_str_eq(a[i].id, ids[9 - seen - i]);
+                seen += n;
+                if (n < 3) {
+                        nd_ledger_session_array_free(a, n);
+                        break;
+                }
+                f.before_us = a[n - 1].start_us;
+                nd_ledger_session_array_free(a, n);
+        }
+        ck_assert_uint_eq(seen, 10);
+
+        f = (nd_ledger_history_filter) { .pen_serial = "EVEN", .since_us = T0_US + 2 * USEC_PER_SEC,
+                                         .before_us = T0_US + 8 * USEC_PER_SEC };
+        ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+        ck_assert_uint_eq(n, 3); /* 6, 4, 2 */
+        ck_assert_str_eq(a[0].id, ids[6]);
+        ck_assert_str_eq(a[2].id, ids[2]);
+        nd_ledger_session_array_free(a, n);
+
+        /* The reader sees what the writer commits after it opened, and cannot write. */
+        char late[ND_LEDGER_SESSION_ID_SIZE];
+        run_session(l, "ODD", "C10", T0_US + 20 * USEC_PER_SEC, late);
+        f = (nd_ledger_history_filter) { .limit = 1 };
+        ck_assert_int_eq(nd_ledger_history_query(reader, &f, &a, &n), 0);
+        ck_assert_uint_eq(n, 1);
+        ck_assert_str_eq(a[0].id, late);
+        nd_ledger_session_array_free(a, n);
+        nd_ledger_cartridge c;
+        ck_assert_int_eq(nd_ledger_cartridge_get(reader, "C10", &c), 0);
+        ck_assert_uint_eq(c.sessions, 1);
+        ck_assert_int_lt(nd_ledger_audit(reader, T0_US, 0, 0, "x", "y", "", ""), 0);
+        ck_assert_int_eq(nd_ledger_recover(reader, T0_US), -EROFS);
+
+        /* No reader on what is not a ledger. */
+        nd_ledger *bad = NULL;
+        free(TAKE_PTR(error));
+        char path[512];
+        snprintf(path, sizeof path, "%s/nothing.sqlite", dir);
+        ck_assert_int_lt(nd_ledger_open_reader(path, &bad, &error), 0);
+        ck_assert_ptr_null(bad);
+        ck_assert_ptr_nonnull(error);
+}
+END_TEST
+
+/* A ledger past the size checked at open (1 MiB): audit entries with long details. */
+static void make_large(const char *dir, char id[static ND_LEDGER_SESSION_ID_SIZE]) {
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        char detail[4001];
+        memset(detail, 'x', sizeof detail - 1);
+        detail[sizeof detail - 1] = '\0';
+        ck_assert_int_eq(nd_ledger_set_bulk_load(l, true), 0);
+        for (int i = 0; i < 400; i++)
+                ck_assert_int_eq(nd_ledger_audit(l, T0_US + (uint64_t) i, 1000, 77, ":1.5", "SetDepth", "PEN1", detail), 0);
+        run_session(l, "PEN1", "CART1", T0_US + 1000 * USEC_PER_SEC, id);
+}
+
+START_TEST(test_deferred_check) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *error = NULL;
+        char id[ND_LEDGER_SESSION_ID_SIZE], path[512];
+        nd_ledger *l = NULL, *reader = NULL;
+        nd_ledger_verify_result v;
+        start_buf b;
+        int r;
+        unsigned step = 0;
+
+        make_large(dir, id);
+        ck_assert_int_eq(nd_ledger_open_deferred(dir, &l, &error), 0);
+        ck_assert(!nd_ledger_checked(l));
+        /* Nothing is written before the check: audit entries wait, sessions are refused. */
+        ck_assert_int_eq(nd_ledger_audit(l, T0_US + 5000 * USEC_PER_SEC, 0, 1, "needled", "LoadProfile", "PEN1", "p"), 0);
+        ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "CART2", T0_US + 6000 * USEC_PER_SEC)), -EAGAIN);
+        ck_assert_ptr_nonnull(strstr(nd_ledger_last_error(l), "integrity check"));
+        ck_assert_int_eq(nd_ledger_recover(l, T0_US), -EAGAIN);
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, NULL), 0);
+        while ((r = nd_ledger_check_step(reader, step)) > 0)
+                step++;
+        ck_assert_int_eq(r, 0);
+        ck_assert_uint_ge(step, 4); /* audit, audit_head, cartridges, sessions */
+        ck_assert_int_eq(nd_ledger_mark_checked(l), 1);
+        ck_assert(nd_ledger_checked(l));
+        ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "CART2", T0_US + 6000 * USEC_PER_SEC)), 0);
+        reader = nd_ledger_close(reader);
+        l = nd_ledger_close(l);
+        snprintf(path, sizeof path, "%s/" ND_LEDGER_FILE_NAME, dir);
+        ck_assert_int_eq(nd_ledger_audit_verify(path, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_INTACT);
+        ck_assert_uint_eq(v.entries, 400 + 2 + 1 + 1); /* details, one session, the held entry, the new begin */
+
+        /* Damage the middle: the open still succeeds (the header is fine), the check finds it, and
+         * nothing was written to the file. */
+        {
+                int fd = open(path, O_RDWR);
+                ck_assert_int_ge(fd, 0);
+                off_t size = lseek(fd, 0, SEEK_END);
+                char junk[4096];
+                memset(junk, 0xa5, sizeof junk);
+                ck_assert_int_eq(pwrite(fd, junk, sizeof junk, size / 2 / 4096 * 4096), (ssize_t) sizeof junk);
+                close(fd);
+        }
+        size_t n_before = 0, n_after = 0;
+        _cleanup_free_ void *before = read_all(path, &n_before);
+        free(TAKE_PTR(error));
+        ck_assert_int_eq(nd_ledger_open_deferred(dir, &l, &error), 0);
+        ck_assert(!nd_ledger_checked(l));
+        ck_assert_int_eq(nd_ledger_audit(l, T0_US + 7000 * USEC_PER_SEC, 0, 1, "needled", "LoadProfile", "PEN1", "q"), 0);
+        ck_assert_int_eq(nd_ledger_open_reader(nd_ledger_path(l), &reader, NULL), 0);
+        for (step = 0; (r = nd_ledger_check_step(reader, step)) > 0;)
+                step++;
+        ck_assert_int_eq(r, -EBADMSG);
+        ck_assert_ptr_nonnull(strstr(nd_ledger_last_error(reader), "corrupt"));
+        ck_assert_uint_eq(nd_ledger_drop_pending_audit(l, NULL, NULL), 1);
+        reader = nd_ledger_close(reader);
+        l = nd_ledger_close(l);
+        _cleanup_free_ void *after = read_all(path, &n_after);
+        ck_assert_uint_eq(n_before, n_after);
+        ck_assert(memcmp(before, after, n_before) == 0);
+}
+END_TEST
+
+/* Every documented filter is answered from an index: each table is searched by a key of the filter
+ * (never scanned, not even along an index: the old pen query walked sessions_by_start), no sort. */
+START_TEST(test_query_plans_use_indexes) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        static const struct {
+                nd_ledger_query q;
+                const char *index;
+        } queries[] = {
+                { ND_LEDGER_QUERY_HISTORY, "SEARCH sessions USING INDEX sessions_by_start (start_us>? AND start_us<?)" },
+                { ND_LEDGER_QUERY_HISTORY_PEN,
+                  "SEARCH sessions USING INDEX sessions_by_pen (pen_serial=? AND start_us>? AND start_us<?)" },
+                { ND_LEDGER_QUERY_CARTRIDGE, "SEARCH sessions USING INDEX sessions_by_cartridge (cartridge_id=?)" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(queries); i++) {
+                _cleanup_free_ char *plan = NULL;
+                ck_assert_int_eq(nd_ledger_query_plan(l, queries[i].q, &plan), 0);
+                ck_assert_msg(strstr(plan, queries[i].index), "query %zu: %s", i, plan);
+                ck_assert_msg(!strstr(plan, "TEMP B-TREE"), "query %zu sorts: %s", i, plan);
+                ck_assert_msg(!strstr(plan, "SCAN "), "query %zu scans: %s", i, plan);
+        }
+        ck_assert_int_eq(nd_ledger_query_plan(l, (nd_ledger_query) 99, &(char *) { NULL }), -EINVAL);
+}
+END_TEST
+
 /* ---- the audit trail ---- */
 
 /* The documented encoding (docs/ledger.md), written out independently of ledger.c. */
@@ -867,6 +1036,49 @@ static void make_trail(const char *dir, int extra_entries) {
         }
         run_session(l, "PEN1", "CART1", T0_US + 1000, id);
 }
+
+/* Incremental verification from an anchor: the entries and sessions after it are checked, the
+ * anchor itself must match, and a change before it is left to the full verification. */
+START_TEST(test_verify_from_anchor) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *p = db_path(dir);
+        nd_ledger_verify_result v;
+        char id[ND_LEDGER_SESSION_ID_SIZE], anchor[ND_SHA256_HEX_SIZE], sql[256];
+
+        make_trail(dir, 3);                     /* entries 1-3, a session: 4 and 5 */
+        v = verify_dir(dir);
+        uint64_t anchor_seq = v.head_seq;
+        memcpy(anchor, v.head_hash, sizeof anchor);
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                run_session(l, "PEN1", "CART2", T0_US + 9000 * USEC_PER_SEC, id);      /* 6 and 7 */
+        }
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_INTACT);
+        ck_assert_uint_eq(v.head_seq, 7);
+        ck_assert_uint_eq(v.sessions, 1);       /* the session after the anchor only */
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, 0, NULL, &v), -EINVAL);
+
+        /* A wrong anchor is refused. */
+        char wrong[ND_SHA256_HEX_SIZE];
+        memcpy(wrong, anchor, sizeof wrong);
+        wrong[0] = wrong[0] == 'a' ? 'b' : 'a';
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, wrong, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_ANCHOR);
+
+        /* A session after the anchor changed by hand is found. */
+        snprintf(sql, sizeof sql, "UPDATE sessions SET max_depth_mm = 0.5 WHERE id = '%s'", id);
+        sql_on(dir, sql);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
+
+        /* An entry after the anchor changed by hand is found. */
+        sql_on(dir, "UPDATE audit SET detail = 'x' WHERE seq = 6");
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_HASH);
+        ck_assert_uint_eq(v.broken_seq, 6);
+}
+END_TEST
 
 START_TEST(test_audit_chain) {
         _cleanup_dir_ char *dir = make_dir();
@@ -1078,9 +1290,17 @@ START_TEST(test_tamper_records) {
                 "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
                 "profile_name, profile_yaml, profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, "
                 "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
-                "max_speed_hz, max_temperature_c, max_current_ma, end_reason FROM sessions",
+                "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
+                "density_per_cm2 FROM sessions",
                 "UPDATE cartridges SET state = 'in-use'",
                 "UPDATE sessions SET strokes = strokes + 1",
+                /* schema 2's columns are covered by the digests too, and clearing one is a change */
+                "UPDATE sessions SET skin_type = 'I'",
+                "UPDATE sessions SET skin_type = NULL",
+                "UPDATE sessions SET area_cm2 = 100",
+                "UPDATE sessions SET punctures = punctures + 1",
+                "UPDATE sessions SET density_per_cm2 = 5",
+                "UPDATE sessions SET density_per_cm2 = NULL",
         };
         for (size_t i = 0; i < ELEMENTSOF(edits); i++) {
                 _cleanup_dir_ char *d = make_dir();
@@ -1253,6 +1473,156 @@ START_TEST(test_soak) {
 }
 END_TEST
 
+
+/* ---- schema 2: skin type, surface and dose ---- */
+
+START_TEST(test_dose_columns) {
+        _cleanup_dir_ char *dir = make_dir();
+        char id[ND_LEDGER_SESSION_ID_SIZE], plain_id[ND_LEDGER_SESSION_ID_SIZE];
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                start_buf b;
+                start_of(&b, "PEN1", "C1", T0_US);
+                b.s.skin_type = "IV";
+                b.s.area_cm2 = 60;
+                ck_assert_msg(nd_ledger_session_begin(l, &b.s) == 0, "%s", nd_ledger_last_error(l));
+                memcpy(id, b.id, sizeof id);
+
+                nd_ledger_session s;
+                ck_assert_int_eq(nd_ledger_session_get(l, id, &s), 0);
+                ck_assert_str_eq(s.skin_type, "IV");
+                ck_assert(s.area_cm2 == 60);
+                ck_assert_uint_eq(s.stats.punctures, 0);
+                ck_assert(s.stats.density_per_cm2 == 0);
+                nd_ledger_session_clear(&s);
+
+                nd_ledger_stats st = stats_of(30, 3600, 1.0);
+                st.punctures = 3600 * 12;
+                st.density_per_cm2 = 3600.0 * 12 / 60;
+                ck_assert_int_eq(nd_ledger_session_progress(l, id, T0_US + 30 * USEC_PER_SEC, &st), 0);
+                ck_assert_int_eq(nd_ledger_session_get(l, id, &s), 0);
+                ck_assert_uint_eq(s.stats.punctures, 43200);
+                ck_assert(s.stats.density_per_cm2 == 720);
+                nd_ledger_session_clear(&s);
+
+                st = stats_of(60, 7200, 1.0);
+                st.punctures = 7200 * 12;
+                st.density_per_cm2 = 7200.0 * 12 / 60;
+                ck_assert_int_eq(nd_ledger_session_end(l, id, T0_US + 60 * USEC_PER_SEC, &st, "dose-reached"), 0);
+                /* A session with no skin type and no surface. */
+                run_session(l, "PEN1", "C2", T0_US + 100 * USEC_PER_SEC, plain_id);
+
+                nd_ledger_session *h = NULL;
+                size_t n = 0;
+                ck_assert_int_eq(nd_ledger_history(l, NULL, 0, 0, &h, &n), 0);
+                ck_assert_uint_eq(n, 2);
+                ck_assert_str_eq(h[1].id, id);
+                ck_assert_str_eq(h[1].skin_type, "IV");
+                ck_assert_str_eq(h[1].reason, "dose-reached");
+                ck_assert_uint_eq(h[1].stats.punctures, 86400);
+                ck_assert(h[1].stats.density_per_cm2 == 1440);
+                ck_assert(h[1].area_cm2 == 60);
+                ck_assert_str_eq(h[0].skin_type, "");
+                ck_assert(h[0].area_cm2 == 0);
+                nd_ledger_session_array_free(h, n);
+
+                /* Out-of-range figures are refused, not stored. */
+                start_buf c;
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&c, "PEN1", "C3", T0_US + 200 * USEC_PER_SEC)), 0);
+                st.density_per_cm2 = NAN;
+                ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
+                st.density_per_cm2 = -1;
+                ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
+                st.density_per_cm2 = 0;
+                st.punctures = UINT64_MAX;
+                ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
+        }
+        assert_intact(dir);
+        /* The audit trail names them. */
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=IV'"), 1);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=none'"), 2);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-end' AND detail LIKE '% punctures=86400'"), 1);
+}
+END_TEST
+
+/* tests/data/ledger-schema1.sqlite was written by needled's ledger before schema 2 (commit
+ * d14ef18, tests/cli/test_audit.c): three finished sessions, one left running, 11 entries. */
+START_TEST(test_migrate_schema1_ledger) {
+        _cleanup_dir_ char *dir = make_dir();
+        const char *root = getenv("NEEDLED_SOURCE_ROOT");
+        ck_assert_msg(root, "NEEDLED_SOURCE_ROOT is not set");
+        _cleanup_free_ char *src = NULL;
+        ck_assert_int_ge(asprintf(&src, "%s/tests/data/ledger-schema1.sqlite", root), 0);
+        size_t len;
+        _cleanup_free_ void *bytes = read_all(src, &len);
+        _cleanup_free_ char *path = db_path(dir);
+        write_all(path, bytes, len);
+
+        /* Read as it is, schema 1, by this build's verifier: intact. */
+        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 1);
+        nd_ledger_verify_result v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
+        ck_assert_uint_eq(v.entries, 11);
+        ck_assert_uint_eq(v.sessions, 4);
+
+        /* Opened: migrated, every row still there, the chain intact. */
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), ND_LEDGER_SCHEMA_VERSION);
+                ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM sessions WHERE skin_type IS NULL AND punctures IS NULL"), 4);
+                nd_ledger_session *h = NULL;
+                size_t n = 0;
+                ck_assert_int_eq(nd_ledger_history(l, NULL, 0, 0, &h, &n), 0);
+                ck_assert_uint_eq(n, 4);
+                for (size_t i = 0; i < n; i++) {
+                        ck_assert_str_eq(h[i].skin_type, "");
+                        ck_assert_uint_eq(h[i].stats.punctures, 0);
+                        ck_assert(h[i].stats.density_per_cm2 == 0);
+                        ck_assert_str_eq(h[i].profile_name, "forehead-lines");
+                }
+                ck_assert_str_eq(h[0].pen_serial, "PEN2");
+                ck_assert_str_eq(h[0].reason, "");
+                ck_assert_str_eq(h[1].reason, "completed");
+                ck_assert_uint_eq(h[1].stats.strokes, 3600);
+                nd_ledger_session_array_free(h, n);
+                nd_ledger_cartridge c;
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "CART0", &c), 0);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_SPENT);
+        }
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after migration: %s", v.message);
+        ck_assert_uint_eq(v.entries, 11);
+
+        /* The old running session ends as a restart, a new session with the new columns runs
+         * beside the old ones, and the whole trail verifies. */
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(nd_ledger_recover(l, T0_US + 2000 * USEC_PER_SEC), 1);
+                start_buf b;
+                start_of(&b, "PEN1", "NEWCART", T0_US + 3000 * USEC_PER_SEC);
+                b.s.skin_type = "V";
+                b.s.area_cm2 = 25;
+                ck_assert_int_eq(nd_ledger_session_begin(l, &b.s), 0);
+                nd_ledger_stats st = stats_of(10, 1000, 0.5);
+                st.punctures = 12000;
+                st.density_per_cm2 = 480;
+                ck_assert_int_eq(nd_ledger_session_end(l, b.id, T0_US + 3010 * USEC_PER_SEC, &st, "completed"), 0);
+                /* Schema 1's single-use record still holds. */
+                start_buf again;
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&again, "PEN1", "CART1", T0_US + 4000 * USEC_PER_SEC)),
+                                 -ESTALE);
+        }
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after new sessions: %s", v.message);
+        ck_assert_uint_eq(v.sessions, 5);
+
+        /* An old row's new columns filled in by hand: a change the digests show. */
+        sql_on(dir, "UPDATE sessions SET skin_type = 'VI' WHERE cartridge_id = 'CART0'");
+        v = verify_dir(dir);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
+}
+END_TEST
+
 Suite *nd_test_suite(void) {
         Suite *s = suite_create("ledger");
         TCase *tc;
@@ -1277,6 +1647,12 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_recover);
         tcase_add_test(tc, test_recover_after_kill);
         tcase_add_test(tc, test_history);
+        tcase_add_test(tc, test_dose_columns);
+        tcase_add_test(tc, test_migrate_schema1_ledger);
+        tcase_add_test(tc, test_history_before_and_reader);
+        tcase_add_test(tc, test_query_plans_use_indexes);
+        tcase_add_test(tc, test_deferred_check);
+        tcase_add_test(tc, test_verify_from_anchor);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("audit");

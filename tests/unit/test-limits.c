@@ -573,6 +573,229 @@ START_TEST(test_area_checks) {
 }
 END_TEST
 
+
+/* The example with the optional skin types (lines 31-34) and a density cap on cheeks (line 25). */
+#define SKIN_TYPES_TAIL \
+        "skin_types:\n" \
+        "  IV: {max_depth_mm: 1.0}\n" \
+        "  V:  {max_depth_mm: 0.75}\n" \
+        "  VI: {max_depth_mm: 0.5}\n"
+
+/* Lines of the fixture: the skin types appended to it start on the next one. */
+static unsigned fixture_lines(void) {
+        unsigned n = 0;
+        for (const char *c = VALID_LIMITS; *c; c++)
+                n += *c == '\n';
+        return n;
+}
+
+static char *skin_limits_text(void) {
+        _cleanup_free_ char *base = NULL;
+        char *text = NULL;
+        ck_assert_int_ge(asprintf(&base, "%s%s", VALID_LIMITS, SKIN_TYPES_TAIL), 0);
+        text = mutate(base, "cheeks:      {max_depth_mm: 1.5}", "cheeks:      {max_depth_mm: 1.5, max_density_per_cm2: 5000}");
+        return text;
+}
+
+START_TEST(test_skin_types_valid) {
+        _cleanup_free_ char *text = skin_limits_text();
+        _cleanup_(nd_limits_freep) nd_limits *l = NULL;
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        int r = nd_limits_load_data(text, strlen(text), "limits.yaml", &l, &d);
+        _cleanup_free_ char *got = dump(&d);
+        ck_assert_msg(r == 0, "refused:%s", got);
+        ck_assert(l->has_skin_types);
+        ck_assert(!l->skin_types[ND_SKIN_TYPE_I].set);
+        ck_assert(!l->skin_types[ND_SKIN_TYPE_III].set);
+        ck_assert(l->skin_types[ND_SKIN_TYPE_IV].set);
+        ck_assert(l->skin_types[ND_SKIN_TYPE_IV].max_depth_mm == 1.0);
+        ck_assert_uint_eq(l->skin_types[ND_SKIN_TYPE_IV].line, fixture_lines() + 2);
+        ck_assert(l->skin_types[ND_SKIN_TYPE_VI].max_depth_mm == 0.5);
+        ck_assert(!l->session.has_require_skin_type);
+        ck_assert(!l->session.require_skin_type);
+        const nd_area_limits *cheeks = nd_limits_find_area(l, "cheeks"), *neck = nd_limits_find_area(l, "neck");
+        ck_assert(cheeks->has_max_density_per_cm2);
+        ck_assert(cheeks->max_density_per_cm2 == 5000);
+        ck_assert(!neck->has_max_density_per_cm2);
+
+        /* Without the new keys nothing is set: today's files mean what they meant. */
+        _cleanup_(nd_limits_freep) nd_limits *plain = example_limits();
+        ck_assert(!plain->has_skin_types);
+        for (int t = 0; t < ND_SKIN_TYPES_COUNT; t++)
+                ck_assert(!plain->skin_types[t].set);
+        ck_assert(!plain->session.has_require_skin_type);
+        for (size_t i = 0; i < plain->n_areas; i++)
+                ck_assert(!plain->areas[i].has_max_density_per_cm2);
+}
+END_TEST
+
+START_TEST(test_skin_types_optional_forms) {
+        static const struct { const char *from, *to; } ok[] = {
+                /* every type, boundary caps: at 3.0 and just below it */
+                { "  VI: {max_depth_mm: 0.5}\n", "  VI: {max_depth_mm: 0.5}\n  I: {max_depth_mm: 3.0}\n  II: {max_depth_mm: 2.9999}\n  III: {max_depth_mm: 0.0001}\n" },
+                { "  client_heartbeat_timeout_ms: 0\n", "  client_heartbeat_timeout_ms: 0\n  require_skin_type: true\n" },
+                { "  client_heartbeat_timeout_ms: 0\n", "  client_heartbeat_timeout_ms: 0\n  require_skin_type: false\n" },
+                { "max_density_per_cm2: 5000", "max_density_per_cm2: 10000000" },
+                { "max_density_per_cm2: 5000", "max_density_per_cm2: 0.001" },
+                { "skin_types:\n  IV: {max_depth_mm: 1.0}\n  V:  {max_depth_mm: 0.75}\n  VI: {max_depth_mm: 0.5}\n", "skin_types: {}\n" },
+        };
+        _cleanup_free_ char *base = skin_limits_text();
+        for (size_t i = 0; i < ELEMENTSOF(ok); i++) {
+                _cleanup_free_ char *text = mutate(base, ok[i].from, ok[i].to);
+                _cleanup_(nd_limits_freep) nd_limits *l = NULL;
+                _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+                int r = nd_limits_load_data(text, strlen(text), "limits.yaml", &l, &d);
+                _cleanup_free_ char *got = dump(&d);
+                ck_assert_msg(r == 0, "form %zu refused:%s", i, got);
+                if (i == 0) {
+                        ck_assert(l->skin_types[ND_SKIN_TYPE_I].max_depth_mm == 3.0);
+                        ck_assert(l->skin_types[ND_SKIN_TYPE_II].max_depth_mm == 2.9999);
+                }
+                if (i == 1)
+                        ck_assert(l->session.has_require_skin_type && l->session.require_skin_type);
+                if (i == 2)
+                        ck_assert(l->session.has_require_skin_type && !l->session.require_skin_type);
+                if (i == 5) {
+                        ck_assert(l->has_skin_types);
+                        for (int t = 0; t < ND_SKIN_TYPES_COUNT; t++)
+                                ck_assert(!l->skin_types[t].set);
+                }
+        }
+}
+END_TEST
+
+/* One change each to the skin-type example, and the single problem it must produce. The
+ * skin_types lines follow the fixture, however long it is: SKIN_LINE(1) is "skin_types:". */
+#define SKIN_LINE_BASE 1000u
+#define SKIN_LINE(n) (SKIN_LINE_BASE + (n))
+static const limits_case skin_cases[] = {
+        { "  VI: {max_depth_mm: 0.5}", "  VII: {max_depth_mm: 0.5}", "unknown-skin-type", "skin_types", SKIN_LINE(4), 3 },
+        { "  IV: {max_depth_mm: 1.0}", "  iv: {max_depth_mm: 1.0}", "unknown-skin-type", "skin_types", SKIN_LINE(2), 3 },
+        { "  IV: {max_depth_mm: 1.0}", "  4: {max_depth_mm: 1.0}", "unknown-skin-type", "skin_types", SKIN_LINE(2), 3 },
+        { "  V:  {max_depth_mm: 0.75}", "  IV: {max_depth_mm: 0.75}", "duplicate-key", "skin_types.IV", SKIN_LINE(3), 3 },
+        /* the cap: at most 3.0 mm, more than 0 */
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 3.0001}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 3.5}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 0}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: -0.5}", "depth-out-of-range", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: \"1.0\"}", "wrong-type", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: .nan}", "not-finite", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 22 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {}", "missing-field", "skin_types.IV.max_depth_mm", SKIN_LINE(2), 7 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: {max_depth_mm: 1.0, max_speed_hz: 100}", "unknown-field", "skin_types.IV.max_speed_hz", SKIN_LINE(2), 27 },
+        { "  IV: {max_depth_mm: 1.0}", "  IV: 1.0", "wrong-type", "skin_types.IV", SKIN_LINE(2), 7 },
+        { "skin_types:\n  IV: {max_depth_mm: 1.0}\n  V:  {max_depth_mm: 0.75}\n  VI: {max_depth_mm: 0.5}\n",
+          "skin_types: [IV, V]\n", "wrong-type", "skin_types", SKIN_LINE(1), 13 },
+        /* session.require_skin_type: a boolean */
+        { "  client_heartbeat_timeout_ms: 0\n", "  client_heartbeat_timeout_ms: 0\n  require_skin_type: yes\n",
+          "wrong-type", "session.require_skin_type", 16, 22 },
+        { "  client_heartbeat_timeout_ms: 0\n", "  client_heartbeat_timeout_ms: 0\n  require_skin_type: 1\n",
+          "wrong-type", "session.require_skin_type", 16, 22 },
+        /* max_density_per_cm2: more than 0, at most ND_DENSITY_MAX_PER_CM2 */
+        { "max_density_per_cm2: 5000", "max_density_per_cm2: 0", "not-positive", "areas.cheeks.max_density_per_cm2", 25, 57 },
+        { "max_density_per_cm2: 5000", "max_density_per_cm2: -1", "not-positive", "areas.cheeks.max_density_per_cm2", 25, 57 },
+        { "max_density_per_cm2: 5000", "max_density_per_cm2: 10000000.5", "out-of-range", "areas.cheeks.max_density_per_cm2", 25, 57 },
+        { "max_density_per_cm2: 5000", "max_density_per_cm2: \"5000\"", "wrong-type", "areas.cheeks.max_density_per_cm2", 25, 57 },
+        { "max_density_per_cm2: 5000", "max_density_per_cm2: .inf", "not-finite", "areas.cheeks.max_density_per_cm2", 25, 57 },
+        { "max_density_per_cm2: 5000", "max_density_per_cm2: 5000, max_density_per_cm2: 100", "duplicate-key", "areas.cheeks.max_density_per_cm2", 25, 63 },
+};
+
+START_TEST(test_skin_single_violation) {
+        const limits_case *c = &skin_cases[_i];
+        _cleanup_free_ char *base = skin_limits_text();
+        _cleanup_free_ char *text = mutate(base, c->from, c->to);
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        nd_limits *l = (nd_limits *) 1;
+        int r = nd_limits_load_data(text, strlen(text), "limits.yaml", &l, &d);
+        _cleanup_free_ char *got = dump(&d);
+        ck_assert_msg(r == -EINVAL, "case %d ('%s' -> '%s') accepted", _i, c->from, c->to);
+        ck_assert_ptr_null(l);
+        ck_assert_msg(nd_diags_count(&d) == 1, "case %d ('%s' -> '%s'): %zu problems:%s", _i, c->from, c->to,
+                      nd_diags_count(&d), got);
+        unsigned line = c->line > SKIN_LINE_BASE ? fixture_lines() + c->line - SKIN_LINE_BASE : c->line;
+        assert_diag(&d.items[0], "limits.yaml", line, c->column, c->field, c->code);
+}
+END_TEST
+
+START_TEST(test_skin_messages) {
+        _cleanup_free_ char *base = skin_limits_text();
+        _cleanup_free_ char *text = mutate(base, "  VI: {max_depth_mm: 0.5}", "  VII: {max_depth_mm: 0.5}\n  IV: {max_depth_mm: 3.5}");
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        nd_limits *l = NULL;
+        ck_assert_int_eq(nd_limits_load_data(text, strlen(text), "limits.yaml", &l, &d), -EINVAL);
+        ck_assert_uint_eq(nd_diags_count(&d), 2);
+        ck_assert_str_eq(d.items[0].message, "'VII' is not a Fitzpatrick skin type; the types are: I, II, III, IV, V, VI");
+        ck_assert_str_eq(d.items[0].value, "VII");
+        ck_assert_str_eq(d.items[1].code, "duplicate-key");
+        char want[160];
+        snprintf(want, sizeof want, "skin type IV appears twice in skin_types (first at line %u)", fixture_lines() + 2);
+        ck_assert_str_eq(d.items[1].message, want);
+        _cleanup_free_ char *line = nd_diag_format(&d.items[0]);
+        snprintf(want, sizeof want, "limits.yaml:%u:3: skin_types: 'VII' is not a Fitzpatrick skin type; the types are: I, II, III, IV, V, VI",
+                 fixture_lines() + 4);
+        ck_assert_str_eq(line, want);
+}
+END_TEST
+
+START_TEST(test_skin_type_names) {
+        ck_assert_str_eq(nd_skin_type_to_string(ND_SKIN_TYPE_I), "I");
+        ck_assert_str_eq(nd_skin_type_to_string(ND_SKIN_TYPE_VI), "VI");
+        ck_assert_ptr_null(nd_skin_type_to_string(ND_SKIN_TYPE_NONE));
+        ck_assert_ptr_null(nd_skin_type_to_string(ND_SKIN_TYPES_COUNT));
+        for (int t = 0; t < ND_SKIN_TYPES_COUNT; t++)
+                ck_assert_int_eq(nd_skin_type_from_string(nd_skin_type_to_string((nd_skin_type) t)), t);
+        ck_assert_int_eq(nd_skin_type_from_string("iv"), ND_SKIN_TYPE_NONE);
+        ck_assert_int_eq(nd_skin_type_from_string("VII"), ND_SKIN_TYPE_NONE);
+        ck_assert_int_eq(nd_skin_type_from_string(" IV"), ND_SKIN_TYPE_NONE);
+        ck_assert_int_eq(nd_skin_type_from_string(""), ND_SKIN_TYPE_NONE);
+        ck_assert_int_eq(nd_skin_type_from_string(NULL), ND_SKIN_TYPE_NONE);
+}
+END_TEST
+
+START_TEST(test_skin_depth_cap) {
+        _cleanup_free_ char *text = skin_limits_text();
+        _cleanup_(nd_limits_freep) nd_limits *l = NULL;
+        ck_assert_int_eq(nd_limits_load_data(text, strlen(text), "limits.yaml", &l, NULL), 0);
+        const nd_area_limits *cheeks = nd_limits_find_area(l, "cheeks"), *peri = nd_limits_find_area(l, "periorbital");
+
+        /* The lower of the area's and the type's. */
+        ck_assert(nd_limits_effective_max_depth_mm(l, cheeks, ND_SKIN_TYPE_NONE) == 1.5);
+        ck_assert(nd_limits_effective_max_depth_mm(l, cheeks, ND_SKIN_TYPE_I) == 1.5);
+        ck_assert(nd_limits_effective_max_depth_mm(l, cheeks, ND_SKIN_TYPE_IV) == 1.0);
+        ck_assert(nd_limits_effective_max_depth_mm(l, cheeks, ND_SKIN_TYPE_VI) == 0.5);
+        ck_assert(nd_limits_effective_max_depth_mm(l, peri, ND_SKIN_TYPE_IV) == 0.5);
+        ck_assert(nd_limits_effective_max_depth_mm(l, peri, ND_SKIN_TYPE_VI) == 0.5);
+
+        /* SetDepth: at, just below and just above the cap. */
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_IV, 1.0, &d), 0);
+        ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_IV, 0.95, &d), 0);
+        ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_II, 1.5, &d), 0);
+        ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_NONE, 1.5, &d), 0);
+        ck_assert_uint_eq(nd_diags_count(&d), 0);
+        ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_IV, 1.0000001, &d), -ERANGE);
+        assert_diag(&d.items[0], NULL, 0, 0, "depth_mm", "above-skin-type-max");
+        char want[160];
+        snprintf(want, sizeof want, "depth_mm 1.0000001 exceeds the 1 mm maximum for skin type IV (limits.yaml line %u)",
+                 fixture_lines() + 2);
+        ck_assert_str_eq(d.items[0].message, want);
+        ck_assert_str_eq(d.items[0].limit, "1");
+        /* Beyond the area: the area's code comes first, alone. */
+        ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_IV, 1.6, &d), -ERANGE);
+        ck_assert_uint_eq(nd_diags_count(&d), 2);
+        ck_assert_str_eq(d.items[1].code, "above-area-max");
+        ck_assert_int_eq(nd_limits_check_depth_for_skin(l, "cheeks", ND_SKIN_TYPE_VI, NAN, &d), -ERANGE);
+        ck_assert_str_eq(d.items[2].code, "not-finite");
+
+        /* With a position: the profile's. */
+        nd_limits_at at = { "p.yaml", 4, 11, "0.8" };
+        ck_assert_int_eq(nd_limits_check_skin_type_depth(l, ND_SKIN_TYPE_V, 0.8, &at, &d), -ERANGE);
+        assert_diag(&d.items[3], "p.yaml", 4, 11, "depth_mm", "above-skin-type-max");
+        ck_assert_int_eq(nd_limits_check_skin_type_depth(l, ND_SKIN_TYPE_V, 0.75, &at, &d), 0);
+        ck_assert_int_eq(nd_limits_check_skin_type_depth(l, ND_SKIN_TYPE_III, 3.0, &at, &d), 0);
+        ck_assert_uint_eq(nd_diags_count(&d), 4);
+}
+END_TEST
+
 Suite *nd_test_suite(void) {
         Suite *s = suite_create("limits");
         TCase *tc = tcase_create("load");
@@ -593,6 +816,15 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_check_depth);
         tcase_add_test(tc, test_check_speed);
         tcase_add_test(tc, test_area_checks);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("skin-types");
+        tcase_add_test(tc, test_skin_types_valid);
+        tcase_add_test(tc, test_skin_types_optional_forms);
+        tcase_add_loop_test(tc, test_skin_single_violation, 0, ELEMENTSOF(skin_cases));
+        tcase_add_test(tc, test_skin_messages);
+        tcase_add_test(tc, test_skin_type_names);
+        tcase_add_test(tc, test_skin_depth_cap);
         suite_add_tcase(s, tc);
         return s;
 }

@@ -13,6 +13,7 @@
 #include "check-main.h"
 #include "diag.h"
 #include "digest.h"
+#include "dose.h"
 #include "limits-test.h"
 #include "profile.h"
 #include "safety-limits.h"
@@ -656,6 +657,278 @@ START_TEST(test_empty_dir_and_load_file) {
 }
 END_TEST
 
+
+/* ---- skin types, passes, surface, dose ------------------------------------------------------ */
+
+/* LIMITS with skin types IV/V/VI capped at 1.0/0.75/0.5 mm (lines 31-34) and a density cap on
+ * cheeks (line 25) that the example below meets exactly: 12 x 120 x 900 / 60 = 21600. */
+static char *skin_limits_text(const char *extra_session) {
+        _cleanup_free_ char *base = NULL, *capped = NULL;
+        ck_assert_int_ge(asprintf(&base, "%s%s", LIMITS,
+                                  "skin_types:\n  IV: {max_depth_mm: 1.0}\n  V:  {max_depth_mm: 0.75}\n  VI: {max_depth_mm: 0.5}\n"), 0);
+        capped = mutate(base, "cheeks:      {max_depth_mm: 1.5}", "cheeks:      {max_depth_mm: 1.5, max_density_per_cm2: 21600}");
+        return mutate(capped, "  client_heartbeat_timeout_ms: 0\n", extra_session);
+}
+
+static nd_limits *skin_limits(const char *extra_session) {
+        _cleanup_free_ char *text = skin_limits_text(extra_session);
+        nd_limits *l = NULL;
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        int r = nd_limits_load_data(text, strlen(text), "limits.yaml", &l, &d);
+        _cleanup_free_ char *got = dump(&d);
+        ck_assert_msg(r == 0, "limits refused:%s", got);
+        return l;
+}
+
+/* The example with the new keys on lines 12-14. */
+static char *skin_profile_text(void) {
+        char *s = NULL;
+        ck_assert_int_ge(asprintf(&s, "%sskin_types: [I, II, III]\npasses: 3\narea_cm2: 60\n", PROFILE), 0);
+        return s;
+}
+
+START_TEST(test_skin_profile_valid) {
+        _cleanup_(nd_limits_freep) nd_limits *l = skin_limits("  client_heartbeat_timeout_ms: 0\n");
+        _cleanup_free_ char *text = skin_profile_text();
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        _cleanup_(nd_profile_freep) nd_profile *p = NULL;
+        int r = nd_profile_parse(text, strlen(text), "p.yaml", l, &p, &d);
+        _cleanup_free_ char *got = dump(&d);
+        ck_assert_msg(r == 0, "refused:%s", got);
+        ck_assert(p->has_skin_types && p->has_passes && p->has_area_cm2);
+        ck_assert(p->skin_types[ND_SKIN_TYPE_I] && p->skin_types[ND_SKIN_TYPE_II] && p->skin_types[ND_SKIN_TYPE_III]);
+        ck_assert(!p->skin_types[ND_SKIN_TYPE_IV] && !p->skin_types[ND_SKIN_TYPE_V] && !p->skin_types[ND_SKIN_TYPE_VI]);
+        ck_assert_uint_eq(p->passes, 3);
+        ck_assert(p->area_cm2 == 60);
+        ck_assert(nd_profile_planned_density_per_cm2(p) == 21600);
+        char types[32];
+        nd_profile_skin_types_text(p, types);
+        ck_assert_str_eq(types, "I, II, III");
+
+        /* Today's example has none of the new keys, and is still valid under these limits
+         * everywhere but an area with a density cap. */
+        _cleanup_(nd_profile_freep) nd_profile *plain = NULL;
+        _cleanup_free_ char *forehead = mutate(PROFILE, "area: cheeks\ndepth_mm: 1.25", "area: forehead\ndepth_mm: 0.75");
+        ck_assert_int_eq(nd_profile_parse(forehead, strlen(forehead), NULL, l, &plain, NULL), 0);
+        ck_assert(!plain->has_skin_types && !plain->has_passes && !plain->has_area_cm2);
+        ck_assert(nd_profile_planned_density_per_cm2(plain) < 0);
+        nd_profile_skin_types_text(plain, types);
+        ck_assert_str_eq(types, "");
+
+        /* Boundaries that pass: passes 1 and 10, area_cm2 1000 and just above 0, every type,
+         * the dose exactly at the cap and just below it. */
+        static const struct { const char *from, *to; } ok[] = {
+                { "passes: 3", "passes: 1" },
+                { "passes: 3", "passes: 10" },
+                { "area_cm2: 60", "area_cm2: 60.01" },
+                { "skin_types: [I, II, III]", "skin_types: [III, I]" },
+                { "skin_types: [I, II, III]\n", "" },
+                { "passes: 3\n", "" },
+                { "depth_mm: 1.25", "depth_mm: 1.0" },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(ok); i++) {
+                _cleanup_free_ char *t = mutate(text, ok[i].from, ok[i].to);
+                _cleanup_diags_ nd_diags e = ND_DIAGS_INIT;
+                _cleanup_(nd_profile_freep) nd_profile *q = NULL;
+                r = nd_profile_parse(t, strlen(t), NULL, l, &q, &e);
+                _cleanup_free_ char *g = dump(&e);
+                ck_assert_msg(r == 0, "form %zu refused:%s", i, g);
+        }
+        /* With every type, but at VI's depth (the shallowest cap). */
+        _cleanup_free_ char *all = mutate(text, "skin_types: [I, II, III]", "skin_types: [I, II, III, IV, V, VI]");
+        _cleanup_free_ char *shallow = mutate(all, "depth_mm: 1.25", "depth_mm: 0.5");
+        _cleanup_(nd_profile_freep) nd_profile *q = NULL;
+        ck_assert_int_eq(nd_profile_parse(shallow, strlen(shallow), NULL, l, &q, NULL), 0);
+        /* A large surface: 1000 cm² at the top of the range. */
+        _cleanup_free_ char *wide = mutate(text, "area_cm2: 60", "area_cm2: 1000");
+        _cleanup_(nd_profile_freep) nd_profile *w = NULL;
+        ck_assert_int_eq(nd_profile_parse(wide, strlen(wide), NULL, l, &w, NULL), 0);
+        ck_assert(w->area_cm2 == 1000);
+}
+END_TEST
+
+static const profile_case skin_cases[] = {
+        { "skin_types: [I, II, III]", "skin_types: [I, II, VII]", "unknown-skin-type", "skin_types", 12, 21 },
+        { "skin_types: [I, II, III]", "skin_types: [I, ii]", "unknown-skin-type", "skin_types", 12, 17 },
+        { "skin_types: [I, II, III]", "skin_types: [1]", "unknown-skin-type", "skin_types", 12, 14 },
+        { "skin_types: [I, II, III]", "skin_types: [I, II, I]", "duplicate-key", "skin_types", 12, 21 },
+        { "skin_types: [I, II, III]", "skin_types: []", "out-of-range", "skin_types", 12, 13 },
+        { "skin_types: [I, II, III]", "skin_types: I", "wrong-type", "skin_types", 12, 13 },
+        { "skin_types: [I, II, III]", "skin_types: {I: true}", "wrong-type", "skin_types", 12, 13 },
+        { "skin_types: [I, II, III]", "skin_types: [I, [II]]", "wrong-type", "skin_types", 12, 17 },
+        /* a listed type whose cap is below the depth: at the depth, just above IV's 1.0 */
+        { "skin_types: [I, II, III]", "skin_types: [I, II, III, IV]", "above-skin-type-max", "depth_mm", 4, 11 },
+        { "passes: 3", "passes: 0", "out-of-range", "passes", 13, 9 },
+        { "passes: 3", "passes: 11", "out-of-range", "passes", 13, 9 },
+        { "passes: 3", "passes: -1", "out-of-range", "passes", 13, 9 },
+        { "passes: 3", "passes: 2.5", "wrong-type", "passes", 13, 9 },
+        { "passes: 3", "passes: \"3\"", "wrong-type", "passes", 13, 9 },
+        { "area_cm2: 60", "area_cm2: 0", "out-of-range", "area_cm2", 14, 11 },
+        { "area_cm2: 60", "area_cm2: -5", "out-of-range", "area_cm2", 14, 11 },
+        { "area_cm2: 60", "area_cm2: 1000.01", "out-of-range", "area_cm2", 14, 11 },
+        { "area_cm2: 60", "area_cm2: .nan", "not-finite", "area_cm2", 14, 11 },
+        { "area_cm2: 60", "area_cm2: \"60\"", "wrong-type", "area_cm2", 14, 11 },
+        /* the planned dose: just above the cap */
+        { "area_cm2: 60", "area_cm2: 59.99", "above-density-max", "area_cm2", 14, 11 },
+        { "speed_hz: 120", "speed_hz: 121", "above-density-max", "area_cm2", 14, 11 },
+        { "duration_s: 900", "duration_s: 901", "above-density-max", "area_cm2", 14, 11 },
+        /* a density cap and no surface: at the area */
+        { "area_cm2: 60\n", "", "no-surface", "area_cm2", 3, 7 },
+};
+
+START_TEST(test_skin_single_violation) {
+        const profile_case *c = &skin_cases[_i];
+        _cleanup_(nd_limits_freep) nd_limits *l = skin_limits("  client_heartbeat_timeout_ms: 0\n");
+        _cleanup_free_ char *base = skin_profile_text();
+        _cleanup_free_ char *text = mutate(base, c->from, c->to);
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        _cleanup_(nd_profile_freep) nd_profile *p = NULL;
+        int r = nd_profile_parse(text, strlen(text), "p.yaml", l, &p, &d);
+        _cleanup_free_ char *got = dump(&d);
+        ck_assert_msg(r == -EINVAL, "case %d ('%s' -> '%s') accepted", _i, c->from, c->to);
+        ck_assert_msg(nd_diags_count(&d) == 1, "case %d ('%s' -> '%s'): %zu violations:%s", _i, c->from, c->to,
+                      nd_diags_count(&d), got);
+        assert_diag(&d.items[0], "p.yaml", c->line, c->column, c->field, c->code);
+        ck_assert(!p->valid);
+}
+END_TEST
+
+START_TEST(test_skin_messages) {
+        _cleanup_(nd_limits_freep) nd_limits *l = skin_limits("  client_heartbeat_timeout_ms: 0\n");
+        _cleanup_free_ char *base = skin_profile_text();
+        _cleanup_free_ char *deep = mutate(base, "skin_types: [I, II, III]", "skin_types: [IV, V, VI]");
+        _cleanup_free_ char *text = mutate(deep, "area_cm2: 60", "area_cm2: 50");
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        _cleanup_(nd_profile_freep) nd_profile *p = NULL;
+        ck_assert_int_eq(nd_profile_parse(text, strlen(text), NULL, l, &p, &d), -EINVAL);
+        _cleanup_free_ char *got = dump(&d);
+        ck_assert_msg(nd_diags_count(&d) == 4, "%s", got);
+        /* Every type deeper than its cap, once each, then the dose. */
+        unsigned lines = 0;  /* the fixture's lines: "skin_types:" is the next one */
+        for (const char *c = LIMITS; *c; c++)
+                lines += *c == '\n';
+        char want[3][160];
+        snprintf(want[0], sizeof want[0], "depth_mm 1.25 exceeds the 1 mm maximum for skin type IV (limits.yaml line %u)", lines + 2);
+        snprintf(want[1], sizeof want[1], "depth_mm 1.25 exceeds the 0.75 mm maximum for skin type V (limits.yaml line %u)", lines + 3);
+        snprintf(want[2], sizeof want[2], "depth_mm 1.25 exceeds the 0.5 mm maximum for skin type VI (limits.yaml line %u)", lines + 4);
+        ck_assert_str_eq(d.items[0].message, want[0]);
+        ck_assert_str_eq(d.items[1].message, want[1]);
+        ck_assert_str_eq(d.items[2].message, want[2]);
+        ck_assert_str_eq(d.items[3].code, "above-density-max");
+        ck_assert_str_eq(d.items[3].message,
+                         "the planned dose of 25920 punctures/cm² (12 needles x 120 Hz x 900 s / 50 cm²) exceeds the 21600 "
+                         "punctures/cm² maximum for area cheeks (limits.yaml line 25)");
+        ck_assert_str_eq(d.items[3].value, "25920");
+        ck_assert_str_eq(d.items[3].limit, "21600");
+
+        nd_diags_clear(&d);
+        _cleanup_free_ char *bare = mutate(base, "area_cm2: 60\n", "");
+        _cleanup_(nd_profile_freep) nd_profile *q = NULL;
+        ck_assert_int_eq(nd_profile_parse(bare, strlen(bare), NULL, l, &q, &d), -EINVAL);
+        ck_assert_str_eq(d.items[0].message,
+                         "area cheeks has a density cap of 21600 punctures/cm² (limits.yaml line 25) but the profile gives "
+                         "no area_cm2, so its dose cannot be judged; add the treated surface in cm²");
+
+        /* Without limits the new keys are still read and checked for shape. */
+        nd_diags_clear(&d);
+        _cleanup_(nd_profile_freep) nd_profile *n = NULL;
+        ck_assert_int_eq(nd_profile_parse(base, strlen(base), NULL, NULL, &n, &d), -EINVAL);
+        ck_assert_uint_eq(nd_diags_count(&d), 1);
+        ck_assert_str_eq(d.items[0].code, "no-limits");
+        ck_assert(n->has_skin_types && n->has_passes && n->has_area_cm2);
+}
+END_TEST
+
+START_TEST(test_skin_type_at_start) {
+        _cleanup_(nd_limits_freep) nd_limits *l = skin_limits("  client_heartbeat_timeout_ms: 0\n");
+        _cleanup_(nd_limits_freep) nd_limits *required = skin_limits("  client_heartbeat_timeout_ms: 0\n  require_skin_type: true\n");
+        _cleanup_free_ char *text = skin_profile_text();
+        _cleanup_(nd_profile_freep) nd_profile *p = NULL;
+        ck_assert_int_eq(nd_profile_parse(text, strlen(text), NULL, l, &p, NULL), 0);
+        _cleanup_diags_ nd_diags d = ND_DIAGS_INIT;
+        nd_skin_type t = ND_SKIN_TYPE_VI;
+
+        /* None given: fine unless the limits require one. */
+        ck_assert_int_eq(nd_profile_check_skin_type(p, l, NULL, &t, &d), 0);
+        ck_assert_int_eq(t, ND_SKIN_TYPE_NONE);
+        ck_assert_int_eq(nd_profile_check_skin_type(p, l, "", &t, &d), 0);
+        ck_assert_uint_eq(nd_diags_count(&d), 0);
+        ck_assert_int_eq(nd_profile_check_skin_type(p, required, NULL, &t, &d), -EINVAL);
+        assert_diag(&d.items[0], NULL, 0, 0, "skin_type", "missing-field");
+        ck_assert_int_eq(nd_profile_check_skin_type(p, required, "", &t, &d), -EINVAL);
+        ck_assert_uint_eq(nd_diags_count(&d), 2);
+
+        /* A type the profile is meant for. */
+        nd_diags_clear(&d);
+        ck_assert_int_eq(nd_profile_check_skin_type(p, l, "II", &t, &d), 0);
+        ck_assert_int_eq(t, ND_SKIN_TYPE_II);
+        ck_assert_int_eq(nd_profile_check_skin_type(p, required, "III", &t, &d), 0);
+        ck_assert_int_eq(t, ND_SKIN_TYPE_III);
+        ck_assert_uint_eq(nd_diags_count(&d), 0);
+
+        /* Not meant for IV, and deeper than IV's cap: both, at once. */
+        ck_assert_int_eq(nd_profile_check_skin_type(p, l, "IV", &t, &d), -EINVAL);
+        ck_assert_int_eq(t, ND_SKIN_TYPE_NONE);
+        ck_assert_uint_eq(nd_diags_count(&d), 2);
+        assert_diag(&d.items[0], NULL, 0, 0, "skin_type", "skin-type-not-allowed");
+        ck_assert_str_eq(d.items[0].message, "profile acne-scars-cheeks is meant for skin types I, II, III, not IV");
+        assert_diag(&d.items[1], NULL, 0, 0, "depth_mm", "above-skin-type-max");
+
+        /* Not a type at all. */
+        nd_diags_clear(&d);
+        ck_assert_int_eq(nd_profile_check_skin_type(p, l, "iv", &t, &d), -EINVAL);
+        ck_assert_uint_eq(nd_diags_count(&d), 1);
+        assert_diag(&d.items[0], NULL, 0, 0, "skin_type", "unknown-skin-type");
+        ck_assert_int_eq(nd_profile_check_skin_type(p, l, "VII\n", &t, &d), -EINVAL);
+        ck_assert_str_eq(d.items[1].value, "VII\\x0a");
+
+        /* A profile without skin_types: only the caps, at / just below / just above. */
+        static const struct { const char *depth, *type; int want; } caps[] = {
+                { "depth_mm: 1.0", "IV", 0 },        { "depth_mm: 0.95", "IV", 0 },
+                { "depth_mm: 1.05", "IV", -EINVAL }, { "depth_mm: 0.75", "V", 0 },
+                { "depth_mm: 0.8", "V", -EINVAL },   { "depth_mm: 0.5", "VI", 0 },
+                { "depth_mm: 0.55", "VI", -EINVAL }, { "depth_mm: 1.5", "I", 0 },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(caps); i++) {
+                _cleanup_free_ char *t1 = mutate(PROFILE, "depth_mm: 1.25", caps[i].depth);
+                _cleanup_(nd_profile_freep) nd_profile *q = NULL;
+                _cleanup_diags_ nd_diags e = ND_DIAGS_INIT;
+                _cleanup_free_ char *forehead = mutate(t1, "area: cheeks", "area: chin");
+                ck_assert_int_eq(nd_profile_parse(forehead, strlen(forehead), NULL, l, &q, NULL), 0);
+                ck_assert_msg(nd_profile_check_skin_type(q, l, caps[i].type, &t, &e) == caps[i].want, "case %zu", i);
+                if (caps[i].want < 0) {
+                        ck_assert_uint_eq(nd_diags_count(&e), 1);
+                        ck_assert_str_eq(e.items[0].code, "above-skin-type-max");
+                } else
+                        ck_assert_int_eq(t, nd_skin_type_from_string(caps[i].type));
+        }
+}
+END_TEST
+
+START_TEST(test_dose) {
+        ck_assert_uint_eq(nd_dose_punctures(0, 12), 0);
+        ck_assert_uint_eq(nd_dose_punctures(1000, 12), 12000);
+        ck_assert_uint_eq(nd_dose_punctures(1000, 0), 0);
+        ck_assert_uint_eq(nd_dose_punctures(UINT64_MAX / 2, 12), UINT64_MAX);
+        ck_assert_uint_eq(nd_dose_punctures(UINT64_MAX / 12, 12), (UINT64_MAX / 12) * 12);
+
+        ck_assert(nd_dose_density_per_cm2(12000, 60) == 200);
+        ck_assert(nd_dose_density_per_cm2(12000, 0) == 0);
+        ck_assert(nd_dose_density_per_cm2(12000, -1) == 0);
+        ck_assert(nd_dose_density_per_cm2(12000, NAN) == 0);
+        ck_assert(nd_dose_density_per_cm2(12000, INFINITY) == 0);
+
+        _cleanup_(nd_limits_freep) nd_limits *l = skin_limits("  client_heartbeat_timeout_ms: 0\n");
+        const nd_area_limits *cheeks = nd_limits_find_area(l, "cheeks"), *neck = nd_limits_find_area(l, "neck");
+        ck_assert(!nd_dose_reached(cheeks, 21599.99));
+        ck_assert(nd_dose_reached(cheeks, 21600));
+        ck_assert(nd_dose_reached(cheeks, 21600.01));
+        ck_assert(!nd_dose_reached(cheeks, 0));
+        ck_assert(!nd_dose_reached(neck, 1e9));
+        ck_assert(!nd_dose_reached(NULL, 1e9));
+}
+END_TEST
+
 Suite *nd_test_suite(void) {
         Suite *s = suite_create("profile");
         TCase *tc = tcase_create("parse");
@@ -674,6 +947,14 @@ Suite *nd_test_suite(void) {
         tc = tcase_create("pen");
         tcase_add_checked_fixture(tc, setup, teardown);
         tcase_add_test(tc, test_pen_checks);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("skin-types-and-dose");
+        tcase_add_test(tc, test_skin_profile_valid);
+        tcase_add_loop_test(tc, test_skin_single_violation, 0, ELEMENTSOF(skin_cases));
+        tcase_add_test(tc, test_skin_messages);
+        tcase_add_test(tc, test_skin_type_at_start);
+        tcase_add_test(tc, test_dose);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("dir");
