@@ -82,7 +82,8 @@ static int pen_call(sd_bus *bus, const char *path, const char *action, const cha
                 if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "NotOwner"))
                         fprintf(stderr, "needlectl: only the program that started the session may do this; "
                                         "use the keys or --commands of 'needlectl run'\n");
-                else if (sd_bus_error_has_name(&error, SD_BUS_ERROR_UNKNOWN_OBJECT))
+                else if (sd_bus_error_has_name(&error, SD_BUS_ERROR_UNKNOWN_OBJECT) ||
+                         sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "UnknownPen"))
                         fprintf(stderr, "needlectl: the pen is gone\n");
                 return code;
         }

@@ -32,6 +32,7 @@ API = {
         'GetLimits() -> a{sv} limits', 'ReloadLimits() -> ',
         'ValidateProfile(s yaml) -> a(sss) violations', 'GetProfiles() -> aa{sv} profiles',
         'GetHistory(a{sv} filter) -> aa{sv} sessions', 'GetCartridge(s id) -> a{sv} cartridge',
+        'FindPen(s serial) -> o pen',
     ],
     'org.needled1.Pen': [
         'Serial: s const', 'Model: s const', 'FirmwareVersion: s const',

@@ -557,7 +557,8 @@ class PenErrors(NeedledTestCase):
         for method, args in (('LoadProfile', ('acne-scars-cheeks',)), ('Stop', ()), ('OpenTelemetry', ())):
             with self.assertRaises(dbus.exceptions.DBusException) as cm:
                 self.pen_call(pen, method, *args)
-            self.assertIn(cm.exception.get_dbus_name(), (UNKNOWN_OBJECT, UNKNOWN_METHOD, ERR + 'DeviceGone'))
+            self.assertIn(cm.exception.get_dbus_name(), (UNKNOWN_OBJECT, UNKNOWN_METHOD, ERR + 'DeviceGone',
+                                                         ERR + 'UnknownPen'))
         with self.assertRaises(dbus.exceptions.DBusException):
             self.pprop(pen, 'State')
 
