@@ -44,7 +44,14 @@ typedef enum nd_limits_state {
 } nd_limits_state;
 
 typedef struct nd_pen nd_pen;
+typedef struct nd_pen_op nd_pen_op;
 typedef struct nd_daemon nd_daemon;
+
+/* A serial seen since the daemon started, and how many times it connected (Generation). */
+typedef struct nd_known_pen {
+        char *serial;
+        uint32_t generation;
+} nd_known_pen;
 
 struct nd_daemon {
         nd_daemon_options opts;
@@ -69,6 +76,9 @@ struct nd_daemon {
 
         nd_pen **pens;            /* connected pens */
         unsigned n_pens;
+        nd_pen_op *pen_ops;       /* method calls waiting for a pen's answer, all pens: few, short-lived */
+        nd_known_pen *known_pens; /* every serial seen, for Generation */
+        size_t n_known_pens;
         uint64_t limits_loaded_at_us; /* CLOCK_REALTIME of the load in force; 0 when none */
 
         struct nd_usb_context *usb;   /* NULL with --simulate, or when USB is unavailable */

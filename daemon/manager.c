@@ -9,6 +9,7 @@
 #include "errors.h"
 #include "log.h"
 #include "pen.h"
+#include "pen-dbus.h"
 #include "profile.h"
 #include "util.h"
 
@@ -263,7 +264,7 @@ static void reload_authorized(sd_bus_message *m, bool allowed, const sd_bus_erro
                 return;
         }
         int r = nd_manager_load_limits(d, false, &error);
-        nd_pen_audit(d, caller, "ReloadLimits", "", r < 0 ? "refused: invalid limits" : d->limits->digest);
+        nd_audit(d, caller, "ReloadLimits", "", r < 0 ? "refused: invalid limits" : d->limits->digest);
         if (r < 0) {
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_INVALID_LIMITS, "%s", error ? error : "invalid limits");
                 return;

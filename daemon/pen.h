@@ -1,11 +1,19 @@
-/* pen.h: org.needled1.Pen objects, one per connected pen: the treatment state machine, the
- * interlocks checked on every telemetry sample, session ownership, telemetry fan-out. */
+/* pen.h: one connected pen: its treatment state machine, the interlocks checked on every telemetry
+ * sample, session ownership, telemetry intake, arrival and departure. Its D-Bus adapter is
+ * pen-dbus.h. */
 #pragma once
 
 #include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <systemd/sd-bus.h>
 
+#include "audit.h"
 #include "daemon.h"
+#include "ledger.h"
+#include "log.h"
+#include "pendev.h"
+#include "telemetry.h"
 #include "safety-limits.h"
 #include "penmodel.h"
 #include "profile.h"
@@ -63,12 +71,143 @@ unsigned nd_pen_stops_in_flight(const nd_daemon *d);
 /* Removes every pen (daemon shutdown): ends their sessions with reason, frees them. */
 void nd_pen_free_all(nd_daemon *d, const char *reason);
 
-/* Registers the fallback vtable and node enumerator for /org/needled/pen/... */
-int nd_pen_export_all(nd_daemon *d);
 
-/* Appends an audit entry for a call by caller (NULL: the daemon itself) to the ledger; when the
- * ledger cannot take it, the entry goes to the journal with an error. */
-void nd_pen_audit(nd_daemon *d, const nd_caller *caller, const char *action, const char *object, const char *detail);
+/* ---- Shared with the bus adapter (pen-dbus.c) ------------------------------------------------ */
+
+typedef enum pen_prop {
+        PROP_STATE        = 1u << 0,  /* State, Fault */
+        PROP_PROFILE      = 1u << 1,
+        PROP_SETPOINTS    = 1u << 2,  /* DepthMm, SpeedHz */
+        PROP_BATTERY      = 1u << 3,
+        PROP_TEMPERATURE  = 1u << 4,
+        PROP_CARTRIDGE    = 1u << 5,
+        PROP_SESSION      = 1u << 6,  /* SessionId */
+        PROP_PROGRESS     = 1u << 7,  /* ElapsedS, Strokes */
+        PROP_WARNINGS     = 1u << 8,
+        PROP_RATE         = 1u << 9,
+} pen_prop;
+
+#define PROPS_LOW_RATE (PROP_BATTERY | PROP_TEMPERATURE | PROP_PROGRESS | PROP_WARNINGS)
+
+typedef struct nd_pen_session {
+        char id[ND_LEDGER_SESSION_ID_SIZE];
+        sd_bus_track *owner;          /* the caller of Start; leaving the bus stops the session */
+        char *owner_name;
+        uint32_t owner_uid, owner_pid;
+        uint64_t running_since_us;    /* CLOCK_MONOTONIC when the motor last started; 0 paused */
+        uint64_t elapsed_before_us;   /* running time before the last start */
+        uint64_t last_device_time_us; /* for stroke counting */
+        double strokes;
+        nd_ledger_stats stats;
+        double cartridge_runtime_before_s;
+        sd_event_source *client_heartbeat;
+        /* Depth is checked only on samples the pen measured from depth_check_from_ts on (its
+         * 32-bit clock, as in samples), once the pen has told us when the change took effect. */
+        bool depth_check_known;
+        uint32_t depth_check_from_ts;
+        uint32_t stall_check_from_ts; /* likewise for the stall check (spin-up grace) */
+        unsigned depth_settle_queries;
+        uint32_t last_sample_ts;      /* the pen's clock of the latest sample seen */
+        uint64_t stall_since_us;      /* 0: speed fine */
+} nd_pen_session;
+
+struct nd_pen {
+        nd_daemon *daemon;
+        nd_pendev *dev;
+        nd_penmodel *model;           /* simulated pens only */
+        sd_bus_message *pending_add;  /* Simulator.AddPen waiting for identification */
+        sd_bus_message *pending_remove; /* Simulator.RemovePen waiting for the departure */
+        char *serial;
+        char *path;
+        uint32_t generation;
+        bool exported;
+        nd_telemetry *telemetry;
+
+        nd_pen_state state;
+        char *fault;                  /* code while in fault */
+        nd_profile *profile;          /* armed */
+        char *profile_yaml;           /* its bytes, for the ledger's snapshot */
+        double set_depth_mm, set_speed_hz;
+
+        /* Last measured values. */
+        bool have_sample;
+        double temperature_c;
+        uint32_t battery_percent;
+        uint8_t last_status;
+        uint64_t last_sample_mono_us;
+
+        /* The inserted cartridge. */
+        bool cartridge_present;
+        char cartridge_id[ND_PROTO_CARTRIDGE_ID_SIZE + 1];
+        unsigned cartridge_needles;
+        bool cartridge_query_pending;
+        unsigned stops_in_flight;     /* motor stops sent and not yet acknowledged */
+
+        /* A start in progress: the session is recorded, its commands are on their way to the
+         * pen; the Start call itself waits in its nd_pen_op. Cleared when the session ends. */
+        bool starting;
+        bool session_active;
+        nd_pen_session session;
+
+        unsigned dirty;               /* low-rate properties changed since the last announcement */
+        sd_event_source *tick;        /* coalescing, progress, duration */
+        uint64_t last_progress_us;
+};
+
+/* A method call whose reply waits for the pen's acknowledgement. Kept on the daemon's list so
+ * that a pen that goes away still answers every caller (DeviceGone). */
+struct nd_pen_op {
+        nd_pen *pen;
+        nd_pen_op *next;
+        sd_bus_message *call;
+        double value;
+};
+
+static inline const char *nd_pen_log_fields_serial(const nd_pen *p, char *buf, size_t size) {
+        snprintf(buf, size, "PEN_SERIAL=%s", p->serial ? p->serial : "");
+        return buf;
+}
+
+/* Logs one line with the pen's PEN_SERIAL= journal field. */
+#define pen_log(p, level, ...)                                                              \
+        do {                                                                                \
+                char _f[64];                                                                \
+                nd_log_full(level, (const char *const[]) { nd_pen_log_fields_serial(p, _f, sizeof _f), NULL }, \
+                            __VA_ARGS__);                                                   \
+        } while (0)
+
+/* The loop's CLOCK_MONOTONIC now. */
+uint64_t nd_pen_now_mono_us(const nd_pen *p);
+/* Marks properties changed: state-like ones are announced at once, low-rate ones at the tick. */
+void nd_pen_changed(nd_pen *p, unsigned props);
+/* Running time of the session in progress (0 without one). */
+double nd_pen_session_elapsed_s(const nd_pen *p);
+/* What the ledger knows of the inserted cartridge ("none", "rejected", "in-use", "spent",
+ * "fresh"; static); *known tells whether info was filled from the ledger. */
+const char *nd_pen_cartridge_state(const nd_pen *p, nd_ledger_cartridge *info, bool *known);
+/* A pending call on p (a reference on call is taken); NULL without memory. */
+nd_pen_op *nd_pen_op_new(nd_pen *p, sd_bus_message *call, double value);
+/* Unlinks and frees op (its call must have been answered). */
+void nd_pen_op_free(nd_pen_op *op);
+/* Human words for a pendev command status (static). */
+const char *nd_pen_command_error(int status);
+/* Sets state and fault code (copied; NULL: none), announcing a change. */
+void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault);
+/* Drops the armed profile. */
+void nd_pen_disarm(nd_pen *p);
+/* Sends the motor stop now; it bypasses every queue. */
+void nd_pen_motor_stop(nd_pen *p);
+/* An interlock tripped: motor stop, log, audit, then the session ends in fault code. */
+void nd_pen_trip(nd_pen *p, const char *code, const char *why);
+/* Ends the session for a reason that is not a fault (stop, completion, owner gone, ...). */
+void nd_pen_stop_session(nd_pen *p, const char *reason);
+/* A new depth or speed (or a motor start) was acknowledged: the depth and stall checks wait
+ * until the pen says when, on its clock, and then the settle time. */
+void nd_pen_depth_settle_begin(nd_pen *p);
+/* The session owner left the bus (sd_bus_track handler): the session stops. */
+int nd_pen_on_owner_gone(sd_bus_track *track, void *userdata);
+/* The session owner missed its heartbeat (timer handler): the session stops. */
+int nd_pen_on_client_heartbeat_timeout(sd_event_source *s, uint64_t usec, void *userdata);
 
 /* Helpers shared with manager.c. */
 int nd_manager_append_profile_fields(sd_bus_message *m, const nd_profile *p, bool with_extras);
