@@ -31,6 +31,7 @@ static const method_action method_actions[] = {
         { "org.needled1.Manager",   "GetProfiles",      "" },
         { "org.needled1.Manager",   "GetHistory",       ND_ACTION_READ_HISTORY },
         { "org.needled1.Manager",   "GetCartridge",     "" },
+        { "org.needled1.Manager",   "FindPen",          "" },
         { "org.needled1.Pen",       "LoadProfile",      ND_ACTION_OPERATE },
         { "org.needled1.Pen",       "LoadProfileData",  ND_ACTION_OPERATE },
         { "org.needled1.Pen",       "Start",            ND_ACTION_OPERATE },
@@ -42,6 +43,9 @@ static const method_action method_actions[] = {
         { "org.needled1.Pen",       "ClearFault",       ND_ACTION_OPERATE },
         { "org.needled1.Pen",       "Stop",             "" },
         { "org.needled1.Pen",       "OpenTelemetry",    "" },
+        { "org.needled1.Pen",       "OpenTelemetryPipe", "" },
+        { "org.needled1.Pen",       "WatchTelemetry",   "" },
+        { "org.needled1.Pen",       "UnwatchTelemetry", "" },
         /* The simulator exists only when asked for on the command line (a development tool). */
         { "org.needled1.Simulator", "AddPen",           "" },
         { "org.needled1.Simulator", "RemovePen",        "" },

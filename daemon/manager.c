@@ -86,7 +86,8 @@ static int property_features(sd_bus *bus, const char *path, const char *interfac
         nd_daemon *d = userdata;
         int r = sd_bus_message_open_container(reply, 'a', "s");
         if (r >= 0)
-                r = sd_bus_message_append(reply, "sss", "telemetry-fd", "ledger", "client-heartbeat");
+                r = sd_bus_message_append(reply, "sssss", "telemetry-fd", "ledger", "client-heartbeat",
+                                          "telemetry-watch", "telemetry-pipe");
         if (r >= 0 && d->opts.simulate)
                 r = sd_bus_message_append(reply, "s", "simulator");
         if (r >= 0)

@@ -894,6 +894,38 @@ static int method_open_telemetry(sd_bus_message *m, void *userdata, sd_bus_error
         return sd_bus_reply_method_return(m, "h", fd);
 }
 
+static int method_open_telemetry_pipe(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        _cleanup_close_ int fd = -1;
+        int r = nd_telemetry_open_pipe_reader(p->telemetry, &fd);
+        if (r == -EMFILE)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Pen %s has %u telemetry readers already",
+                                         p->serial, ND_TELEMETRY_READERS_MAX);
+        if (r < 0)
+                return sd_bus_error_setf(error, ND_ERROR_INTERNAL, "Cannot open a telemetry pipe: %s", strerror(-r));
+        return sd_bus_reply_method_return(m, "h", fd);
+}
+
+static int method_watch_telemetry(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        int r = nd_telemetry_watch(p->telemetry, sd_bus_message_get_sender(m));
+        if (r == -EMFILE)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Pen %s has %u telemetry watchers already",
+                                         p->serial, ND_TELEMETRY_WATCHERS_MAX);
+        if (r == -EINVAL)
+                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "WatchTelemetry needs a caller with a unique bus name");
+        if (r < 0)
+                return sd_bus_error_setf(error, ND_ERROR_INTERNAL, "Cannot watch the telemetry: %s", strerror(-r));
+        return sd_bus_reply_method_return(m, NULL);
+}
+
+static int method_unwatch_telemetry(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        (void) nd_telemetry_unwatch(p->telemetry, sd_bus_message_get_sender(m));
+        return sd_bus_reply_method_return(m, NULL);
+}
+
 /* ---- Export ----------------------------------------------------------------------------------------- */
 
 /* Plain fields are read by offset (sd-bus's own getter; a NULL string reads as ""): the vtable's
@@ -945,6 +977,12 @@ static const sd_bus_vtable pen_vtable[] = {
                                 method_clear_fault, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("OpenTelemetry", SD_BUS_NO_ARGS, SD_BUS_RESULT("h", fd),
                                 method_open_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("OpenTelemetryPipe", SD_BUS_NO_ARGS, SD_BUS_RESULT("h", fd),
+                                method_open_telemetry_pipe, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("WatchTelemetry", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
+                                method_watch_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("UnwatchTelemetry", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
+                                method_unwatch_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_SIGNAL_WITH_ARGS("Telemetry", SD_BUS_ARGS("a(tuddddu)", samples), 0),
         SD_BUS_SIGNAL_WITH_ARGS("SessionEnded", SD_BUS_ARGS("s", session_id, "s", reason), 0),
         SD_BUS_VTABLE_END

@@ -3,9 +3,17 @@
 by serial, removed pens answering UnknownPen, the Manager in GetManagedObjects, telemetry only to
 watchers, the telemetry pipe."""
 
+import os
+import stat
+import time
+
 import dbus
 
-from needled_testlib import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, NeedledTestCase, main, unwrap)
+from needled_testlib import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, TELEMETRY_RECORD,
+                             NeedledTestCase, SignalLog, main, pump, timeout_multiplier, unwrap, wait_until)
+from test_pen import check_consecutive
+
+LIMITS_EXCEEDED = 'org.freedesktop.DBus.Error.LimitsExceeded'
 
 SIGNED_AND_UNSIGNED = [dbus.Byte, dbus.Int16, dbus.UInt16, dbus.Int32, dbus.UInt32, dbus.Int64, dbus.UInt64]
 
@@ -84,6 +92,105 @@ class Lookup(NeedledTestCase):
         xml = self.fixture.introspect(MANAGER_PATH)
         self.assertNotIn('<node name=""', xml)
         self.assertIn('<node name="pen"/>', xml)
+
+
+class TelemetryOnRequest(NeedledTestCase):
+
+    def samples(self, log):
+        return [s[1] for _, args in log.items for s in args[0]]
+
+    def test_only_watchers_receive_telemetry(self):
+        pen = self.add_pen(serial='WATCH-1')
+        self.assertIn('telemetry-watch', self.mprop('Features'))
+        other = self.new_connection()
+        unasked = SignalLog(other, 'Telemetry', PEN_IFACE, pen)
+        mine = SignalLog(self.bus, 'Telemetry', PEN_IFACE, pen)
+        pump(0.5)
+        self.assertEqual(mine.items, [], 'Telemetry arrived without WatchTelemetry')
+        self.pen_call(pen, 'WatchTelemetry')
+        self.pen_call(pen, 'WatchTelemetry')  # idempotent: still each batch once
+        mine.wait_for(lambda i: True, 5, 'a Telemetry batch after WatchTelemetry')
+        pump(0.5)
+        check_consecutive(self, self.samples(mine), 'watched Telemetry')
+        self.assertEqual(unasked.items, [], 'a client that did not ask received Telemetry')
+        # Unwatch: no more batches (one in flight may still arrive).
+        self.pen_call(pen, 'UnwatchTelemetry')
+        self.pen_call(pen, 'UnwatchTelemetry')
+        pump(0.3)
+        n = len(mine.items)
+        pump(0.5)
+        self.assertEqual(len(mine.items), n, 'Telemetry after UnwatchTelemetry')
+
+    def test_watchers_that_leave_the_bus_are_dropped(self):
+        pen = self.add_pen(serial='WATCH-2')
+        conns = [self.new_connection() for _ in range(64)]
+        for c in conns:
+            self.pen_call(pen, 'WatchTelemetry', bus=c)
+        self.assertDBusError(LIMITS_EXCEEDED, self.pen_call, pen, 'WatchTelemetry')
+        for c in conns:
+            c.close()
+        # Each departure is seen: there is room again.
+        wait_until(lambda: self._watch_succeeds(pen), 10, 'WatchTelemetry accepted again')
+        log = SignalLog(self.bus, 'Telemetry', PEN_IFACE, pen)
+        log.wait_for(lambda i: True, 5, 'Telemetry to the new watcher')
+
+    def _watch_succeeds(self, pen):
+        try:
+            self.pen_call(pen, 'WatchTelemetry')
+            return True
+        except dbus.exceptions.DBusException as e:
+            if e.get_dbus_name() != LIMITS_EXCEEDED:
+                raise
+            return None
+
+    def test_pipe_carries_whole_records_with_loss_counted(self):
+        pen = self.add_pen(serial='PIPE-1')
+        self.assertIn('telemetry-pipe', self.mprop('Features'))
+        fd = self.pen_call(pen, 'OpenTelemetryPipe').take()
+        self.assertTrue(stat.S_ISFIFO(os.fstat(fd).st_mode), 'OpenTelemetryPipe returns a pipe')
+        os.set_blocking(fd, False)
+        stream = b''
+
+        def read_some():
+            nonlocal stream
+            try:
+                while True:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    stream += chunk
+            except BlockingIOError:
+                pass
+
+        # Keep up for a while: consecutive, nothing dropped.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            read_some()
+            pump(0.02)
+        self.assertEqual(len(stream) % TELEMETRY_RECORD.size, 0, 'a record was split')
+        first = [TELEMETRY_RECORD.unpack_from(stream, i) for i in range(0, len(stream), TELEMETRY_RECORD.size)]
+        self.assertGreater(len(first), 200)
+        check_consecutive(self, [r[2] for r in first], 'pipe records')
+        self.assertEqual({r[5] for r in first}, {0})
+        # Stall for longer than the pipe holds: the loss is counted, records stay whole.
+        stream = b''
+        time.sleep(4.5)  # the pipe holds 256 KiB: about 3.6 s at 1 kHz
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            read_some()
+            pump(0.02)
+        self.assertEqual(len(stream) % TELEMETRY_RECORD.size, 0, 'a record was split')
+        records = [TELEMETRY_RECORD.unpack_from(stream, i) for i in range(0, len(stream), TELEMETRY_RECORD.size)]
+        self.assertGreater(records[-1][5], 0, 'a stalled pipe reader lost records, counted')
+        check_records_lossy(self, first[-1:] + records)
+        os.close(fd)
+
+
+def check_records_lossy(testcase, records):
+    """Every gap in the sequence numbers is what the dropped counter says was lost."""
+    for a, b in zip(records, records[1:]):
+        lost = (b[2] - a[2] - 1) % 2**32
+        testcase.assertEqual(b[5] - a[5], lost, f'sequence {a[2]} -> {b[2]} with dropped {a[5]} -> {b[5]}')
 
 
 if __name__ == '__main__':

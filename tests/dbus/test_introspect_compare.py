@@ -48,6 +48,7 @@ API = {
         'Start(a{sv} options) -> s session_id', 'Pause() -> ', 'Resume() -> ',
         'SetDepth(d mm) -> ', 'SetSpeed(d hz) -> ', 'Stop() -> ', 'Heartbeat() -> ',
         'ClearFault() -> ', 'OpenTelemetry() -> h fd',
+        'OpenTelemetryPipe() -> h fd', 'WatchTelemetry() -> ', 'UnwatchTelemetry() -> ',
         'signal Telemetry(a(tuddddu) samples)', 'signal SessionEnded(s session_id, s reason)',
     ],
     'org.needled1.Simulator': [

@@ -195,6 +195,7 @@ class PenTreatment(NeedledTestCase):
         self.sim('InsertCartridge', dbus.ObjectPath(pen), 'TREAT-CART', dbus.UInt32(12))
         props = SignalLog(self.bus, 'PropertiesChanged', PROPS_IFACE, pen)
         telemetry = SignalLog(self.bus, 'Telemetry', PEN_IFACE, pen)
+        self.pen_call(pen, 'WatchTelemetry')  # Telemetry goes only to watchers
         ended = SignalLog(self.bus, 'SessionEnded', PEN_IFACE, pen)
 
         # Arm an installed profile: Profile mirrors the file, set points follow it.
