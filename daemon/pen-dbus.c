@@ -926,6 +926,28 @@ static int method_unwatch_telemetry(sd_bus_message *m, void *userdata, sd_bus_er
         return sd_bus_reply_method_return(m, NULL);
 }
 
+void nd_pen_emit_session_recorded(nd_pen *p, const char *session_id, const char *reason, uint64_t end_us,
+                                  const nd_ledger_stats *stats, bool recorded) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
+        sd_bus *bus = p->daemon->bus;
+        if (!p->exported || !bus || sd_bus_is_open(bus) <= 0)
+                return;
+        int r = sd_bus_message_new_signal(bus, &m, p->path, ND_PEN_INTERFACE, "SessionRecorded");
+        if (r >= 0)
+                r = sd_bus_message_append(m, "s", session_id);
+        if (r >= 0)
+                r = sd_bus_message_append(m, "a{sv}", 9, "reason", "s", reason, "end", "t", end_us, "duration_s", "d",
+                                          stats->duration_s, "strokes", "t", stats->strokes, "max_depth_mm", "d",
+                                          stats->max_depth_mm, "max_speed_hz", "d", stats->max_speed_hz,
+                                          "max_temperature_c", "d", stats->max_temperature_c, "max_current_ma", "d",
+                                          stats->max_current_ma, "recorded", "b", (int) recorded);
+        if (r >= 0)
+                r = sd_bus_send(bus, m, NULL);
+        if (r < 0)
+                pen_log(p, LOG_WARNING, "%s: could not emit SessionRecorded for %s: %s", p->serial, session_id,
+                        strerror(-r));
+}
+
 /* ---- Export ----------------------------------------------------------------------------------------- */
 
 /* Plain fields are read by offset (sd-bus's own getter; a NULL string reads as ""): the vtable's
@@ -985,6 +1007,7 @@ static const sd_bus_vtable pen_vtable[] = {
                                 method_unwatch_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_SIGNAL_WITH_ARGS("Telemetry", SD_BUS_ARGS("a(tuddddu)", samples), 0),
         SD_BUS_SIGNAL_WITH_ARGS("SessionEnded", SD_BUS_ARGS("s", session_id, "s", reason), 0),
+        SD_BUS_SIGNAL_WITH_ARGS("SessionRecorded", SD_BUS_ARGS("s", session_id, "a{sv}", figures), 0),
         SD_BUS_VTABLE_END
 };
 

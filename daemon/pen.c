@@ -12,6 +12,7 @@
 #include "errors.h"
 #include "log.h"
 #include "pen.h"
+#include "pen-dbus.h"
 #include "pendev.h"
 #include "telemetry.h"
 #include "transport-sim.h"
@@ -252,17 +253,21 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
         session_stats_now(p, &stats);
         uint64_t end_us = nd_now_realtime_us();
 
+        bool recorded = false;
         if (d->ledger) {
                 int r = nd_ledger_session_end(d->ledger, p->session.id, end_us, &stats, reason);
                 if (r < 0)
                         pen_log(p, LOG_ERR, "%s: the end of session %s (%s) was not recorded: %s", p->serial,
                                 p->session.id, reason, nd_ledger_last_error(d->ledger));
+                recorded = r >= 0;
         }
         pen_log(p, LOG_NOTICE, "%s: session %s ended: %s after %.1f s, %" PRIu64 " strokes", p->serial,
                 p->session.id, reason, stats.duration_s, stats.strokes);
 
         /* Every sample of the session reaches clients before the signal that ends it. */
         nd_telemetry_flush(p->telemetry);
+        /* The recorded figures first, so that a client has them when SessionEnded comes. */
+        nd_pen_emit_session_recorded(p, p->session.id, reason, end_us, &stats, recorded);
         if (p->exported)
                 (void) sd_bus_emit_signal(d->bus, p->path, ND_PEN_INTERFACE, "SessionEnded", "ss", p->session.id, reason);
 

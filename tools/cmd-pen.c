@@ -667,15 +667,20 @@ static void run_event(ctl_monitor *m, ctl_monitor_event event, void *userdata) {
                 if (!c->session_id || !STREQ(strempty(m->ended_session_id), c->session_id))
                         return;
                 const char *reason = strempty(m->ended_reason);
+                /* The ledger's figures (SessionRecorded) when the daemon sent them; else the last
+                 * announced properties (a daemon without SessionRecorded). */
+                bool recorded = STREQ(strempty(m->recorded_session_id), c->session_id);
+                double elapsed_s = recorded ? m->recorded_duration_s : ctl_json_double(m->props, "elapsed_s");
+                int64_t strokes = recorded ? (int64_t) m->recorded_strokes : ctl_json_int(m->props, "strokes");
                 json_object *extra = json_object_new_object();
                 if (extra) {
                         json_object_object_add(extra, "session_id", json_object_new_string(c->session_id));
                         json_object_object_add(extra, "reason", json_object_new_string(reason));
-                        json_object_object_add(extra, "elapsed_s", json_object_new_double(ctl_json_double(m->props, "elapsed_s")));
-                        json_object_object_add(extra, "strokes", json_object_new_int64(ctl_json_int(m->props, "strokes")));
+                        json_object_object_add(extra, "elapsed_s", json_object_new_double(elapsed_s));
+                        json_object_object_add(extra, "strokes", json_object_new_int64(strokes));
                 }
                 if (asprintf(&text, "Session %s ended: %s (%.1f s, %" PRId64 " strokes)", c->session_id, reason,
-                             ctl_json_double(m->props, "elapsed_s"), ctl_json_int(m->props, "strokes")) < 0)
+                             elapsed_s, strokes) < 0)
                         text = NULL;
                 run_finish(c, exit_code_for_reason(reason), "session-ended", text ? text : reason, extra);
                 return;

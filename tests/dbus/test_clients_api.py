@@ -186,6 +186,34 @@ class TelemetryOnRequest(NeedledTestCase):
         os.close(fd)
 
 
+class FinishedSession(NeedledTestCase):
+
+    def test_session_recorded_carries_the_ledger_figures(self):
+        pen = self.add_pen(serial='REC-1', cartridge=('REC-CART', 12))
+        order = []
+        recorded = SignalLog(self.bus, 'SessionRecorded', PEN_IFACE, pen)
+        ended = SignalLog(self.bus, 'SessionEnded', PEN_IFACE, pen)
+        self.bus.add_signal_receiver(lambda *a: order.append('recorded'), signal_name='SessionRecorded',
+                                     dbus_interface=PEN_IFACE, path=pen)
+        self.bus.add_signal_receiver(lambda *a: order.append('ended'), signal_name='SessionEnded',
+                                     dbus_interface=PEN_IFACE, path=pen)
+        sid = self.start_session(pen)
+        pump(1.2)
+        self.pen_call(pen, 'Stop')
+        ended.wait_for(lambda i: i[1][0] == sid, 5, 'SessionEnded')
+        item = recorded.wait_for(lambda i: i[1][0] == sid, 5, 'SessionRecorded')
+        self.assertEqual(order[:2], ['recorded', 'ended'], 'the figures come before SessionEnded')
+        figures = item[1][1]
+        self.assertEqual(figures['reason'], 'stopped')
+        self.assertTrue(figures['recorded'])
+        history = [h for h in unwrap(self.mgr('GetHistory', opts(pen='REC-1'))) if h['id'] == sid][0]
+        for key in ('strokes', 'duration_s', 'max_depth_mm', 'max_speed_hz', 'max_temperature_c', 'max_current_ma',
+                    'end', 'reason'):
+            with self.subTest(key=key):
+                self.assertEqual(figures[key], history[key])
+        self.assertGreater(figures['strokes'], 0)
+
+
 def check_records_lossy(testcase, records):
     """Every gap in the sequence numbers is what the dropped counter says was lost."""
     for a, b in zip(records, records[1:]):

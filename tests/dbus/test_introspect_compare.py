@@ -50,6 +50,7 @@ API = {
         'ClearFault() -> ', 'OpenTelemetry() -> h fd',
         'OpenTelemetryPipe() -> h fd', 'WatchTelemetry() -> ', 'UnwatchTelemetry() -> ',
         'signal Telemetry(a(tuddddu) samples)', 'signal SessionEnded(s session_id, s reason)',
+        'signal SessionRecorded(s session_id, a{sv} figures)',  # (ext)
     ],
     'org.needled1.Simulator': [
         'AddPen(a{sv} options) -> o pen', 'RemovePen(o pen) -> ',
