@@ -4,13 +4,17 @@ by serial, removed pens answering UnknownPen, the Manager in GetManagedObjects, 
 watchers, the telemetry pipe."""
 
 import os
+import re
 import stat
 import time
+
+import xml.etree.ElementTree as ET
 
 import dbus
 
 from needled_testlib import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, TELEMETRY_RECORD,
-                             NeedledTestCase, SignalLog, main, pump, timeout_multiplier, unwrap, wait_until)
+                             NeedledTestCase, SignalLog, main, pump, source_path, timeout_multiplier, unwrap,
+                             wait_until)
 from test_pen import check_consecutive
 
 LIMITS_EXCEEDED = 'org.freedesktop.DBus.Error.LimitsExceeded'
@@ -212,6 +216,40 @@ class FinishedSession(NeedledTestCase):
             with self.subTest(key=key):
                 self.assertEqual(figures[key], history[key])
         self.assertGreater(figures['strokes'], 0)
+
+
+class DocumentedKeys(NeedledTestCase):
+    """Every dictionary key the daemon sends is named in the member's comment in the XML."""
+
+    def doc_of(self, member):
+        parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True))
+        with open(source_path('dbus', 'org.needled1.xml'), encoding='utf-8') as f:
+            root = ET.fromstring(f.read(), parser=parser)
+        for iface in root.iter('interface'):
+            previous = None
+            for child in iface:
+                if child.tag != ET.Comment and child.get('name') == member:
+                    return set(re.findall(r'[a-z_][a-z0-9_]*', previous.text))
+                previous = child
+        self.fail(f'{member} not in the XML')
+
+    def assertDocumented(self, member, dicts):
+        words = self.doc_of(member)
+        keys = set().union(*[set(d) for d in dicts])
+        self.assertTrue(keys)
+        self.assertEqual(sorted(keys - words), [], f'{member}: keys sent but not documented')
+
+    def test_every_key_is_documented(self):
+        pen = self.add_pen(serial='DOC-1', cartridge=('DOC-CART', 12))
+        sid = self.start_session(pen)
+        self.assertDocumented('Profile', [self.pprop(pen, 'Profile')])
+        self.assertDocumented('Cartridge', [self.pprop(pen, 'Cartridge')])
+        self.pen_call(pen, 'Stop')
+        self.assertDocumented('GetProfiles', unwrap(self.mgr('GetProfiles')))
+        history = [h for h in unwrap(self.mgr('GetHistory', opts())) if h['id'] == sid]
+        self.assertDocumented('GetHistory', history)
+        self.assertDocumented('GetCartridge', [unwrap(self.mgr('GetCartridge', 'DOC-CART')),
+                                               unwrap(self.mgr('GetCartridge', 'NEVER-SEEN'))])
 
 
 def check_records_lossy(testcase, records):
