@@ -1011,6 +1011,107 @@ static const sd_bus_vtable pen_vtable[] = {
         SD_BUS_VTABLE_END
 };
 
+/* ---- Announcements carry only changes ------------------------------------------------------------- */
+
+/* FNV-1a, 64 bits: a fingerprint of a value's text form. */
+static uint64_t fingerprint(const char *s, size_t n) {
+        uint64_t h = UINT64_C(14695981039346656037);
+        for (size_t i = 0; i < n; i++) {
+                h ^= (unsigned char) s[i];
+                h *= UINT64_C(1099511628211);
+        }
+        return h;
+}
+
+/* The fingerprint of one property's current value, through the getter clients reach. */
+static int property_fingerprint(nd_pen *p, const sd_bus_vtable *v, uint64_t *ret) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        const char *sig = v->x.property.signature;
+        int r = sd_bus_message_new_signal(p->daemon->bus, &m, p->path, ND_PEN_INTERFACE, "Fingerprint");
+        if (r < 0)
+                return r;
+        if (v->x.property.get)
+                r = v->x.property.get(p->daemon->bus, p->path, ND_PEN_INTERFACE, v->x.property.member, m, p, &error);
+        else {
+                const uint8_t *field = (const uint8_t *) p + v->x.property.offset;
+                if (STREQ(sig, "s"))
+                        r = sd_bus_message_append(m, "s", strempty(*(char *const *) (const void *) field));
+                else if (STREQ(sig, "u"))
+                        r = sd_bus_message_append(m, "u", *(const uint32_t *) (const void *) field);
+                else if (STREQ(sig, "d"))
+                        r = sd_bus_message_append(m, "d", *(const double *) (const void *) field);
+                else
+                        r = -EOPNOTSUPP;
+        }
+        if (r >= 0)
+                r = sd_bus_message_seal(m, 1, 0);
+        if (r < 0)
+                return r;
+        _cleanup_free_ char *text = NULL;
+        size_t size = 0;
+        _cleanup_(fclosep) FILE *f = open_memstream(&text, &size);
+        if (!f)
+                return -errno;
+        r = sd_bus_message_dump(m, f, 0);
+        if (r < 0)
+                return r;
+        if (fflush(f) != 0)
+                return -EIO;
+        *ret = fingerprint(text, size);
+        return 0;
+}
+
+static const sd_bus_vtable *find_property(const char *name, unsigned *index) {
+        unsigned i = 0;
+        for (const sd_bus_vtable *v = pen_vtable; v->type != _SD_BUS_VTABLE_END; v++)
+                if (v->type == _SD_BUS_VTABLE_PROPERTY) {
+                        if (STREQ(v->x.property.member, name)) {
+                                *index = i;
+                                return i < ND_PEN_ANNOUNCED_MAX ? v : NULL;
+                        }
+                        i++;
+                }
+        return NULL;
+}
+
+size_t nd_pen_keep_changed_properties(nd_pen *p, const char **names) {
+        size_t kept = 0;
+        for (size_t i = 0; names[i]; i++) {
+                unsigned index = 0;
+                uint64_t h = 0;
+                const sd_bus_vtable *v = find_property(names[i], &index);
+                /* Whatever cannot be fingerprinted is announced, as before. */
+                bool changed = !v || property_fingerprint(p, v, &h) < 0;
+                if (!changed) {
+                        uint64_t bit = UINT64_C(1) << index;
+                        changed = !(p->announced_known & bit) || p->announced_hash[index] != h;
+                        p->announced_hash[index] = h;
+                        p->announced_known |= bit;
+                }
+                if (changed)
+                        names[kept++] = names[i];
+        }
+        names[kept] = NULL;
+        return kept;
+}
+
+void nd_pen_remember_announced(nd_pen *p) {
+        unsigned index = 0;
+        p->announced_known = 0;
+        for (const sd_bus_vtable *v = pen_vtable; v->type != _SD_BUS_VTABLE_END; v++) {
+                if (v->type != _SD_BUS_VTABLE_PROPERTY)
+                        continue;
+                uint64_t h;
+                if (index < ND_PEN_ANNOUNCED_MAX && (v->flags & SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE) &&
+                    property_fingerprint(p, v, &h) >= 0) {
+                        p->announced_hash[index] = h;
+                        p->announced_known |= UINT64_C(1) << index;
+                }
+                index++;
+        }
+}
+
 static int pen_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
                            sd_bus_error *error) {
         nd_pen *p = nd_pen_find_by_path(userdata, path);

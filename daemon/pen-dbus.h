@@ -15,3 +15,9 @@ typedef struct nd_ledger_stats nd_ledger_stats;
  * ended as the ledger recorded them (recorded false when the ledger could not take them). */
 void nd_pen_emit_session_recorded(nd_pen *p, const char *session_id, const char *reason, uint64_t end_us,
                                   const nd_ledger_stats *stats, bool recorded);
+
+/* Of the property names (NULL-terminated, edited in place), keeps those whose value differs from
+ * the one last announced (or never announced) and remembers the values; returns how many stay. */
+size_t nd_pen_keep_changed_properties(nd_pen *p, const char **names);
+/* Remembers every property's current value as announced (InterfacesAdded carried them). */
+void nd_pen_remember_announced(nd_pen *p);

@@ -89,6 +89,8 @@ static void pen_emit(nd_pen *p, unsigned props) {
         if (props & PROP_WARNINGS) names[n++] = "Warnings";
         if (props & PROP_RATE) names[n++] = "TelemetryRateHz";
         names[n] = NULL;
+        if (nd_pen_keep_changed_properties(p, names) == 0)
+                return; /* nothing changed after all */
         char **strv = (char **) names;
         int r = sd_bus_emit_properties_changed_strv(p->daemon->bus, p->path, ND_PEN_INTERFACE, strv);
         if (r < 0)
@@ -591,8 +593,9 @@ static void pen_depart(nd_pen *p, const char *reason) {
         if (p->exported) {
                 nd_telemetry_flush(p->telemetry);
                 (void) sd_bus_emit_object_removed(d->bus, p->path);
-                (void) sd_bus_emit_properties_changed(d->bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "Pens", NULL);
+                /* Gone before Pens is announced, so that the announced value no longer lists it. */
                 p->exported = false;
+                (void) sd_bus_emit_properties_changed(d->bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "Pens", NULL);
                 pen_log(p, LOG_NOTICE, "%s: pen removed (%s)", p->serial, reason);
         }
         if (p->pending_remove) {
@@ -656,6 +659,7 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                         nd_pen_motor_stop(p);
         }
         p->exported = true;
+        nd_pen_remember_announced(p);
         (void) sd_bus_emit_object_added(d->bus, p->path);
         (void) sd_bus_emit_properties_changed(d->bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "Pens", NULL);
         const nd_proto_identity *id = nd_pendev_get_identity(dev);

@@ -87,6 +87,9 @@ typedef enum pen_prop {
         PROP_RATE         = 1u << 9,
 } pen_prop;
 
+/* Properties of the pen's vtable whose announced values are remembered (one bit each). */
+#define ND_PEN_ANNOUNCED_MAX 64
+
 #define PROPS_LOW_RATE (PROP_BATTERY | PROP_TEMPERATURE | PROP_PROGRESS | PROP_WARNINGS)
 
 typedef struct nd_pen_session {
@@ -150,6 +153,10 @@ struct nd_pen {
         nd_pen_session session;
 
         unsigned dirty;               /* low-rate properties changed since the last announcement */
+        /* Fingerprints of the values last announced, by pen vtable index (pen-dbus.c), so that
+         * PropertiesChanged carries only values that changed. */
+        uint64_t announced_hash[ND_PEN_ANNOUNCED_MAX];
+        uint64_t announced_known;     /* bit i: announced_hash[i] is set */
         sd_event_source *tick;        /* coalescing, progress, duration */
         uint64_t last_progress_us;
 };

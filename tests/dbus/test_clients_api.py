@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import dbus
 
-from needled_testlib import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, TELEMETRY_RECORD,
+from needled_testlib import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, PROPS_IFACE, TELEMETRY_RECORD,
                              NeedledTestCase, SignalLog, main, pump, source_path, timeout_multiplier, unwrap,
                              wait_until)
 from test_pen import check_consecutive
@@ -250,6 +250,73 @@ class DocumentedKeys(NeedledTestCase):
         self.assertDocumented('GetHistory', history)
         self.assertDocumented('GetCartridge', [unwrap(self.mgr('GetCartridge', 'DOC-CART')),
                                                unwrap(self.mgr('GetCartridge', 'NEVER-SEEN'))])
+
+
+class Announcements(NeedledTestCase):
+    """A caching client (as Gio and dbus-next keep one) over a whole session, plug and unplug:
+    every announced value is a change, and the cache ends equal to Get."""
+
+    def test_a_caching_client_stays_right(self):
+        cache = {MANAGER_PATH: unwrap(self.call(MANAGER_PATH, PROPS_IFACE, 'GetAll', MANAGER_IFACE))}
+        redundant = []
+
+        def on_changed(iface, changed, invalidated, path=None):
+            if iface not in (MANAGER_IFACE, PEN_IFACE):
+                return
+            mine = cache.setdefault(str(path), {})
+            for k, v in unwrap(changed).items():
+                if k in mine and mine[k] == v:
+                    redundant.append((str(path), k, v))
+                mine[k] = v
+
+        def on_added(path, ifaces):
+            if PEN_IFACE in ifaces:
+                cache[str(path)] = dict(unwrap(ifaces[PEN_IFACE]))
+
+        m1 = self.bus.add_signal_receiver(on_changed, 'PropertiesChanged', PROPS_IFACE,
+                                          busfixture_name(), None, path_keyword='path')
+        m2 = self.bus.add_signal_receiver(on_added, 'InterfacesAdded', 'org.freedesktop.DBus.ObjectManager',
+                                          busfixture_name(), MANAGER_PATH)
+        self.addCleanup(m1.remove)
+        self.addCleanup(m2.remove)
+
+        def assert_cache_right(path, iface, running=False):
+            pump(0.7)  # low-rate values are announced at about 4 Hz
+            got = unwrap(self.call(path, PROPS_IFACE, 'GetAll', iface))
+            for k, v in got.items():
+                if running and k in ('ElapsedS', 'Strokes'):
+                    # They move while the motor runs: the cache is at most a tick behind.
+                    self.assertLessEqual(cache[path][k], v, k)
+                    self.assertGreater(cache[path][k], 0, k)
+                elif k in ('TemperatureC', 'BatteryPercent'):
+                    self.assertAlmostEqual(cache[path][k], v, delta=1.0, msg=k)
+                else:
+                    self.assertEqual(cache[path].get(k, v), v, f'{path} {k}: the cache says {cache[path].get(k)!r}')
+
+        pen = self.add_pen(serial='ANN-1', cartridge=('ANN-CART', 12))
+        wait_until(lambda: pen in cache, 5, 'InterfacesAdded')
+        assert_cache_right(MANAGER_PATH, MANAGER_IFACE)
+        assert_cache_right(pen, PEN_IFACE)
+        sid = self.start_session(pen)
+        pump(1.0)
+        assert_cache_right(pen, PEN_IFACE, running=True)
+        self.pen_call(pen, 'SetDepth', 1.0)
+        self.pen_call(pen, 'Pause')
+        assert_cache_right(pen, PEN_IFACE)
+        self.pen_call(pen, 'Resume')
+        pump(0.5)
+        self.pen_call(pen, 'Stop')
+        self.assertTrue(sid)
+        assert_cache_right(pen, PEN_IFACE)
+        self.sim('RemovePen', dbus.ObjectPath(pen))
+        assert_cache_right(MANAGER_PATH, MANAGER_IFACE)
+        self.assertEqual(cache[MANAGER_PATH]['Pens'], [], 'the announced Pens still lists the removed pen')
+        self.assertEqual(redundant[:5], [], 'PropertiesChanged announced values that had not changed')
+
+
+def busfixture_name():
+    import busfixture
+    return busfixture.NEEDLED_NAME
 
 
 def check_records_lossy(testcase, records):
