@@ -226,12 +226,16 @@ static void arm(nd_pen *p, sd_bus_message *m, const nd_caller *caller, const cha
         p->profile_yaml = copy;
         p->set_depth_mm = p->profile->depth_mm;
         p->set_speed_hz = p->profile->speed_hz;
+        /* Full-rate sampling before arming completes: the reply waits for the pen's
+         * acknowledgement when the pen was idling. */
+        bool answered_later = nd_pen_update_sampling(p, m) > 0;
         nd_pen_set_state(p, ND_PEN_ARMED, NULL);
         nd_pen_changed(p, PROP_PROFILE | PROP_SETPOINTS);
         char detail[160];
         snprintf(detail, sizeof detail, "profile %s sha256 %s", p->profile->name, p->profile->digest);
         nd_audit(d, caller, "LoadProfile", p->serial, detail);
-        (void) sd_bus_reply_method_return(m, NULL);
+        if (!answered_later)
+                (void) sd_bus_reply_method_return(m, NULL);
 }
 
 static bool arm_preconditions(nd_pen *p, sd_bus_message *m) {
