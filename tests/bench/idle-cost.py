@@ -67,6 +67,8 @@ def main():
     ap.add_argument('--seconds', type=float, default=10.0)
     ap.add_argument('--json')
     ap.add_argument('--no-fail', action='store_true')
+    ap.add_argument('--wakeups-only', action='store_true',
+                    help='fail only on the wake-up targets (CPU shares are too noisy for a test on a busy machine)')
     args = ap.parse_args()
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     needled = os.path.join(args.build_root, 'daemon', 'needled')
@@ -130,7 +132,8 @@ def main():
               f'{r["wakeups_per_s"]:11.1f} {r["runs_per_s"]:8.1f}')
     for name in ('idle pen, nobody reading', 'idle pen, the watcher gone'):
         r = results.get(name)
-        if r and (r['wakeups_per_s'] > TARGET_WAKEUPS_PER_S or r['cpu_percent_schedstat'] > TARGET_CPU_PERCENT):
+        cpu_missed = not args.wakeups_only and r and r['cpu_percent_schedstat'] > TARGET_CPU_PERCENT
+        if r and (r['wakeups_per_s'] > TARGET_WAKEUPS_PER_S or cpu_missed):
             print(f'missed: {name}: target <= {TARGET_WAKEUPS_PER_S} wake-ups/s, <= {TARGET_CPU_PERCENT} % CPU')
             ok = ok and args.no_fail
     r = results.get('no pen')
