@@ -1,4 +1,5 @@
 /* audit.c: audit entries to the ledger, or to the journal when the ledger cannot take them. */
+#include <assert.h>
 #include <errno.h>
 #include <unistd.h>
 
@@ -7,6 +8,7 @@
 #include "log.h"
 
 void nd_audit(nd_daemon *d, const nd_caller *caller, const char *action, const char *object, const char *detail) {
+        assert(d && action);
         const char *actor = caller && caller->name ? caller->name : ND_LEDGER_ACTOR_DAEMON;
         uint32_t uid = caller ? caller->uid : (uint32_t) geteuid();
         uint32_t pid = caller ? caller->pid : (uint32_t) getpid();

@@ -1,4 +1,5 @@
 /* bouncer.c: method -> polkit action table and asynchronous, time-bounded checks. */
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,34 +26,34 @@ typedef struct method_action {
 /* Every method of API v1. Stop and the read-only informational calls need no authorization:
  * stopping must never be blocked, and the rest changes nothing. */
 static const method_action method_actions[] = {
-        { "org.needled1.Manager",   "GetLimits",        "" },
-        { "org.needled1.Manager",   "ReloadLimits",     ND_ACTION_CONFIGURE },
-        { "org.needled1.Manager",   "ValidateProfile",  "" },
-        { "org.needled1.Manager",   "GetProfiles",      "" },
-        { "org.needled1.Manager",   "GetHistory",       ND_ACTION_READ_HISTORY },
-        { "org.needled1.Manager",   "GetCartridge",     "" },
-        { "org.needled1.Manager",   "FindPen",          "" },
-        { "org.needled1.Pen",       "LoadProfile",      ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "LoadProfileData",  ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "Start",            ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "Pause",            ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "Resume",           ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "SetDepth",         ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "SetSpeed",         ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "Heartbeat",        ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "ClearFault",       ND_ACTION_OPERATE },
-        { "org.needled1.Pen",       "Stop",             "" },
-        { "org.needled1.Pen",       "OpenTelemetry",    "" },
-        { "org.needled1.Pen",       "OpenTelemetryPipe", "" },
-        { "org.needled1.Pen",       "WatchTelemetry",   "" },
-        { "org.needled1.Pen",       "UnwatchTelemetry", "" },
+        { ND_MANAGER_INTERFACE, "GetLimits",        "" },
+        { ND_MANAGER_INTERFACE, "ReloadLimits",     ND_ACTION_CONFIGURE },
+        { ND_MANAGER_INTERFACE, "ValidateProfile",  "" },
+        { ND_MANAGER_INTERFACE, "GetProfiles",      "" },
+        { ND_MANAGER_INTERFACE, "GetHistory",       ND_ACTION_READ_HISTORY },
+        { ND_MANAGER_INTERFACE, "GetCartridge",     "" },
+        { ND_MANAGER_INTERFACE, "FindPen",          "" },
+        { ND_PEN_INTERFACE,     "LoadProfile",      ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "LoadProfileData",  ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "Start",            ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "Pause",            ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "Resume",           ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "SetDepth",         ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "SetSpeed",         ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "Heartbeat",        ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "ClearFault",       ND_ACTION_OPERATE },
+        { ND_PEN_INTERFACE,     "Stop",             "" },
+        { ND_PEN_INTERFACE,     "OpenTelemetry",    "" },
+        { ND_PEN_INTERFACE,     "OpenTelemetryPipe", "" },
+        { ND_PEN_INTERFACE,     "WatchTelemetry",   "" },
+        { ND_PEN_INTERFACE,     "UnwatchTelemetry", "" },
         /* The simulator exists only when asked for on the command line (a development tool). */
-        { "org.needled1.Simulator", "AddPen",           "" },
-        { "org.needled1.Simulator", "RemovePen",        "" },
-        { "org.needled1.Simulator", "InsertCartridge",  "" },
-        { "org.needled1.Simulator", "EjectCartridge",   "" },
-        { "org.needled1.Simulator", "SetBattery",       "" },
-        { "org.needled1.Simulator", "InjectFault",      "" },
+        { ND_SIM_INTERFACE,     "AddPen",           "" },
+        { ND_SIM_INTERFACE,     "RemovePen",        "" },
+        { ND_SIM_INTERFACE,     "InsertCartridge",  "" },
+        { ND_SIM_INTERFACE,     "EjectCartridge",   "" },
+        { ND_SIM_INTERFACE,     "SetBattery",       "" },
+        { ND_SIM_INTERFACE,     "InjectFault",      "" },
 };
 
 typedef struct auth_request auth_request;
@@ -87,6 +88,42 @@ const char *nd_bouncer_action_for(const char *interface, const char *member) {
                 if (STREQ(method_actions[i].interface, interface) && STREQ(method_actions[i].member, member))
                         return method_actions[i].action;
         return NULL;
+}
+
+bool nd_bouncer_table_entry(size_t i, const char **interface, const char **member, const char **action) {
+        if (i >= ELEMENTSOF(method_actions))
+                return false;
+        *interface = method_actions[i].interface;
+        *member = method_actions[i].member;
+        *action = method_actions[i].action;
+        return true;
+}
+
+int nd_bouncer_dispatch(nd_bouncer *b, sd_bus_message *m, const nd_method *methods, size_t n, void *object,
+                        void *cont_userdata, sd_bus_error *error) {
+        assert(b && m && methods);
+        const char *interface = sd_bus_message_get_interface(m), *member = sd_bus_message_get_member(m);
+        const char *action = nd_bouncer_action_for(interface, member);
+        const nd_method *method = NULL;
+
+        for (size_t i = 0; member && i < n && !method; i++)
+                if (STREQ(methods[i].member, member))
+                        method = &methods[i];
+        /* One of the two, never both, never neither: a table mistake must refuse, not run. */
+        if (!action || !method || !method->authorized == !method->unguarded || (method->unguarded && action[0])) {
+                nd_log_error("refused %s.%s from %s: %s", strempty(interface), strempty(member),
+                             strempty(sd_bus_message_get_sender(m)),
+                             !action ? "not in the bouncer's table" : !method ? "no implementation" : "mis-mapped");
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Not authorized to call %s: %s",
+                                         strempty(member), "this method is not mapped to any authorization");
+        }
+        if (method->unguarded)
+                return method->unguarded(m, object, error);
+        int r = nd_bouncer_check(b, m, method->authorized, cont_userdata);
+        if (r < 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s",
+                                         strerror(-r));
+        return 1;
 }
 
 int nd_bouncer_new(sd_bus *bus, nd_auth_mode mode, uint64_t timeout_usec,

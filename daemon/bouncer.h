@@ -7,9 +7,7 @@
 #include <stdint.h>
 #include <systemd/sd-bus.h>
 
-#define ND_ACTION_OPERATE      "org.needled1.operate"
-#define ND_ACTION_CONFIGURE    "org.needled1.configure"
-#define ND_ACTION_READ_HISTORY "org.needled1.read-history"
+#include "contract.h"   /* ND_ACTION_*: the polkit actions */
 
 typedef enum nd_auth_mode {
         ND_AUTH_POLKIT,   /* system bus: ask polkit's CheckAuthorization */
@@ -45,6 +43,27 @@ nd_bouncer *nd_bouncer_free(nd_bouncer *b);
 /* The action that guards interface.member: a polkit action id, "" when the method needs no
  * authorization, NULL when the method is not mapped (and so is always denied). Static. */
 const char *nd_bouncer_action_for(const char *interface, const char *member);
+
+/* One method behind the bouncer: exactly one of the two is set. authorized runs once the
+ * bouncer's verdict is in (allowed or not: it replies either way) with cont_userdata. unguarded
+ * runs at once with the object's userdata, as an sd-bus handler; only a method the table maps to
+ * no authorization may have one (anything else is refused). */
+typedef struct nd_method {
+        const char *member;
+        nd_auth_done_fn authorized;
+        sd_bus_message_handler_t unguarded;
+} nd_method;
+
+/* The only way into a method: every vtable method entry points at a handler that calls this. m's
+ * member is looked up in methods (n entries) and in the bouncer's table; a method missing from
+ * either is refused with AccessDenied, as is an unguarded method the table says needs
+ * authorization. Returns what an sd-bus method handler returns. */
+int nd_bouncer_dispatch(nd_bouncer *b, sd_bus_message *m, const nd_method *methods, size_t n, void *object,
+                        void *cont_userdata, sd_bus_error *error);
+
+/* Entry i of the bouncer's table (interface, member, action: "" for none); false past the end.
+ * For the test that compares the table with dbus/org.needled1.xml. */
+bool nd_bouncer_table_entry(size_t i, const char **interface, const char **member, const char **action);
 
 /* Starts the check of m's sender for m's method. done is called later from the loop, never
  * from within this call. Returns 0, or -errno when the check could not even start. */

@@ -15,7 +15,6 @@
 #include "transport-usb.h"
 #include "util.h"
 
-#define STATE_DIR_DEFAULT "/var/lib/needled"
 
 const char *nd_limits_state_to_string(nd_limits_state s) {
         switch (s) {
@@ -169,7 +168,7 @@ static const char *resolve_state_dir(const nd_daemon_options *opts, char **buf) 
                 *buf = strndup(env, strcspn(env, ":"));
                 return *buf;
         }
-        return STATE_DIR_DEFAULT;
+        return ND_STATE_DIR_DEFAULT;
 }
 
 static void daemon_free(nd_daemon *d) {
@@ -205,7 +204,7 @@ int nd_daemon_main(const nd_daemon_options *opts) {
         if (r < 0)
                 return r;
         const char *state_dir = resolve_state_dir(opts, &state_buf);
-        d.state_dir = strdup(state_dir ? state_dir : STATE_DIR_DEFAULT);
+        d.state_dir = strdup(state_dir ? state_dir : ND_STATE_DIR_DEFAULT);
         if (!d.state_dir)
                 return -ENOMEM;
 

@@ -8,21 +8,13 @@
 #include <systemd/sd-event.h>
 
 #include "bouncer.h"
+#include "contract.h"
 #include "ledger.h"
 #include "safety-limits.h"
-
-#define ND_BUS_NAME          "org.needled"
-#define ND_MANAGER_PATH      "/org/needled"
-#define ND_PEN_PATH_PREFIX   "/org/needled/pen"
-#define ND_MANAGER_INTERFACE "org.needled1.Manager"
-#define ND_PEN_INTERFACE     "org.needled1.Pen"
-#define ND_SIM_INTERFACE     "org.needled1.Simulator"
 
 #define ND_POLKIT_TIMEOUT_MS_DEFAULT 10000u
 /* A person answering an authentication dialog needs longer than a machine. */
 #define ND_POLKIT_INTERACTIVE_TIMEOUT_MS 120000u
-/* Largest profile YAML a client may send (ValidateProfile, LoadProfileData: the contract's bound). */
-#define ND_PROFILE_TEXT_MAX (64u * 1024u)
 /* The longest a clean shutdown waits for the pens to confirm that their motors stopped. */
 #define ND_SHUTDOWN_STOP_TIMEOUT_MS 500u
 
@@ -32,7 +24,7 @@ typedef struct nd_daemon_options {
         bool verbose;
         const char *limits_path;
         const char *profiles_dir;
-        const char *state_dir;      /* NULL: $STATE_DIRECTORY, else /var/lib/needled */
+        const char *state_dir;      /* NULL: $STATE_DIRECTORY, else ND_STATE_DIR_DEFAULT */
         unsigned polkit_timeout_ms;
         sd_event *event;            /* the loop to run on (a test harness's); NULL: a new one */
 } nd_daemon_options;

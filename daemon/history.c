@@ -10,7 +10,6 @@
 #include "util.h"
 
 /* Longest cartridge id GetCartridge accepts (the ledger stores longer names, pens send 32). */
-#define CARTRIDGE_ID_MAX 64
 
 typedef struct history_filter {
         const char *pen;
@@ -76,8 +75,8 @@ static int append_session(sd_bus_message *reply, const nd_ledger_session *s) {
         return r;
 }
 
-static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
-                               const nd_caller *caller, void *userdata) {
+void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
+                                       const nd_caller *caller, void *userdata) {
         nd_daemon *d = userdata;
         _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
@@ -119,14 +118,6 @@ static void history_authorized(sd_bus_message *m, bool allowed, const sd_bus_err
                 (void) sd_bus_send(NULL, reply, NULL);
 }
 
-int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        nd_daemon *d = userdata;
-        int r = nd_bouncer_check(d->bouncer, m, history_authorized, d);
-        if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s", strerror(-r));
-        return 1;
-}
-
 int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         nd_daemon *d = userdata;
         nd_ledger_cartridge c;
@@ -135,8 +126,8 @@ int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_er
 
         if (sd_bus_message_read(m, "s", &id) < 0)
                 return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Expected a cartridge id");
-        if (id[0] == '\0' || strlen(id) > CARTRIDGE_ID_MAX)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "A cartridge id has 1 to %d bytes", CARTRIDGE_ID_MAX);
+        if (id[0] == '\0' || strlen(id) > ND_CARTRIDGE_ID_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "A cartridge id has 1 to %u bytes", ND_CARTRIDGE_ID_MAX);
         if (!d->ledger)
                 return sd_bus_error_setf(error, ND_ERROR_STORAGE, "The treatment ledger is not available: %s",
                                          strempty(d->ledger_error));

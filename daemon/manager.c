@@ -273,15 +273,6 @@ static void reload_authorized(sd_bus_message *m, bool allowed, const sd_bus_erro
         (void) sd_bus_reply_method_return(m, NULL);
 }
 
-static int method_reload_limits(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        nd_daemon *d = userdata;
-        int r = nd_bouncer_check(d->bouncer, m, reload_authorized, d);
-        if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s",
-                                         strerror(-r));
-        return 1;
-}
-
 /* ---- Profiles -------------------------------------------------------------------------------- */
 
 /* Appends a(sss) of (field, code, message). */
@@ -454,6 +445,22 @@ static int enumerate_manager_object(sd_bus *bus, const char *prefix, void *userd
 
 /* ---- Export ------------------------------------------------------------------------------------ */
 
+/* Every method goes through the bouncer (daemon/bouncer.c): the vtable knows no other handler. */
+static const nd_method manager_methods[] = {
+        { "GetLimits", NULL, method_get_limits },
+        { "ReloadLimits", reload_authorized, NULL },
+        { "ValidateProfile", NULL, method_validate_profile },
+        { "GetProfiles", NULL, method_get_profiles },
+        { "GetHistory", nd_history_get_history_authorized, NULL },
+        { "GetCartridge", NULL, nd_history_method_get_cartridge },
+        { "FindPen", NULL, method_find_pen },
+};
+
+static int manager_dispatch(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_daemon *d = userdata;
+        return nd_bouncer_dispatch(d->bouncer, m, manager_methods, ELEMENTSOF(manager_methods), d, d, error);
+}
+
 static const sd_bus_vtable manager_vtable[] = {
         SD_BUS_VTABLE_START(0),
         SD_BUS_PROPERTY("Version", "s", property_version, 0, SD_BUS_VTABLE_PROPERTY_CONST),
@@ -465,19 +472,19 @@ static const sd_bus_vtable manager_vtable[] = {
         SD_BUS_PROPERTY("LimitsDigest", "s", property_limits_digest, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("LimitsLoadedAt", "t", property_limits_loaded_at, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD_WITH_ARGS("GetLimits", SD_BUS_NO_ARGS, SD_BUS_RESULT("a{sv}", limits),
-                                method_get_limits, SD_BUS_VTABLE_UNPRIVILEGED),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("ReloadLimits", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
-                                method_reload_limits, SD_BUS_VTABLE_UNPRIVILEGED),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("ValidateProfile", SD_BUS_ARGS("s", yaml), SD_BUS_RESULT("a(sss)", violations),
-                                method_validate_profile, SD_BUS_VTABLE_UNPRIVILEGED),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("GetProfiles", SD_BUS_NO_ARGS, SD_BUS_RESULT("aa{sv}", profiles),
-                                method_get_profiles, SD_BUS_VTABLE_UNPRIVILEGED),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("GetHistory", SD_BUS_ARGS("a{sv}", filter), SD_BUS_RESULT("aa{sv}", sessions),
-                                nd_history_method_get_history, SD_BUS_VTABLE_UNPRIVILEGED),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("GetCartridge", SD_BUS_ARGS("s", id), SD_BUS_RESULT("a{sv}", cartridge),
-                                nd_history_method_get_cartridge, SD_BUS_VTABLE_UNPRIVILEGED),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("FindPen", SD_BUS_ARGS("s", serial), SD_BUS_RESULT("o", pen),
-                                method_find_pen, SD_BUS_VTABLE_UNPRIVILEGED),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END
 };
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "audit.h"
+#include "contract.h"
 #include "daemon.h"
 #include "errors.h"
 #include "log.h"
@@ -17,10 +18,6 @@
 #include "telemetry.h"
 #include "util.h"
 
-/* Longest label a client may attach to a session (an opaque reference, no patient data). */
-#define LABEL_MAX 128
-/* Largest profile YAML a client may send (the loader refuses larger ones too). */
-#define PROFILE_DATA_MAX (1024 * 1024)
 
 static nd_caller caller_of(sd_bus_message *m) {
         return (nd_caller) { .name = sd_bus_message_get_sender(m), .uid = ND_CALLER_UNKNOWN, .pid = ND_CALLER_UNKNOWN };
@@ -59,10 +56,11 @@ static int prop_warnings(sd_bus *bus, const char *path, const char *interface, c
                          sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         nd_pen *p = userdata;
         const nd_limits *l = p->daemon->limits;
+        unsigned w = nd_interlock_warnings(l, p->have_sample, p->temperature_c, p->battery_percent);
         int r = sd_bus_message_open_container(reply, 'a', "s");
-        if (r >= 0 && l && p->have_sample && p->temperature_c >= l->pen.warn_temperature_c)
+        if (r >= 0 && (w & ND_INTERLOCK_WARN_HIGH_TEMPERATURE))
                 r = sd_bus_message_append(reply, "s", "high-temperature");
-        if (r >= 0 && l && p->have_sample && p->battery_percent < l->pen.min_battery_percent)
+        if (r >= 0 && (w & ND_INTERLOCK_WARN_LOW_BATTERY))
                 r = sd_bus_message_append(reply, "s", "low-battery");
         if (r >= 0)
                 r = sd_bus_message_close_container(reply);
@@ -134,16 +132,6 @@ static int prop_rate(sd_bus *bus, const char *path, const char *interface, const
 
 /* ---- Methods: helpers ------------------------------------------------------------------------ */
 
-/* Runs the bouncer for m; cont finds the pen again by path when the verdict comes, since the
- * pen may have gone in between. */
-static int pen_authorize(sd_bus_message *m, nd_pen *p, sd_bus_error *error, nd_auth_done_fn cont) {
-        int r = nd_bouncer_check(p->daemon->bouncer, m, cont, p->daemon);
-        if (r < 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Could not check authorization: %s",
-                                         strerror(-r));
-        return 1;
-}
-
 /* The pen a continuation is for, or NULL after replying (denied, or the pen is gone). */
 static nd_pen *continuation_pen(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error, nd_daemon *d) {
         if (!allowed) {
@@ -157,18 +145,61 @@ static nd_pen *continuation_pen(sd_bus_message *m, bool allowed, const sd_bus_er
         return p;
 }
 
-static bool reply_if_busy(nd_pen *p, sd_bus_message *m, const char *what) {
-        if (p->state == ND_PEN_FAULT) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "Cannot %s: pen %s is in fault (%s); clear it first",
-                                                  what, p->serial, strempty(p->fault));
+/* The named D-Bus error of each refusal of lib/interlocks.c. */
+static const char *const refusal_errors[_ND_INTERLOCK_REFUSAL_MAX] = {
+        [ND_INTERLOCK_ALLOWED] = NULL,
+        [ND_INTERLOCK_REFUSE_LIMITS_UNAVAILABLE] = ND_ERROR_LIMITS_UNAVAILABLE,
+        [ND_INTERLOCK_REFUSE_FAULT] = ND_ERROR_FAULT,
+        [ND_INTERLOCK_REFUSE_WRONG_STATE] = ND_ERROR_WRONG_STATE,
+        [ND_INTERLOCK_REFUSE_NO_CARTRIDGE] = ND_ERROR_NO_CARTRIDGE,
+        [ND_INTERLOCK_REFUSE_INVALID_PROFILE] = ND_ERROR_INVALID_PROFILE,
+        [ND_INTERLOCK_REFUSE_CARTRIDGE_REJECTED] = ND_ERROR_INVALID_PROFILE,
+        [ND_INTERLOCK_REFUSE_CARTRIDGE_SPENT] = ND_ERROR_CARTRIDGE_SPENT,
+        [ND_INTERLOCK_REFUSE_LOW_BATTERY] = ND_ERROR_LOW_BATTERY,
+        [ND_INTERLOCK_REFUSE_OVER_TEMPERATURE] = ND_ERROR_FAULT,
+};
+
+const char *nd_pen_refusal_error_name(nd_interlock_refusal r) {
+        /* Anything unexpected is a fault, never a success. */
+        if ((size_t) r >= ELEMENTSOF(refusal_errors) || !refusal_errors[r])
+                return r == ND_INTERLOCK_ALLOWED ? NULL : ND_ERROR_FAULT;
+        return refusal_errors[r];
+}
+
+/* The fault a pen is held in: the daemon's code, else the one the pen itself reports latched. */
+static const char *pen_fault_shown(const nd_pen *p) {
+        if (p->fault)
+                return p->fault;
+        const char *latched = nd_interlock_pen_fault_code(p->pen_faults);
+        return latched ? latched : (p->pen_faults ? "pen-fault" : "");
+}
+
+/* Replies and returns false unless a profile may be armed now (lib/interlocks.c decides). */
+static bool arm_preconditions(nd_pen *p, sd_bus_message *m) {
+        const char *what = "arm a profile";
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        nd_interlock_refusal refusal = nd_interlock_may_arm(p->daemon->limits, &reading);
+        switch (refusal) {
+        case ND_INTERLOCK_ALLOWED:
                 return true;
-        }
-        if (p->session_active || p->starting) {
+        case ND_INTERLOCK_REFUSE_FAULT:
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "Cannot %s: pen %s is in fault (%s); clear it first",
+                                                  what, p->serial, pen_fault_shown(p));
+                return false;
+        case ND_INTERLOCK_REFUSE_WRONG_STATE:
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_WRONG_STATE, "Cannot %s: pen %s is %s", what, p->serial,
                                                   p->starting ? "starting" : nd_pen_state_to_string(p->state));
-                return true;
+                return false;
+        case ND_INTERLOCK_REFUSE_LIMITS_UNAVAILABLE:
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_LIMITS_UNAVAILABLE,
+                                                  "No limits are in force (%s): nothing can be armed",
+                                                  nd_limits_state_to_string(p->daemon->limits_state));
+                return false;
+        default:
+                (void) sd_bus_reply_method_errorf(m, nd_pen_refusal_error_name(refusal), "Cannot %s: %s", what,
+                                                  strempty(nd_interlock_refusal_to_string(refusal)));
+                return false;
         }
-        return false;
 }
 
 /* Replies InvalidProfile listing every violation. */
@@ -238,18 +269,6 @@ static void arm(nd_pen *p, sd_bus_message *m, const nd_caller *caller, const cha
                 (void) sd_bus_reply_method_return(m, NULL);
 }
 
-static bool arm_preconditions(nd_pen *p, sd_bus_message *m) {
-        if (reply_if_busy(p, m, "arm a profile"))
-                return false;
-        if (!p->daemon->limits) {
-                (void) sd_bus_reply_method_errorf(m, ND_ERROR_LIMITS_UNAVAILABLE,
-                                                  "No limits are in force (%s): nothing can be armed",
-                                                  nd_limits_state_to_string(p->daemon->limits_state));
-                return false;
-        }
-        return true;
-}
-
 static void load_profile_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
                                     const nd_caller *caller, void *userdata) {
         nd_daemon *d = userdata;
@@ -277,18 +296,21 @@ static void load_profile_authorized(sd_bus_message *m, bool allowed, const sd_bu
         size_t len = 0;
         _cleanup_fclose_ FILE *f = fopen(e->path, "re");
         if (f) {
-                yaml = malloc(PROFILE_DATA_MAX + 1);
-                len = yaml ? fread(yaml, 1, PROFILE_DATA_MAX + 1, f) : 0;
+                yaml = malloc(ND_PROFILE_TEXT_MAX + 1);
+                len = yaml ? fread(yaml, 1, ND_PROFILE_TEXT_MAX + 1, f) : 0;
         }
-        if (!yaml || ferror(f) || len > PROFILE_DATA_MAX) {
+        if (!yaml || ferror(f)) {
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_UNKNOWN_PROFILE, "The profile file %s cannot be read", e->path);
                 return;
         }
+        if (len > ND_PROFILE_TEXT_MAX) {
+                nd_audit(d, caller, "LoadProfile", p->serial, "refused: invalid profile: too long");
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INVALID_PROFILE,
+                                                  "The profile file %s is longer than %u bytes, the largest profile there may be",
+                                                  e->path, ND_PROFILE_TEXT_MAX);
+                return;
+        }
         arm(p, m, caller, yaml, len, e->path);
-}
-
-static int method_load_profile(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, load_profile_authorized);
 }
 
 static void load_profile_data_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
@@ -310,10 +332,6 @@ static void load_profile_data_authorized(sd_bus_message *m, bool allowed, const 
         if (!arm_preconditions(p, m))
                 return;
         arm(p, m, caller, yaml, len, NULL);
-}
-
-static int method_load_profile_data(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, load_profile_data_authorized);
 }
 
 /* ---- Start --------------------------------------------------------------------------------------- */
@@ -393,9 +411,9 @@ static int parse_start_options(sd_bus_message *m, const char **label, sd_bus_err
                         if (sd_bus_message_read(m, "v", "s", label) < 0)
                                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option label must be a string (s)");
                         size_t len = strlen(*label);
-                        if (len > LABEL_MAX)
+                        if (len > ND_SESSION_LABEL_MAX)
                                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                         "Option label is %zu bytes long; at most %u", len, LABEL_MAX);
+                                                         "Option label is %zu bytes long; at most %u", len, ND_SESSION_LABEL_MAX);
                         for (const char *c = *label; *c; c++)
                                 if ((unsigned char) *c < 0x20 || *c == 0x7f)
                                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
@@ -446,55 +464,62 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 (void) sd_bus_reply_method_error(m, &error);
                 return;
         }
-        if (!l) {
+        /* The limits may have changed since arming: the armed profile is checked again, with the
+         * pen's own checks; lib/interlocks.c decides, in its order, what refuses the start. */
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        nd_ledger_cartridge info;
+        bool known = false;
+        if (l && p->profile_yaml && p->cartridge_present) {
+                _cleanup_(nd_profile_freep) nd_profile *again = NULL;
+                r = nd_profile_parse(p->profile_yaml, strlen(p->profile_yaml), NULL, l, &again, &diags);
+                if (r >= 0) {
+                        nd_pen_caps caps = pen_caps(p);
+                        r = nd_profile_check_pen(again, &caps, true, p->cartridge_needles, &diags);
+                }
+                reading.profile_valid = r >= 0 && diags.n_items == 0;
+                const char *cstate = nd_pen_cartridge_state(p, &info, &known);
+                reading.cartridge_rejected = STREQ(cstate, "rejected");
+                reading.cartridge_spent = STREQ(cstate, "spent");
+        }
+        nd_interlock_refusal refusal = nd_interlock_may_start(l, &reading);
+        switch (refusal) {
+        case ND_INTERLOCK_ALLOWED:
+                break;
+        case ND_INTERLOCK_REFUSE_LIMITS_UNAVAILABLE:
                 start_refuse(p, m, caller, ND_ERROR_LIMITS_UNAVAILABLE, "No limits are in force: nothing can start");
                 return;
-        }
-        if (p->state == ND_PEN_FAULT) {
+        case ND_INTERLOCK_REFUSE_FAULT:
                 start_refuse(p, m, caller, ND_ERROR_FAULT, "Pen %s is in fault (%s); clear it first", p->serial,
-                                                  strempty(p->fault));
+                             pen_fault_shown(p));
                 return;
-        }
-        if (p->state != ND_PEN_ARMED || p->starting || !p->profile) {
+        case ND_INTERLOCK_REFUSE_WRONG_STATE:
                 start_refuse(p, m, caller, ND_ERROR_WRONG_STATE, "Pen %s is %s: arm a profile first", p->serial,
-                                                  p->starting ? "starting" : nd_pen_state_to_string(p->state));
+                             p->starting ? "starting" : nd_pen_state_to_string(p->state));
                 return;
-        }
-        if (!p->cartridge_present) {
+        case ND_INTERLOCK_REFUSE_NO_CARTRIDGE:
                 start_refuse(p, m, caller, ND_ERROR_NO_CARTRIDGE, "Pen %s has no cartridge", p->serial);
                 return;
-        }
-        /* The limits may have changed since arming: check again, and the pen's own checks. */
-        _cleanup_(nd_profile_freep) nd_profile *again = NULL;
-        r = nd_profile_parse(p->profile_yaml, strlen(p->profile_yaml), NULL, l, &again, &diags);
-        if (r >= 0) {
-                nd_pen_caps caps = pen_caps(p);
-                r = nd_profile_check_pen(again, &caps, true, p->cartridge_needles, &diags);
-        }
-        if (r < 0 || diags.n_items > 0) {
+        case ND_INTERLOCK_REFUSE_INVALID_PROFILE:
                 nd_audit(d, caller, "Start", p->serial, "refused: InvalidProfile: the armed profile no longer passes");
                 reply_invalid_profile(m, &diags);
                 return;
-        }
-        nd_ledger_cartridge info;
-        bool known;
-        const char *cstate = nd_pen_cartridge_state(p, &info, &known);
-        if (STREQ(cstate, "rejected")) {
+        case ND_INTERLOCK_REFUSE_CARTRIDGE_REJECTED:
                 start_refuse(p, m, caller, ND_ERROR_INVALID_PROFILE,
-                                                  "Cartridge %s has %u needles, which the limits do not allow",
-                                                  p->cartridge_id, p->cartridge_needles);
+                             "Cartridge %s has %u needles, which the limits do not allow", p->cartridge_id,
+                             p->cartridge_needles);
                 return;
-        }
-        if (STREQ(cstate, "spent")) {
-                start_refuse(p, m, caller, ND_ERROR_CARTRIDGE_SPENT,
-                                                  "Cartridge %s has been used already (%s)", p->cartridge_id,
-                                                  l->cartridge.single_use ? "single use" : "runtime used up");
+        case ND_INTERLOCK_REFUSE_CARTRIDGE_SPENT:
+                start_refuse(p, m, caller, ND_ERROR_CARTRIDGE_SPENT, "Cartridge %s has been used already (%s)",
+                             p->cartridge_id, l->cartridge.single_use ? "single use" : "runtime used up");
                 return;
-        }
-        if (p->battery_percent < l->pen.min_battery_percent) {
-                start_refuse(p, m, caller, ND_ERROR_LOW_BATTERY,
-                                                  "Battery at %u %%: no start below %u %%", p->battery_percent,
-                                                  l->pen.min_battery_percent);
+        case ND_INTERLOCK_REFUSE_LOW_BATTERY:
+                start_refuse(p, m, caller, ND_ERROR_LOW_BATTERY, "Battery at %u %%: no start below %u %%",
+                             p->battery_percent, l->pen.min_battery_percent);
+                return;
+        case ND_INTERLOCK_REFUSE_OVER_TEMPERATURE:
+        case _ND_INTERLOCK_REFUSAL_MAX:
+                start_refuse(p, m, caller, nd_pen_refusal_error_name(refusal), "Pen %s may not start (%s)", p->serial,
+                             strempty(nd_interlock_refusal_to_string(refusal)));
                 return;
         }
         if (!d->ledger) {
@@ -565,10 +590,6 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         pen_log(p, LOG_NOTICE, "%s: starting %s", p->serial, detail);
 }
 
-static int method_start(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, start_authorized);
-}
-
 /* ---- Owner-only adjustments ------------------------------------------------------------------------ */
 
 /* Replies and returns false unless m's sender owns the session in progress. */
@@ -615,14 +636,10 @@ static void pause_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         /* Paused from now: the stop is on its way and bypasses every queue. */
         p->session.elapsed_before_us += nd_pen_now_mono_us(p) - p->session.running_since_us;
         p->session.running_since_us = 0;
-        p->session.stall_since_us = 0;
+        p->session.interlock.stall_since_us = 0;
         p->session.last_device_time_us = 0;
         nd_pen_set_state(p, ND_PEN_PAUSED, NULL);
         nd_audit(p->daemon, caller, "Pause", p->serial, p->session.id);
-}
-
-static int method_pause(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, pause_authorized);
 }
 
 static void resume_done(nd_pendev *dev, int status, void *userdata) {
@@ -658,14 +675,22 @@ static void resume_authorized(sd_bus_message *m, bool allowed, const sd_bus_erro
                                                   nd_pen_state_to_string(p->state));
                 return;
         }
-        if (l && p->battery_percent < l->pen.min_battery_percent) {
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        nd_interlock_refusal refusal = nd_interlock_may_resume(l, &reading);
+        switch (refusal) {
+        case ND_INTERLOCK_ALLOWED:
+                break;
+        case ND_INTERLOCK_REFUSE_LOW_BATTERY:
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_LOW_BATTERY, "Battery at %u %%: no start below %u %%",
                                                   p->battery_percent, l->pen.min_battery_percent);
                 return;
-        }
-        if (l && p->temperature_c > l->pen.max_temperature_c) {
+        case ND_INTERLOCK_REFUSE_OVER_TEMPERATURE:
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "The handpiece is at %.1f °C, above the %.1f °C maximum",
                                                   p->temperature_c, l->pen.max_temperature_c);
+                return;
+        default:
+                (void) sd_bus_reply_method_errorf(m, nd_pen_refusal_error_name(refusal), "Cannot resume: %s",
+                                                  strempty(nd_interlock_refusal_to_string(refusal)));
                 return;
         }
         nd_pen_op *op = nd_pen_op_new(p, m, 0);
@@ -677,10 +702,6 @@ static void resume_authorized(sd_bus_message *m, bool allowed, const sd_bus_erro
                 return;
         }
         nd_audit(p->daemon, caller, "Resume", p->serial, p->session.id);
-}
-
-static int method_resume(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, resume_authorized);
 }
 
 static void setpoint_done(nd_pendev *dev, int status, void *userdata) {
@@ -704,7 +725,7 @@ static void setpoint_done(nd_pendev *dev, int status, void *userdata) {
                 if (p->session_active)
                         nd_pen_depth_settle_begin(p); /* the stall check waits for the new speed too */
         }
-        p->session.stall_since_us = 0;
+        p->session.interlock.stall_since_us = 0;
         nd_pen_changed(p, PROP_SETPOINTS);
         (void) sd_bus_reply_method_return(op->call, NULL);
         nd_pen_op_free(op);
@@ -770,14 +791,10 @@ static void setpoint_authorized(sd_bus_message *m, bool allowed, const sd_bus_er
                 return;
         }
         if (depth)
-                p->session.depth_check_known = false; /* until the pen has the new depth */
+                nd_interlock_settle_begin(&p->session.interlock); /* until the pen has the new depth */
         char detail[96];
         snprintf(detail, sizeof detail, "%s %.3f", depth ? "depth_mm" : "speed_hz", value);
         nd_audit(p->daemon, caller, depth ? "SetDepth" : "SetSpeed", p->serial, detail);
-}
-
-static int method_setpoint(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, setpoint_authorized);
 }
 
 static void heartbeat_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
@@ -792,10 +809,6 @@ static void heartbeat_authorized(sd_bus_message *m, bool allowed, const sd_bus_e
                 (void) sd_event_source_set_enabled(p->session.client_heartbeat, SD_EVENT_ONESHOT);
         }
         (void) sd_bus_reply_method_return(m, NULL);
-}
-
-static int method_heartbeat(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, heartbeat_authorized);
 }
 
 /* ---- Stop: no authorization, never refused while the pen is connected ------------------------------- */
@@ -821,37 +834,15 @@ static void clear_faults_done(nd_pendev *dev, int status, void *userdata) {
                 (void) sd_bus_reply_method_errorf(op->call, status == -ENODEV ? ND_ERROR_DEVICE_GONE : ND_ERROR_FAULT,
                                                   "The pen still reports a fault (%s)", nd_pen_command_error(status));
         } else if (p->state == ND_PEN_FAULT) {
+                /* The pen took it: what it reported latched before is gone. */
+                p->pen_faults = 0;
+                p->faults_cleared_mono_us = nd_pen_now_mono_us(p);
                 nd_pen_disarm(p);
                 nd_pen_set_state(p, ND_PEN_IDLE, NULL);
                 (void) sd_bus_reply_method_return(op->call, NULL);
         } else
                 (void) sd_bus_reply_method_return(op->call, NULL);
         nd_pen_op_free(op);
-}
-
-/* Whether the condition behind the fault is gone, judged on the latest telemetry. */
-static bool fault_condition_gone(nd_pen *p, char *why, size_t size) {
-        const nd_limits *l = p->daemon->limits;
-        uint64_t silent_us = nd_pen_now_mono_us(p) - p->last_sample_mono_us;
-        uint64_t timeout_us = (uint64_t) (l ? l->pen.heartbeat_timeout_ms : ND_PROTO_WATCHDOG_DEFAULT_MS) * USEC_PER_MSEC;
-        if (!p->have_sample || silent_us > timeout_us) {
-                snprintf(why, size, "no telemetry from the pen for %.1f s", (double) silent_us / (double) USEC_PER_SEC);
-                return false;
-        }
-        /* An over-temperature clears only once the handpiece is below the warning level, so
-         * noise around the maximum cannot clear it. */
-        double cool_c = l && STREQ(strempty(p->fault), "over-temperature") ? l->pen.warn_temperature_c
-                        : l ? l->pen.max_temperature_c : 0.0;
-        if (l && p->temperature_c >= cool_c) {
-                snprintf(why, size, "the handpiece is still at %.1f °C (it must be below %.1f °C)", p->temperature_c, cool_c);
-                return false;
-        }
-        if (l && p->battery_percent < l->pen.stop_battery_percent) {
-                snprintf(why, size, "the battery is still at %u %% (cut-off %u %%)", p->battery_percent,
-                         l->pen.stop_battery_percent);
-                return false;
-        }
-        return true;
 }
 
 static void clear_fault_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
@@ -864,7 +855,8 @@ static void clear_fault_authorized(sd_bus_message *m, bool allowed, const sd_bus
                 (void) sd_bus_reply_method_return(m, NULL); /* nothing to clear */
                 return;
         }
-        if (!fault_condition_gone(p, why, sizeof why)) {
+        nd_interlock_pen reading = nd_pen_interlock_reading(p);
+        if (!nd_interlock_may_clear_fault(p->daemon->limits, &reading, why, sizeof why)) {
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "Fault %s is not cleared: %s", strempty(p->fault), why);
                 return;
         }
@@ -878,10 +870,6 @@ static void clear_fault_authorized(sd_bus_message *m, bool allowed, const sd_bus
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_FAULT, "The pen cannot be asked to clear its faults: %s",
                                                   strerror(-r));
         }
-}
-
-static int method_clear_fault(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return pen_authorize(m, userdata, error, clear_fault_authorized);
 }
 
 /* ---- OpenTelemetry ------------------------------------------------------------------------------------ */
@@ -960,6 +948,31 @@ _Static_assert(sizeof(((nd_pen *) NULL)->generation) == sizeof(uint32_t), "Gener
 _Static_assert(sizeof(((nd_pen *) NULL)->battery_percent) == sizeof(uint32_t), "BatteryPercent is read as u");
 _Static_assert(sizeof(((nd_pen *) NULL)->set_depth_mm) == sizeof(double), "DepthMm is read as d");
 
+/* Every method goes through the bouncer (daemon/bouncer.c): the vtable knows no other handler.
+ * Methods that need authorization continue with the daemon and find the pen again by path, since
+ * it may have gone while polkit was asked. */
+static const nd_method pen_methods[] = {
+        { "LoadProfile", load_profile_authorized, NULL },
+        { "LoadProfileData", load_profile_data_authorized, NULL },
+        { "Start", start_authorized, NULL },
+        { "Pause", pause_authorized, NULL },
+        { "Resume", resume_authorized, NULL },
+        { "SetDepth", setpoint_authorized, NULL },
+        { "SetSpeed", setpoint_authorized, NULL },
+        { "Heartbeat", heartbeat_authorized, NULL },
+        { "ClearFault", clear_fault_authorized, NULL },
+        { "Stop", NULL, method_stop },
+        { "OpenTelemetry", NULL, method_open_telemetry },
+        { "OpenTelemetryPipe", NULL, method_open_telemetry_pipe },
+        { "WatchTelemetry", NULL, method_watch_telemetry },
+        { "UnwatchTelemetry", NULL, method_unwatch_telemetry },
+};
+
+static int pen_dispatch(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        return nd_bouncer_dispatch(p->daemon->bouncer, m, pen_methods, ELEMENTSOF(pen_methods), p, p->daemon, error);
+}
+
 static const sd_bus_vtable pen_vtable[] = {
         SD_BUS_VTABLE_START(0),
         SD_BUS_PROPERTY("Serial", "s", NULL, offsetof(nd_pen, serial), SD_BUS_VTABLE_PROPERTY_CONST),
@@ -985,30 +998,30 @@ static const sd_bus_vtable pen_vtable[] = {
         SD_BUS_PROPERTY("Strokes", "t", prop_strokes, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("TelemetryRateHz", "u", prop_rate, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD_WITH_ARGS("LoadProfile", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT,
-                                method_load_profile, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("LoadProfileData", SD_BUS_ARGS("s", yaml), SD_BUS_NO_RESULT,
-                                method_load_profile_data, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Start", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("s", session_id),
-                                method_start, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Pause", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_pause, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Resume", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_resume, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Pause", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Resume", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("SetDepth", SD_BUS_ARGS("d", mm), SD_BUS_NO_RESULT,
-                                method_setpoint, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("SetSpeed", SD_BUS_ARGS("d", hz), SD_BUS_NO_RESULT,
-                                method_setpoint, SD_BUS_VTABLE_UNPRIVILEGED),
-        SD_BUS_METHOD_WITH_ARGS("Stop", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_stop, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Stop", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Heartbeat", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
-                                method_heartbeat, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("ClearFault", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
-                                method_clear_fault, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("OpenTelemetry", SD_BUS_NO_ARGS, SD_BUS_RESULT("h", fd),
-                                method_open_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("OpenTelemetryPipe", SD_BUS_NO_ARGS, SD_BUS_RESULT("h", fd),
-                                method_open_telemetry_pipe, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("WatchTelemetry", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
-                                method_watch_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("UnwatchTelemetry", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
-                                method_unwatch_telemetry, SD_BUS_VTABLE_UNPRIVILEGED),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_SIGNAL_WITH_ARGS("Telemetry", SD_BUS_ARGS("a(tuddddu)", samples), 0),
         SD_BUS_SIGNAL_WITH_ARGS("SessionEnded", SD_BUS_ARGS("s", session_id, "s", reason), 0),
         SD_BUS_SIGNAL_WITH_ARGS("SessionRecorded", SD_BUS_ARGS("s", session_id, "a{sv}", figures), 0),
@@ -1125,9 +1138,16 @@ static int pen_object_find(sd_bus *bus, const char *path, const char *interface,
         return 1;
 }
 
+/* Frees a NULL-terminated list of strings. */
+static void strv_freep(char ***l) {
+        for (char **i = *l; i && *i; i++)
+                free(*i);
+        free(*l);
+}
+
 static int pen_enumerate(sd_bus *bus, const char *prefix, void *userdata, char ***nodes, sd_bus_error *error) {
         nd_daemon *d = userdata;
-        char **l = calloc(d->n_pens + 1, sizeof *l);
+        _cleanup_(strv_freep) char **l = calloc(d->n_pens + 1, sizeof *l);
         unsigned n = 0;
         if (!l)
                 return -ENOMEM;
@@ -1135,15 +1155,11 @@ static int pen_enumerate(sd_bus *bus, const char *prefix, void *userdata, char *
                 if (!d->pens[i]->exported)
                         continue;
                 l[n] = strdup(d->pens[i]->path);
-                if (!l[n]) {
-                        for (unsigned k = 0; k < n; k++)
-                                free(l[k]);
-                        free(l);
+                if (!l[n])
                         return -ENOMEM;
-                }
                 n++;
         }
-        *nodes = l;
+        *nodes = TAKE_PTR(l);
         return 1;
 }
 

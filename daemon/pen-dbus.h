@@ -5,9 +5,14 @@
 #include <stdint.h>
 
 #include "daemon.h"
+#include "interlocks.h"
 
 /* Registers the fallback vtable and node enumerator for /org/needled/pen/... */
 int nd_pen_export_all(nd_daemon *d);
+
+/* The named D-Bus error (org.needled1.Error.*) that answers a refusal; NULL for ALLOWED; Fault
+ * for anything unknown. Static. */
+const char *nd_pen_refusal_error_name(nd_interlock_refusal r);
 
 typedef struct nd_pen nd_pen;
 typedef struct nd_ledger_stats nd_ledger_stats;

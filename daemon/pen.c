@@ -2,6 +2,7 @@
  * telemetry intake. Every telemetry sample is checked against the limits in force in the loop
  * iteration that decoded it; a tripped interlock sends the motor stop at once. The bus adapter
  * (properties, methods, vtable) is pen-dbus.c. */
+#include <assert.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -22,25 +23,20 @@
 #define PROPERTY_COALESCE_USEC (250 * USEC_PER_MSEC)
 /* A running session's figures reach the ledger this often. */
 #define PROGRESS_INTERVAL_USEC (1000 * USEC_PER_MSEC)
-/* After the depth set point changes (or the motor starts), the needle needs time to get there
- * before a difference between set and measured depth means a fault. Counted on the pen's own
- * clock from the moment the pen reports the change in force (see nd_pen_depth_settle_begin()). */
-#define DEPTH_SETTLE_US 150000u
-/* After a motor start or a speed change the motor needs time to reach its speed: below the
- * stall fraction during this time is spin-up, not a stall (then stall_time_ms applies). */
-#define SPINUP_GRACE_US 300000u
+/* Fault bits in samples the pen measured before it took a ClearFault may still arrive after its
+ * acknowledgement (telemetry and control travel apart): an idle pen's fault bits count from this
+ * long after the clear on. A fault still latched then is seen on the next sample. */
+#define FAULT_CLEAR_GRACE_USEC (100 * USEC_PER_MSEC)
 
 _Static_assert(ND_PEN_HEARTBEAT_MIN_MS >= ND_PROTO_WATCHDOG_MIN_MS && ND_PEN_HEARTBEAT_MAX_MS <= ND_PROTO_WATCHDOG_MAX_MS,
                "every heartbeat_timeout_ms the limits file accepts must be one the pen's watchdog accepts");
 
-static const char *const state_names[] = {
+static const char *const nd_pen_state_table[_ND_PEN_STATE_MAX] = {
         [ND_PEN_IDLE] = "idle", [ND_PEN_ARMED] = "armed", [ND_PEN_RUNNING] = "running",
         [ND_PEN_PAUSED] = "paused", [ND_PEN_FAULT] = "fault",
 };
 
-const char *nd_pen_state_to_string(nd_pen_state s) {
-        return (size_t) s < ELEMENTSOF(state_names) ? state_names[s] : "fault";
-}
+DEFINE_STRING_TABLE_TO_STRING(nd_pen_state, nd_pen_state)
 
 const char *nd_pen_get_path(const nd_pen *p) { return p->path; }
 const char *nd_pen_get_serial(const nd_pen *p) { return p->serial; }
@@ -94,7 +90,7 @@ static void pen_emit(nd_pen *p, unsigned props) {
         char **strv = (char **) names;
         int r = sd_bus_emit_properties_changed_strv(p->daemon->bus, p->path, ND_PEN_INTERFACE, strv);
         if (r < 0)
-                pen_log(p, LOG_WARNING, "%s: could not announce property changes: %s", p->serial, strerror(-r));
+                (void) pen_log_errno(p, LOG_WARNING, r, "%s: could not announce property changes", p->serial);
 }
 
 /* Whether the pen samples at its idle rate: then its samples come at most every few hundred ms
@@ -134,33 +130,21 @@ double nd_pen_session_elapsed_s(const nd_pen *p) {
         return (double) us / (double) USEC_PER_SEC;
 }
 
-static const nd_area_limits *pen_area(const nd_pen *p, const nd_limits *limits) {
-        if (!limits || !p->profile || !p->profile->area)
-                return NULL;
-        return nd_limits_find_area(limits, p->profile->area);
-}
-
 /* What the ledger knows of the inserted cartridge, and whether it may run. */
 const char *nd_pen_cartridge_state(const nd_pen *p, nd_ledger_cartridge *info, bool *known) {
         const nd_limits *limits = p->daemon->limits;
         *known = false;
         if (!p->cartridge_present)
                 return "none";
-        if (limits) {
-                bool allowed = false;
-                for (size_t i = 0; i < limits->cartridge.n_allowed_needles; i++)
-                        allowed = allowed || limits->cartridge.allowed_needles[i] == p->cartridge_needles;
-                if (!allowed)
-                        return "rejected";
-        }
+        if (limits && !nd_interlock_needles_allowed(limits, p->cartridge_needles))
+                return "rejected";
         if (p->session_active)
                 return "in-use";
         if (p->daemon->ledger && nd_ledger_cartridge_get(p->daemon->ledger, p->cartridge_id, info) >= 0) {
                 *known = true;
                 if (info->state == ND_LEDGER_CARTRIDGE_SPENT)
                         return "spent";
-                if (limits && limits->cartridge.max_runtime_s > 0 &&
-                    info->runtime_s >= (double) limits->cartridge.max_runtime_s)
+                if (limits && nd_interlock_cartridge_runtime_used_up(limits, info->runtime_s))
                         return "spent";
                 return info->state == ND_LEDGER_CARTRIDGE_FRESH ? "fresh" : "in-use";
         }
@@ -258,6 +242,8 @@ static void on_telemetry_demand(nd_telemetry *t, bool demand, void *userdata) {
 }
 
 void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault) {
+        assert((size_t) state < _ND_PEN_STATE_MAX);
+        assert((state == ND_PEN_FAULT) == (fault != NULL)); /* a fault state has a code, no other has */
         bool changed = p->state != state || !STREQ(strempty(p->fault), strempty(fault));
         p->state = state;
         free(p->fault);
@@ -299,7 +285,7 @@ void nd_pen_motor_stop(nd_pen *p) {
         if (r >= 0)
                 p->stops_in_flight++;
         else if (r != -ENODEV)
-                pen_log(p, LOG_ERR, "%s: could not send the motor stop: %s", p->serial, strerror(-r));
+                (void) pen_log_errno(p, LOG_ERR, r, "%s: could not send the motor stop", p->serial);
 }
 
 static void session_stats_now(nd_pen *p, nd_ledger_stats *stats) {
@@ -384,110 +370,88 @@ static void on_settle_status(nd_pendev *dev, int status, const nd_proto_status *
         /* Answers come in the order asked: only the latest one counts. */
         if (--p->session.depth_settle_queries > 0 || !p->session_active)
                 return;
-        if (status < 0) {
-                /* The pen does not answer: the heartbeat and telemetry checks deal with that.
-                 * Depth is checked again from the next sample on, after the settle time. */
-                p->session.depth_check_from_ts = p->session.last_sample_ts + DEPTH_SETTLE_US;
-                p->session.stall_check_from_ts = p->session.last_sample_ts + SPINUP_GRACE_US;
-        } else {
-                p->session.depth_check_from_ts = st->timestamp_us + DEPTH_SETTLE_US;
-                p->session.stall_check_from_ts = st->timestamp_us + SPINUP_GRACE_US;
-        }
-        p->session.depth_check_known = true;
+        /* The pen does not answer: the heartbeat and telemetry checks deal with that. Depth is
+         * checked again from the next sample on, after the settle time. */
+        nd_interlock_settle_from(&p->session.interlock, status < 0 ? p->session.last_sample_ts : st->timestamp_us);
 }
 
 /* A new depth (or a motor start) has been acknowledged: the depth check pauses until the pen,
  * asked now, says when that was on its own clock; then the settle time runs from there. A
  * daemon running behind its telemetry thus never judges an old sample against a new set point. */
 void nd_pen_depth_settle_begin(nd_pen *p) {
-        p->session.depth_check_known = false;
+        nd_interlock_settle_begin(&p->session.interlock);
         if (nd_pendev_query_status(p->dev, on_settle_status, p) >= 0)
                 p->session.depth_settle_queries++;
 }
 
-/* Checks one sample while a session runs. Returns true when it tripped (the stop is out). */
-static bool check_interlocks(nd_pen *p, const nd_pendev_sample *ps, uint64_t now_us) {
-        const nd_limits *l = p->daemon->limits;
-        const nd_proto_sample *s = &ps->s;
-        char why[192];
+nd_interlock_pen nd_pen_interlock_reading(const nd_pen *p) {
+        return (nd_interlock_pen) {
+                .in_fault = p->state == ND_PEN_FAULT,
+                .fault = p->fault,
+                .pen_faults = p->pen_faults,
+                .armed = p->state == ND_PEN_ARMED && p->profile,
+                .busy = p->session_active || p->starting,
+                .cartridge_present = p->cartridge_present,
+                .profile_valid = true,
+                .have_sample = p->have_sample,
+                .silent_us = nd_pen_now_mono_us(p) - p->last_sample_mono_us,
+                .temperature_c = p->temperature_c,
+                .battery_percent = p->battery_percent,
+        };
+}
 
-        if (!l) /* cannot happen while running: limits in force are never dropped */
+/* Where the pen is for the sample checks; false when no check applies (a start in progress,
+ * already in fault, a fault just cleared). */
+static bool interlock_phase(const nd_pen *p, uint64_t now_us, nd_interlock_phase *ret) {
+        if (p->session_active && p->state == ND_PEN_RUNNING)
+                *ret = ND_INTERLOCK_PHASE_RUNNING;
+        else if (p->session_active && p->state == ND_PEN_PAUSED)
+                *ret = ND_INTERLOCK_PHASE_PAUSED;
+        else if (!p->session_active && !p->starting && (p->state == ND_PEN_IDLE || p->state == ND_PEN_ARMED) &&
+                 now_us - p->faults_cleared_mono_us >= FAULT_CLEAR_GRACE_USEC)
+                *ret = ND_INTERLOCK_PHASE_IDLE;
+        else
                 return false;
-        if (s->faults) {
-                const char *code = NULL;
-                for (unsigned bit = 1; bit <= ND_PROTO_FAULT_ALL && !code; bit <<= 1)
-                        if (s->faults & bit)
-                                code = nd_proto_fault_name((uint8_t) bit);
-                snprintf(why, sizeof why, "the pen reports fault bits 0x%02x", s->faults);
-                nd_pen_trip(p, code ? code : "pen-fault", why);
-                return true;
-        }
-        if (s->battery_percent < l->pen.stop_battery_percent) {
-                snprintf(why, sizeof why, "battery %u %% is below the %u %% cut-off", s->battery_percent,
-                         l->pen.stop_battery_percent);
-                nd_pen_trip(p, "low-battery", why);
-                return true;
-        }
-        if (p->state != ND_PEN_RUNNING)
+        return true;
+}
+
+/* Checks one sample (lib/interlocks.c decides); a trip stops the motor at once. Returns true
+ * when it tripped. */
+static bool check_interlocks(nd_pen *p, const nd_pendev_sample *ps, uint64_t now_us) {
+        nd_interlock_input in = {
+                .set_depth_mm = p->set_depth_mm,
+                .set_speed_hz = p->set_speed_hz,
+                .cartridge_runtime_s = p->session.cartridge_runtime_before_s + nd_pen_session_elapsed_s(p),
+                .cartridge_id = p->cartridge_id,
+        };
+        nd_interlock_result res;
+
+        if (!interlock_phase(p, now_us, &in.phase))
                 return false;
-        if (s->temperature_c > l->pen.max_temperature_c) {
-                snprintf(why, sizeof why, "handpiece temperature %.2f °C is above the %.2f °C maximum",
-                         s->temperature_c, l->pen.max_temperature_c);
-                nd_pen_trip(p, "over-temperature", why);
-                return true;
-        }
-        if (s->current_ma > l->pen.max_current_ma) {
-                snprintf(why, sizeof why, "motor current %.0f mA is above the %.0f mA maximum", s->current_ma,
-                         l->pen.max_current_ma);
-                nd_pen_trip(p, "over-current", why);
-                return true;
-        }
-        bool spinning_up = !p->session.depth_check_known ||
-                           (int32_t) (s->timestamp_us - p->session.stall_check_from_ts) < 0;
-        if (!spinning_up && s->speed_hz < l->pen.stall_speed_fraction * p->set_speed_hz) {
-                if (p->session.stall_since_us == 0)
-                        p->session.stall_since_us = ps->device_time_us ? ps->device_time_us : 1;
-                else if (ps->device_time_us - p->session.stall_since_us >= (uint64_t) l->pen.stall_time_ms * USEC_PER_MSEC) {
-                        snprintf(why, sizeof why, "speed %.1f Hz has been below %.0f %% of the %.1f Hz set for %u ms",
-                                 s->speed_hz, l->pen.stall_speed_fraction * 100.0, p->set_speed_hz, l->pen.stall_time_ms);
-                        nd_pen_trip(p, "motor-stall", why);
-                        return true;
-                }
-        } else
-                p->session.stall_since_us = 0;
-        if (p->session.depth_check_known && (int32_t) (s->timestamp_us - p->session.depth_check_from_ts) >= 0 &&
-            fabs(s->depth_mm - p->set_depth_mm) > l->pen.depth_tolerance_mm) {
-                snprintf(why, sizeof why, "measured depth %.3f mm differs from the %.3f mm set by more than %.3f mm",
-                         s->depth_mm, p->set_depth_mm, l->pen.depth_tolerance_mm);
-                nd_pen_trip(p, "depth-deviation", why);
-                return true;
-        }
-        if (l->cartridge.max_runtime_s > 0 &&
-            p->session.cartridge_runtime_before_s + nd_pen_session_elapsed_s(p) >= (double) l->cartridge.max_runtime_s) {
-                snprintf(why, sizeof why, "cartridge %s reached its %u s runtime limit", p->cartridge_id,
-                         l->cartridge.max_runtime_s);
-                nd_pen_trip(p, "cartridge-expired", why);
-                return true;
-        }
-        return false;
+        if (nd_interlock_check_sample(p->daemon->limits, &in, &ps->s, ps->device_time_us, &p->session.interlock, &res) !=
+            ND_INTERLOCK_TRIP)
+                return false;
+        nd_pen_trip(p, res.code, res.message);
+        return true;
 }
 
 /* The session's time is up (profile duration, or a tighter limit since it started). */
 static void check_duration(nd_pen *p) {
         if (!p->session_active || p->state != ND_PEN_RUNNING || !p->profile)
                 return;
-        const nd_limits *l = p->daemon->limits;
-        double elapsed = nd_pen_session_elapsed_s(p);
-        double profile_s = (double) p->profile->duration_s;
-        const nd_area_limits *area = pen_area(p, l);
-        double limit_s = area ? (double) nd_limits_area_max_duration_s(l, area)
-                              : (l ? (double) l->session.max_duration_s : profile_s);
-        if (elapsed >= profile_s)
+        nd_interlock_result res;
+        switch (nd_interlock_check_duration(p->daemon->limits, p->profile->area, (double) p->profile->duration_s,
+                                            nd_pen_session_elapsed_s(p), &res)) {
+        case ND_INTERLOCK_COMPLETE:
                 nd_pen_stop_session(p, "completed");
-        else if (elapsed >= limit_s) {
-                char why[128];
-                snprintf(why, sizeof why, "the session reached the %.0f s maximum of the limits", limit_s);
-                nd_pen_trip(p, "session-duration", why);
+                break;
+        case ND_INTERLOCK_TRIP:
+                nd_pen_trip(p, res.code, res.message);
+                break;
+        case ND_INTERLOCK_NONE:
+        case ND_INTERLOCK_WARN:
+        case _ND_INTERLOCK_VERDICT_MAX:
+                break;
         }
 }
 
@@ -516,9 +480,10 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
 
                 if (p->session_active)
                         p->session.last_sample_ts = s->timestamp_us;
-                /* Safety first: the stop goes out before anything else is done with the sample. */
-                if (p->session_active && (p->state == ND_PEN_RUNNING || p->state == ND_PEN_PAUSED))
-                        (void) check_interlocks(p, ps, now_us);
+                p->pen_faults = s->faults;
+                /* Safety first: the stop goes out before anything else is done with the sample. A
+                 * fault the pen latched counts in every state, idle and armed too. */
+                (void) check_interlocks(p, ps, now_us);
 
                 if (p->session_active && p->state == ND_PEN_RUNNING) {
                         nd_pen_session *ss = &p->session;
@@ -702,7 +667,7 @@ static void on_ready(nd_pendev *dev, void *userdata) {
         if (r >= 0)
                 r = nd_telemetry_new(d->event, d->bus, p->path, &p->telemetry);
         if (r < 0) {
-                pen_log(p, LOG_ERR, "pen %s: cannot serve it: %s", serial, strerror(-r));
+                (void) pen_log_errno(p, LOG_ERR, r, "pen %s: cannot serve it", serial);
                 pen_depart(p, "out of resources");
                 pen_free_later(p);
                 return;
@@ -721,6 +686,7 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                 p->set_depth_mm = st->set_depth_mm;
                 p->set_speed_hz = st->set_speed_hz;
                 p->last_status = st->status;
+                p->pen_faults = st->faults;
                 /* A pen that arrives with its motor running (a daemon restart) is stopped. */
                 if (st->motor_running)
                         nd_pen_motor_stop(p);
@@ -737,6 +703,13 @@ static void on_ready(nd_pendev *dev, void *userdata) {
         pen_log(p, LOG_NOTICE, "%s: pen connected: %s, firmware %s, protocol %u.%u, generation %u, %s", serial,
                 id->model, id->firmware_version, id->protocol_major, id->protocol_minor, p->generation,
                 nd_transport_describe(nd_pendev_get_transport(dev)));
+        /* A pen that arrives with a fault latched is in fault from the start. */
+        const char *latched = nd_interlock_pen_fault_code(p->pen_faults);
+        if (p->pen_faults) {
+                char why[64];
+                snprintf(why, sizeof why, "the pen reports fault bits 0x%02x", p->pen_faults);
+                nd_pen_trip(p, latched ? latched : "pen-fault", why);
+        }
         if (p->pending_add) {
                 (void) sd_bus_reply_method_return(p->pending_add, "o", p->path);
                 p->pending_add = sd_bus_message_unref(p->pending_add);
@@ -764,7 +737,9 @@ static void on_error(nd_pendev *dev, const nd_pendev_error *e, void *userdata) {
                 return;
         case ND_PENDEV_ERROR_TELEMETRY_STALLED:
         case ND_PENDEV_ERROR_HEARTBEAT:
-                if (p->session_active)
+                /* A pen that stops answering is in fault whatever it was doing: idle or armed, it
+                 * must not be armed or started as if it were fine. */
+                if (p->session_active || (p->exported && (p->state == ND_PEN_IDLE || p->state == ND_PEN_ARMED)))
                         nd_pen_trip(p, "heartbeat-lost", e->message);
                 return;
         case ND_PENDEV_ERROR_TELEMETRY_GAP:
@@ -907,8 +882,8 @@ void nd_pen_limits_changed(nd_pen *p, const nd_limits *old) {
             nd_pendev_get_state(p->dev) == ND_PENDEV_READY) {
                 int r = nd_pendev_set_heartbeat_timeout(p->dev, l->pen.heartbeat_timeout_ms, on_watchdog_changed, p);
                 if (r < 0)
-                        pen_log(p, LOG_ERR, "%s: cannot change the pen's watchdog timeout: %s", strempty(p->serial),
-                                strerror(-r));
+                        (void) pen_log_errno(p, LOG_ERR, r, "%s: cannot change the pen's watchdog timeout",
+                                             strempty(p->serial));
         }
         if (!p->session_active || !p->profile_yaml)
                 return;

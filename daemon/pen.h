@@ -9,6 +9,7 @@
 #include <systemd/sd-bus.h>
 
 #include "audit.h"
+#include "interlocks.h"
 #include "daemon.h"
 #include "ledger.h"
 #include "log.h"
@@ -25,9 +26,10 @@ typedef enum nd_pen_state {
         ND_PEN_RUNNING,
         ND_PEN_PAUSED,
         ND_PEN_FAULT,
+        _ND_PEN_STATE_MAX,
 } nd_pen_state;
 
-/* The kebab name of a state ("idle", "armed", ...). */
+/* The kebab name of a state ("idle", "armed", ...; static; NULL out of range). */
 const char *nd_pen_state_to_string(nd_pen_state s);
 
 /* Takes ownership of transport and starts opening the pen behind it. The pen appears on the
@@ -109,14 +111,11 @@ typedef struct nd_pen_session {
         nd_ledger_stats stats;
         double cartridge_runtime_before_s;
         sd_event_source *client_heartbeat;
-        /* Depth is checked only on samples the pen measured from depth_check_from_ts on (its
-         * 32-bit clock, as in samples), once the pen has told us when the change took effect. */
-        bool depth_check_known;
-        uint32_t depth_check_from_ts;
-        uint32_t stall_check_from_ts; /* likewise for the stall check (spin-up grace) */
+        /* The settle and spin-up windows and the stall timing (lib/interlocks.h): depth is
+         * checked only on samples the pen measured once a change took effect, as it says. */
+        nd_interlock_session interlock;
         unsigned depth_settle_queries;
         uint32_t last_sample_ts;      /* the pen's clock of the latest sample seen */
-        uint64_t stall_since_us;      /* 0: speed fine */
 } nd_pen_session;
 
 struct nd_pen {
@@ -142,6 +141,8 @@ struct nd_pen {
         double temperature_c;
         uint32_t battery_percent;
         uint8_t last_status;
+        uint8_t pen_faults;           /* fault bits the pen reports latched (latest sample or status) */
+        uint64_t faults_cleared_mono_us; /* when the pen last confirmed a ClearFault */
         uint64_t last_sample_mono_us;
 
         /* The inserted cartridge. */
@@ -189,6 +190,15 @@ static inline const char *nd_pen_log_fields_serial(const nd_pen *p, char *buf, s
                             __VA_ARGS__);                                                   \
         } while (0)
 
+/* Logs "<message>: <strerror(|r|)>" with the pen's PEN_SERIAL= field and evaluates to -|r|:
+ * return pen_log_errno(p, LOG_ERR, r, "..."). */
+#define pen_log_errno(p, level, r, ...)                                                     \
+        __extension__ ({                                                                    \
+                char _f[64];                                                                \
+                nd_log_full_errno(level, (const char *const[]) { nd_pen_log_fields_serial(p, _f, sizeof _f), NULL }, \
+                                  (r), __VA_ARGS__);                                        \
+        })
+
 /* The loop's CLOCK_MONOTONIC now. */
 uint64_t nd_pen_now_mono_us(const nd_pen *p);
 /* Marks properties changed: state-like ones are announced at once, low-rate ones at the tick. */
@@ -211,6 +221,8 @@ void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault);
  * With call (a method call) and a raise to full rate queued, call is answered once the pen has
  * acknowledged it and 1 is returned; otherwise 0 and the caller answers. */
 int nd_pen_update_sampling(nd_pen *p, sd_bus_message *call);
+/* The pen's latest reading, for the preconditions of lib/interlocks.h. */
+nd_interlock_pen nd_pen_interlock_reading(const nd_pen *p);
 /* Drops the armed profile. */
 void nd_pen_disarm(nd_pen *p);
 /* Sends the motor stop now; it bypasses every queue. */
@@ -236,5 +248,7 @@ int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l);
 int nd_simulator_export(nd_daemon *d);
 
 /* History methods of the Manager (history.c, from the ledger). */
-int nd_history_method_get_history(sd_bus_message *m, void *userdata, sd_bus_error *error);
+/* GetHistory, once the bouncer has decided (an nd_auth_done_fn with the daemon as userdata). */
+void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
+                                       const nd_caller *caller, void *userdata);
 int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error);

@@ -240,20 +240,36 @@ static int method_inject_fault(sd_bus_message *m, void *userdata, sd_bus_error *
         return sd_bus_reply_method_return(m, NULL);
 }
 
+/* Every method goes through the bouncer (daemon/bouncer.c), which maps them all to no
+ * authorization: the simulator exists only when asked for on the command line. */
+static const nd_method simulator_methods[] = {
+        { "AddPen", NULL, method_add_pen },
+        { "RemovePen", NULL, method_remove_pen },
+        { "InsertCartridge", NULL, method_insert_cartridge },
+        { "EjectCartridge", NULL, method_eject_cartridge },
+        { "SetBattery", NULL, method_set_battery },
+        { "InjectFault", NULL, method_inject_fault },
+};
+
+static int simulator_dispatch(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_daemon *d = userdata;
+        return nd_bouncer_dispatch(d->bouncer, m, simulator_methods, ELEMENTSOF(simulator_methods), d, d, error);
+}
+
 static const sd_bus_vtable simulator_vtable[] = {
         SD_BUS_VTABLE_START(0),
         SD_BUS_METHOD_WITH_ARGS("AddPen", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", pen),
-                                method_add_pen, SD_BUS_VTABLE_UNPRIVILEGED),
+                                simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("RemovePen", SD_BUS_ARGS("o", pen), SD_BUS_NO_RESULT,
-                                method_remove_pen, SD_BUS_VTABLE_UNPRIVILEGED),
+                                simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("InsertCartridge", SD_BUS_ARGS("o", pen, "s", id, "u", needles), SD_BUS_NO_RESULT,
-                                method_insert_cartridge, SD_BUS_VTABLE_UNPRIVILEGED),
+                                simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("EjectCartridge", SD_BUS_ARGS("o", pen), SD_BUS_NO_RESULT,
-                                method_eject_cartridge, SD_BUS_VTABLE_UNPRIVILEGED),
+                                simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("SetBattery", SD_BUS_ARGS("o", pen, "u", percent), SD_BUS_NO_RESULT,
-                                method_set_battery, SD_BUS_VTABLE_UNPRIVILEGED),
+                                simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("InjectFault", SD_BUS_ARGS("o", pen, "s", fault), SD_BUS_NO_RESULT,
-                                method_inject_fault, SD_BUS_VTABLE_UNPRIVILEGED),
+                                simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END
 };
 

@@ -1,5 +1,4 @@
 /* telemetry.c: signal batching for watchers, SOCK_SEQPACKET and pipe readers (see telemetry.h). */
-#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -63,32 +62,20 @@ static void telemetry_demand_update(nd_telemetry *t) {
                 t->demand_fn(t, demand, t->demand_userdata);
 }
 
-static void put_le16(uint8_t *p, uint16_t v) { v = htole16(v); memcpy(p, &v, sizeof v); }
-static void put_le32(uint8_t *p, uint32_t v) { v = htole32(v); memcpy(p, &v, sizeof v); }
-static void put_le64(uint8_t *p, uint64_t v) { v = htole64(v); memcpy(p, &v, sizeof v); }
-static void put_f64(uint8_t *p, double d) {
-        uint64_t bits;
-        _Static_assert(sizeof bits == sizeof d, "IEEE 754 binary64 expected");
-        memcpy(&bits, &d, sizeof bits);
-        put_le64(p, bits);
-}
-
 void nd_telemetry_encode_record(const nd_telemetry_sample *s, uint32_t dropped,
                                 uint8_t out[static ND_TELEMETRY_RECORD_SIZE]) {
-        memset(out, 0, ND_TELEMETRY_RECORD_SIZE);
-        put_le16(out + 0, ND_TELEMETRY_RECORD_VERSION);
-        put_le16(out + 2, ND_TELEMETRY_RECORD_SIZE);
-        put_le32(out + 4, s->sequence);
-        put_le64(out + 8, s->device_time_us);
-        put_le64(out + 16, s->host_time_us);
-        put_le32(out + 24, dropped);
-        put_le32(out + 28, s->flags);
-        put_f64(out + 32, s->depth_mm);
-        put_f64(out + 40, s->speed_hz);
-        put_f64(out + 48, s->current_ma);
-        put_f64(out + 56, s->temperature_c);
-        out[64] = (uint8_t) MIN(s->battery_percent, 100u);
-        /* 65..71 reserved, zero */
+        nd_telemetry_record_encode(&(const nd_telemetry_record) {
+                .sequence = s->sequence,
+                .device_time_us = s->device_time_us,
+                .host_time_us = s->host_time_us,
+                .dropped = dropped,
+                .flags = s->flags,
+                .depth_mm = s->depth_mm,
+                .speed_hz = s->speed_hz,
+                .current_ma = s->current_ma,
+                .temperature_c = s->temperature_c,
+                .battery_percent = (uint8_t) MIN(s->battery_percent, (unsigned) UINT8_MAX),
+        }, out);
 }
 
 static void reader_free(reader *rd) {

@@ -9,6 +9,8 @@
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
 
+#include "telemetry-record.h"
+
 /* One sample as the daemon hands it on. */
 typedef struct nd_telemetry_sample {
         uint64_t device_time_us;  /* the pen's clock, extended to 64 bits */
@@ -19,8 +21,6 @@ typedef struct nd_telemetry_sample {
         unsigned battery_percent;
 } nd_telemetry_sample;
 
-#define ND_TELEMETRY_RECORD_VERSION 1u
-#define ND_TELEMETRY_RECORD_SIZE    72u
 #define ND_TELEMETRY_BATCH_INTERVAL_USEC (50 * UINT64_C(1000))
 /* Readers beyond this are refused (each costs a socket and a send per sample). */
 #define ND_TELEMETRY_READERS_MAX 64u

@@ -19,12 +19,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "contract.h"
 #include "digest.h"
 #include "util.h"
 
 #define ND_LEDGER_FILE_NAME "ledger.sqlite"
 /* Where the daemon keeps it unless told otherwise (systemd StateDirectory=needled). */
-#define ND_LEDGER_STATE_DIR_DEFAULT "/var/lib/needled"
+#define ND_LEDGER_STATE_DIR_DEFAULT ND_STATE_DIR_DEFAULT
 /* The schema this build writes; every older version is migrated on open, newer ones refused. */
 #define ND_LEDGER_SCHEMA_VERSION 1
 /* PRAGMA application_id of a needled ledger ("NDLG"), so another program's database is refused. */
@@ -32,7 +33,7 @@
 
 /* Text limits (bytes, without the NUL). Longer input is refused with -EINVAL, never truncated. */
 #define ND_LEDGER_NAME_MAX 256          /* serials, cartridge ids, names, labels, digests */
-#define ND_LEDGER_PROFILE_MAX 65536     /* the profile snapshot (YAML) */
+#define ND_LEDGER_PROFILE_MAX ND_PROFILE_TEXT_MAX /* the profile snapshot (YAML) */
 #define ND_LEDGER_AUDIT_TEXT_MAX 4096   /* each text field of an audit entry */
 /* GetHistory never returns more than this many sessions (also the default for limit 0). */
 #define ND_LEDGER_HISTORY_LIMIT_MAX 1000u

@@ -1,5 +1,7 @@
 /* log.c: journal-aware logging (see log.h). */
 #define SD_JOURNAL_SUPPRESS_LOCATION 1
+#include <assert.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -8,6 +10,7 @@
 #include "log.h"
 
 #define LOG_FIELDS_MAX 16
+#define LOG_MESSAGE_MAX 2048
 
 static int max_level = LOG_INFO;
 static const char *ident = "needled";
@@ -41,7 +44,7 @@ void nd_log_fullv(int level, const char *const *fields, const char *fmt, va_list
         if (level > max_level)
                 return;
         int saved_errno = errno;
-        char message[2048];
+        char message[LOG_MESSAGE_MAX];
         vsnprintf(message, sizeof message, fmt, ap);
 
         if (to_journal < 0)
@@ -65,6 +68,20 @@ void nd_log_fullv(int level, const char *const *fields, const char *fmt, va_list
         }
         fprintf(stderr, "%s: %s: %s\n", ident, level_name(level), message);
         errno = saved_errno;
+}
+
+int nd_log_full_errno(int level, const char *const *fields, int error, const char *fmt, ...) {
+        int positive = error < 0 ? -error : error;
+        assert(positive > 0);   /* a call on success is a bug: it would return 0 as an error */
+        if (level > max_level)
+                return -positive;
+        char message[LOG_MESSAGE_MAX];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(message, sizeof message, fmt, ap);
+        va_end(ap);
+        nd_log_full(level, fields, "%s: %s", message, strerror(positive));
+        return -positive;
 }
 
 void nd_log_full(int level, const char *const *fields, const char *fmt, ...) {

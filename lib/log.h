@@ -24,3 +24,12 @@ void nd_log_fullv(int level, const char *const *fields, const char *fmt, va_list
 #define nd_log_notice(...)  nd_log_full(LOG_NOTICE, NULL, __VA_ARGS__)
 #define nd_log_info(...)    nd_log_full(LOG_INFO, NULL, __VA_ARGS__)
 #define nd_log_debug(...)   nd_log_full(LOG_DEBUG, NULL, __VA_ARGS__)
+
+/* Logs "<message>: <strerror(|error|)>" and returns -|error|, so that an error is logged and
+ * passed on in one statement: return nd_log_error_errno(r, "cannot open %s", path); */
+int nd_log_full_errno(int level, const char *const *fields, int error, const char *fmt, ...) _printf_(4, 5);
+
+#define nd_log_error_errno(error, ...)   nd_log_full_errno(LOG_ERR, NULL, (error), __VA_ARGS__)
+#define nd_log_warning_errno(error, ...) nd_log_full_errno(LOG_WARNING, NULL, (error), __VA_ARGS__)
+#define nd_log_info_errno(error, ...)    nd_log_full_errno(LOG_INFO, NULL, (error), __VA_ARGS__)
+#define nd_log_debug_errno(error, ...)   nd_log_full_errno(LOG_DEBUG, NULL, (error), __VA_ARGS__)

@@ -131,7 +131,7 @@ struct nd_pendev {
         nd_pendev_stats stats;
 };
 
-static const char *const error_kind_names[_ND_PENDEV_ERROR_KIND_MAX] = {
+static const char *const nd_pendev_error_kind_table[_ND_PENDEV_ERROR_KIND_MAX] = {
         [ND_PENDEV_ERROR_IDENTIFY] = "identify-failed",
         [ND_PENDEV_ERROR_VERSION] = "protocol-version",
         [ND_PENDEV_ERROR_SETUP] = "setup-failed",
@@ -144,11 +144,7 @@ static const char *const error_kind_names[_ND_PENDEV_ERROR_KIND_MAX] = {
         [ND_PENDEV_ERROR_GONE] = "device-gone",
 };
 
-const char *nd_pendev_error_kind_to_string(nd_pendev_error_kind k) {
-        if ((unsigned) k >= _ND_PENDEV_ERROR_KIND_MAX)
-                return NULL;
-        return error_kind_names[k];
-}
+DEFINE_STRING_TABLE_TO_STRING(nd_pendev_error_kind, nd_pendev_error_kind)
 
 static uint64_t monotonic_usec(void) {
         struct timespec ts;
@@ -201,7 +197,7 @@ static bool pendev_report(nd_pendev *p, nd_pendev_error_kind kind, int error, bo
                 if (now - rl->window_start_us >= LOG_WINDOW_USEC) {
                         if (rl->suppressed > 0)
                                 pendev_log(p, LOG_WARNING, "%" PRIu64 " more %s problems not logged in the last %.1f s",
-                                           rl->suppressed, error_kind_names[kind],
+                                           rl->suppressed, nd_pendev_error_kind_table[kind],
                                            (double) (now - rl->window_start_us) / USEC_PER_SEC);
                         rl->window_start_us = now;
                         rl->logged = 0;
@@ -209,11 +205,11 @@ static bool pendev_report(nd_pendev *p, nd_pendev_error_kind kind, int error, bo
                 }
                 if (rl->logged < LOG_BURST_PER_WINDOW) {
                         rl->logged++;
-                        pendev_log(p, LOG_WARNING, "%s: %s", error_kind_names[kind], message);
+                        pendev_log(p, LOG_WARNING, "%s: %s", nd_pendev_error_kind_table[kind], message);
                 } else
                         rl->suppressed++;
         } else
-                pendev_log(p, fatal ? LOG_ERR : LOG_WARNING, "%s: %s", error_kind_names[kind], message);
+                pendev_log(p, fatal ? LOG_ERR : LOG_WARNING, "%s: %s", nd_pendev_error_kind_table[kind], message);
 
         if (p->cb.error && !p->freed) {
                 nd_pendev_error e = {
@@ -886,7 +882,7 @@ int nd_pendev_new(nd_transport *transport, const nd_pendev_config *config,
         nd_transport_set_callbacks(transport, on_packet, on_gone, p);
         r = open_step(p, CMD_IDENTIFY);
         if (r < 0) {
-                nd_log_error("%s: cannot send IDENTIFY: %s", nd_transport_describe(transport), strerror(-r));
+                r = nd_log_error_errno(r, "%s: cannot send IDENTIFY", nd_transport_describe(transport));
                 nd_pendev_free(p);
                 return r;
         }

@@ -113,7 +113,7 @@ struct nd_penmodel {
 
 /* ---- Faults by name ---------------------------------------------------------------------------- */
 
-static const char *const fault_names[_ND_PENMODEL_FAULT_MAX] = {
+static const char *const nd_penmodel_fault_table[_ND_PENMODEL_FAULT_MAX] = {
         [ND_PENMODEL_FAULT_OVER_TEMPERATURE] = "over-temperature",
         [ND_PENMODEL_FAULT_MOTOR_STALL] = "motor-stall",
         [ND_PENMODEL_FAULT_OVER_CURRENT] = "over-current",
@@ -123,20 +123,8 @@ static const char *const fault_names[_ND_PENMODEL_FAULT_MAX] = {
         [ND_PENMODEL_FAULT_CLEAR] = "clear",
 };
 
-int nd_penmodel_fault_from_string(const char *s) {
-        if (!s)
-                return -EINVAL;
-        for (size_t i = 0; i < ELEMENTSOF(fault_names); i++)
-                if (STREQ(s, fault_names[i]))
-                        return (int) i;
-        return -EINVAL;
-}
-
-const char *nd_penmodel_fault_to_string(nd_penmodel_fault f) {
-        if ((unsigned) f >= ELEMENTSOF(fault_names))
-                return NULL;
-        return fault_names[f];
-}
+DEFINE_STRING_TABLE_FROM_STRING(nd_penmodel_fault)
+DEFINE_STRING_TABLE_TO_STRING(nd_penmodel_fault, nd_penmodel_fault)
 
 static bool injected(const nd_penmodel *m, nd_penmodel_fault f) {
         return m->injected & (1u << f);

@@ -7,6 +7,7 @@
 #include <zlib.h>
 
 #include "protocol.h"
+#include "unaligned.h"
 #include "util.h"
 
 /* Wire units per host unit. */
@@ -100,28 +101,6 @@ _Static_assert(SA_END == ND_PROTO_SAMPLE_SIZE, "sample size");
 _Static_assert(ND_PROTO_PACKET_MAX_SIZE <= ND_PROTO_TELEMETRY_MAX_PACKET, "a packet fits wMaxPacketSize");
 _Static_assert(ND_PROTO_PACKET_SIZE(ND_PROTO_SAMPLES_PER_PACKET_MAX + 1) > ND_PROTO_TELEMETRY_MAX_PACKET,
                "as many samples per packet as fit");
-
-/* ---- Little-endian helpers -------------------------------------------------------------------- */
-
-static uint16_t get_le16(const uint8_t *p) {
-        return (uint16_t) (p[0] | (uint16_t) p[1] << 8);
-}
-
-static uint32_t get_le32(const uint8_t *p) {
-        return (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24;
-}
-
-static void put_le16(uint8_t *p, uint16_t v) {
-        p[0] = (uint8_t) v;
-        p[1] = (uint8_t) (v >> 8);
-}
-
-static void put_le32(uint8_t *p, uint32_t v) {
-        p[0] = (uint8_t) v;
-        p[1] = (uint8_t) (v >> 8);
-        p[2] = (uint8_t) (v >> 16);
-        p[3] = (uint8_t) (v >> 24);
-}
 
 /* ---- Errors ------------------------------------------------------------------------------------ */
 
@@ -347,7 +326,7 @@ int nd_proto_request_set_telemetry(nd_control_setup *setup, uint8_t data[static 
                 rate_hz = 0;
         else if (rate_hz < ND_PROTO_TELEMETRY_RATE_MIN_HZ || rate_hz > ND_PROTO_TELEMETRY_RATE_MAX_HZ)
                 return -ERANGE;
-        put_le16(data + TE_OFF_RATE, (uint16_t) rate_hz);
+        nd_write_le16(data + TE_OFF_RATE, (uint16_t) rate_hz);
         data[TE_OFF_ENABLE] = enabled;
         data[TE_OFF_RESERVED] = 0;
         setup_fill(setup, false, ND_PROTO_REQ_SET_TELEMETRY, 0, ND_PROTO_SET_TELEMETRY_SIZE);
@@ -388,7 +367,7 @@ int nd_proto_decode_identity(const uint8_t *buf, size_t len, uint8_t host_major,
                 return fail(err, ND_PROTO_ERR_VERSION, -EPROTONOSUPPORT,
                             "identify: pen answered in protocol %u.%u, newer than the %u.%u asked for", major,
                             minor, host_major, host_minor);
-        if (get_le16(buf + ID_OFF_RESERVED) != 0)
+        if (nd_read_le16(buf + ID_OFF_RESERVED) != 0)
                 return fail(err, ND_PROTO_ERR_RESERVED, -EBADMSG, "identify: reserved bytes 6-7 are not 0");
 
         nd_proto_identity id = { .protocol_major = major, .protocol_minor = minor };
@@ -404,9 +383,9 @@ int nd_proto_decode_identity(const uint8_t *buf, size_t len, uint8_t host_major,
         if (r < 0)
                 return r;
 
-        uint16_t dmin = get_le16(buf + ID_OFF_DEPTH_MIN), dmax = get_le16(buf + ID_OFF_DEPTH_MAX),
-                 dstep = get_le16(buf + ID_OFF_DEPTH_STEP), smin = get_le16(buf + ID_OFF_SPEED_MIN),
-                 smax = get_le16(buf + ID_OFF_SPEED_MAX), rate = get_le16(buf + ID_OFF_RATE_MAX);
+        uint16_t dmin = nd_read_le16(buf + ID_OFF_DEPTH_MIN), dmax = nd_read_le16(buf + ID_OFF_DEPTH_MAX),
+                 dstep = nd_read_le16(buf + ID_OFF_DEPTH_STEP), smin = nd_read_le16(buf + ID_OFF_SPEED_MIN),
+                 smax = nd_read_le16(buf + ID_OFF_SPEED_MAX), rate = nd_read_le16(buf + ID_OFF_RATE_MAX);
         if (dmax > ND_PROTO_DEPTH_MAX_MM * UM_PER_MM)
                 return fail(err, ND_PROTO_ERR_RANGE, -ERANGE, "identify: depth max %u µm beyond %.1f mm", dmax,
                             ND_PROTO_DEPTH_MAX_MM);
@@ -454,7 +433,7 @@ int nd_proto_decode_status(const uint8_t *buf, size_t len, nd_proto_status *ret,
                 return r;
         uint8_t motor = buf[ST_OFF_MOTOR], status = buf[ST_OFF_STATUS], faults = buf[ST_OFF_FAULTS],
                 battery = buf[ST_OFF_BATTERY], telemetry_on = buf[ST_OFF_TELEMETRY_ON];
-        if (buf[ST_OFF_RESERVED] != 0 || get_le16(buf + ST_OFF_RESERVED + 1) != 0)
+        if (buf[ST_OFF_RESERVED] != 0 || nd_read_le16(buf + ST_OFF_RESERVED + 1) != 0)
                 return fail(err, ND_PROTO_ERR_RESERVED, -EBADMSG, "status: reserved bytes 17-19 are not 0");
         if (status & ~ND_PROTO_STATUS_ALL)
                 return fail(err, ND_PROTO_ERR_RESERVED, -EBADMSG, "status: reserved status bits 0x%02x set",
@@ -470,13 +449,13 @@ int nd_proto_decode_status(const uint8_t *buf, size_t len, nd_proto_status *ret,
                             "status: motor state %u contradicts the running bit", motor);
         if (battery > ND_PROTO_BATTERY_MAX_PERCENT)
                 return fail(err, ND_PROTO_ERR_RANGE, -ERANGE, "status: battery %u%% above 100%%", battery);
-        int16_t cc = (int16_t) get_le16(buf + ST_OFF_TEMPERATURE);
+        int16_t cc = (int16_t) nd_read_le16(buf + ST_OFF_TEMPERATURE);
         r = check_temperature(cc, "status", err);
         if (r < 0)
                 return r;
-        uint16_t depth = get_le16(buf + ST_OFF_SET_DEPTH), speed = get_le16(buf + ST_OFF_SET_SPEED),
-                 wd = get_le16(buf + ST_OFF_WD_TIMEOUT), remaining = get_le16(buf + ST_OFF_WD_REMAINING),
-                 rate = get_le16(buf + ST_OFF_RATE);
+        uint16_t depth = nd_read_le16(buf + ST_OFF_SET_DEPTH), speed = nd_read_le16(buf + ST_OFF_SET_SPEED),
+                 wd = nd_read_le16(buf + ST_OFF_WD_TIMEOUT), remaining = nd_read_le16(buf + ST_OFF_WD_REMAINING),
+                 rate = nd_read_le16(buf + ST_OFF_RATE);
         if (depth > ND_PROTO_DEPTH_MAX_MM * UM_PER_MM)
                 return fail(err, ND_PROTO_ERR_RANGE, -ERANGE, "status: set depth %u µm beyond %.1f mm", depth,
                             ND_PROTO_DEPTH_MAX_MM);
@@ -508,7 +487,7 @@ int nd_proto_decode_status(const uint8_t *buf, size_t len, nd_proto_status *ret,
                 .watchdog_remaining_ms = remaining,
                 .telemetry_rate_hz = rate,
                 .telemetry_enabled = telemetry_on,
-                .timestamp_us = get_le32(buf + ST_OFF_TIMESTAMP),
+                .timestamp_us = nd_read_le32(buf + ST_OFF_TIMESTAMP),
         };
         ok(err);
         return 0;
@@ -523,7 +502,7 @@ int nd_proto_decode_cartridge(const uint8_t *buf, size_t len, nd_proto_cartridge
         if (r < 0)
                 return r;
         uint8_t present = buf[CA_OFF_PRESENT], needles = buf[CA_OFF_NEEDLES];
-        if (get_le16(buf + CA_OFF_RESERVED) != 0)
+        if (nd_read_le16(buf + CA_OFF_RESERVED) != 0)
                 return fail(err, ND_PROTO_ERR_RESERVED, -EBADMSG, "cartridge: reserved bytes 2-3 are not 0");
         if (present > 1)
                 return fail(err, ND_PROTO_ERR_RANGE, -EBADMSG, "cartridge: present flag %u not 0 or 1", present);
@@ -554,7 +533,7 @@ int nd_proto_decode_packet(const uint8_t *buf, size_t len, nd_proto_packet *ret,
                             len, ND_PROTO_TELEMETRY_MAX_PACKET);
 
         size_t body = len - ND_PROTO_PACKET_CRC_SIZE;
-        uint32_t crc = nd_proto_crc32(buf, body), sent = get_le32(buf + body);
+        uint32_t crc = nd_proto_crc32(buf, body), sent = nd_read_le32(buf + body);
         if (crc != sent)
                 return fail(err, ND_PROTO_ERR_CRC, -EBADMSG, "telemetry: CRC 0x%08x, computed 0x%08x over %zu bytes",
                             sent, crc, body);
@@ -569,16 +548,16 @@ int nd_proto_decode_packet(const uint8_t *buf, size_t len, nd_proto_packet *ret,
                 return fail(err, ND_PROTO_ERR_COUNT, -EBADMSG,
                             "telemetry: %u samples need %u bytes, packet has %zu", count,
                             ND_PROTO_PACKET_SIZE(count), len);
-        if (get_le16(buf + PK_OFF_RESERVED) != 0)
+        if (nd_read_le16(buf + PK_OFF_RESERVED) != 0)
                 return fail(err, ND_PROTO_ERR_RESERVED, -EBADMSG, "telemetry: reserved header bytes are not 0");
 
         nd_proto_packet p = { .n_samples = count };
-        uint32_t seq = get_le32(buf + PK_OFF_FIRST_SEQ);
+        uint32_t seq = nd_read_le32(buf + PK_OFF_FIRST_SEQ);
         for (unsigned i = 0; i < count; i++) {
                 const uint8_t *s = buf + PK_HEADER_END + i * ND_PROTO_SAMPLE_SIZE;
-                uint16_t depth = get_le16(s + SA_OFF_DEPTH), speed = get_le16(s + SA_OFF_SPEED),
-                         current = get_le16(s + SA_OFF_CURRENT);
-                int16_t cc = (int16_t) get_le16(s + SA_OFF_TEMPERATURE);
+                uint16_t depth = nd_read_le16(s + SA_OFF_DEPTH), speed = nd_read_le16(s + SA_OFF_SPEED),
+                         current = nd_read_le16(s + SA_OFF_CURRENT);
+                int16_t cc = (int16_t) nd_read_le16(s + SA_OFF_TEMPERATURE);
                 uint8_t battery = s[SA_OFF_BATTERY], status = s[SA_OFF_STATUS], faults = s[SA_OFF_FAULTS];
 
                 if (s[SA_OFF_RESERVED] != 0)
@@ -612,7 +591,7 @@ int nd_proto_decode_packet(const uint8_t *buf, size_t len, nd_proto_packet *ret,
 
                 p.samples[i] = (nd_proto_sample) {
                         .sequence = seq + i,
-                        .timestamp_us = get_le32(s + SA_OFF_TIMESTAMP),
+                        .timestamp_us = nd_read_le32(s + SA_OFF_TIMESTAMP),
                         .depth_mm = depth / UM_PER_MM,
                         .speed_hz = speed / CHZ_PER_HZ,
                         .current_ma = current,
@@ -702,7 +681,7 @@ int nd_proto_parse_request(const nd_control_setup *setup, const uint8_t *data, s
                             setup->request, setup->value);
 
         if (setup->request == ND_PROTO_REQ_SET_TELEMETRY) {
-                uint16_t rate = get_le16(data + TE_OFF_RATE);
+                uint16_t rate = nd_read_le16(data + TE_OFF_RATE);
                 uint8_t enable = data[TE_OFF_ENABLE];
                 if (data[TE_OFF_RESERVED] != 0)
                         return fail(err, ND_PROTO_ERR_RESERVED, -EBADMSG, "set-telemetry: reserved byte 3 is not 0");
@@ -742,12 +721,12 @@ int nd_proto_encode_identity(const nd_proto_identity *id, uint8_t *buf, size_t s
             put_string(out + ID_OFF_MODEL, ND_PROTO_MODEL_SIZE, PRINTABLE, false, id->model) < 0 ||
             put_string(out + ID_OFF_FIRMWARE, ND_PROTO_FIRMWARE_SIZE, PRINTABLE, false, id->firmware_version) < 0)
                 return -EINVAL;
-        put_le16(out + ID_OFF_DEPTH_MIN, dmin);
-        put_le16(out + ID_OFF_DEPTH_MAX, dmax);
-        put_le16(out + ID_OFF_DEPTH_STEP, dstep);
-        put_le16(out + ID_OFF_SPEED_MIN, smin);
-        put_le16(out + ID_OFF_SPEED_MAX, smax);
-        put_le16(out + ID_OFF_RATE_MAX, (uint16_t) id->max_telemetry_rate_hz);
+        nd_write_le16(out + ID_OFF_DEPTH_MIN, dmin);
+        nd_write_le16(out + ID_OFF_DEPTH_MAX, dmax);
+        nd_write_le16(out + ID_OFF_DEPTH_STEP, dstep);
+        nd_write_le16(out + ID_OFF_SPEED_MIN, smin);
+        nd_write_le16(out + ID_OFF_SPEED_MAX, smax);
+        nd_write_le16(out + ID_OFF_RATE_MAX, (uint16_t) id->max_telemetry_rate_hz);
         memcpy(buf, out, sizeof out);
         return ND_PROTO_IDENTITY_SIZE;
 }
@@ -779,14 +758,14 @@ int nd_proto_encode_status(const nd_proto_status *st, uint8_t *buf, size_t size)
         out[ST_OFF_STATUS] = st->status;
         out[ST_OFF_FAULTS] = st->faults;
         out[ST_OFF_BATTERY] = (uint8_t) st->battery_percent;
-        put_le16(out + ST_OFF_TEMPERATURE, (uint16_t) cc);
-        put_le16(out + ST_OFF_SET_DEPTH, depth);
-        put_le16(out + ST_OFF_SET_SPEED, speed);
-        put_le16(out + ST_OFF_WD_TIMEOUT, (uint16_t) st->watchdog_timeout_ms);
-        put_le16(out + ST_OFF_WD_REMAINING, (uint16_t) st->watchdog_remaining_ms);
-        put_le16(out + ST_OFF_RATE, (uint16_t) st->telemetry_rate_hz);
+        nd_write_le16(out + ST_OFF_TEMPERATURE, (uint16_t) cc);
+        nd_write_le16(out + ST_OFF_SET_DEPTH, depth);
+        nd_write_le16(out + ST_OFF_SET_SPEED, speed);
+        nd_write_le16(out + ST_OFF_WD_TIMEOUT, (uint16_t) st->watchdog_timeout_ms);
+        nd_write_le16(out + ST_OFF_WD_REMAINING, (uint16_t) st->watchdog_remaining_ms);
+        nd_write_le16(out + ST_OFF_RATE, (uint16_t) st->telemetry_rate_hz);
         out[ST_OFF_TELEMETRY_ON] = st->telemetry_enabled;
-        put_le32(out + ST_OFF_TIMESTAMP, st->timestamp_us);
+        nd_write_le32(out + ST_OFF_TIMESTAMP, st->timestamp_us);
         memcpy(buf, out, sizeof out);
         return ND_PROTO_STATUS_SIZE;
 }
@@ -815,7 +794,7 @@ int nd_proto_encode_packet(const nd_proto_sample *samples, unsigned n, uint8_t *
         uint8_t out[ND_PROTO_PACKET_MAX_SIZE] = {0};
         out[PK_OFF_TYPE] = ND_PROTO_PACKET_SAMPLES;
         out[PK_OFF_COUNT] = (uint8_t) n;
-        put_le32(out + PK_OFF_FIRST_SEQ, samples[0].sequence);
+        nd_write_le32(out + PK_OFF_FIRST_SEQ, samples[0].sequence);
         for (unsigned i = 0; i < n; i++) {
                 const nd_proto_sample *s = samples + i;
                 uint8_t *p = out + PK_HEADER_END + i * ND_PROTO_SAMPLE_SIZE;
@@ -828,17 +807,17 @@ int nd_proto_encode_packet(const nd_proto_sample *samples, unsigned n, uint8_t *
                     to_wire16(s->current_ma, 1.0, &current) < 0 || temperature_to_wire(s->temperature_c, &cc) < 0 ||
                     s->battery_percent > UINT8_MAX)
                         return -ERANGE;
-                put_le32(p + SA_OFF_TIMESTAMP, s->timestamp_us);
-                put_le16(p + SA_OFF_DEPTH, depth);
-                put_le16(p + SA_OFF_SPEED, speed);
-                put_le16(p + SA_OFF_CURRENT, current);
-                put_le16(p + SA_OFF_TEMPERATURE, (uint16_t) cc);
+                nd_write_le32(p + SA_OFF_TIMESTAMP, s->timestamp_us);
+                nd_write_le16(p + SA_OFF_DEPTH, depth);
+                nd_write_le16(p + SA_OFF_SPEED, speed);
+                nd_write_le16(p + SA_OFF_CURRENT, current);
+                nd_write_le16(p + SA_OFF_TEMPERATURE, (uint16_t) cc);
                 p[SA_OFF_BATTERY] = (uint8_t) s->battery_percent;
                 p[SA_OFF_STATUS] = s->status;
                 p[SA_OFF_FAULTS] = s->faults;
         }
         size_t body = ND_PROTO_PACKET_SIZE(n) - ND_PROTO_PACKET_CRC_SIZE;
-        put_le32(out + body, nd_proto_crc32(out, body));
+        nd_write_le32(out + body, nd_proto_crc32(out, body));
         memcpy(buf, out, ND_PROTO_PACKET_SIZE(n));
         return (int) ND_PROTO_PACKET_SIZE(n);
 }

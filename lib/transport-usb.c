@@ -158,7 +158,7 @@ static void context_update_timeout_timer(nd_usb_context *c) {
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->timeout_timer, SD_EVENT_ONESHOT);
         if (r < 0)
-                nd_log_error("usb: cannot arm the libusb timeout timer: %s", strerror(-r));
+                (void) nd_log_error_errno(r, "usb: cannot arm the libusb timeout timer");
 }
 
 /* Lets libusb handle whatever is ready, without waiting. */
@@ -187,7 +187,7 @@ static int on_poll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         nd_usb_context *c = userdata;
         int r = sd_event_source_set_time_relative(s, UNPOLLABLE_POLL_INTERVAL_USEC);
         if (r < 0)
-                nd_log_error("usb: cannot re-arm the poll timer: %s", strerror(-r));
+                (void) nd_log_error_errno(r, "usb: cannot re-arm the poll timer");
         context_process(c);
         return 0;
 }
@@ -226,7 +226,7 @@ static void context_set_unpollable(nd_usb_context *c, int delta) {
         if (r >= 0)
                 r = sd_event_source_set_enabled(c->poll_timer, SD_EVENT_ON);
         if (r < 0)
-                nd_log_error("usb: cannot start the poll timer: %s", strerror(-r));
+                (void) nd_log_error_errno(r, "usb: cannot start the poll timer");
 }
 
 static void context_add_pollfd(nd_usb_context *c, int fd, short events) {
@@ -334,7 +334,7 @@ static usb_transfer *transfer_new(usb_transport *t, size_t buffer_size) {
 static void transport_schedule_work(usb_transport *t) {
         int r = sd_event_source_set_enabled(t->work, SD_EVENT_ONESHOT);
         if (r < 0)
-                nd_log_error("%s: cannot schedule deferred work: %s", t->base.description, strerror(-r));
+                (void) nd_log_error_errno(r, "%s: cannot schedule deferred work", t->base.description);
 }
 
 /* The device is gone or the link is dead: tell the owner once, from the loop. */
@@ -446,7 +446,7 @@ static bool stream_transfers_in_flight(usb_transport *t) {
 }
 
 static void stream_failed(usb_transport *t, int status, const char *what) {
-        nd_log_error("%s: telemetry stream stopped: %s: %s", t->base.description, what, strerror(-status));
+        (void) nd_log_error_errno(status, "%s: telemetry stream stopped: %s", t->base.description, what);
         transport_schedule_gone(t, status);
 }
 
@@ -577,7 +577,7 @@ static int on_transport_work(sd_event_source *s, void *userdata) {
         }
         if (t->gone_pending) {
                 t->gone_pending = false;
-                nd_log_info("%s: link gone: %s", t->base.description, strerror(-t->gone_status));
+                (void) nd_log_info_errno(t->gone_status, "%s: link gone", t->base.description);
                 /* the owner may free the transport in on_gone: touch nothing afterwards */
                 nd_transport_report_gone(&t->base, t->gone_status);
         }
@@ -688,8 +688,7 @@ int nd_transport_usb_new(nd_usb_context *c, libusb_device *dev, nd_transport **r
 
         r = libusb_open(dev, &t->handle);
         if (r < 0) {
-                r = nd_usb_error_to_errno(r);
-                nd_log_warning("%s: cannot open: %s", t->base.description, strerror(-r));
+                r = nd_log_warning_errno(nd_usb_error_to_errno(r), "%s: cannot open", t->base.description);
                 goto fail;
         }
         r = libusb_kernel_driver_active(t->handle, t->interface_number);
@@ -705,8 +704,8 @@ int nd_transport_usb_new(nd_usb_context *c, libusb_device *dev, nd_transport **r
         r = libusb_claim_interface(t->handle, t->interface_number);
         if (r < 0) {
                 r = nd_usb_error_to_errno(r);
-                nd_log_warning("%s: cannot claim interface %u: %s", t->base.description,
-                               t->interface_number, strerror(-r));
+                (void) nd_log_warning_errno(r, "%s: cannot claim interface %u", t->base.description,
+                               t->interface_number);
                 goto fail;
         }
         t->claimed = true;
@@ -843,9 +842,7 @@ int nd_usb_context_new(sd_event *event, nd_usb_context **ret) {
         r = libusb_init(&c->usb);
         if (r < 0) {
                 c->usb = NULL;
-                r = nd_usb_error_to_errno(r);
-                nd_log_error("usb: cannot initialise libusb: %s", strerror(-r));
-                return r;
+                return nd_log_error_errno(nd_usb_error_to_errno(r), "usb: cannot initialise libusb");
         }
         r = sd_event_add_time(event, &c->poll_timer, CLOCK_MONOTONIC, 0, TIMER_ACCURACY_USEC, on_poll_timer, c);
         if (r < 0)

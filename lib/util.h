@@ -42,5 +42,29 @@ static inline void closep(int *fd) { if (*fd >= 0) { int saved = errno; close(*f
 #define USEC_PER_MSEC UINT64_C(1000)
 #define NSEC_PER_USEC UINT64_C(1000)
 
+/* One enum <-> name pattern. Given a table indexed by the enum,
+ *     static const char *const NAME_table[_MAX] = { [VALUE] = "kebab-name", ... };
+ * these define `const char *NAME_to_string(TYPE v)` (NULL out of range) and
+ * `int NAME_from_string(const char *s)` (the value, or -EINVAL for NULL or an unknown name).
+ * tests/unit/test-string-table.c checks every table: one unique kebab name per value. */
+#define DEFINE_STRING_TABLE_TO_STRING(name, type)                                 \
+        const char *name##_to_string(type v) {                                    \
+                if ((size_t) v >= ELEMENTSOF(name##_table))                       \
+                        return NULL;                                              \
+                return name##_table[v];                                           \
+        }
+#define DEFINE_STRING_TABLE_FROM_STRING(name)                                     \
+        int name##_from_string(const char *s) {                                   \
+                if (!s)                                                           \
+                        return -EINVAL;                                           \
+                for (size_t i_ = 0; i_ < ELEMENTSOF(name##_table); i_++)          \
+                        if (name##_table[i_] && STREQ(s, name##_table[i_]))       \
+                                return (int) i_;                                  \
+                return -EINVAL;                                                   \
+        }
+#define DEFINE_STRING_TABLE_LOOKUP(name, type)                                    \
+        DEFINE_STRING_TABLE_TO_STRING(name, type)                                 \
+        DEFINE_STRING_TABLE_FROM_STRING(name)
+
 /* Returns "" for NULL, so strings can be printed without a branch at every call. */
 static inline const char *strempty(const char *s) { return s ? s : ""; }

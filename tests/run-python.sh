@@ -3,4 +3,7 @@
 # dbus and dbusmock). Under the valgrind test setup valgrind wraps this shell, and the exec
 # below leaves valgrind (it does not trace children): Python itself is not what we check. The
 # tests wrap the programs under test (needled, needlectl) in valgrind themselves.
+# tests/lib holds the helper library every Python test imports (needledtest, busfixture).
+PYTHONPATH="$(dirname "$0")/lib${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH
 exec /usr/bin/python3 "$@"

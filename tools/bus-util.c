@@ -1,4 +1,5 @@
 /* bus-util.c: the connection to needled, pens by name, replies as JSON, errors as exit codes. */
+#include <assert.h>
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -75,19 +76,19 @@ typedef struct error_code {
 } error_code;
 
 static const error_code error_codes[] = {
-        { NEEDLED_ERROR_PREFIX "InvalidProfile",      NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "InvalidLimits",       NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "LimitExceeded",       NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "UnknownProfile",      NEEDLECTL_EXIT_INVALID },
-        { NEEDLED_ERROR_PREFIX "LimitsUnavailable",   NEEDLECTL_EXIT_NO_LIMITS },
-        { NEEDLED_ERROR_PREFIX "WrongState",          NEEDLECTL_EXIT_WRONG_STATE },
-        { NEEDLED_ERROR_PREFIX "NotOwner",            NEEDLECTL_EXIT_WRONG_STATE },
-        { NEEDLED_ERROR_PREFIX "NoCartridge",         NEEDLECTL_EXIT_CARTRIDGE },
-        { NEEDLED_ERROR_PREFIX "CartridgeSpent",      NEEDLECTL_EXIT_CARTRIDGE },
-        { NEEDLED_ERROR_PREFIX "LowBattery",          NEEDLECTL_EXIT_LOW_BATTERY },
-        { NEEDLED_ERROR_PREFIX "Fault",               NEEDLECTL_EXIT_FAULT },
-        { NEEDLED_ERROR_PREFIX "DeviceGone",          NEEDLECTL_EXIT_NO_PEN },
-        { NEEDLED_ERROR_PREFIX "Storage",             NEEDLECTL_EXIT_STORAGE },
+        { ND_ERROR_INVALID_PROFILE,      NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_INVALID_LIMITS,       NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_LIMIT_EXCEEDED,       NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_UNKNOWN_PROFILE,      NEEDLECTL_EXIT_INVALID },
+        { ND_ERROR_LIMITS_UNAVAILABLE,   NEEDLECTL_EXIT_NO_LIMITS },
+        { ND_ERROR_WRONG_STATE,          NEEDLECTL_EXIT_WRONG_STATE },
+        { ND_ERROR_NOT_OWNER,            NEEDLECTL_EXIT_WRONG_STATE },
+        { ND_ERROR_NO_CARTRIDGE,         NEEDLECTL_EXIT_CARTRIDGE },
+        { ND_ERROR_CARTRIDGE_SPENT,      NEEDLECTL_EXIT_CARTRIDGE },
+        { ND_ERROR_LOW_BATTERY,          NEEDLECTL_EXIT_LOW_BATTERY },
+        { ND_ERROR_FAULT,                NEEDLECTL_EXIT_FAULT },
+        { ND_ERROR_DEVICE_GONE,          NEEDLECTL_EXIT_NO_PEN },
+        { ND_ERROR_STORAGE,              NEEDLECTL_EXIT_STORAGE },
         { SD_BUS_ERROR_ACCESS_DENIED,                 NEEDLECTL_EXIT_NOT_AUTHORIZED },
         { SD_BUS_ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED, NEEDLECTL_EXIT_NOT_AUTHORIZED },
         { SD_BUS_ERROR_SERVICE_UNKNOWN,               NEEDLECTL_EXIT_NO_DAEMON },
@@ -97,7 +98,7 @@ static const error_code error_codes[] = {
         { SD_BUS_ERROR_DISCONNECTED,                  NEEDLECTL_EXIT_NO_DAEMON },
         { SD_BUS_ERROR_NO_SERVER,                     NEEDLECTL_EXIT_NO_DAEMON },
         { SD_BUS_ERROR_UNKNOWN_OBJECT,                NEEDLECTL_EXIT_NO_PEN },
-        { NEEDLED_ERROR_PREFIX "UnknownPen",          NEEDLECTL_EXIT_NO_PEN },
+        { ND_ERROR_UNKNOWN_PEN,                      NEEDLECTL_EXIT_NO_PEN },
         { SD_BUS_ERROR_NO_MEMORY,                     NEEDLECTL_EXIT_SOFTWARE },
 };
 
@@ -150,7 +151,7 @@ void ctl_strv_free(char **l) {
 int ctl_get_pens(sd_bus *bus, char ***ret) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_(ctl_strv_freep) char **pens = NULL;
-        int r = sd_bus_get_property_strv(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        int r = sd_bus_get_property_strv(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                                          "Pens", &error, &pens);
         if (r < 0)
                 return ctl_log_bus_error("cannot list the pens", &error, r);
@@ -165,7 +166,7 @@ int ctl_get_pens(sd_bus *bus, char ***ret) {
 
 char *ctl_pen_serial_from_path(const char *path) {
         char *serial = NULL;
-        if (sd_bus_path_decode(path, NEEDLED_PEN_PATH_PREFIX, &serial) <= 0)
+        if (sd_bus_path_decode(path, ND_PEN_PATH_PREFIX, &serial) <= 0)
                 return NULL;
         return serial;
 }
@@ -202,7 +203,7 @@ int ctl_resolve_pen(sd_bus *bus, const char *name, char **ret_path) {
                 path = strdup(name);
         } else if (name[0] == '\0') {
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "the pen's serial is empty");
-        } else if (sd_bus_path_encode(NEEDLED_PEN_PATH_PREFIX, name, &path) < 0) {
+        } else if (sd_bus_path_encode(ND_PEN_PATH_PREFIX, name, &path) < 0) {
                 return ctl_oom();
         }
         if (!path)
@@ -413,7 +414,7 @@ int ctl_message_read_properties(sd_bus_message *m, json_object *obj) {
 int ctl_get_all_properties(sd_bus *bus, const char *path, const char *interface, json_object **ret) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
-        int r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, "org.freedesktop.DBus.Properties", "GetAll", &error,
+        int r = sd_bus_call_method(bus, ND_BUS_NAME, path, "org.freedesktop.DBus.Properties", "GetAll", &error,
                                    &reply, "s", interface);
         if (r < 0)
                 return ctl_log_bus_error(path, &error, r);
@@ -431,7 +432,7 @@ static int call_va(sd_bus *bus, const char *what, const char *path, const char *
                    json_object **ret, const char *types, va_list ap) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, path, interface, member);
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, interface, member);
         if (r >= 0 && types)
                 r = sd_bus_message_appendv(m, types, ap);
         if (r < 0)
@@ -666,6 +667,50 @@ int ctl_parse_args(int argc, char *argv[], const struct option *options, ctl_com
         if (r >= 0)
                 return r;
         return ctl_check_positional(argc, argv, min, max, usage);
+}
+
+static const struct option common_only_options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
+
+static void free_verb_args(const ctl_verb_syntax *s, void *args) {
+        if (args && s->args_free)
+                s->args_free(args);
+        free(args);
+}
+
+int ctl_verb_dispatch(const ctl_verb *v, int argc, char *argv[]) {
+        assert(v && argc >= 1);
+        if (!v->syntax)
+                return v->run_raw(argc, argv);
+        const ctl_verb_syntax *s = v->syntax;
+        assert(s->usage && v->run && v->min_args >= 0 && v->min_args <= v->max_args);
+
+        ctl_invocation inv = { .verb = v };
+        if (s->args_size > 0) {
+                inv.args = calloc(1, s->args_size);
+                if (!inv.args)
+                        return ctl_oom();
+                if (s->args_init)
+                        s->args_init(inv.args);
+        }
+        int r = ctl_parse_args(argc, argv, s->options ? s->options : common_only_options, &inv.common, s->usage,
+                               s->handler, inv.args, v->min_args, v->max_args);
+        if (r < 0) {
+                inv.argc = argc - optind;
+                inv.argv = argv + optind;
+                if (s->check)
+                        r = s->check(&inv);
+        }
+        if (r < 0 && v->needs_bus) {
+                int c = ctl_connect(&inv.common, &inv.bus);
+                if (c != 0)
+                        r = c;
+        }
+        if (r < 0)
+                r = v->run(&inv);
+        if (inv.bus)
+                sd_bus_flush_close_unref(inv.bus);
+        free_verb_args(s, inv.args);
+        return r;
 }
 
 int ctl_hoist_common_options(int argc, char *argv[]) {

@@ -9,18 +9,8 @@
 #include <stdint.h>
 #include <systemd/sd-bus.h>
 
+#include "contract.h"
 #include "util.h"
-
-#define NEEDLED_BUS_NAME          "org.needled"
-#define NEEDLED_MANAGER_PATH      "/org/needled"
-#define NEEDLED_PEN_PATH_PREFIX   "/org/needled/pen"
-#define NEEDLED_MANAGER_INTERFACE "org.needled1.Manager"
-#define NEEDLED_PEN_INTERFACE     "org.needled1.Pen"
-#define NEEDLED_SIM_INTERFACE     "org.needled1.Simulator"
-#define NEEDLED_ERROR_PREFIX      "org.needled1.Error."
-
-/* The largest profile text the daemon accepts (ValidateProfile, LoadProfileData). */
-#define NEEDLED_PROFILE_MAX_BYTES (64u * 1024u)
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(json_object *, json_object_put)
 #define _cleanup_json_ _cleanup_(json_object_putp)
@@ -94,6 +84,47 @@ int ctl_check_positional(int argc, char *argv[], int min, int max, void (*usage)
  * number of arguments does not depend on its options. Returns -1 to go on, else the exit code. */
 int ctl_parse_args(int argc, char *argv[], const struct option *options, ctl_common *common,
                    void (*usage)(FILE *out), ctl_option_handler handler, void *userdata, int min, int max);
+
+/* ---- the verb table (tools/needlectl.c) ---- */
+
+typedef struct ctl_verb ctl_verb;
+
+/* What the dispatcher hands a verb: its positional arguments (options removed), the common
+ * options, its own options (args), and the bus when its entry says it needs one. */
+typedef struct ctl_invocation {
+        const ctl_verb *verb;
+        int argc;                  /* positional arguments only */
+        char **argv;
+        ctl_common common;
+        void *args;                /* ctl_verb_syntax.args_size bytes; NULL when 0 */
+        sd_bus *bus;               /* connected when ctl_verb.needs_bus, else NULL; not the verb's to free */
+} ctl_invocation;
+
+/* How a verb reads its command line. */
+typedef struct ctl_verb_syntax {
+        void (*usage)(FILE *out);
+        const struct option *options;        /* starts with CTL_COMMON_OPTIONS; NULL: only those */
+        ctl_option_handler handler;          /* the verb's own options, into args */
+        size_t args_size;
+        void (*args_init)(void *args);       /* defaults; NULL: all zero */
+        void (*args_free)(void *args);       /* frees what check put into args; NULL: nothing */
+        int (*check)(ctl_invocation *inv);   /* after parsing, before the bus: -1 to go on, else the exit code */
+} ctl_verb_syntax;
+
+/* One entry of needlectl's verb table. */
+struct ctl_verb {
+        const char *name;
+        const char *summary;
+        int (*run)(ctl_invocation *inv);     /* returns the exit code */
+        const ctl_verb_syntax *syntax;       /* NULL: run_raw gets the command line as it is */
+        int (*run_raw)(int argc, char *argv[]);
+        int min_args, max_args;              /* positional arguments, checked before check() */
+        bool needs_bus;                      /* connect (ctl_connect) before run */
+};
+
+/* Runs a verb: argv[0] its name. Parses its options, checks the number of positional
+ * arguments, calls its check(), connects when it needs the bus, runs it. Returns the exit code. */
+int ctl_verb_dispatch(const ctl_verb *v, int argc, char *argv[]);
 
 /* Connects to the bus the options name, with sane call timeouts and interactive authorization
  * allowed only when asked for on a terminal. On failure prints why and returns the exit code

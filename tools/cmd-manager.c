@@ -42,23 +42,18 @@ static void print_violations(json_object *violations, const char *prefix) {
         }
 }
 
-int verb_profiles(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, profiles_usage, NULL, NULL, 0, 0);
-        if (r >= 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_profiles = { .usage = profiles_usage };
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+int verb_profiles(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
+
         _cleanup_json_ json_object *profiles = NULL;
-        r = ctl_call_json(bus, "cannot list the profiles", NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        r = ctl_call_json(bus, "cannot list the profiles", ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                           "GetProfiles", &profiles, NULL);
         if (r != 0)
                 return r;
-        if (common.json)
+        if (inv->common.json)
                 return ctl_print_json(profiles);
 
         size_t n = json_object_array_length(profiles);
@@ -100,30 +95,36 @@ static void validate_usage(FILE *out) {
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
-int verb_validate(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, validate_usage, NULL, NULL, 1, 1);
-        if (r >= 0)
-                return r;
-        const char *file = argv[optind];
+/* The file is read before anything is asked of the daemon. */
+static int validate_check(ctl_invocation *inv) {
+        char **yaml = inv->args;
+        int r = ctl_read_file(inv->argv[0], ND_PROFILE_TEXT_MAX, yaml);
+        return r != 0 ? r : -1;
+}
 
-        _cleanup_free_ char *yaml = NULL;
-        r = ctl_read_file(file, NEEDLED_PROFILE_MAX_BYTES, &yaml);
-        if (r != 0)
-                return r;
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+static void validate_args_free(void *args) {
+        free(*(char **) args);
+}
+
+const ctl_verb_syntax ctl_syntax_validate = {
+        .usage = validate_usage,
+        .args_size = sizeof(char *),
+        .check = validate_check,
+        .args_free = validate_args_free,
+};
+
+int verb_validate(ctl_invocation *inv) {
+        const char *file = inv->argv[0], *yaml = *(char **) inv->args;
+        sd_bus *bus = inv->bus;
+        int r;
         _cleanup_json_ json_object *violations = NULL;
-        r = ctl_call_json(bus, "cannot validate the profile", NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        r = ctl_call_json(bus, "cannot validate the profile", ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                           "ValidateProfile", &violations, "s", yaml);
         if (r != 0)
                 return r;
 
         size_t n = json_object_array_length(violations);
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *out = json_object_new_array();
                 if (!out)
                         return ctl_oom();
@@ -207,19 +208,14 @@ static void print_yaml_value(json_object *v, int indent) {
         }
 }
 
-int verb_limits(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, limits_usage, NULL, NULL, 0, 0);
-        if (r >= 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_limits = { .usage = limits_usage };
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+int verb_limits(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
+
         _cleanup_json_ json_object *manager = NULL;
-        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
                 return r;
 
@@ -227,7 +223,7 @@ int verb_limits(int argc, char *argv[]) {
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
         _cleanup_json_ json_object *limits = NULL;
         int exit_code = 0;
-        r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetLimits",
+        r = sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "GetLimits",
                                &error, &reply, NULL);
         if (r < 0) {
                 exit_code = ctl_exit_code_for_error(&error, r);
@@ -239,7 +235,7 @@ int verb_limits(int argc, char *argv[]) {
                         return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot read the limits: %s", strerror(-r));
         }
 
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *out = json_object_new_object();
                 if (!out)
                         return ctl_oom();
@@ -293,31 +289,26 @@ static void reload_limits_usage(FILE *out) {
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
-int verb_reload_limits(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, reload_limits_usage, NULL, NULL, 0, 0);
-        if (r >= 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_reload_limits = { .usage = reload_limits_usage };
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+int verb_reload_limits(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
+
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        r = sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "ReloadLimits",
+        r = sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "ReloadLimits",
                                &error, NULL, NULL);
         if (r < 0) {
                 int code = ctl_log_bus_error("the limits were not reloaded", &error, r);
-                if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "InvalidLimits"))
+                if (sd_bus_error_has_name(&error, ND_ERROR_PREFIX "InvalidLimits"))
                         fprintf(stderr, "needlectl: the limits in force are unchanged\n");
                 return code;
         }
         _cleanup_json_ json_object *manager = NULL;
-        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
                 return r;
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *out = json_object_new_object();
                 if (!out)
                         return ctl_oom();
@@ -391,27 +382,28 @@ static int history_option(int c, const char *arg, void *userdata) {
         }
 }
 
-int verb_history(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "pen",   required_argument, NULL, ARG_PEN },
-                { "since", required_argument, NULL, ARG_SINCE },
-                { "limit", required_argument, NULL, ARG_LIMIT },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        history_args args = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, history_usage, history_option, &args, 0, 0);
-        if (r >= 0)
-                return r;
+static const struct option history_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "pen",   required_argument, NULL, ARG_PEN },
+        { "since", required_argument, NULL, ARG_SINCE },
+        { "limit", required_argument, NULL, ARG_LIMIT },
+        { NULL, 0, NULL, 0 }
+};
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_history = {
+        .usage = history_usage,
+        .options = history_options,
+        .handler = history_option,
+        .args_size = sizeof(history_args),
+};
+
+int verb_history(ctl_invocation *inv) {
+        const history_args args = *(const history_args *) inv->args;
+        sd_bus *bus = inv->bus;
+        int r;
 
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-        r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE,
+        r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE,
                                            "GetHistory");
         if (r >= 0)
                 r = sd_bus_message_open_container(m, 'a', "{sv}");
@@ -433,7 +425,7 @@ int verb_history(int argc, char *argv[]) {
         r = ctl_message_read_json(reply, &sessions);
         if (r < 0)
                 return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot read the history: %s", strerror(-r));
-        if (common.json)
+        if (inv->common.json)
                 return ctl_print_json(sessions);
 
         size_t n = json_object_array_length(sessions);
@@ -473,28 +465,26 @@ static void cartridge_usage(FILE *out) {
                 CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
 }
 
-int verb_cartridge(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, cartridge_usage, NULL, NULL, 1, 1);
-        if (r >= 0)
-                return r;
-        const char *id = argv[optind];
-        if (id[0] == '\0')
+static int cartridge_check(ctl_invocation *inv) {
+        if (inv->argv[0][0] == '\0')
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "cartridge: the id is empty");
+        return -1;
+}
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_cartridge = { .usage = cartridge_usage, .check = cartridge_check };
+
+int verb_cartridge(ctl_invocation *inv) {
+        const char *id = inv->argv[0];
+        sd_bus *bus = inv->bus;
+        int r;
         _cleanup_json_ json_object *c = NULL;
         _cleanup_free_ char *what = NULL;
         if (asprintf(&what, "cannot look up cartridge %s", id) < 0)
                 return ctl_oom();
-        r = ctl_call_json(bus, what, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetCartridge", &c, "s", id);
+        r = ctl_call_json(bus, what, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "GetCartridge", &c, "s", id);
         if (r != 0)
                 return r;
-        if (common.json) {
+        if (inv->common.json) {
                 json_object_object_add(c, "id", json_object_new_string(id));
                 return ctl_print_json(c);
         }

@@ -6,6 +6,7 @@
  * stays connected: run (or start --wait/--watch), which also heartbeats when the limits ask
  * for it, shows progress, takes pause/resume/depth/speed from keys or standard input, and
  * stops the session on Ctrl-C. */
+#include <assert.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -29,22 +30,14 @@
 
 /* ---- shared --------------------------------------------------------------------------------- */
 
-/* Connects and resolves the pen (name may be NULL). Returns 0 or the exit code. */
-static int open_pen(const ctl_common *common, const char *name, sd_bus **ret_bus, char **ret_path) {
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        int r = ctl_connect(common, &bus);
-        if (r != 0)
-                return r;
-        r = ctl_resolve_pen(bus, name, ret_path);
-        if (r != 0)
-                return r;
-        *ret_bus = TAKE_PTR(bus);
-        return 0;
+/* The optional PEN before npos trailing positional arguments, or NULL (the only pen). */
+static const char *pen_argument(const ctl_invocation *inv, int npos) {
+        return inv->argc > npos ? inv->argv[0] : NULL;
 }
 
 static int get_pen_json(sd_bus *bus, const char *path, json_object **ret) {
         json_object *pen = NULL;
-        int r = ctl_get_all_properties(bus, path, NEEDLED_PEN_INTERFACE, &pen);
+        int r = ctl_get_all_properties(bus, path, ND_PEN_INTERFACE, &pen);
         if (r != 0)
                 return r;
         json_object_object_add(pen, "path", json_object_new_string(path));
@@ -67,7 +60,7 @@ static int pen_call(sd_bus *bus, const char *path, const char *action, const cha
                 return ctl_oom();
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, member);
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, ND_PEN_INTERFACE, member);
         if (r >= 0 && types) {
                 va_list ap;
                 va_start(ap, types);
@@ -79,11 +72,11 @@ static int pen_call(sd_bus *bus, const char *path, const char *action, const cha
         r = sd_bus_call(bus, m, 0, &error, NULL);
         if (r < 0) {
                 int code = ctl_log_bus_error(what, &error, r);
-                if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "NotOwner"))
+                if (sd_bus_error_has_name(&error, ND_ERROR_PREFIX "NotOwner"))
                         fprintf(stderr, "needlectl: only the program that started the session may do this; "
                                         "use the keys or --commands of 'needlectl run'\n");
                 else if (sd_bus_error_has_name(&error, SD_BUS_ERROR_UNKNOWN_OBJECT) ||
-                         sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "UnknownPen"))
+                         sd_bus_error_has_name(&error, ND_ERROR_UNKNOWN_PEN))
                         fprintf(stderr, "needlectl: the pen is gone\n");
                 return code;
         }
@@ -125,21 +118,16 @@ static int get_all_pens(sd_bus *bus, json_object **ret) {
         return 0;
 }
 
-int verb_list(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, list_usage, NULL, NULL, 0, 0);
-        if (r >= 0)
-                return r;
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_list = { .usage = list_usage };
+
+int verb_list(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
         _cleanup_json_ json_object *pens = NULL;
         r = get_all_pens(bus, &pens);
         if (r != 0)
                 return r;
-        if (common.json)
+        if (inv->common.json)
                 return ctl_print_json(pens);
         size_t n = json_object_array_length(pens);
         if (n == 0) {
@@ -244,46 +232,41 @@ static void print_pen(json_object *p) {
         printf("  Generation:   %" PRId64 "\n", ctl_json_int(p, "generation"));
 }
 
-int verb_status(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, status_usage, NULL, NULL, 0, 1);
-        if (r >= 0)
-                return r;
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+const ctl_verb_syntax ctl_syntax_status = { .usage = status_usage };
 
-        if (argc > optind) {
+int verb_status(ctl_invocation *inv) {
+        sd_bus *bus = inv->bus;
+        int r;
+
+        if (inv->argc > 0) {
                 _cleanup_free_ char *path = NULL;
                 _cleanup_json_ json_object *pen = NULL;
-                r = ctl_resolve_pen(bus, argv[optind], &path);
+                r = ctl_resolve_pen(bus, inv->argv[0], &path);
                 if (r != 0)
                         return r;
                 r = get_pen_json(bus, path, &pen);
                 if (r != 0)
                         return r;
-                if (common.json)
+                if (inv->common.json)
                         return ctl_print_json(pen);
                 print_pen(pen);
                 return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
         }
 
         _cleanup_json_ json_object *manager = NULL, *pens = NULL;
-        r = ctl_get_all_properties(bus, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, &manager);
+        r = ctl_get_all_properties(bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, &manager);
         if (r != 0)
                 return r;
         r = get_all_pens(bus, &pens);
         if (r != 0)
                 return r;
-        if (common.json) {
+        if (inv->common.json) {
                 json_object_object_add(manager, "pens", TAKE_PTR(pens));
                 return ctl_print_json(manager);
         }
         json_object *features = NULL;
         json_object_object_get_ex(manager, "features", &features);
-        printf("needled %s on the %s bus\n", ctl_json_str(manager, "version"), common.user_bus ? "session" : "system");
+        printf("needled %s on the %s bus\n", ctl_json_str(manager, "version"), inv->common.user_bus ? "session" : "system");
         printf("  Features:     ");
         for (size_t i = 0; features && i < json_object_array_length(features); i++)
                 printf("%s%s", i ? ", " : "", json_object_get_string(json_object_array_get_idx(features, i)));
@@ -333,32 +316,32 @@ static int arm_pen(sd_bus *bus, const char *path, const char *profile) {
                 return r;
         }
         _cleanup_free_ char *yaml = NULL;
-        int r = ctl_read_file(profile, NEEDLED_PROFILE_MAX_BYTES, &yaml);
+        int r = ctl_read_file(profile, ND_PROFILE_TEXT_MAX, &yaml);
         if (r != 0)
                 return r;
         return pen_call(bus, path, "cannot arm", "LoadProfileData", "s", yaml);
 }
 
-int verb_arm(int argc, char *argv[]) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, arm_usage, NULL, NULL, 1, 2);
-        if (r >= 0)
-                return r;
-        const char *pen = argc - optind == 2 ? argv[optind] : NULL;
-        const char *profile = argv[argc - 1];
+static int arm_check(ctl_invocation *inv) {
+        const char *profile = inv->argv[inv->argc - 1];
         if (profile[0] == '\0')
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "arm: the profile name is empty");
         /* A file that cannot be read fails before anything is asked of the daemon. */
         _cleanup_free_ char *probe = NULL;
-        if (is_profile_file(profile) && (r = ctl_read_file(profile, NEEDLED_PROFILE_MAX_BYTES, &probe)) != 0)
+        int r;
+        if (is_profile_file(profile) && (r = ctl_read_file(profile, ND_PROFILE_TEXT_MAX, &probe)) != 0)
                 return r;
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        return -1;
+}
+
+const ctl_verb_syntax ctl_syntax_arm = { .usage = arm_usage, .check = arm_check };
+
+int verb_arm(ctl_invocation *inv) {
         _cleanup_free_ char *path = NULL;
-        r = open_pen(&common, pen, &bus, &path);
+        int r = ctl_resolve_pen(inv->bus, pen_argument(inv, 1), &path);
         if (r != 0)
                 return r;
-        return arm_pen(bus, path, profile);
+        return arm_pen(inv->bus, path, inv->argv[inv->argc - 1]);
 }
 
 /* ---- simple pen methods --------------------------------------------------------------------- */
@@ -384,42 +367,43 @@ static const simple_verb simple_verbs[] = {
           "fault. Needs polkit org.needled1.operate.\n" },
 };
 
-static const simple_verb *current_simple;
+static const simple_verb *find_simple(const char *name) {
+        for (size_t i = 0; i < ELEMENTSOF(simple_verbs); i++)
+                if (STREQ(simple_verbs[i].name, name))
+                        return &simple_verbs[i];
+        assert(!"the verb table names only simple verbs here");
+        return &simple_verbs[0];
+}
 
-static void simple_usage(FILE *out) {
+static void simple_usage(FILE *out, const char *name) {
+        const simple_verb *sv = find_simple(name);
         fprintf(out, "Usage: needlectl %s [PEN] [--system|--session] [--no-ask-password]\n\n%s\n"
                      "PEN (serial or object path) may be omitted when one pen is connected.\n\n"
                      "Options:\n" CTL_COMMON_HELP "\n" CTL_EXIT_HELP,
-                current_simple->name, current_simple->help);
+                sv->name, sv->help);
 }
 
-static int run_simple(int argc, char *argv[], const char *name) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        for (size_t i = 0; i < ELEMENTSOF(simple_verbs); i++)
-                if (STREQ(simple_verbs[i].name, name))
-                        current_simple = &simple_verbs[i];
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, simple_usage, NULL, NULL, 0, 1);
-        if (r >= 0)
-                return r;
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+static void pause_usage(FILE *out) { simple_usage(out, "pause"); }
+static void resume_usage(FILE *out) { simple_usage(out, "resume"); }
+static void clear_fault_usage(FILE *out) { simple_usage(out, "clear-fault"); }
+const ctl_verb_syntax ctl_syntax_pause = { .usage = pause_usage };
+const ctl_verb_syntax ctl_syntax_resume = { .usage = resume_usage };
+const ctl_verb_syntax ctl_syntax_clear_fault = { .usage = clear_fault_usage };
+
+/* pause, resume, clear-fault: one method without arguments on the pen. */
+int verb_simple(ctl_invocation *inv) {
+        const simple_verb *sv = find_simple(inv->verb->name);
         _cleanup_free_ char *path = NULL;
-        r = open_pen(&common, argc > optind ? argv[optind] : NULL, &bus, &path);
+        int r = ctl_resolve_pen(inv->bus, pen_argument(inv, 0), &path);
         if (r != 0)
                 return r;
-        return pen_call(bus, path, current_simple->action, current_simple->member, NULL);
+        return pen_call(inv->bus, path, sv->action, sv->member, NULL);
 }
-
-int verb_pause(int argc, char *argv[]) { return run_simple(argc, argv, "pause"); }
-int verb_resume(int argc, char *argv[]) { return run_simple(argc, argv, "resume"); }
-int verb_clear_fault(int argc, char *argv[]) { return run_simple(argc, argv, "clear-fault"); }
 
 /* ---- set-depth, set-speed ------------------------------------------------------------------- */
 
-static const char *current_setter;
-
-static void setter_usage(FILE *out) {
-        bool depth = STREQ(current_setter, "set-depth");
+static void setter_usage(FILE *out, const char *name) {
+        bool depth = STREQ(name, "set-depth");
         fprintf(out,
                 "Usage: needlectl %s [PEN] %s [--system|--session] [--no-ask-password]\n"
                 "\n"
@@ -431,32 +415,35 @@ static void setter_usage(FILE *out) {
                 "PEN (serial or object path) may be omitted when one pen is connected.\n"
                 "\n"
                 "Options:\n" CTL_COMMON_HELP "\n" CTL_EXIT_HELP,
-                current_setter, depth ? "MM" : "HZ", depth ? "depth" : "speed", depth ? "millimetres" : "Hz",
+                name, depth ? "MM" : "HZ", depth ? "depth" : "speed", depth ? "millimetres" : "Hz",
                 depth ? " and step" : "", depth ? "depth MM" : "speed HZ",
                 depth ? ", or +/- in 'needlectl run --watch'" : ", or >/< in 'needlectl run --watch'");
 }
 
-static int run_setter(int argc, char *argv[], const char *name, const char *member) {
-        static const struct option options[] = { CTL_COMMON_OPTIONS, { NULL, 0, NULL, 0 } };
-        current_setter = name;
-        ctl_common common = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, setter_usage, NULL, NULL, 1, 2);
-        if (r >= 0)
-                return r;
-        double value;
-        if (ctl_parse_double(argv[argc - 1], &value) < 0)
-                return ctl_fail(NEEDLECTL_EXIT_USAGE, "%s: '%s' is not a number", name, argv[argc - 1]);
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_free_ char *path = NULL;
-        r = open_pen(&common, argc - optind == 2 ? argv[optind] : NULL, &bus, &path);
-        if (r != 0)
-                return r;
-        return pen_call(bus, path, STREQ(member, "SetDepth") ? "cannot set the depth" : "cannot set the speed", member,
-                        "d", value);
+static void set_depth_usage(FILE *out) { setter_usage(out, "set-depth"); }
+static void set_speed_usage(FILE *out) { setter_usage(out, "set-speed"); }
+
+/* The value (the last argument) is a number: checked before anything is asked of the daemon. */
+static int setter_check(ctl_invocation *inv) {
+        double *value = inv->args;
+        if (ctl_parse_double(inv->argv[inv->argc - 1], value) < 0)
+                return ctl_fail(NEEDLECTL_EXIT_USAGE, "%s: '%s' is not a number", inv->verb->name, inv->argv[inv->argc - 1]);
+        return -1;
 }
 
-int verb_set_depth(int argc, char *argv[]) { return run_setter(argc, argv, "set-depth", "SetDepth"); }
-int verb_set_speed(int argc, char *argv[]) { return run_setter(argc, argv, "set-speed", "SetSpeed"); }
+const ctl_verb_syntax ctl_syntax_set_depth = { .usage = set_depth_usage, .args_size = sizeof(double), .check = setter_check };
+const ctl_verb_syntax ctl_syntax_set_speed = { .usage = set_speed_usage, .args_size = sizeof(double), .check = setter_check };
+
+/* set-depth, set-speed. */
+int verb_setter(ctl_invocation *inv) {
+        bool depth = STREQ(inv->verb->name, "set-depth");
+        _cleanup_free_ char *path = NULL;
+        int r = ctl_resolve_pen(inv->bus, pen_argument(inv, 1), &path);
+        if (r != 0)
+                return r;
+        return pen_call(inv->bus, path, depth ? "cannot set the depth" : "cannot set the speed",
+                        depth ? "SetDepth" : "SetSpeed", "d", *(const double *) inv->args);
+}
 
 /* ---- stop ----------------------------------------------------------------------------------- */
 
@@ -483,27 +470,38 @@ static int stop_option(int c, const char *arg, void *userdata) {
         return 0;
 }
 
-int verb_stop(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "all", no_argument, NULL, ARG_ALL },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        bool all = false;
-        int r = ctl_parse_options(argc, argv, options, &common, stop_usage, stop_option, &all);
-        if (r >= 0)
-                return r;
-        r = ctl_check_positional(argc, argv, 0, all ? 0 : 1, stop_usage);
-        if (r >= 0)
-                return r;
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+/* With --all, no PEN. */
+static int stop_check(ctl_invocation *inv) {
+        bool all = *(const bool *) inv->args;
+        if (all && inv->argc > 0) {
+                fprintf(stderr, "needlectl stop: unexpected argument '%s'\n", inv->argv[0]);
+                stop_usage(stderr);
+                return NEEDLECTL_EXIT_USAGE;
+        }
+        return -1;
+}
+
+static const struct option stop_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "all", no_argument, NULL, ARG_ALL },
+        { NULL, 0, NULL, 0 }
+};
+
+const ctl_verb_syntax ctl_syntax_stop = {
+        .usage = stop_usage,
+        .options = stop_options,
+        .handler = stop_option,
+        .args_size = sizeof(bool),
+        .check = stop_check,
+};
+
+int verb_stop(ctl_invocation *inv) {
+        bool all = *(const bool *) inv->args;
+        sd_bus *bus = inv->bus;
+        int r;
         if (!all) {
                 _cleanup_free_ char *path = NULL;
-                r = ctl_resolve_pen(bus, argc > optind ? argv[optind] : NULL, &path);
+                r = ctl_resolve_pen(bus, pen_argument(inv, 0), &path);
                 if (r != 0)
                         return r;
                 return pen_call(bus, path, "cannot stop", "Stop", NULL);
@@ -581,7 +579,7 @@ static uint64_t read_heartbeat_usec(sd_bus *bus) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
         _cleanup_json_ json_object *limits = NULL;
-        if (sd_bus_call_method(bus, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_MANAGER_INTERFACE, "GetLimits",
+        if (sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "GetLimits",
                                &error, &reply, NULL) < 0 ||
             ctl_message_read_json(reply, &limits) < 0)
                 return 0;
@@ -608,8 +606,8 @@ static int on_heartbeat_timer(sd_event_source *s, uint64_t usec, void *userdata)
         if (c->heartbeat_usec == 0 || c->ended)
                 return 0;
         if (!c->heartbeat_slot)
-                (void) sd_bus_call_method_async(c->bus, &c->heartbeat_slot, NEEDLED_BUS_NAME, c->path,
-                                                NEEDLED_PEN_INTERFACE, "Heartbeat", on_heartbeat_reply, c, NULL);
+                (void) sd_bus_call_method_async(c->bus, &c->heartbeat_slot, ND_BUS_NAME, c->path,
+                                                ND_PEN_INTERFACE, "Heartbeat", on_heartbeat_reply, c, NULL);
         (void) sd_event_source_set_time_relative(s, c->heartbeat_usec);
         (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         return 0;
@@ -645,7 +643,7 @@ static void run_quit(ctl_view *v, void *userdata) {
         c->stopping = true;
         ctl_view_emit(c->v, "stopping", "Stopping the session", NULL);
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        int r = sd_bus_call_method(c->bus, NEEDLED_BUS_NAME, c->path, NEEDLED_PEN_INTERFACE, "Stop", &error, NULL, NULL);
+        int r = sd_bus_call_method(c->bus, ND_BUS_NAME, c->path, ND_PEN_INTERFACE, "Stop", &error, NULL, NULL);
         if (r < 0) {
                 _cleanup_free_ char *text = NULL;
                 int code = ctl_exit_code_for_error(&error, r);
@@ -703,9 +701,9 @@ static void run_event(ctl_monitor *m, ctl_monitor_event event, void *userdata) {
 /* A control from a key or a command line; prints what went wrong. */
 static void run_control(run_ctx *c, const char *member, const char *types, double value) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        int r = types ? sd_bus_call_method(c->bus, NEEDLED_BUS_NAME, c->path, NEEDLED_PEN_INTERFACE, member, &error, NULL,
+        int r = types ? sd_bus_call_method(c->bus, ND_BUS_NAME, c->path, ND_PEN_INTERFACE, member, &error, NULL,
                                            types, value)
-                      : sd_bus_call_method(c->bus, NEEDLED_BUS_NAME, c->path, NEEDLED_PEN_INTERFACE, member, &error, NULL,
+                      : sd_bus_call_method(c->bus, ND_BUS_NAME, c->path, ND_PEN_INTERFACE, member, &error, NULL,
                                            NULL);
         _cleanup_free_ char *text = NULL;
         if (r < 0) {
@@ -806,7 +804,7 @@ static int start_session(sd_bus *bus, const char *path, const char *label, char 
                 return ctl_oom();
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Start");
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Start");
         if (r >= 0)
                 r = label ? sd_bus_message_append(m, "a{sv}", 1, "label", "s", label) : sd_bus_message_append(m, "a{sv}", 0);
         if (r < 0)
@@ -814,7 +812,7 @@ static int start_session(sd_bus *bus, const char *path, const char *label, char 
         r = sd_bus_call(bus, m, 0, &error, &reply);
         if (r < 0) {
                 int code = ctl_log_bus_error(what, &error, r);
-                if (sd_bus_error_has_name(&error, NEEDLED_ERROR_PREFIX "WrongState"))
+                if (sd_bus_error_has_name(&error, ND_ERROR_PREFIX "WrongState"))
                         fprintf(stderr, "needlectl: arm a profile first ('needlectl arm', or 'needlectl run --profile')\n");
                 return code;
         }
@@ -827,16 +825,10 @@ static int start_session(sd_bus *bus, const char *path, const char *label, char 
 }
 
 /* Starts (after arming, with a profile) and stays attached until the session ends. */
-static int run_session(const ctl_common *common, const char *pen, const run_args *args, const char *title) {
-        _cleanup_free_ char *probe = NULL;
-        int r;
-        if (args->profile && is_profile_file(args->profile) &&
-            (r = ctl_read_file(args->profile, NEEDLED_PROFILE_MAX_BYTES, &probe)) != 0)
-                return r;
-
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+static int run_session(sd_bus *bus, const ctl_common *common, const char *pen, const run_args *args,
+                       const char *title) {
         _cleanup_free_ char *path = NULL;
-        r = open_pen(common, pen, &bus, &path);
+        int r = ctl_resolve_pen(bus, pen, &path);
         if (r != 0)
                 return r;
         _cleanup_(sd_event_unrefp) sd_event *event = NULL;
@@ -880,14 +872,14 @@ static int run_session(const ctl_common *common, const char *pen, const run_args
         }
         if (setup_heartbeat(&c) < 0) {
                 /* Without heartbeats a session that needs them would stop: do not run it. */
-                (void) sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
+                (void) sd_bus_call_method(bus, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
                 run_ctx_done(&c);
                 return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot schedule heartbeats; the session was stopped");
         }
         if (args->commands) {
                 r = sd_event_add_io(event, &c.commands_source, STDIN_FILENO, EPOLLIN, on_commands, &c);
                 if (r < 0) {
-                        (void) sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Stop", NULL, NULL,
+                        (void) sd_bus_call_method(bus, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Stop", NULL, NULL,
                                                   NULL);
                         run_ctx_done(&c);
                         return ctl_fail(NEEDLECTL_EXIT_USAGE, "--commands: cannot read standard input: %s", strerror(-r));
@@ -908,7 +900,7 @@ static int run_session(const ctl_common *common, const char *pen, const run_args
         r = ctl_view_start(v);
         if (r < 0) {
                 ctl_view_stop(v);
-                (void) sd_bus_call_method(bus, NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
+                (void) sd_bus_call_method(bus, ND_BUS_NAME, path, ND_PEN_INTERFACE, "Stop", NULL, NULL, NULL);
                 run_ctx_done(&c);
                 return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "cannot start the view; the session was stopped: %s", strerror(-r));
         }
@@ -984,25 +976,45 @@ static void run_usage(FILE *out) {
                 "limits-changed); and the codes below when it could not start.\n" CTL_EXIT_HELP);
 }
 
-int verb_run(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "label",    required_argument, NULL, ARG_LABEL },
-                { "profile",  required_argument, NULL, ARG_PROFILE },
-                { "watch",    no_argument,       NULL, ARG_WATCH },
-                { "quiet",    no_argument,       NULL, ARG_QUIET },
-                { "commands", no_argument,       NULL, ARG_COMMANDS },
-                { "interval", required_argument, NULL, ARG_INTERVAL },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        run_args args = { .interval_usec = USEC_PER_SEC };
-        int r = ctl_parse_args(argc, argv, options, &common, run_usage, run_option, &args, 0, 1);
-        if (r >= 0)
-                return r;
-        if (args.watch && args.quiet)
+static void run_args_init(void *userdata) {
+        *(run_args *) userdata = (run_args) { .interval_usec = USEC_PER_SEC };
+}
+
+static int run_check(ctl_invocation *inv) {
+        const run_args *args = inv->args;
+        if (args->watch && args->quiet)
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "run: --watch and --quiet exclude each other");
-        return run_session(&common, argc > optind ? argv[optind] : NULL, &args, "run");
+        /* A profile file that cannot be read fails before anything is asked of the daemon. */
+        _cleanup_free_ char *probe = NULL;
+        int r;
+        if (args->profile && is_profile_file(args->profile) &&
+            (r = ctl_read_file(args->profile, ND_PROFILE_TEXT_MAX, &probe)) != 0)
+                return r;
+        return -1;
+}
+
+static const struct option run_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "label",    required_argument, NULL, ARG_LABEL },
+        { "profile",  required_argument, NULL, ARG_PROFILE },
+        { "watch",    no_argument,       NULL, ARG_WATCH },
+        { "quiet",    no_argument,       NULL, ARG_QUIET },
+        { "commands", no_argument,       NULL, ARG_COMMANDS },
+        { "interval", required_argument, NULL, ARG_INTERVAL },
+        { NULL, 0, NULL, 0 }
+};
+
+const ctl_verb_syntax ctl_syntax_run = {
+        .usage = run_usage,
+        .options = run_options,
+        .handler = run_option,
+        .args_size = sizeof(run_args),
+        .args_init = run_args_init,
+        .check = run_check,
+};
+
+int verb_run(ctl_invocation *inv) {
+        return run_session(inv->bus, &inv->common, pen_argument(inv, 0), inv->args, "run");
 }
 
 static void start_usage(FILE *out) {
@@ -1030,39 +1042,50 @@ static void start_usage(FILE *out) {
                 "With --wait/--watch the exit status is that of 'needlectl run'.\n" CTL_EXIT_HELP);
 }
 
-int verb_start(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "label",    required_argument, NULL, ARG_LABEL },
-                { "wait",     no_argument,       NULL, ARG_WAIT },
-                { "watch",    no_argument,       NULL, ARG_WATCH },
-                { "quiet",    no_argument,       NULL, ARG_QUIET },
-                { "commands", no_argument,       NULL, ARG_COMMANDS },
-                { "interval", required_argument, NULL, ARG_INTERVAL },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        run_args args = { .interval_usec = USEC_PER_SEC };
-        int r = ctl_parse_args(argc, argv, options, &common, start_usage, run_option, &args, 0, 1);
-        if (r >= 0)
-                return r;
-        if (args.watch && args.quiet)
+static int start_check(ctl_invocation *inv) {
+        const run_args *args = inv->args;
+        if (args->watch && args->quiet)
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "start: --watch and --quiet exclude each other");
-        if ((args.quiet || args.commands) && !args.wait)
+        if ((args->quiet || args->commands) && !args->wait)
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "start: --quiet and --commands need --wait or --watch");
-        const char *pen = argc > optind ? argv[optind] : NULL;
-        if (args.wait)
-                return run_session(&common, pen, &args, "start");
+        return -1;
+}
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+static const struct option start_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "label",    required_argument, NULL, ARG_LABEL },
+        { "wait",     no_argument,       NULL, ARG_WAIT },
+        { "watch",    no_argument,       NULL, ARG_WATCH },
+        { "quiet",    no_argument,       NULL, ARG_QUIET },
+        { "commands", no_argument,       NULL, ARG_COMMANDS },
+        { "interval", required_argument, NULL, ARG_INTERVAL },
+        { NULL, 0, NULL, 0 }
+};
+
+const ctl_verb_syntax ctl_syntax_start = {
+        .usage = start_usage,
+        .options = start_options,
+        .handler = run_option,
+        .args_size = sizeof(run_args),
+        .args_init = run_args_init,
+        .check = start_check,
+};
+
+int verb_start(ctl_invocation *inv) {
+        const run_args *args = inv->args;
+        const char *pen = pen_argument(inv, 0);
+        sd_bus *bus = inv->bus;
+        if (args->wait)
+                return run_session(bus, &inv->common, pen, args, "start");
+
         _cleanup_free_ char *path = NULL, *id = NULL;
-        r = open_pen(&common, pen, &bus, &path);
+        int r = ctl_resolve_pen(bus, pen, &path);
         if (r != 0)
                 return r;
-        r = start_session(bus, path, args.label, &id);
+        r = start_session(bus, path, args->label, &id);
         if (r != 0)
                 return r;
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *o = json_object_new_object();
                 if (!o)
                         return ctl_oom();

@@ -98,7 +98,7 @@ static void record_end(record_ctx *c, const char *why) {
         }
 }
 
-static void on_sample(ctl_monitor *m, const ctl_telemetry_record *rec, void *userdata) {
+static void on_sample(ctl_monitor *m, const nd_telemetry_record *rec, void *userdata) {
         record_ctx *c = userdata;
         if (c->ended)
                 return;
@@ -133,32 +133,38 @@ static int on_duration(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-int verb_record(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "output",   required_argument, NULL, ARG_OUTPUT },
-                { "duration", required_argument, NULL, ARG_DURATION },
-                { "samples",  required_argument, NULL, ARG_SAMPLES },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        record_args args = { 0 };
-        int r = ctl_parse_args(argc, argv, options, &common, record_usage, record_option, &args, 0, 1);
-        if (r >= 0)
-                return r;
-        if (!args.output)
+static int record_check(ctl_invocation *inv) {
+        const record_args *args = inv->args;
+        if (!args->output)
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "record: --output FILE is required ('-' for standard output)");
-        bool to_stdout = STREQ(args.output, "-");
-        if (to_stdout && common.json)
+        if (STREQ(args->output, "-") && inv->common.json)
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "record: --json prints the summary on standard output; "
                                                       "write the CSV to a file");
+        return -1;
+}
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+static const struct option record_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "output",   required_argument, NULL, ARG_OUTPUT },
+        { "duration", required_argument, NULL, ARG_DURATION },
+        { "samples",  required_argument, NULL, ARG_SAMPLES },
+        { NULL, 0, NULL, 0 }
+};
+
+const ctl_verb_syntax ctl_syntax_record = {
+        .usage = record_usage,
+        .options = record_options,
+        .handler = record_option,
+        .args_size = sizeof(record_args),
+        .check = record_check,
+};
+
+int verb_record(ctl_invocation *inv) {
+        const record_args args = *(const record_args *) inv->args;
+        bool to_stdout = STREQ(args.output, "-");
+        sd_bus *bus = inv->bus;
         _cleanup_free_ char *path = NULL;
-        r = ctl_resolve_pen(bus, argc > optind ? argv[optind] : NULL, &path);
+        int r = ctl_resolve_pen(bus, inv->argc > 0 ? inv->argv[0] : NULL, &path);
         if (r != 0)
                 return r;
 
@@ -225,7 +231,7 @@ int verb_record(int argc, char *argv[]) {
         if (c.write_errno)
                 return ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write %s: %s", c.output, strerror(c.write_errno));
 
-        if (common.json) {
+        if (inv->common.json) {
                 _cleanup_json_ json_object *o = json_object_new_object();
                 if (!o)
                         return ctl_oom();

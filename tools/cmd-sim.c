@@ -46,7 +46,7 @@ static int sim_call(sd_bus *bus, const char *what, sd_bus_message **ret_reply, c
                     const char *types, ...) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *m = NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_SIM_INTERFACE,
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_SIM_INTERFACE,
                                                member);
         if (r >= 0 && types) {
                 va_list ap;
@@ -105,7 +105,7 @@ static int add_pen_option(int c, const char *arg, void *userdata) {
 static int sim_add_pen(sd_bus *bus, const ctl_common *common, const add_pen_args *a) {
         _cleanup_bus_message_ sd_bus_message *m = NULL, *reply = NULL;
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
-        int r = sd_bus_message_new_method_call(bus, &m, NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH, NEEDLED_SIM_INTERFACE,
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, ND_MANAGER_PATH, ND_SIM_INTERFACE,
                                                "AddPen");
         if (r >= 0)
                 r = sd_bus_message_open_container(m, 'a', "{sv}");
@@ -150,90 +150,106 @@ static int sim_add_pen(sd_bus *bus, const ctl_common *common, const add_pen_args
         return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
 }
 
-/* Resolves the optional PEN before npos trailing arguments. Returns 0 or the exit code. */
-static int sim_pen(sd_bus *bus, int argc, char *argv[], int npos, char **ret_path) {
-        return ctl_resolve_pen(bus, argc - optind > npos ? argv[optind] : NULL, ret_path);
+/* The commands of sim, each with its positional arguments after an optional PEN. */
+static const struct { const char *name; int args; } sim_commands[] = {
+        { "add-pen", 0 }, { "remove-pen", 0 }, { "insert-cartridge", 2 },
+        { "eject", 0 }, { "battery", 1 }, { "fault", 1 },
+};
+
+typedef struct sim_args {
+        add_pen_args add;
+        int nargs;           /* positional arguments of the command (after PEN) */
+        uint64_t number;     /* insert-cartridge's NEEDLES, battery's PERCENT */
+} sim_args;
+
+static int sim_option(int c, const char *arg, void *userdata) {
+        return add_pen_option(c, arg, &((sim_args *) userdata)->add);
 }
 
-int verb_sim(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "serial",   required_argument, NULL, ARG_SERIAL },
-                { "model",    required_argument, NULL, ARG_MODEL },
-                { "battery",  required_argument, NULL, ARG_BATTERY },
-                { "rate",     required_argument, NULL, ARG_RATE },
-                { "firmware", required_argument, NULL, ARG_FIRMWARE },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        add_pen_args add = { 0 };
-        int r = ctl_parse_options(argc, argv, options, &common, sim_usage, add_pen_option, &add);
-        if (r >= 0)
-                return r;
-        if (optind >= argc) {
+/* The command and its arguments are checked before anything is asked of the daemon. */
+static int sim_check(ctl_invocation *inv) {
+        sim_args *a = inv->args;
+        if (inv->argc == 0) {
                 fprintf(stderr, "needlectl sim: missing command\n");
                 sim_usage(stderr);
                 return NEEDLECTL_EXIT_USAGE;
         }
-        const char *cmd = argv[optind++];
-        /* Positional arguments of each command, after an optional PEN. */
-        static const struct { const char *name; int args; } commands[] = {
-                { "add-pen", 0 }, { "remove-pen", 0 }, { "insert-cartridge", 2 },
-                { "eject", 0 }, { "battery", 1 }, { "fault", 1 },
-        };
-        int nargs = -1;
-        for (size_t i = 0; i < ELEMENTSOF(commands); i++)
-                if (STREQ(cmd, commands[i].name))
-                        nargs = commands[i].args;
-        if (nargs < 0) {
+        const char *cmd = inv->argv[0];
+        int argc = inv->argc;
+        char **argv = inv->argv;
+        a->nargs = -1;
+        for (size_t i = 0; i < ELEMENTSOF(sim_commands); i++)
+                if (STREQ(cmd, sim_commands[i].name))
+                        a->nargs = sim_commands[i].args;
+        if (a->nargs < 0) {
                 fprintf(stderr, "needlectl sim: unknown command '%s'\n", cmd);
                 sim_usage(stderr);
                 return NEEDLECTL_EXIT_USAGE;
         }
-        bool add_options = add.serial || add.model || add.firmware || add.have_battery || add.have_rate;
+        const add_pen_args *add = &a->add;
+        bool add_options = add->serial || add->model || add->firmware || add->have_battery || add->have_rate;
         if (!STREQ(cmd, "add-pen") && add_options)
                 return ctl_fail(NEEDLECTL_EXIT_USAGE, "sim %s: --serial, --model, --battery, --rate and --firmware "
                                                       "belong to add-pen", cmd);
-        int npos = argc - optind;
-        int max = STREQ(cmd, "add-pen") ? 0 : nargs + 1;
-        if (npos < nargs || npos > max) {
-                fprintf(stderr, "needlectl sim %s: %s\n", cmd, npos < nargs ? "missing argument" : "too many arguments");
+        int npos = argc - 1;
+        int max = STREQ(cmd, "add-pen") ? 0 : a->nargs + 1;
+        if (npos < a->nargs || npos > max) {
+                fprintf(stderr, "needlectl sim %s: %s\n", cmd, npos < a->nargs ? "missing argument" : "too many arguments");
                 sim_usage(stderr);
                 return NEEDLECTL_EXIT_USAGE;
         }
-
-        /* Arguments are checked before anything is asked of the daemon. */
-        uint64_t number = 0;
         if (STREQ(cmd, "insert-cartridge")) {
                 if (argv[argc - 2][0] == '\0')
                         return ctl_fail(NEEDLECTL_EXIT_USAGE, "sim insert-cartridge: the cartridge id is empty");
-                if (ctl_parse_unsigned(argv[argc - 1], NEEDLES_MAX, &number) < 0 || number == 0)
+                if (ctl_parse_unsigned(argv[argc - 1], NEEDLES_MAX, &a->number) < 0 || a->number == 0)
                         return ctl_fail(NEEDLECTL_EXIT_USAGE, "sim insert-cartridge: NEEDLES is a count from 1 to %u, not '%s'",
                                         NEEDLES_MAX, argv[argc - 1]);
         } else if (STREQ(cmd, "battery")) {
-                if (ctl_parse_unsigned(argv[argc - 1], BATTERY_PERCENT_MAX, &number) < 0)
+                if (ctl_parse_unsigned(argv[argc - 1], BATTERY_PERCENT_MAX, &a->number) < 0)
                         return ctl_fail(NEEDLECTL_EXIT_USAGE, "sim battery: PERCENT is 0 to 100, not '%s'", argv[argc - 1]);
         }
+        return -1;
+}
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+static const struct option sim_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "serial",   required_argument, NULL, ARG_SERIAL },
+        { "model",    required_argument, NULL, ARG_MODEL },
+        { "battery",  required_argument, NULL, ARG_BATTERY },
+        { "rate",     required_argument, NULL, ARG_RATE },
+        { "firmware", required_argument, NULL, ARG_FIRMWARE },
+        { NULL, 0, NULL, 0 }
+};
+
+const ctl_verb_syntax ctl_syntax_sim = {
+        .usage = sim_usage,
+        .options = sim_options,
+        .handler = sim_option,
+        .args_size = sizeof(sim_args),
+        .check = sim_check,
+};
+
+int verb_sim(ctl_invocation *inv) {
+        const sim_args *a = inv->args;
+        const char *cmd = inv->argv[0];
+        int argc = inv->argc;
+        char **argv = inv->argv;
+        sd_bus *bus = inv->bus;
         if (STREQ(cmd, "add-pen"))
-                return sim_add_pen(bus, &common, &add);
+                return sim_add_pen(bus, &inv->common, &a->add);
 
         _cleanup_free_ char *path = NULL;
-        r = sim_pen(bus, argc, argv, nargs, &path);
+        int r = ctl_resolve_pen(bus, argc - 1 > a->nargs ? argv[1] : NULL, &path);
         if (r != 0)
                 return r;
         if (STREQ(cmd, "remove-pen"))
                 return sim_call(bus, "cannot remove the pen", NULL, "RemovePen", "o", path);
         if (STREQ(cmd, "insert-cartridge"))
                 return sim_call(bus, "cannot insert the cartridge", NULL, "InsertCartridge", "osu", path, argv[argc - 2],
-                                (uint32_t) number);
+                                (uint32_t) a->number);
         if (STREQ(cmd, "eject"))
                 return sim_call(bus, "cannot eject the cartridge", NULL, "EjectCartridge", "o", path);
         if (STREQ(cmd, "battery"))
-                return sim_call(bus, "cannot set the battery", NULL, "SetBattery", "ou", path, (uint32_t) number);
+                return sim_call(bus, "cannot set the battery", NULL, "SetBattery", "ou", path, (uint32_t) a->number);
         return sim_call(bus, "cannot inject the fault", NULL, "InjectFault", "os", path, argv[argc - 1]);
 }

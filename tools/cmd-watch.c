@@ -183,7 +183,7 @@ static void render_screen(ctl_view *v) {
         else
                 now[0] = '\0';
         bool fresh = sample_fresh(v);
-        const ctl_telemetry_record *s = &m->last;
+        const nd_telemetry_record *s = &m->last;
 
         fputs("\033[H", out);
         fprintf(out, "\033[1mneedlectl %s: %s\033[0m  %s, firmware %s%s  generation %" PRId64 "\033[K\n", v->title,
@@ -286,7 +286,7 @@ static int emit_update(ctl_view *v, const char *event) {
         ctl_monitor *m = v->m;
         json_object *p = m->props;
         bool fresh = sample_fresh(v);
-        const ctl_telemetry_record *s = &m->last;
+        const nd_telemetry_record *s = &m->last;
         uint64_t now = ctl_now_realtime_usec();
 
         if (v->mode == CTL_VIEW_QUIET)
@@ -475,7 +475,7 @@ static void view_event(ctl_monitor *m, ctl_monitor_event event, void *userdata) 
                 v->chained(m, event, v->chained_userdata);
 }
 
-static void view_sample(ctl_monitor *m, const ctl_telemetry_record *rec, void *userdata) {
+static void view_sample(ctl_monitor *m, const nd_telemetry_record *rec, void *userdata) {
         ctl_view *v = userdata;
         v->last_sample_usec = ctl_now_monotonic_usec();
 }
@@ -685,24 +685,29 @@ static int watch_option(int c, const char *arg, void *userdata) {
         return 0;
 }
 
-int verb_watch(int argc, char *argv[]) {
-        static const struct option options[] = {
-                CTL_COMMON_OPTIONS,
-                { "interval", required_argument, NULL, ARG_INTERVAL },
-                { NULL, 0, NULL, 0 }
-        };
-        ctl_common common = { 0 };
-        watch_args args = { .interval_usec = LINE_INTERVAL_DEFAULT_USEC };
-        int r = ctl_parse_args(argc, argv, options, &common, watch_usage, watch_option, &args, 0, 1);
-        if (r >= 0)
-                return r;
+static void watch_args_init(void *userdata) {
+        *(watch_args *) userdata = (watch_args) { .interval_usec = LINE_INTERVAL_DEFAULT_USEC };
+}
 
-        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        r = ctl_connect(&common, &bus);
-        if (r != 0)
-                return r;
+static const struct option watch_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "interval", required_argument, NULL, ARG_INTERVAL },
+        { NULL, 0, NULL, 0 }
+};
+
+const ctl_verb_syntax ctl_syntax_watch = {
+        .usage = watch_usage,
+        .options = watch_options,
+        .handler = watch_option,
+        .args_size = sizeof(watch_args),
+        .args_init = watch_args_init,
+};
+
+int verb_watch(ctl_invocation *inv) {
+        const watch_args args = *(const watch_args *) inv->args;
+        sd_bus *bus = inv->bus;
         _cleanup_free_ char *path = NULL;
-        r = ctl_resolve_pen(bus, argc > optind ? argv[optind] : NULL, &path);
+        int r = ctl_resolve_pen(bus, inv->argc > 0 ? inv->argv[0] : NULL, &path);
         if (r != 0)
                 return r;
         _cleanup_(sd_event_unrefp) sd_event *event = NULL;
@@ -717,7 +722,7 @@ int verb_watch(int argc, char *argv[]) {
         if (r != 0)
                 return r;
         _cleanup_(ctl_view_freep) ctl_view *v = NULL;
-        r = ctl_view_new(m, ctl_view_pick_mode(common.json), args.interval_usec, "watch", &v);
+        r = ctl_view_new(m, ctl_view_pick_mode(inv->common.json), args.interval_usec, "watch", &v);
         if (r < 0)
                 return ctl_oom();
         r = ctl_view_start(v);

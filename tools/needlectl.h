@@ -21,29 +21,38 @@ enum {
         NEEDLECTL_EXIT_SOFTWARE = 70,   /* out of memory, a reply needlectl cannot read (EX_SOFTWARE) */
 };
 
-/* Each verb takes argv with argv[0] the verb's name; it prints its own errors. */
+/* The offline verbs take argv with argv[0] the verb's name; they print their own errors. */
 int verb_check_limits(int argc, char *argv[]);
 int verb_check_profile(int argc, char *argv[]);
 int verb_audit(int argc, char *argv[]);
+
 /* The verbs that talk to needled over D-Bus (tools/cmd-manager.c, cmd-pen.c, cmd-sim.c,
- * cmd-watch.c, cmd-record.c). */
-int verb_list(int argc, char *argv[]);
-int verb_status(int argc, char *argv[]);
-int verb_profiles(int argc, char *argv[]);
-int verb_validate(int argc, char *argv[]);
-int verb_limits(int argc, char *argv[]);
-int verb_reload_limits(int argc, char *argv[]);
-int verb_history(int argc, char *argv[]);
-int verb_cartridge(int argc, char *argv[]);
-int verb_arm(int argc, char *argv[]);
-int verb_start(int argc, char *argv[]);
-int verb_run(int argc, char *argv[]);
-int verb_pause(int argc, char *argv[]);
-int verb_resume(int argc, char *argv[]);
-int verb_stop(int argc, char *argv[]);
-int verb_set_depth(int argc, char *argv[]);
-int verb_set_speed(int argc, char *argv[]);
-int verb_clear_fault(int argc, char *argv[]);
-int verb_watch(int argc, char *argv[]);
-int verb_record(int argc, char *argv[]);
-int verb_sim(int argc, char *argv[]);
+ * cmd-watch.c, cmd-record.c): each has its syntax (options, usage, checks) and is run by
+ * ctl_verb_dispatch() from the verb table in needlectl.c, which holds its argument counts
+ * and whether it needs the bus. They print their own errors and return the exit code. */
+struct ctl_invocation;
+struct ctl_verb_syntax;
+#define CTL_VERB(name)                                                  \
+        extern const struct ctl_verb_syntax ctl_syntax_##name;        \
+        int verb_##name(struct ctl_invocation *inv)
+CTL_VERB(list);
+CTL_VERB(status);
+CTL_VERB(profiles);
+CTL_VERB(validate);
+CTL_VERB(limits);
+CTL_VERB(reload_limits);
+CTL_VERB(history);
+CTL_VERB(cartridge);
+CTL_VERB(arm);
+CTL_VERB(start);
+CTL_VERB(run);
+CTL_VERB(stop);
+CTL_VERB(watch);
+CTL_VERB(record);
+CTL_VERB(sim);
+/* pause, resume, clear-fault: one method of the pen, named by inv->verb->name. */
+extern const struct ctl_verb_syntax ctl_syntax_pause, ctl_syntax_resume, ctl_syntax_clear_fault;
+int verb_simple(struct ctl_invocation *inv);
+/* set-depth, set-speed. */
+extern const struct ctl_verb_syntax ctl_syntax_set_depth, ctl_syntax_set_speed;
+int verb_setter(struct ctl_invocation *inv);

@@ -1,5 +1,4 @@
 /* pen-monitor.c: one pen followed over the bus: properties, telemetry socket, departures. */
-#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -13,42 +12,6 @@
 
 /* Records read per wake-up at most: 4 s of samples at 1 kHz. */
 #define TELEMETRY_DRAIN_MAX 4096u
-
-_Static_assert(sizeof(double) == sizeof(uint64_t), "doubles travel as IEEE 754 binary64");
-
-static uint16_t get_le16(const uint8_t *p) { uint16_t v; memcpy(&v, p, sizeof v); return le16toh(v); }
-static uint32_t get_le32(const uint8_t *p) { uint32_t v; memcpy(&v, p, sizeof v); return le32toh(v); }
-static uint64_t get_le64(const uint8_t *p) { uint64_t v; memcpy(&v, p, sizeof v); return le64toh(v); }
-static double get_le_double(const uint8_t *p) {
-        uint64_t bits = get_le64(p);
-        double d;
-        memcpy(&d, &bits, sizeof d);
-        return d;
-}
-
-int ctl_telemetry_parse(const void *buf, size_t n, ctl_telemetry_record *ret) {
-        const uint8_t *p = buf;
-        if (n < CTL_TELEMETRY_RECORD_SIZE)
-                return -EBADMSG;
-        ctl_telemetry_record r = {
-                .version = get_le16(p + 0),
-                .size = get_le16(p + 2),
-                .sequence = get_le32(p + 4),
-                .device_time_us = get_le64(p + 8),
-                .host_time_us = get_le64(p + 16),
-                .dropped = get_le32(p + 24),
-                .flags = get_le32(p + 28),
-                .depth_mm = get_le_double(p + 32),
-                .speed_hz = get_le_double(p + 40),
-                .current_ma = get_le_double(p + 48),
-                .temperature_c = get_le_double(p + 56),
-                .battery_percent = p[64],
-        };
-        if (r.version != CTL_TELEMETRY_VERSION || r.size < CTL_TELEMETRY_RECORD_SIZE || r.size != n)
-                return -EBADMSG;
-        *ret = r;
-        return 0;
-}
 
 uint64_t ctl_now_realtime_usec(void) {
         struct timespec ts;
@@ -75,7 +38,7 @@ static void telemetry_close(ctl_monitor *m) {
         }
 }
 
-static void on_record(ctl_monitor *m, const ctl_telemetry_record *rec) {
+static void on_record(ctl_monitor *m, const nd_telemetry_record *rec) {
         if (m->have_sequence && rec->sequence != m->next_sequence)
                 m->gaps += (uint32_t) (rec->sequence - m->next_sequence);
         m->have_sequence = true;
@@ -93,7 +56,7 @@ static void on_record(ctl_monitor *m, const ctl_telemetry_record *rec) {
 
 static int on_telemetry_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         ctl_monitor *m = userdata;
-        uint8_t buf[CTL_TELEMETRY_RECV_SIZE];
+        uint8_t buf[ND_TELEMETRY_RECORD_RECV_SIZE];
 
         /* Drain what is there, bounded so one busy socket cannot starve the rest of the loop
          * (the source is level-triggered: what is left wakes us again). */
@@ -106,8 +69,8 @@ static int on_telemetry_io(sd_event_source *s, int fd, uint32_t revents, void *u
                 }
                 if (n == 0)
                         break; /* the daemon closed its end: the pen is going */
-                ctl_telemetry_record rec;
-                if ((size_t) n > sizeof buf || ctl_telemetry_parse(buf, (size_t) n, &rec) < 0) {
+                nd_telemetry_record rec;
+                if ((size_t) n > sizeof buf || nd_telemetry_record_decode(buf, (size_t) n, &rec) < 0) {
                         m->bad_records++;
                         continue;
                 }
@@ -128,7 +91,7 @@ static int on_telemetry_io(sd_event_source *s, int fd, uint32_t revents, void *u
 static int telemetry_open(ctl_monitor *m, bool quiet) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
-        int r = sd_bus_call_method(m->bus, NEEDLED_BUS_NAME, m->path, NEEDLED_PEN_INTERFACE, "OpenTelemetry", &error,
+        int r = sd_bus_call_method(m->bus, ND_BUS_NAME, m->path, ND_PEN_INTERFACE, "OpenTelemetry", &error,
                                    &reply, NULL);
         if (r < 0)
                 return quiet ? ctl_exit_code_for_error(&error, r)
@@ -154,8 +117,8 @@ static int telemetry_open(ctl_monitor *m, bool quiet) {
 static int reload_properties(ctl_monitor *m) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_bus_message_ sd_bus_message *reply = NULL;
-        int r = sd_bus_call_method(m->bus, NEEDLED_BUS_NAME, m->path, "org.freedesktop.DBus.Properties", "GetAll",
-                                   &error, &reply, "s", NEEDLED_PEN_INTERFACE);
+        int r = sd_bus_call_method(m->bus, ND_BUS_NAME, m->path, "org.freedesktop.DBus.Properties", "GetAll",
+                                   &error, &reply, "s", ND_PEN_INTERFACE);
         if (r < 0)
                 return r;
         _cleanup_json_ json_object *props = json_object_new_object();
@@ -181,7 +144,7 @@ static int on_properties_changed(sd_bus_message *msg, void *userdata, sd_bus_err
         const char *interface;
         if (sd_bus_message_read(msg, "s", &interface) < 0)
                 return 0;
-        if (STREQ(interface, NEEDLED_MANAGER_INTERFACE)) {
+        if (STREQ(interface, ND_MANAGER_INTERFACE)) {
                 /* Only LimitsDigest matters here; the rest of the Manager is not followed. */
                 _cleanup_json_ json_object *changed = json_object_new_object();
                 if (changed && ctl_message_read_properties(msg, changed) >= 0 &&
@@ -189,7 +152,7 @@ static int on_properties_changed(sd_bus_message *msg, void *userdata, sd_bus_err
                         notify(m, CTL_MONITOR_LIMITS_CHANGED);
                 return 0;
         }
-        if (!STREQ(interface, NEEDLED_PEN_INTERFACE) || !m->props)
+        if (!STREQ(interface, ND_PEN_INTERFACE) || !m->props)
                 return 0;
         if (ctl_message_read_properties(msg, m->props) < 0)
                 return 0;
@@ -217,7 +180,7 @@ static int on_interfaces_added(sd_bus_message *msg, void *userdata, sd_bus_error
                 const char *interface;
                 if (sd_bus_message_read(msg, "s", &interface) < 0)
                         return 0;
-                if (STREQ(interface, NEEDLED_PEN_INTERFACE)) {
+                if (STREQ(interface, ND_PEN_INTERFACE)) {
                         _cleanup_json_ json_object *props = json_object_new_object();
                         if (!props || ctl_message_read_properties(msg, props) < 0)
                                 return 0;
@@ -299,7 +262,7 @@ static int on_session_recorded(sd_bus_message *msg, void *userdata, sd_bus_error
 static int on_name_owner_changed(sd_bus_message *msg, void *userdata, sd_bus_error *ret_error) {
         ctl_monitor *m = userdata;
         const char *name, *old_owner, *new_owner;
-        if (sd_bus_message_read(msg, "sss", &name, &old_owner, &new_owner) < 0 || !STREQ(name, NEEDLED_BUS_NAME))
+        if (sd_bus_message_read(msg, "sss", &name, &old_owner, &new_owner) < 0 || !STREQ(name, ND_BUS_NAME))
                 return 0;
         if (new_owner[0] == '\0') {
                 m->daemon_present = false;
@@ -336,32 +299,32 @@ int ctl_monitor_new(sd_event *event, sd_bus *bus, const char *path, bool telemet
                 return ctl_oom();
 
         /* Subscribe first, then read: nothing that happens in between is missed. */
-        int r = sd_bus_match_signal(bus, &m->slots[0], NEEDLED_BUS_NAME, path, "org.freedesktop.DBus.Properties",
+        int r = sd_bus_match_signal(bus, &m->slots[0], ND_BUS_NAME, path, "org.freedesktop.DBus.Properties",
                                     "PropertiesChanged", on_properties_changed, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[1], NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH,
+                r = sd_bus_match_signal(bus, &m->slots[1], ND_BUS_NAME, ND_MANAGER_PATH,
                                         "org.freedesktop.DBus.ObjectManager", "InterfacesAdded", on_interfaces_added, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[2], NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH,
+                r = sd_bus_match_signal(bus, &m->slots[2], ND_BUS_NAME, ND_MANAGER_PATH,
                                         "org.freedesktop.DBus.ObjectManager", "InterfacesRemoved",
                                         on_interfaces_removed, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[3], NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE,
+                r = sd_bus_match_signal(bus, &m->slots[3], ND_BUS_NAME, path, ND_PEN_INTERFACE,
                                         "SessionEnded", on_session_ended, m);
         if (r >= 0)
                 r = sd_bus_match_signal(bus, &m->slots[4], "org.freedesktop.DBus", "/org/freedesktop/DBus",
                                         "org.freedesktop.DBus", "NameOwnerChanged", on_name_owner_changed, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[5], NEEDLED_BUS_NAME, NEEDLED_MANAGER_PATH,
+                r = sd_bus_match_signal(bus, &m->slots[5], ND_BUS_NAME, ND_MANAGER_PATH,
                                         "org.freedesktop.DBus.Properties", "PropertiesChanged",
                                         on_properties_changed, m);
         if (r >= 0)
-                r = sd_bus_match_signal(bus, &m->slots[6], NEEDLED_BUS_NAME, path, NEEDLED_PEN_INTERFACE,
+                r = sd_bus_match_signal(bus, &m->slots[6], ND_BUS_NAME, path, ND_PEN_INTERFACE,
                                         "SessionRecorded", on_session_recorded, m);
         if (r < 0)
                 return ctl_log_bus_error("cannot subscribe to the pen's signals", NULL, r);
 
-        r = ctl_get_all_properties(bus, path, NEEDLED_PEN_INTERFACE, &m->props);
+        r = ctl_get_all_properties(bus, path, ND_PEN_INTERFACE, &m->props);
         if (r != 0)
                 return r;
         m->present = true;

@@ -9,37 +9,8 @@
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
 
+#include "telemetry-record.h"
 #include "util.h"
-
-/* One telemetry record as docs/telemetry.md lays it out (version 1, 72 bytes on the wire). */
-#define CTL_TELEMETRY_VERSION 1u
-#define CTL_TELEMETRY_RECORD_SIZE 72u
-/* A later minor layout may append fields: read more than we know (docs/telemetry.md). */
-#define CTL_TELEMETRY_RECV_SIZE 256u
-
-#define CTL_FLAG_MOTOR_RUNNING    (1u << 0)
-#define CTL_FLAG_CARTRIDGE        (1u << 1)
-#define CTL_FLAG_WATCHDOG_ARMED   (1u << 2)
-#define CTL_FLAG_FAULT_MASK       0xff00u
-
-typedef struct ctl_telemetry_record {
-        uint16_t version;
-        uint16_t size;
-        uint32_t sequence;
-        uint64_t device_time_us;
-        uint64_t host_time_us;
-        uint32_t dropped;
-        uint32_t flags;
-        double depth_mm;
-        double speed_hz;
-        double current_ma;
-        double temperature_c;
-        uint8_t battery_percent;
-} ctl_telemetry_record;
-
-/* Decodes one datagram of n bytes. Returns 0, or -EBADMSG when it is shorter than a version 1
- * record, its version is not 1 or its size field disagrees with n. */
-int ctl_telemetry_parse(const void *buf, size_t n, ctl_telemetry_record *ret);
 
 typedef enum ctl_monitor_event {
         CTL_MONITOR_PROPERTIES,    /* the pen's properties changed (props updated) */
@@ -54,7 +25,7 @@ typedef enum ctl_monitor_event {
 
 typedef struct ctl_monitor ctl_monitor;
 typedef void (*ctl_monitor_event_fn)(ctl_monitor *m, ctl_monitor_event event, void *userdata);
-typedef void (*ctl_monitor_sample_fn)(ctl_monitor *m, const ctl_telemetry_record *rec, void *userdata);
+typedef void (*ctl_monitor_sample_fn)(ctl_monitor *m, const nd_telemetry_record *rec, void *userdata);
 
 struct ctl_monitor {
         sd_event *event;
@@ -68,7 +39,7 @@ struct ctl_monitor {
 
         int telemetry_fd;
         sd_event_source *telemetry_source;
-        ctl_telemetry_record last; /* the newest sample */
+        nd_telemetry_record last; /* the newest sample */
         bool have_sample;
         uint64_t samples;          /* records received, over every socket opened */
         uint64_t dropped;          /* records the daemon dropped for us, over every socket */

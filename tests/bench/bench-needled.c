@@ -43,14 +43,9 @@
 #include <systemd/sd-event.h>
 
 #include "bench-trace.h"
+#include "contract.h"
 #include "util.h"
 
-#define BUS_NAME "org.needled"
-#define MANAGER_PATH "/org/needled"
-#define MANAGER_IFACE "org.needled1.Manager"
-#define SIM_IFACE "org.needled1.Simulator"
-#define PEN_IFACE "org.needled1.Pen"
-#define PEN_PATH_PREFIX "/org/needled/pen"
 
 #define PENS_MAX 8u
 #define SUBSCRIBERS_MAX 64u
@@ -290,7 +285,7 @@ typedef struct daemon_proc {
 static int on_name_owner_changed(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
         daemon_proc *d = userdata;
         const char *name, *old_owner, *new_owner;
-        if (sd_bus_message_read(m, "sss", &name, &old_owner, &new_owner) < 0 || !STREQ(name, BUS_NAME))
+        if (sd_bus_message_read(m, "sss", &name, &old_owner, &new_owner) < 0 || !STREQ(name, ND_BUS_NAME))
                 return 0;
         if (*new_owner) {
                 d->owned = true;
@@ -304,7 +299,7 @@ static int on_name_owner_changed(sd_bus_message *m, void *userdata, sd_bus_error
 static void daemon_watch_name(sd_bus *bus, daemon_proc *d) {
         int r = sd_bus_add_match(bus, &d->name_slot,
                                  "type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
-                                 "interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='" BUS_NAME "'",
+                                 "interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='" ND_BUS_NAME "'",
                                  on_name_owner_changed, d);
         if (r < 0)
                 die("cannot watch the bus name: %s", strerror(-r));
@@ -375,9 +370,9 @@ static void daemon_wait_owned(sd_bus *bus, daemon_proc *d) {
                         continue;
                 int status;
                 if (waitpid(d->pid, &status, WNOHANG) == d->pid)
-                        die("%s exited before owning %s (status 0x%x)", "needled", BUS_NAME, (unsigned) status);
+                        die("%s exited before owning %s (status 0x%x)", "needled", ND_BUS_NAME, (unsigned) status);
                 if (now_us() > deadline)
-                        die("needled did not own %s within %" PRIu64 " s", BUS_NAME, DAEMON_START_TIMEOUT_US / USEC_PER_SEC);
+                        die("needled did not own %s within %" PRIu64 " s", ND_BUS_NAME, DAEMON_START_TIMEOUT_US / USEC_PER_SEC);
                 (void) sd_bus_wait(bus, 100 * USEC_PER_MSEC);
         }
 }
@@ -435,7 +430,7 @@ static char *add_pen(sd_bus *bus) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         const char *path;
-        int r = sd_bus_call_method(bus, BUS_NAME, MANAGER_PATH, SIM_IFACE, "AddPen", &error, &reply, "a{sv}", 0);
+        int r = sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_SIM_INTERFACE, "AddPen", &error, &reply, "a{sv}", 0);
         if (r < 0)
                 die("AddPen: %s", error.message ? error.message : strerror(-r));
         if (sd_bus_message_read(reply, "o", &path) < 0)
@@ -450,7 +445,7 @@ static void call_or_die(sd_bus *bus, const char *path, const char *iface, const 
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL, *reply = NULL;
         va_list ap;
-        int r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, path, iface, member);
+        int r = sd_bus_message_new_method_call(bus, &m, ND_BUS_NAME, path, iface, member);
         if (r >= 0 && types) {
                 va_start(ap, types);
                 r = sd_bus_message_appendv(m, types, ap);
@@ -472,16 +467,16 @@ static int one_call(sd_bus *bus, unsigned kind, const char *pen_path) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         switch (kind) {
         case K_PING:
-                return sd_bus_call_method(bus, BUS_NAME, MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", &error,
+                return sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", &error,
                                           &reply, NULL);
         case K_GET:
-                return sd_bus_call_method(bus, BUS_NAME, MANAGER_PATH, "org.freedesktop.DBus.Properties", "Get",
-                                          &error, &reply, "ss", MANAGER_IFACE, "Version");
+                return sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, "org.freedesktop.DBus.Properties", "Get",
+                                          &error, &reply, "ss", ND_MANAGER_INTERFACE, "Version");
         case K_GET_PEN:
-                return sd_bus_call_method(bus, BUS_NAME, pen_path, "org.freedesktop.DBus.Properties", "Get", &error,
-                                          &reply, "ss", PEN_IFACE, "State");
+                return sd_bus_call_method(bus, ND_BUS_NAME, pen_path, "org.freedesktop.DBus.Properties", "Get", &error,
+                                          &reply, "ss", ND_PEN_INTERFACE, "State");
         case K_VALIDATE: {
-                int r = sd_bus_call_method(bus, BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ValidateProfile", &error,
+                int r = sd_bus_call_method(bus, ND_BUS_NAME, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "ValidateProfile", &error,
                                            &reply, "s", bench_profile_yaml);
                 /* A valid profile: an empty list of violations. */
                 if (r >= 0 && (r = sd_bus_message_enter_container(reply, 'a', "(sss)")) >= 0 &&
@@ -784,7 +779,7 @@ static int open_telemetry(sd_bus *bus, const char *path) {
         _cleanup_bus_error_ sd_bus_error error = SD_BUS_ERROR_NULL;
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         int fd;
-        int r = sd_bus_call_method(bus, BUS_NAME, path, PEN_IFACE, "OpenTelemetry", &error, &reply, NULL);
+        int r = sd_bus_call_method(bus, ND_BUS_NAME, path, ND_PEN_INTERFACE, "OpenTelemetry", &error, &reply, NULL);
         if (r < 0)
                 die("OpenTelemetry: %s", error.message ? error.message : strerror(-r));
         if (sd_bus_message_read(reply, "h", &fd) < 0)
@@ -840,7 +835,7 @@ static int cmd_telemetry(const options *o) {
                 c.subs[i].ctx = &c;
                 c.subs[i].bus = bus_connect();
                 int r = sd_bus_add_match(c.subs[i].bus, &c.subs[i].slot,
-                                         "type='signal',sender='" BUS_NAME "',interface='" PEN_IFACE "',member='Telemetry'",
+                                         "type='signal',sender='" ND_BUS_NAME "',interface='" ND_PEN_INTERFACE "',member='Telemetry'",
                                          on_telemetry_signal, &c.subs[i]);
                 if (r < 0)
                         die("AddMatch: %s", strerror(-r));
@@ -853,7 +848,7 @@ static int cmd_telemetry(const options *o) {
                 _cleanup_free_ char *path = add_pen(bus), *serial = NULL;
                 int idx = pen_index(&c, path);
                 bench_trace rec;
-                if (sd_bus_path_decode(path, PEN_PATH_PREFIX, &serial) <= 0)
+                if (sd_bus_path_decode(path, ND_PEN_PATH_PREFIX, &serial) <= 0)
                         die("unexpected pen path %s", path);
                 bool found = false;
                 while (!found && trace_read(&d, &rec, TRACE_WAIT_MS))
@@ -912,7 +907,7 @@ static int cmd_telemetry(const options *o) {
 
         /* Removing the pens flushes their last batch and closes every reader (EOF). */
         for (unsigned i = 0; i < c.n_pens; i++)
-                call_or_die(bus, MANAGER_PATH, SIM_IFACE, "RemovePen", "o", c.pen_paths[i]);
+                call_or_die(bus, ND_MANAGER_PATH, ND_SIM_INTERFACE, "RemovePen", "o", c.pen_paths[i]);
         deadline = now_us() + READERS_EOF_TIMEOUT_US;
         for (;;) {
                 bool all = true;
@@ -1260,7 +1255,7 @@ static int64_t timed_stop(sd_bus *bus, daemon_proc *d, const char *pen, int64_t 
         while (trace_read(d, &rec, 0))
                 ;
         uint64_t t0 = now_us();
-        call_or_die(bus, pen, PEN_IFACE, "Stop", NULL);
+        call_or_die(bus, pen, ND_PEN_INTERFACE, "Stop", NULL);
         *rtt = (int64_t) (now_us() - t0);
         while (trace_read(d, &rec, TRACE_WAIT_MS))
                 if (rec.kind == BENCH_TRACE_MOTOR_STOP)
@@ -1284,7 +1279,7 @@ static int cmd_stop(const options *o) {
         for (unsigned i = 0; i < warmup + o->calls; i++) {
                 int64_t rtt;
                 uint64_t t0 = now_us();
-                call_or_die(bus, MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", NULL);
+                call_or_die(bus, ND_MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", NULL);
                 int64_t ping_us = (int64_t) (now_us() - t0);
                 int64_t lat = timed_stop(bus, &d, pen, &rtt);
                 if (i >= warmup) {
@@ -1298,14 +1293,14 @@ static int cmd_stop(const options *o) {
         for (unsigned i = 0; i < o->sessions; i++) {
                 char id[32];
                 snprintf(id, sizeof id, "BENCH-%d-%u", (int) getpid(), i);
-                call_or_die(bus, MANAGER_PATH, SIM_IFACE, "InsertCartridge", "osu", pen, id, 12u);
-                call_or_die(bus, pen, PEN_IFACE, "LoadProfile", "s", BENCH_PROFILE_NAME);
-                call_or_die(bus, pen, PEN_IFACE, "Start", "a{sv}", 0);
+                call_or_die(bus, ND_MANAGER_PATH, ND_SIM_INTERFACE, "InsertCartridge", "osu", pen, id, 12u);
+                call_or_die(bus, pen, ND_PEN_INTERFACE, "LoadProfile", "s", BENCH_PROFILE_NAME);
+                call_or_die(bus, pen, ND_PEN_INTERFACE, "Start", "a{sv}", 0);
                 sleep_us(SESSION_RUN_BEFORE_STOP_US);
                 int64_t rtt, lat = timed_stop(bus, &d, pen, &rtt);
                 series_add(&running, lat);
                 series_add(&running_rtt, rtt);
-                call_or_die(bus, MANAGER_PATH, SIM_IFACE, "EjectCartridge", "o", pen);
+                call_or_die(bus, ND_MANAGER_PATH, ND_SIM_INTERFACE, "EjectCartridge", "o", pen);
         }
         daemon_stop(bus, &d);
 
@@ -1342,7 +1337,7 @@ static void startup_once(sd_bus *bus, const options *o, const char *exe, const c
         daemon_wait_owned(bus, &d);
         series_add(&f->to_name, (int64_t) (d.owned_us - t0));
         /* Owning the name is not serving: the first answered call, sent at once. */
-        call_or_die(bus, MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", NULL);
+        call_or_die(bus, ND_MANAGER_PATH, "org.freedesktop.DBus.Peer", "Ping", NULL);
         series_add(&f->to_reply, (int64_t) (now_us() - t0));
         sleep_us(IDLE_RSS_WAIT_US);
         series_add(&f->rss, proc_status_kib(d.pid, "VmRSS"));

@@ -13,10 +13,9 @@ import dbus
 from gi.repository import Gio, GLib
 
 import busfixture
-from needled_testlib import (ACCESS_DENIED, ALL_ACTIONS, CONFIGURE, MANAGER_IFACE, MANAGER_PATH,
-                             OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, AsyncCall,
-                             NeedledTestCase, main, profile_yaml, pump, timeout_multiplier, unwrap,
-                             wait_until)
+from needledtest import (ACCESS_DENIED, ALL_ACTIONS, CONFIGURE, MANAGER_IFACE, MANAGER_PATH,
+                         OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, AsyncCall, NeedledTestCase,
+                         main, profile_yaml, pump, timeout_multiplier, unwrap, wait_until)
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 IAR = 'org.freedesktop.DBus.Error.InteractiveAuthorizationRequired'
@@ -142,9 +141,18 @@ class AuthSlowAndHanging(NeedledTestCase):
     daemon_args = ['--simulate', '--polkit-timeout', str(POLKIT_TIMEOUT_MS)]
 
     def test_slow_polkit(self):
+        # A slow polkit (0.3 s, well within the daemon's polkit timeout) delays the answer, not
+        # the daemon (another client is served meanwhile), and the call then succeeds.
+        delay_s = 0.3
         pen = self.add_pen()
-        self.polkit.set_delay(0.3)
-        self.arm(pen)
+        self.polkit.set_delay(delay_s)
+        obj = self.bus.get_object('org.needled', pen, introspect=False)
+        call = AsyncCall(obj.LoadProfileData, profile_yaml(), dbus_interface=PEN_IFACE, timeout=60)
+        self.ping(bus=self.new_connection())
+        call.wait(10)
+        self.assertIsNone(call.error, 'denied: polkit\'s answer came too late for the daemon')
+        self.assertGreaterEqual(call.elapsed, delay_s, 'the answer came before polkit\'s')
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
 
     def test_hanging_polkit(self):
         pen = self.add_pen(cartridge=('HANG-1', 12))

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import dbus
 
-from needled_testlib import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, PROPS_IFACE, TELEMETRY_RECORD,
+from needledtest import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, PROPS_IFACE, TELEMETRY_RECORD,
                              NeedledTestCase, SignalLog, main, pump, source_path, timeout_multiplier, unwrap,
                              wait_until)
 from test_pen import check_consecutive

@@ -9,8 +9,8 @@ import sys
 
 import dbus
 
-from needled_testlib import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, PROPS_IFACE,
-                             SIM_IFACE, NeedledTestCase, main, profile_yaml, source_path, unwrap)
+from needledtest import (ERR, INVALID_ARGS, MANAGER_IFACE, MANAGER_PATH, PEN_IFACE, PROPS_IFACE,
+                         SIM_IFACE, NeedledTestCase, main, profile_yaml, source_path, unwrap)
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 MIB = 1024 * 1024

@@ -9,7 +9,7 @@ Usage: test_live_introspect.py CONTRACT_XML (meson passes dbus/org.needled1.xml)
 import sys
 
 import introspect_compare as ic
-from needled_testlib import MANAGER_PATH, NeedledTestCase, main
+from needledtest import MANAGER_PATH, NeedledTestCase, main
 
 CONTRACT = None
 

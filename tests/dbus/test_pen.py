@@ -11,10 +11,10 @@ import threading
 
 import dbus
 
-from needled_testlib import (ERR, INVALID_ARGS, OPERATE, PEN_IFACE, PROPS_IFACE,
-                             TELEMETRY_RECORD, UNKNOWN_METHOD, UNKNOWN_OBJECT, AsyncCall,
-                             NeedledTestCase, SignalLog, limits_yaml, main, profile_yaml, pump,
-                             sha256_file, source_path, timeout_multiplier, unwrap, wait_until)
+from needledtest import (ERR, INVALID_ARGS, OPERATE, PEN_IFACE, PROFILE_TEXT_MAX, PROPS_IFACE,
+                         TELEMETRY_RECORD, UNKNOWN_METHOD, UNKNOWN_OBJECT, AsyncCall,
+                         NeedledTestCase, SignalLog, limits_yaml, main, profile_yaml, pump,
+                         sha256_file, source_path, timeout_multiplier, unwrap, wait_until)
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 # Pen properties and their D-Bus types, as the contract (XML) has them.
@@ -621,6 +621,93 @@ class PenClientHeartbeat(NeedledTestCase):
         self.pen_call(pen, 'Stop')
         item = ended.wait_for(lambda i: i[1][0] == sid, 5, 'SessionEnded')
         self.assertEqual(item[1], (sid, 'stopped'))
+
+
+
+def profile_of_size(size, name='largest'):
+    """A valid profile of exactly size bytes: the longest notes allowed, then comment lines."""
+    text = profile_yaml(name=name, extra='notes: "' + 'n' * 2000 + '"\n')
+    line = '# ' + 'p' * 77 + '\n'                   # 80 bytes
+    while len(text.encode()) + len(line) <= size:
+        text += line
+    rest = size - len(text.encode())
+    assert rest >= 0
+    text += ('#' + 'q' * (rest - 2) + '\n') if rest >= 2 else '\n' * rest
+    assert len(text.encode()) == size
+    return text
+
+
+class PenProfileSize(NeedledTestCase):
+    """A profile at the contract's size bound arms and starts, however it arrives; one byte
+    more is refused when it is armed (not at Start, where it used to fail with Storage)."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tempfile
+        cls.profiles_tmp = tempfile.mkdtemp(prefix='needled-profiles-')
+        for name, size in (('largest', PROFILE_TEXT_MAX), ('too-large', PROFILE_TEXT_MAX + 1)):
+            with open(os.path.join(cls.profiles_tmp, name + '.yaml'), 'w', encoding='utf-8') as f:
+                f.write(profile_of_size(size, name))
+        cls.profiles_dir = cls.profiles_tmp
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            super().tearDownClass()
+        finally:
+            import shutil
+            shutil.rmtree(cls.profiles_tmp, ignore_errors=True)
+
+    def start_and_stop(self, pen, sid_name):
+        sid = str(self.pen_call(pen, 'Start', EMPTY_SV))
+        self.assertEqual(self.pprop(pen, 'State'), 'running')
+        self.pen_call(pen, 'Stop')
+        self.wait_state(pen, 'idle')
+        entry = [h for h in unwrap(self.mgr('GetHistory', EMPTY_SV)) if h['id'] == sid]
+        self.assertEqual(len(entry), 1, f'{sid_name}: the session is in the ledger')
+        self.assertEqual(entry[0]['profile'], sid_name)
+
+    def test_largest_profile_data_arms_and_starts(self):
+        text = profile_of_size(PROFILE_TEXT_MAX)
+        self.assertEqual(unwrap(self.mgr('ValidateProfile', text)), [])
+        pen = self.add_pen(cartridge=('SIZE-1', 12))
+        self.pen_call(pen, 'LoadProfileData', text)
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
+        self.start_and_stop(pen, 'largest')
+
+    def test_profile_data_one_byte_over_is_refused_when_armed(self):
+        text = profile_of_size(PROFILE_TEXT_MAX + 1)
+        self.assertDBusError(INVALID_ARGS, self.mgr, 'ValidateProfile', text, message_contains=str(PROFILE_TEXT_MAX))
+        pen = self.add_pen(cartridge=('SIZE-2', 12))
+        before = self.snapshot(pen)
+        self.assertDBusError(INVALID_ARGS, self.pen_call, pen, 'LoadProfileData', text,
+                             message_contains=str(PROFILE_TEXT_MAX))
+        self.assertEqual(self.snapshot(pen), before)
+
+    def test_largest_installed_profile_arms_and_starts(self):
+        pen = self.add_pen(cartridge=('SIZE-3', 12))
+        self.pen_call(pen, 'LoadProfile', 'largest')
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
+        self.start_and_stop(pen, 'largest')
+
+    def test_installed_profile_one_byte_over_is_refused_when_armed(self):
+        pen = self.add_pen(cartridge=('SIZE-4', 12))
+        before = self.snapshot(pen)
+        with self.assertRaises(dbus.exceptions.DBusException) as cm:
+            self.pen_call(pen, 'LoadProfile', 'too-large')
+        self.assertTrue(cm.exception.get_dbus_name().startswith(ERR), cm.exception.get_dbus_name())
+        self.assertNotEqual(cm.exception.get_dbus_name(), ERR + 'Storage')
+        self.assertEqual(self.snapshot(pen), before, 'refused when armed: the pen stays idle')
+        # The cartridge is untouched: a valid profile still starts on it.
+        self.pen_call(pen, 'LoadProfile', 'largest')
+        self.start_and_stop(pen, 'largest')
+
+    def test_installed_profile_over_the_bound_says_so(self):
+        pen = self.add_pen()
+        self.assertDBusError(ERR + 'InvalidProfile', self.pen_call, pen, 'LoadProfile', 'too-large',
+                             message_contains=str(PROFILE_TEXT_MAX))
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
 
 
 if __name__ == '__main__':

@@ -21,8 +21,7 @@ import subprocess
 import sys
 import unittest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import busfixture  # noqa: E402
+import busfixture
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOBODY_UID = 65534

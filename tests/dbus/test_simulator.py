@@ -5,9 +5,9 @@ InterfacesRemoved). Also: the Simulator does not exist without --simulate."""
 
 import dbus
 
-from needled_testlib import (ERR, INVALID_ARGS, MANAGER_PATH, OM_IFACE, PEN_IFACE, SIM_IFACE,
-                             UNKNOWN_INTERFACE, UNKNOWN_METHOD, UNKNOWN_OBJECT, NeedledTestCase,
-                             SignalLog, main, unwrap)
+from needledtest import (ERR, INVALID_ARGS, MANAGER_PATH, OM_IFACE, PEN_IFACE, SIM_IFACE,
+                         UNKNOWN_INTERFACE, UNKNOWN_METHOD, UNKNOWN_OBJECT, NeedledTestCase,
+                         SignalLog, main, unwrap)
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 NOWHERE = dbus.ObjectPath('/org/needled/pen/NOWHERE')

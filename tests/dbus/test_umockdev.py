@@ -11,8 +11,8 @@ import signal
 import dbus
 
 import introspect_compare as ic
-from needled_testlib import (MANAGER_PATH, OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, SIM_IFACE,
-                             NeedledTestCase, SignalLog, main, pump, source_path, unwrap, wait_until)
+from needledtest import (MANAGER_PATH, OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, SIM_IFACE,
+                         NeedledTestCase, SignalLog, main, pump, source_path, unwrap, wait_until)
 from test_pen import FLAG_MOTOR_RUNNING, TelemetryReader, check_consecutive, check_records
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')

@@ -1,45 +1,22 @@
-/* fuzz-profile.c: the profile parser on arbitrary bytes, against fixed limits (the defaults of
- * formats.md), then the pen checks of a simulated pen. Checks the parser's contract: success
- * means a valid profile with every field, -EINVAL means at least one violation. */
+/* fuzz-profile.c: the profile parser on arbitrary bytes, against fixed limits (the example of
+ * formats.md, tests/data/limits-test.yaml), then the pen checks of a simulated pen. Checks the
+ * parser's contract: success means a valid profile with every field, -EINVAL means at least one
+ * violation. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "diag.h"
+#include "limits-test.h"
 #include "profile.h"
 #include "safety-limits.h"
 #include "util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static const char LIMITS[] =
-        "version: 1\n"
-        "pen:\n"
-        "  speed_hz: {min: 50, max: 150}\n"
-        "  depth_tolerance_mm: 0.15\n"
-        "  warn_temperature_c: 41\n"
-        "  max_temperature_c: 43\n"
-        "  max_current_ma: 1200\n"
-        "  stall_speed_fraction: 0.7\n"
-        "  stall_time_ms: 250\n"
-        "  min_battery_percent: 20\n"
-        "  stop_battery_percent: 5\n"
-        "  heartbeat_timeout_ms: 500\n"
-        "session:\n"
-        "  max_duration_s: 2700\n"
-        "  client_heartbeat_timeout_ms: 0\n"
-        "cartridge:\n"
-        "  single_use: true\n"
-        "  max_runtime_s: 3600\n"
-        "  allowed_needles: [12, 14, 16, 24, 36, 42]\n"
-        "areas:\n"
-        "  periorbital: {max_depth_mm: 0.5}\n"
-        "  forehead:    {max_depth_mm: 0.75}\n"
-        "  cheeks:      {max_depth_mm: 1.5}\n"
-        "  neck:        {max_depth_mm: 1.0}\n"
-        "  scalp:       {max_depth_mm: 1.5}\n"
-        "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800}\n";
+/* tests/data/limits-test.yaml: the example of formats.md. */
+static const char LIMITS[] = ND_TEST_LIMITS_YAML;
 
 static const nd_pen_caps SIM_PEN = { 0.0, 2.5, 0.05, 25, 150 };
 

@@ -8,6 +8,7 @@
 
 #include "penmodel.h"
 #include "protocol.h"
+#include "unaligned.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -107,9 +108,9 @@ static nd_control_setup setup_of(const uint8_t *p) {
         return (nd_control_setup) {
                 .request_type = p[0],
                 .request = p[1],
-                .value = (uint16_t) (p[2] | p[3] << 8),
-                .index = (uint16_t) (p[4] | p[5] << 8),
-                .length = (uint16_t) (p[6] | p[7] << 8),
+                .value = nd_read_le16(p + 2),
+                .index = nd_read_le16(p + 4),
+                .length = nd_read_le16(p + 6),
         };
 }
 

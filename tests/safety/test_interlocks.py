@@ -10,8 +10,8 @@ moves the motor."""
 
 import dbus
 
-from safetylib import (ERR, SafetyTestCase, limits_text, main, pump, running, sanitized,
-                       timeout_multiplier, valgrind, wait_until)
+from needledtest import (ERR, SafetyTestCase, limits_text, main, pump, running, sanitized,
+                         timeout_multiplier, valgrind, wait_until)
 
 # How long after the first sample beyond a limit the motor must be seen stopped (device time).
 # The interlock acts on that very sample; the rest is the simulated pen's reaction to the stop
@@ -27,6 +27,16 @@ def fast_run():
     """Timing against the pen's own backstops only means something without sanitizers/valgrind
     slowing the daemon down."""
     return not valgrind() and not sanitized()
+
+
+def slow_before_stop_us(tel, stop, below_hz):
+    """Device time from the first sample of the slow run that ends in the stop sample (not the
+    spin-up at the session's start) to the stop."""
+    i = stop
+    while i > 0 and tel.samples[i - 1].speed_hz < below_hz:
+        i -= 1
+    assert i > 0, 'no sample at speed before the stall'
+    return tel.samples[stop].device_us - tel.samples[i].device_us
 
 
 class FaultsWhileRunning(SafetyTestCase):
@@ -46,15 +56,18 @@ class FaultsWhileRunning(SafetyTestCase):
         mark = tel.mark()
         inject(pen)
         self.wait_state(pen, 'fault', fault_timeout_s)
-        self.assertEqual(self.prop(pen, 'Fault'), code)
+        self.assertEqual(self.pprop(pen, 'Fault'), code)
         self.assertEqual(self.wait_ended(ended, sid), f'fault:{code}')
-        self.assertEqual(self.prop(pen, 'SessionId'), '')
+        self.assertEqual(self.pprop(pen, 'SessionId'), '')
 
         # The motor, seen from the pen.
         first_bad = tel.wait_first(violates, 2, f'a sample beyond the {code} limit', mark)
         stop = self.assert_motor_stops(tel, first_bad, within_ms=stop_ms or stop_bound_ms(),
                                        pen_fault=pen_fault if fast_run() else None)
-        self.assertTrue(all(running(s) for s in tel.samples[mark:first_bad]),
+        # From the last sample before the injection to the first one beyond the limit, the motor
+        # ran: so the stop that followed was the interlock's (never an empty window: mark >= 1).
+        self.assertGreaterEqual(mark, 1, 'no sample before the injection')
+        self.assertTrue(all(running(s) for s in tel.samples[mark - 1:first_bad + 1]),
                         'the motor stopped before the fault: the test proves nothing')
 
         # The record.
@@ -71,11 +84,11 @@ class FaultsWhileRunning(SafetyTestCase):
         limits = limits_text(warn_temperature_c=30, max_temperature_c=43)
 
         def inject(pen):
-            self.assertEqual(self.prop(pen, 'Warnings'), [])
+            self.assertEqual(self.pprop(pen, 'Warnings'), [])
             self.sim('InjectFault', dbus.ObjectPath(pen), 'over-temperature')
-            wait_until(lambda: 'high-temperature' in self.prop(pen, 'Warnings'), 3, 'Warnings high-temperature')
+            wait_until(lambda: 'high-temperature' in self.pprop(pen, 'Warnings'), 3, 'Warnings high-temperature')
             if fast_run():   # 30 -> 43 °C takes 1.3 s: the warning comes while the motor still runs
-                self.assertEqual(self.prop(pen, 'State'), 'running')
+                self.assertEqual(self.pprop(pen, 'State'), 'running')
         self.run_fault(inject, 'over-temperature', lambda s: s.temperature_c > 43.0,
                        pen_fault='over-temperature', limits=limits)
 
@@ -90,14 +103,17 @@ class FaultsWhileRunning(SafetyTestCase):
                                       'motor-stall', lambda s: s.speed_hz < 70.0, pen_fault='motor-stall',
                                       stop_ms=stop_bound_ms(250))
         # Not before the stall time: a brief dip is not a stall.
-        first_slow = tel.first(lambda s: s.speed_hz < 70.0)
-        self.assertGreaterEqual(tel.samples[stop].device_us - tel.samples[first_slow].device_us, 250_000 - 2_000)
+        self.assertGreaterEqual(slow_before_stop_us(tel, stop, 70.0), 250_000 - 2_000)
 
     def test_motor_stall_time_is_a_limit_field(self):
-        # stall_time_ms 100: the same stall trips sooner.
+        # stall_time_ms 100: the same stall trips sooner, but not before 100 ms.
         _, tel, stop = self.run_fault(lambda pen: self.sim('InjectFault', dbus.ObjectPath(pen), 'motor-stall'),
                                       'motor-stall', lambda s: s.speed_hz < 70.0,
                                       limits=limits_text(stall_time_ms=100), stop_ms=stop_bound_ms(100))
+        slow_us = slow_before_stop_us(tel, stop, 70.0)
+        self.assertGreaterEqual(slow_us, 100_000 - 2_000, 'tripped before the stall time of the limits')
+        if fast_run():   # the daemon's reaction time only means something without valgrind/sanitizers
+            self.assertLess(slow_us, 250_000 - 2_000, 'the default 250 ms stall time, not the limits\' 100 ms')
 
     def test_depth_deviation(self):
         # +0.6 mm measured: beyond the 0.15 mm tolerance at once, the pen's own backstop needs
@@ -118,7 +134,7 @@ class FaultsWhileRunning(SafetyTestCase):
         # Within 0.7 mm, but beyond the pen's own 0.5 mm backstop: the PEN stops itself after
         # 100 ms, and the daemon reports the pen's fault bit.
         self.wait_state(pen, 'fault')
-        self.assertEqual(self.prop(pen, 'Fault'), 'depth-deviation')
+        self.assertEqual(self.pprop(pen, 'Fault'), 'depth-deviation')
         i = tel.wait_first(lambda s: not running(s), 3, 'the motor stopped', mark)
         self.assertNotEqual(tel.samples[i].flags & (0x08 << 8), 0, 'the pen latched its own backstop')
 
@@ -136,7 +152,7 @@ class FaultsWhileRunning(SafetyTestCase):
         self.assert_motor_running(tel)
         self.sim('InjectFault', dbus.ObjectPath(pen), 'corrupt-telemetry')
         self.wait_state(pen, 'fault')
-        self.assertEqual(self.prop(pen, 'Fault'), 'telemetry-corrupt')
+        self.assertEqual(self.pprop(pen, 'Fault'), 'telemetry-corrupt')
         self.assertEqual(self.wait_ended(ended, sid), 'fault:telemetry-corrupt')
         # While corrupt, nothing reaches the clients; once the pen sends good packets again its
         # samples show the motor stopped, and stopped by the host's command: the watchdog bit is
@@ -152,7 +168,7 @@ class FaultsWhileRunning(SafetyTestCase):
         self.audit_verify()
         # The condition is gone: the fault clears, and the spent cartridge cannot run again.
         self.pen_call(pen, 'ClearFault')
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
         self.arm(pen)
         self.assertDBusError(ERR + 'CartridgeSpent', self.pen_call, pen, 'Start', dbus.Dictionary({}, signature='sv'))
         self.assert_motor_never_ran(tel, tel.mark())
@@ -165,10 +181,10 @@ class FaultsWhileRunning(SafetyTestCase):
         self.assert_motor_running(tel)
         self.sim('InjectFault', dbus.ObjectPath(pen), 'over-temperature')
         self.wait_state(pen, 'fault')
-        self.assertEqual(self.prop(pen, 'Fault'), 'over-temperature', self.daemon_log()[-2000:])
+        self.assertEqual(self.pprop(pen, 'Fault'), 'over-temperature', self.daemon_log()[-2000:])
         # Still hot (the injected heat decays slowly): ClearFault says why not.
-        self.assertDBusError(ERR + 'Fault', self.pen_call, pen, 'ClearFault', contains='°C')
-        self.assertEqual(self.prop(pen, 'State'), 'fault')
+        self.assertDBusError(ERR + 'Fault', self.pen_call, pen, 'ClearFault', message_contains='°C')
+        self.assertEqual(self.pprop(pen, 'State'), 'fault')
         stop = tel.wait_first(lambda s: not running(s), 3, 'the motor stopped', tel.first(running))
         self.assert_motor_never_ran(tel, stop)
 
@@ -188,7 +204,7 @@ class SessionAndCartridgeLimits(SafetyTestCase):
         ran_s = (tel.samples[stop].device_us - tel.samples[first].device_us) / 1e6
         self.assertGreaterEqual(ran_s, 0.95)
         self.assertLessEqual(ran_s, 1.0 + 0.5 * timeout_multiplier())   # the 250 ms tick, plus slack
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
         e = self.assert_recorded(sid, 'completed', cartridge='CART-DUR')
         self.assertGreaterEqual(e['duration_s'], 0.95)
 
@@ -205,9 +221,9 @@ class SessionAndCartridgeLimits(SafetyTestCase):
         self.assertIn('above-duration-max', msg)
         msg = self.assertDBusError(ERR + 'InvalidProfile', self.arm, pen, area='neck', duration_s=61)
         self.assertIn('above-duration-max', msg)
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
         self.arm(pen, duration_s=30)
-        self.assertEqual(self.prop(pen, 'State'), 'armed')
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
         self.assert_motor_never_ran(tel)
 
     def test_cartridge_runtime_across_sessions(self):
@@ -226,7 +242,7 @@ class SessionAndCartridgeLimits(SafetyTestCase):
         sid2 = self.start_session(pen, duration_s=60)
         first = tel.wait_first(running, 3, 'the motor running again', mark)
         self.wait_state(pen, 'fault', 5)
-        self.assertEqual(self.prop(pen, 'Fault'), 'cartridge-expired')
+        self.assertEqual(self.pprop(pen, 'Fault'), 'cartridge-expired')
         self.assertEqual(self.wait_ended(ended, sid2), 'fault:cartridge-expired')
         stop = self.assert_motor_stops(tel, first, timeout_s=5)
         ran_s = (tel.samples[stop].device_us - tel.samples[first].device_us) / 1e6
@@ -254,11 +270,11 @@ class SessionAndCartridgeLimits(SafetyTestCase):
         # Out and in again: the same id is spent.
         self.sim('EjectCartridge', dbus.ObjectPath(pen))
         self.insert_cartridge(pen, 'CART-ONCE', 12)
-        self.assertEqual(self.prop(pen, 'Cartridge')['state'], 'spent')
+        self.assertEqual(self.pprop(pen, 'Cartridge')['state'], 'spent')
         mark = tel.mark()
         self.arm(pen)
         self.assertDBusError(ERR + 'CartridgeSpent', self.pen_call, pen, 'Start', dbus.Dictionary({}, signature='sv'))
-        self.assertEqual(self.prop(pen, 'State'), 'armed')
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
         self.assert_motor_never_ran(tel, mark)
 
     def test_cartridge_locked_during_a_session(self):
@@ -268,7 +284,7 @@ class SessionAndCartridgeLimits(SafetyTestCase):
         tel = self.telemetry(pen)
         self.start_session(pen)
         self.assertDBusError(ERR + 'WrongState', self.sim, 'EjectCartridge', dbus.ObjectPath(pen))
-        self.assertEqual(self.prop(pen, 'State'), 'running')
+        self.assertEqual(self.pprop(pen, 'State'), 'running')
         self.assert_motor_running(tel)
 
 
@@ -284,8 +300,8 @@ class ChecksOnArmStartAndAdjust(SafetyTestCase):
                               ({'area': 'elbow'}, 'unknown-area')):
             msg = self.assertDBusError(ERR + 'InvalidProfile', self.arm, pen, **profile)
             self.assertIn(code, msg)
-            self.assertEqual(self.prop(pen, 'State'), 'idle')
-            self.assertEqual(self.prop(pen, 'Profile'), {})
+            self.assertEqual(self.pprop(pen, 'State'), 'idle')
+            self.assertEqual(self.pprop(pen, 'Profile'), {})
         self.assertDBusError(ERR + 'WrongState', self.pen_call, pen, 'Start', dbus.Dictionary({}, signature='sv'))
         self.assert_motor_never_ran(tel)
 
@@ -299,7 +315,7 @@ class ChecksOnArmStartAndAdjust(SafetyTestCase):
         msg = self.assertDBusError(ERR + 'InvalidProfile', self.pen_call, pen, 'Start',
                                    dbus.Dictionary({}, signature='sv'))
         self.assertIn('depth_mm', msg)
-        self.assertNotEqual(self.prop(pen, 'State'), 'running')
+        self.assertNotEqual(self.pprop(pen, 'State'), 'running')
         self.assertEqual(self.history(), [], 'a refused start left a session record')
         self.assert_motor_never_ran(tel)
 
@@ -308,10 +324,10 @@ class ChecksOnArmStartAndAdjust(SafetyTestCase):
         pen = self.add_pen(cartridge=('CART-BATT', 12))
         tel = self.telemetry(pen)
         self.sim('SetBattery', dbus.ObjectPath(pen), dbus.UInt32(19))
-        wait_until(lambda: self.prop(pen, 'BatteryPercent') == 19, 3, 'BatteryPercent 19')
+        wait_until(lambda: self.pprop(pen, 'BatteryPercent') == 19, 3, 'BatteryPercent 19')
         self.arm(pen)
         self.assertDBusError(ERR + 'LowBattery', self.pen_call, pen, 'Start', dbus.Dictionary({}, signature='sv'))
-        self.assertEqual(self.prop(pen, 'State'), 'armed')
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
         self.assertEqual(self.cartridge('CART-BATT')['state'], 'fresh')
         self.assert_motor_never_ran(tel)
 
@@ -325,7 +341,7 @@ class ChecksOnArmStartAndAdjust(SafetyTestCase):
         self.assertDBusError(ERR + 'LimitExceeded', self.pen_call, pen, 'SetDepth', 1.55)
         self.assertDBusError(ERR + 'LimitExceeded', self.pen_call, pen, 'SetSpeed', 151.0)
         self.assertDBusError(ERR + 'LimitExceeded', self.pen_call, pen, 'SetSpeed', 49.0)
-        self.assertEqual((self.prop(pen, 'DepthMm'), self.prop(pen, 'SpeedHz')), (1.0, 100.0))
+        self.assertEqual((self.pprop(pen, 'DepthMm'), self.pprop(pen, 'SpeedHz')), (1.0, 100.0))
         # Within: the pen follows (so the refusals above are not a dead SetDepth).
         mark = tel.mark()
         self.pen_call(pen, 'SetDepth', 1.5)
@@ -333,7 +349,7 @@ class ChecksOnArmStartAndAdjust(SafetyTestCase):
         pump(0.3)
         deepest = max(s.depth_mm for s in tel.samples)
         self.assertLess(deepest, 1.5 + 0.15, f'measured depth {deepest} beyond the limit plus tolerance')
-        self.assertEqual(self.prop(pen, 'State'), 'running')
+        self.assertEqual(self.pprop(pen, 'State'), 'running')
         # Adjusting from another client than the owner is refused.
         other = self.new_connection()
         self.assertDBusError(ERR + 'NotOwner', self.pen_call, pen, 'SetDepth', 0.5, bus=other)

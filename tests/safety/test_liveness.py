@@ -9,8 +9,8 @@ import signal
 
 import dbus
 
-from safetylib import (ERR, SafetyTestCase, limits_text, main, profile_text, pump, running,
-                       timeout_multiplier, valgrind, wait_until)
+from needledtest import (ERR, SafetyTestCase, limits_text, main, profile_yaml, pump, running,
+                         timeout_multiplier, valgrind, wait_until)
 
 # The client heartbeat the tests use, long enough for a loaded machine to keep it when it tries.
 CLIENT_HEARTBEAT_MS = 400 * (10 if valgrind() else 1)
@@ -29,7 +29,7 @@ class OwnerLiveness(SafetyTestCase):
         owner.close()   # the clinic application crashed
         self.assertEqual(self.wait_ended(ended, sid), 'client-vanished')
         self.assert_motor_stops(tel, first)
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
         self.assert_recorded(sid, 'client-vanished', cartridge='CART-VANISH')
         self.audit_verify()
 
@@ -45,9 +45,9 @@ class OwnerLiveness(SafetyTestCase):
                   'p.LoadProfileData(sys.argv[2], dbus_interface="org.needled1.Pen")\n'
                   'print(p.Start(dbus.Dictionary({}, signature="sv"), dbus_interface="org.needled1.Pen"), flush=True)\n'
                   'time.sleep(600)\n')
-        client = self.fixture.spawn(['/usr/bin/python3', '-c', script, pen, profile_text()], name='client')
-        wait_until(lambda: self.prop(pen, 'State') == 'running' or not client.running(), 10, 'the client started')
-        sid = self.prop(pen, 'SessionId')
+        client = self.fixture.spawn(['/usr/bin/python3', '-c', script, pen, profile_yaml()], name='client')
+        wait_until(lambda: self.pprop(pen, 'State') == 'running' or not client.running(), 10, 'the client started')
+        sid = self.pprop(pen, 'SessionId')
         self.assertTrue(sid, client.log())
         first = self.assert_motor_running(tel)
         client.signal(signal.SIGKILL)
@@ -67,8 +67,8 @@ class OwnerLiveness(SafetyTestCase):
         for _ in range(9):
             self.pen_call(pen, 'Heartbeat')
             pump(period_s)
-        self.assertEqual(self.prop(pen, 'State'), 'running')
-        self.assertEqual(self.prop(pen, 'SessionId'), sid)
+        self.assertEqual(self.pprop(pen, 'State'), 'running')
+        self.assertEqual(self.pprop(pen, 'SessionId'), sid)
         # ... and a non-owner's heartbeat does not count.
         other = self.new_connection()
         self.assertDBusError(ERR + 'NotOwner', self.pen_call, pen, 'Heartbeat', bus=other)
@@ -103,8 +103,8 @@ class PenLiveness(SafetyTestCase):
         # Plugged in again: same path, idle, and the cartridge that ran is spent.
         again = self.add_pen(serial=self.pen_serial(pen), cartridge=('CART-UNPLUG', 12))
         self.assertEqual(again, pen)
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
-        self.assertEqual(self.prop(pen, 'Cartridge')['state'], 'spent')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'Cartridge')['state'], 'spent')
 
     def pen_serial(self, path):
         return path.rsplit('/', 1)[1]
@@ -118,7 +118,7 @@ class PenLiveness(SafetyTestCase):
         first = self.assert_motor_running(tel)
         self.sim('InjectFault', dbus.ObjectPath(pen), 'unresponsive')
         self.wait_state(pen, 'fault', 5)
-        self.assertEqual(self.prop(pen, 'Fault'), 'heartbeat-lost')
+        self.assertEqual(self.pprop(pen, 'Fault'), 'heartbeat-lost')
         self.assertEqual(self.wait_ended(ended, sid), 'fault:heartbeat-lost')
         self.assert_recorded(sid, 'fault:heartbeat-lost', cartridge='CART-SILENT')
         # The daemon's stop cannot reach a pen that does not answer: the pen's own watchdog is
@@ -148,15 +148,15 @@ class LimitsInForce(SafetyTestCase):
         self.mgr('ReloadLimits')
         self.assertNotEqual(self.mprop('LimitsDigest'), old_digest)
         pump(0.2)
-        self.assertEqual(self.prop(pen, 'State'), 'running')
-        self.assertEqual(self.prop(pen, 'SessionId'), sid)
+        self.assertEqual(self.pprop(pen, 'State'), 'running')
+        self.assertEqual(self.pprop(pen, 'SessionId'), sid)
         # Cheeks now at most 1.0 mm: the running 1.2 mm treatment stops.
         self.write_limits(limits_text(areas={'cheeks': {'max_depth_mm': 1.0}}))
         self.mgr('ReloadLimits')
         self.assertEqual(self.wait_ended(ended, sid), 'limits-changed')
         self.assert_motor_stops(tel, first)
         self.assert_recorded(sid, 'limits-changed', cartridge='CART-RELOAD')
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
 
     def test_reload_that_forbids_an_adjusted_set_point(self):
         # The profile is fine under the new limits, the depth the owner set since is not.
@@ -184,8 +184,8 @@ class LimitsInForce(SafetyTestCase):
         self.assertIn('limits.yaml', msg)
         self.assertEqual(self.mprop('LimitsDigest'), digest)
         self.assertEqual(self.mprop('LimitsState'), 'ok')
-        self.assertEqual(self.prop(pen, 'State'), 'running')
-        self.assertEqual(self.prop(pen, 'SessionId'), sid)
+        self.assertEqual(self.pprop(pen, 'State'), 'running')
+        self.assertEqual(self.pprop(pen, 'SessionId'), sid)
         # And the old limits are still enforced.
         self.assertDBusError(ERR + 'LimitExceeded', self.pen_call, pen, 'SetDepth', 1.55)
 

@@ -26,8 +26,8 @@ import subprocess
 import dbus
 from gi.repository import GLib
 
-from safetylib import (ERR, SafetyTestCase, build_path, limits_text, main, profile_text, pump,
-                       sanitized, unwrap, valgrind, wait_until)
+from needledtest import (ERR, SafetyTestCase, build_path, limits_text, main, profile_yaml, pump,
+                         sanitized, unwrap, valgrind, wait_until)
 
 REASONS = {'completed', 'stopped', 'client-vanished', 'client-heartbeat-lost', 'device-lost',
            'limits-changed', 'daemon-restart'}
@@ -154,7 +154,7 @@ class Soak(SafetyTestCase):
 
     def insert(self, serial, cart):
         pen = dbus.ObjectPath(self.pens[serial])
-        if self.prop(self.pens[serial], 'Cartridge')['state'] != 'none':
+        if self.pprop(self.pens[serial], 'Cartridge')['state'] != 'none':
             self.sim('EjectCartridge', pen)
         self.sim('InsertCartridge', pen, cart, dbus.UInt32(12))
 
@@ -203,13 +203,13 @@ class Soak(SafetyTestCase):
         self.ended.clear()
 
     def state(self, serial):
-        return self.prop(self.pens[serial], 'State')
+        return self.pprop(self.pens[serial], 'State')
 
     def owner_bus(self, sid):
         return self.owners.get(sid, self.bus)
 
     def current_sid(self, serial):
-        return self.prop(self.pens[serial], 'SessionId')
+        return self.pprop(self.pens[serial], 'SessionId')
 
     def wait_not_running(self, serial, timeout_s):
         wait_until(lambda: self.state(serial) not in ('running', 'paused'), timeout_s, f'{serial} to stop')
@@ -230,15 +230,15 @@ class Soak(SafetyTestCase):
         state = self.state(serial)
         if state not in ('idle', 'armed'):
             return f'skip-{state}'
-        if self.prop(pen, 'Cartridge')['id'] in self.used:
+        if self.pprop(pen, 'Cartridge')['id'] in self.used:
             self.fresh_cartridge(serial)
-        cart = self.prop(pen, 'Cartridge')['id']
+        cart = self.pprop(pen, 'Cartridge')['id']
         depth = self.rng.choice([0.8, 0.8, 1.2])
         duration = self.rng.choice([600] * 9 + [1])
         separate = self.rng.random() < 0.4
         bus = self.new_connection() if separate else self.bus
         try:
-            self.pen_call(pen, 'LoadProfileData', profile_text(depth_mm=depth, duration_s=duration), bus=bus)
+            self.pen_call(pen, 'LoadProfileData', profile_yaml(depth_mm=depth, duration_s=duration), bus=bus)
             sid = str(self.pen_call(pen, 'Start', dbus.Dictionary({}, signature='sv'), bus=bus))
         except dbus.exceptions.DBusException as e:
             name = e.get_dbus_name()
@@ -326,7 +326,7 @@ class Soak(SafetyTestCase):
         self.insert(serial, cart)
         pen = self.pens[serial]
         try:
-            self.pen_call(pen, 'LoadProfileData', profile_text(depth_mm=0.8))
+            self.pen_call(pen, 'LoadProfileData', profile_yaml(depth_mm=0.8))
             self.pen_call(pen, 'Start', dbus.Dictionary({}, signature='sv'))
         except dbus.exceptions.DBusException as e:
             if e.get_dbus_name() not in (ERR + 'CartridgeSpent', ERR + 'LowBattery'):

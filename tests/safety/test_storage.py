@@ -12,8 +12,8 @@ import subprocess
 
 import dbus
 
-from safetylib import (ERR, SafetyTestCase, build_path, main, running, timeout_multiplier,
-                       wait_until)
+from needledtest import (ERR, SafetyTestCase, build_path, main, running, timeout_multiplier,
+                         wait_until)
 
 # Mount options of the tiny file system for the full-disk test: room for the ledger as created,
 # little more. tmpfs counts whole pages.
@@ -73,11 +73,11 @@ class CrashAndRestart(SafetyTestCase):
         # and the cartridge of the interrupted session cannot run again.
         pen = self.add_pen(serial='CRASH-1', cartridge=('CART-CRASH', 12))
         tel = self.telemetry(pen)
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
-        self.assertEqual(self.prop(pen, 'Cartridge')['state'], 'spent')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'Cartridge')['state'], 'spent')
         self.arm(pen)
         self.assertDBusError(ERR + 'CartridgeSpent', self.pen_call, pen, 'Start', dbus.Dictionary({}, signature='sv'))
-        self.assertEqual(self.prop(pen, 'State'), 'armed')
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
         self.assert_motor_never_ran(tel)
         # A fresh cartridge runs.
         self.sim('EjectCartridge', dbus.ObjectPath(pen))
@@ -108,7 +108,7 @@ class CrashAndRestart(SafetyTestCase):
         self.start_needled()
         pen = self.add_pen(serial='REUSE-2', cartridge=('CART-REUSE', 12))   # another pen, even
         tel = self.telemetry(pen)
-        self.assertEqual(self.prop(pen, 'Cartridge')['state'], 'spent')
+        self.assertEqual(self.pprop(pen, 'Cartridge')['state'], 'spent')
         self.arm(pen)
         msg = self.assertDBusError(ERR + 'CartridgeSpent', self.pen_call, pen, 'Start',
                                    dbus.Dictionary({}, signature='sv'))
@@ -123,8 +123,8 @@ class StorageFailures(SafetyTestCase):
         """Start fails with error; the pen stays armed, no session exists, the motor never ran."""
         mark = tel.mark()
         msg = self.assertDBusError(error, self.pen_call, pen, 'Start', dbus.Dictionary({}, signature='sv'))
-        self.assertEqual(self.prop(pen, 'State'), 'armed')
-        self.assertEqual(self.prop(pen, 'SessionId'), '')
+        self.assertEqual(self.pprop(pen, 'State'), 'armed')
+        self.assertEqual(self.pprop(pen, 'SessionId'), '')
         self.assert_motor_never_ran(tel, mark)
         return msg
 

@@ -18,9 +18,9 @@ import time
 
 import dbus
 
-from safetylib import busfixture  # noqa: E402 (safetylib puts tests/dbus on the path)
-from safetylib import (ERR, SafetyTestCase, limits_text, main, timeout_multiplier, valgrind,
-                       wait_until)
+import busfixture
+from needledtest import (ERR, SafetyTestCase, limits_text, main, timeout_multiplier, valgrind,
+                         wait_until)
 
 PENBOX = os.environ.get('NEEDLED_UMOCKDEV_PENBOX')
 WATCHDOG_FAULT = 0x10   # docs/protocol.md: pen watchdog expired
@@ -103,7 +103,7 @@ class UsbSafety(SafetyTestCase):
 
     def wait_pen(self, serial, timeout_s=10):
         path = '/org/needled/pen/' + serial.replace('-', '_2d')
-        wait_until(lambda: path in self.mprop('Pens') and self.prop(path, 'State') is not None, timeout_s,
+        wait_until(lambda: path in self.mprop('Pens') and self.pprop(path, 'State') is not None, timeout_s,
                    f'pen {serial} on the bus')
         return path
 
@@ -128,7 +128,7 @@ class UsbSafety(SafetyTestCase):
         self.plug(name, cartridge=cartridge)
         self.start_usb_needled()
         pen = self.wait_pen(name)
-        wait_until(lambda: self.prop(pen, 'Cartridge')['id'] == cartridge, 5, 'the cartridge seen')
+        wait_until(lambda: self.pprop(pen, 'Cartridge')['id'] == cartridge, 5, 'the cartridge seen')
         ended = self.ended_log(pen)
         sid = self.start_session(pen)
         self.wait_model(name, lambda s: s['motor'] and s['speed_hz'] > 90, 5, 'the pen motor running')
@@ -161,7 +161,7 @@ class UsbSafety(SafetyTestCase):
         pen = self.wait_pen('USB-1')
         self.assert_recorded(sid, 'daemon-restart', cartridge='CART-USB')
         self.audit_verify()
-        wait_until(lambda: self.prop(pen, 'Cartridge')['state'] == 'spent', 5, 'the cartridge spent')
+        wait_until(lambda: self.pprop(pen, 'Cartridge')['state'] == 'spent', 5, 'the cartridge spent')
         self.pen_call(pen, 'LoadProfileData', 'name: again\nindication: acne-scars\narea: cheeks\n'
                       'depth_mm: 1.0\nspeed_hz: 100\nduration_s: 60\nneedles: 12\n')
         self.assertDBusError(ERR + 'CartridgeSpent', self.pen_call, pen, 'Start', dbus.Dictionary({}, signature='sv'))
@@ -184,7 +184,7 @@ class UsbSafety(SafetyTestCase):
         self.assertFalse(st['faults'] & WATCHDOG_FAULT, f'the watchdog, not the daemon, stopped it: {st}')
         self.assert_recorded(sid, 'daemon-restart', cartridge='CART-USB')
         pen = self.wait_pen('USB-1')
-        self.assertEqual(self.prop(pen, 'State'), 'idle')
+        self.assertEqual(self.pprop(pen, 'State'), 'idle')
 
     def test_sigterm_stops_the_motor_itself(self):
         pen, sid, _ = self.running_session()
@@ -202,7 +202,7 @@ class UsbSafety(SafetyTestCase):
         self.wait_model('USB-1', lambda s: s['next_sequence'] > 1600, 5, '1600 samples')
         self.box.cmd('reset-sequence', 'USB-1', 1500)
         self.assertEqual(self.wait_ended(ended, sid), 'fault:telemetry-corrupt')
-        self.assertEqual(self.prop(pen, 'Fault'), 'telemetry-corrupt')
+        self.assertEqual(self.pprop(pen, 'Fault'), 'telemetry-corrupt')
         st = self.wait_model('USB-1', lambda s: not s['motor'], 2, 'the pen motor stopped')
         self.assertFalse(st['faults'] & WATCHDOG_FAULT, st)
         self.assert_recorded(sid, 'fault:telemetry-corrupt', cartridge='CART-USB')
@@ -211,12 +211,12 @@ class UsbSafety(SafetyTestCase):
         pen, sid, ended = self.running_session()
         self.box.cmd('eject', 'USB-1')
         self.assertEqual(self.wait_ended(ended, sid), 'fault:cartridge-removed')
-        self.assertEqual(self.prop(pen, 'Fault'), 'cartridge-removed')
+        self.assertEqual(self.pprop(pen, 'Fault'), 'cartridge-removed')
         self.assertFalse(self.box.state('USB-1')['motor'])
         self.assert_recorded(sid, 'fault:cartridge-removed', cartridge='CART-USB')
         # Put back in: spent.
         self.box.cmd('insert', 'USB-1', 'CART-USB', 12)
-        wait_until(lambda: self.prop(pen, 'Cartridge')['state'] == 'spent', 5, 'the cartridge spent')
+        wait_until(lambda: self.pprop(pen, 'Cartridge')['state'] == 'spent', 5, 'the cartridge spent')
 
     def test_duplicate_serial_refused(self):
         # Two pens report the same serial (a cloned or misconfigured handpiece). One is served,
@@ -228,7 +228,7 @@ class UsbSafety(SafetyTestCase):
         pen = self.wait_pen('USB-1')
         wait_until(lambda: 'refused' in self.daemon_log(), 5, 'the refusal logged')
         self.assertEqual(self.mprop('Pens'), [pen])
-        cart = self.prop(pen, 'Cartridge')['id']
+        cart = self.pprop(pen, 'Cartridge')['id']
         served, refused = ('A', 'B') if cart == 'CART-A' else ('B', 'A')
         ended = self.ended_log(pen)
         sid = self.start_session(pen)
@@ -239,7 +239,7 @@ class UsbSafety(SafetyTestCase):
         self.assertFalse(st['motor'])
         self.wait_model(refused, lambda s: not s['watchdog_armed'], 3 * HEARTBEAT_MS / 1000, 'its watchdog idle')
         self.assertFalse(self.box.state(refused)['motor'])
-        self.assertEqual(self.prop(pen, 'State'), 'running', self.daemon_log()[-3000:])
+        self.assertEqual(self.pprop(pen, 'State'), 'running', self.daemon_log()[-3000:])
         self.assertEqual(ended.items, [])
         self.pen_call(pen, 'Stop')
         self.assertEqual(self.wait_ended(ended, sid), 'stopped')

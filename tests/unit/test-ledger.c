@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check-main.h"
 #include "digest.h"
 #include "ledger.h"
 #include "util.h"
@@ -1252,7 +1253,7 @@ START_TEST(test_soak) {
 }
 END_TEST
 
-static Suite *ledger_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("ledger");
         TCase *tc;
 
@@ -1294,12 +1295,4 @@ static Suite *ledger_suite(void) {
         tcase_set_timeout(tc, 300);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(ledger_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

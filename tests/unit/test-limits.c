@@ -9,44 +9,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check-main.h"
 #include "diag.h"
 #include "digest.h"
+#include "limits-test.h"
 #include "safety-limits.h"
 #include "util.h"
 #include "yamltree.h"
 
-/* The example of formats.md. */
-static const char VALID_LIMITS[] =
-        "version: 1\n"
-        "pen:\n"
-        "  speed_hz: {min: 50, max: 150}\n"
-        "  depth_tolerance_mm: 0.15\n"
-        "  warn_temperature_c: 41\n"
-        "  max_temperature_c: 43\n"
-        "  max_current_ma: 1200\n"
-        "  stall_speed_fraction: 0.7\n"
-        "  stall_time_ms: 250\n"
-        "  min_battery_percent: 20\n"
-        "  stop_battery_percent: 5\n"
-        "  heartbeat_timeout_ms: 500\n"
-        "session:\n"
-        "  max_duration_s: 2700\n"
-        "  client_heartbeat_timeout_ms: 0\n"
-        "cartridge:\n"
-        "  single_use: true\n"
-        "  max_runtime_s: 3600\n"
-        "  allowed_needles: [12, 14, 16, 24, 36, 42]\n"
-        "areas:\n"
-        "  periorbital: {max_depth_mm: 0.5}\n"
-        "  forehead:    {max_depth_mm: 0.75}\n"
-        "  nose:        {max_depth_mm: 0.5}\n"
-        "  perioral:    {max_depth_mm: 0.75}\n"
-        "  cheeks:      {max_depth_mm: 1.5}\n"
-        "  chin:        {max_depth_mm: 1.5}\n"
-        "  neck:        {max_depth_mm: 1.0}\n"
-        "  decollete:   {max_depth_mm: 0.75}\n"
-        "  scalp:       {max_depth_mm: 1.5}\n"
-        "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800}\n";
+/* tests/data/limits-test.yaml: the example of formats.md (cheeks is on line 25, body on 30). */
+static const char VALID_LIMITS[] = ND_TEST_LIMITS_YAML;
 
 static char *mutate(const char *text, const char *from, const char *to) {
         const char *at = strstr(text, from);
@@ -601,7 +573,7 @@ START_TEST(test_area_checks) {
 }
 END_TEST
 
-static Suite *limits_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("limits");
         TCase *tc = tcase_create("load");
         tcase_add_test(tc, test_example_is_valid);
@@ -623,12 +595,4 @@ static Suite *limits_suite(void) {
         tcase_add_test(tc, test_area_checks);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(limits_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "check-main.h"
 #include "pendev.h"
 #include "penmodel.h"
 #include "protocol.h"
@@ -992,7 +993,7 @@ START_TEST(test_free_with_requests_pending) {
 }
 END_TEST
 
-static Suite *pendev_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("pendev");
         TCase *tc = tcase_create("simulated");
         tcase_set_timeout(tc, 60 * slow_factor());
@@ -1020,12 +1021,4 @@ static Suite *pendev_suite(void) {
         tcase_add_test(tc, test_free_with_requests_pending);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(pendev_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check-main.h"
 #include "penmodel.h"
 #include "protocol.h"
 #include "util.h"
@@ -847,7 +848,7 @@ START_TEST(test_cartridge) {
 }
 END_TEST
 
-static Suite *penmodel_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("penmodel");
         TCase *tc = tcase_create("model");
         tcase_set_timeout(tc, 60);
@@ -873,12 +874,4 @@ static Suite *penmodel_suite(void) {
         tcase_add_test(tc, test_cartridge);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(penmodel_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -10,45 +10,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check-main.h"
 #include "diag.h"
 #include "digest.h"
+#include "limits-test.h"
 #include "profile.h"
 #include "safety-limits.h"
 #include "util.h"
 #include "yamltree.h"
 
-/* The limits example of formats.md (cheeks is on line 25, body on 30). */
-static const char LIMITS[] =
-        "version: 1\n"
-        "pen:\n"
-        "  speed_hz: {min: 50, max: 150}\n"
-        "  depth_tolerance_mm: 0.15\n"
-        "  warn_temperature_c: 41\n"
-        "  max_temperature_c: 43\n"
-        "  max_current_ma: 1200\n"
-        "  stall_speed_fraction: 0.7\n"
-        "  stall_time_ms: 250\n"
-        "  min_battery_percent: 20\n"
-        "  stop_battery_percent: 5\n"
-        "  heartbeat_timeout_ms: 500\n"
-        "session:\n"
-        "  max_duration_s: 2700\n"
-        "  client_heartbeat_timeout_ms: 0\n"
-        "cartridge:\n"
-        "  single_use: true\n"
-        "  max_runtime_s: 3600\n"
-        "  allowed_needles: [12, 14, 16, 24, 36, 42]\n"
-        "areas:\n"
-        "  periorbital: {max_depth_mm: 0.5}\n"
-        "  forehead:    {max_depth_mm: 0.75}\n"
-        "  nose:        {max_depth_mm: 0.5}\n"
-        "  perioral:    {max_depth_mm: 0.75}\n"
-        "  cheeks:      {max_depth_mm: 1.5}\n"
-        "  chin:        {max_depth_mm: 1.5}\n"
-        "  neck:        {max_depth_mm: 1.0}\n"
-        "  decollete:   {max_depth_mm: 0.75}\n"
-        "  scalp:       {max_depth_mm: 1.5}\n"
-        "  body:        {max_depth_mm: 2.0, max_speed_hz: 150, max_duration_s: 1800}\n";
+/* tests/data/limits-test.yaml: the example of formats.md (cheeks is on line 25, body on 30). */
+static const char LIMITS[] = ND_TEST_LIMITS_YAML;
 
 /* The profile example of formats.md. */
 static const char PROFILE[] =
@@ -684,7 +656,7 @@ START_TEST(test_empty_dir_and_load_file) {
 }
 END_TEST
 
-static Suite *profile_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("profile");
         TCase *tc = tcase_create("parse");
         tcase_add_checked_fixture(tc, setup, teardown);
@@ -711,12 +683,4 @@ static Suite *profile_suite(void) {
         tcase_add_test(tc, test_empty_dir_and_load_file);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(profile_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -5,21 +5,16 @@
 #include <math.h>
 #include <string.h>
 
+#include "check-main.h"
 #include "protocol.h"
+#include "unaligned.h"
 #include "util.h"
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
-static void put16(uint8_t *p, uint16_t v) {
-        p[0] = (uint8_t) v;
-        p[1] = (uint8_t) (v >> 8);
-}
-
 /* Recomputes the CRC of a telemetry packet of len bytes, so a test reaches the checks behind it. */
 static void fix_crc(uint8_t *buf, size_t len) {
-        uint32_t crc = nd_proto_crc32(buf, len - 4);
-        for (int i = 0; i < 4; i++)
-                buf[len - 4 + i] = (uint8_t) (crc >> (8 * i));
+        nd_write_le32(buf + len - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, len - ND_PROTO_PACKET_CRC_SIZE));
 }
 
 static nd_proto_identity sample_identity(void) {
@@ -244,15 +239,15 @@ START_TEST(test_request_malformed) {
         data[2] = 2;
         parse_err(&setup, data, 4, ND_PROTO_ERR_RANGE);
         data[2] = 1;
-        put16(data, 0);
+        nd_write_le16(data, 0);
         parse_err(&setup, data, 4, ND_PROTO_ERR_RANGE);
-        put16(data, 1001);
+        nd_write_le16(data, 1001);
         parse_err(&setup, data, 4, ND_PROTO_ERR_RANGE);
         data[2] = 0;
-        put16(data, 10);
+        nd_write_le16(data, 10);
         parse_err(&setup, data, 4, ND_PROTO_ERR_INCONSISTENT);
         setup.value = 1;
-        put16(data, 0);
+        nd_write_le16(data, 0);
         parse_err(&setup, data, 4, ND_PROTO_ERR_RESERVED);
 
         /* err may be NULL */
@@ -378,15 +373,15 @@ START_TEST(test_identity_malformed) {
         MUTATE(b[8 + 15] = 'Z', -EBADMSG, ND_PROTO_ERR_STRING);            /* junk after NUL */
         MUTATE(b[24] = '\n', -EBADMSG, ND_PROTO_ERR_STRING);               /* model */
         MUTATE(b[40 + 11] = '1', -EBADMSG, ND_PROTO_ERR_STRING);           /* firmware padding */
-        MUTATE(put16(b + 52, 2600), -ERANGE, ND_PROTO_ERR_RANGE);          /* min > max */
-        MUTATE(put16(b + 54, 5050), -ERANGE, ND_PROTO_ERR_RANGE);          /* beyond 5 mm */
-        MUTATE(put16(b + 56, 0), -ERANGE, ND_PROTO_ERR_RANGE);             /* step 0 */
-        MUTATE(put16(b + 56, 70), -ERANGE, ND_PROTO_ERR_RANGE);            /* 2300 µm % 70 != 0 */
-        MUTATE(put16(b + 58, 0), -ERANGE, ND_PROTO_ERR_RANGE);             /* speed min 0 */
-        MUTATE(put16(b + 58, 15001), -ERANGE, ND_PROTO_ERR_RANGE);         /* speed min > max */
-        MUTATE(put16(b + 60, 50001), -ERANGE, ND_PROTO_ERR_RANGE);         /* beyond 500 Hz */
-        MUTATE(put16(b + 62, 0), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 62, 1001), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 52, 2600), -ERANGE, ND_PROTO_ERR_RANGE);          /* min > max */
+        MUTATE(nd_write_le16(b + 54, 5050), -ERANGE, ND_PROTO_ERR_RANGE);          /* beyond 5 mm */
+        MUTATE(nd_write_le16(b + 56, 0), -ERANGE, ND_PROTO_ERR_RANGE);             /* step 0 */
+        MUTATE(nd_write_le16(b + 56, 70), -ERANGE, ND_PROTO_ERR_RANGE);            /* 2300 µm % 70 != 0 */
+        MUTATE(nd_write_le16(b + 58, 0), -ERANGE, ND_PROTO_ERR_RANGE);             /* speed min 0 */
+        MUTATE(nd_write_le16(b + 58, 15001), -ERANGE, ND_PROTO_ERR_RANGE);         /* speed min > max */
+        MUTATE(nd_write_le16(b + 60, 50001), -ERANGE, ND_PROTO_ERR_RANGE);         /* beyond 500 Hz */
+        MUTATE(nd_write_le16(b + 62, 0), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 62, 1001), -ERANGE, ND_PROTO_ERR_RANGE);
 #undef MUTATE
         /* err may be NULL */
         nd_proto_identity out;
@@ -478,16 +473,16 @@ START_TEST(test_status_malformed) {
         MUTATE(b[1] = 0x08 | b[1], -EBADMSG, ND_PROTO_ERR_RESERVED);
         MUTATE(b[2] = 0x40, -EBADMSG, ND_PROTO_ERR_RESERVED);
         MUTATE(b[3] = 101, -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 4, 12501), -ERANGE, ND_PROTO_ERR_RANGE);      /* 125.01 °C */
-        MUTATE(put16(b + 4, (uint16_t) -4001), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 6, 5001), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 8, 50001), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 10, 49), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 10, 10001), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 12, 501), -EBADMSG, ND_PROTO_ERR_INCONSISTENT);
+        MUTATE(nd_write_le16(b + 4, 12501), -ERANGE, ND_PROTO_ERR_RANGE);      /* 125.01 °C */
+        MUTATE(nd_write_le16(b + 4, (uint16_t) -4001), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 6, 5001), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 8, 50001), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 10, 49), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 10, 10001), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 12, 501), -EBADMSG, ND_PROTO_ERR_INCONSISTENT);
         MUTATE(b[1] &= (uint8_t) ~ND_PROTO_STATUS_WATCHDOG_ARMED, -EBADMSG, ND_PROTO_ERR_INCONSISTENT);
-        MUTATE(put16(b + 14, 1001), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 14, 0), -ERANGE, ND_PROTO_ERR_RANGE);         /* enabled at 0 Hz */
+        MUTATE(nd_write_le16(b + 14, 1001), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 14, 0), -ERANGE, ND_PROTO_ERR_RANGE);         /* enabled at 0 Hz */
         MUTATE(b[16] = 2, -ERANGE, ND_PROTO_ERR_RANGE);
         MUTATE(b[17] = 1, -EBADMSG, ND_PROTO_ERR_RESERVED);
         MUTATE(b[19] = 1, -EBADMSG, ND_PROTO_ERR_RESERVED);
@@ -689,12 +684,12 @@ START_TEST(test_packet_malformed) {
         MUTATE(b[24 + 15] = 1, -EBADMSG, ND_PROTO_ERR_RESERVED);
         MUTATE(b[24 + 13] = 0x08, -EBADMSG, ND_PROTO_ERR_RESERVED);
         MUTATE(b[24 + 14] = 0x40, -EBADMSG, ND_PROTO_ERR_RESERVED);
-        MUTATE(put16(b + 24 + 4, 5001), -ERANGE, ND_PROTO_ERR_RANGE);          /* depth */
-        MUTATE(put16(b + 24 + 6, 50001), -ERANGE, ND_PROTO_ERR_RANGE);         /* speed */
-        MUTATE(put16(b + 24 + 8, 5001), -ERANGE, ND_PROTO_ERR_RANGE);          /* current */
-        MUTATE(put16(b + 24 + 10, 12501), -ERANGE, ND_PROTO_ERR_RANGE);        /* temperature */
-        MUTATE(put16(b + 24 + 10, (uint16_t) -4001), -ERANGE, ND_PROTO_ERR_RANGE);
-        MUTATE(put16(b + 24 + 10, 0x8000), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 24 + 4, 5001), -ERANGE, ND_PROTO_ERR_RANGE);          /* depth */
+        MUTATE(nd_write_le16(b + 24 + 6, 50001), -ERANGE, ND_PROTO_ERR_RANGE);         /* speed */
+        MUTATE(nd_write_le16(b + 24 + 8, 5001), -ERANGE, ND_PROTO_ERR_RANGE);          /* current */
+        MUTATE(nd_write_le16(b + 24 + 10, 12501), -ERANGE, ND_PROTO_ERR_RANGE);        /* temperature */
+        MUTATE(nd_write_le16(b + 24 + 10, (uint16_t) -4001), -ERANGE, ND_PROTO_ERR_RANGE);
+        MUTATE(nd_write_le16(b + 24 + 10, 0x8000), -ERANGE, ND_PROTO_ERR_RANGE);
         MUTATE(b[24 + 12] = 101, -ERANGE, ND_PROTO_ERR_RANGE);                 /* battery */
 #undef MUTATE
 
@@ -736,7 +731,7 @@ START_TEST(test_fault_names) {
 }
 END_TEST
 
-static Suite *protocol_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("protocol");
         TCase *tc = tcase_create("codec");
         tcase_add_test(tc, test_request_round_trip);
@@ -757,12 +752,4 @@ static Suite *protocol_suite(void) {
         tcase_add_test(tc, test_fault_names);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(protocol_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "check-main.h"
 #include "penmodel.h"
 #include "protocol.h"
 #include "transport-sim.h"
@@ -678,7 +679,7 @@ START_TEST(test_not_a_sim_transport) {
 }
 END_TEST
 
-static Suite *transport_sim_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("transport-sim");
         TCase *tc = tcase_create("sim");
         tcase_set_timeout(tc, 60);
@@ -694,12 +695,4 @@ static Suite *transport_sim_suite(void) {
         tcase_add_test(tc, test_not_a_sim_transport);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(transport_sim_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

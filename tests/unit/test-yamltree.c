@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "check-main.h"
 #include "diag.h"
 #include "digest.h"
 #include "util.h"
@@ -679,7 +680,7 @@ START_TEST(test_sha256) {
 }
 END_TEST
 
-static Suite *yamltree_suite(void) {
+Suite *nd_test_suite(void) {
         Suite *s = suite_create("yamltree");
         TCase *tc = tcase_create("tree");
         tcase_add_test(tc, test_positions_styles_tags);
@@ -721,12 +722,4 @@ static Suite *yamltree_suite(void) {
         tcase_add_test(tc, test_sha256);
         suite_add_tcase(s, tc);
         return s;
-}
-
-int main(void) {
-        SRunner *sr = srunner_create(yamltree_suite());
-        srunner_run_all(sr, CK_ENV);
-        int failed = srunner_ntests_failed(sr);
-        srunner_free(sr);
-        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -9,6 +9,7 @@
 #include "config.h"
 #include "fakepen.h"
 #include "protocol.h"
+#include "unaligned.h"
 
 #define USB_SETUP_SIZE 8u
 #define USB_BUS_NUMBER 1u
@@ -90,9 +91,9 @@ static bool handle_control(FakePen *p, Urb *u) {
         nd_control_setup setup = {
                 .request_type = buf[0],
                 .request = buf[1],
-                .value = (uint16_t) (buf[2] | buf[3] << 8),
-                .index = (uint16_t) (buf[4] | buf[5] << 8),
-                .length = (uint16_t) (buf[6] | buf[7] << 8),
+                .value = nd_read_le16(buf + 2),
+                .index = nd_read_le16(buf + 4),
+                .length = nd_read_le16(buf + 6),
         };
         size_t data_size = (size_t) urb->buffer_length - USB_SETUP_SIZE;
         int r;

@@ -14,6 +14,7 @@
 #include "log.h"
 #include "pendev.h"
 #include "transport-usb.h"
+#include "unaligned.h"
 /* after util.h: GLib redefines MIN/MAX the same way, with an #undef first */
 #include "fakepen.h"
 
@@ -331,6 +332,14 @@ static void test_identify(Fixture *f) {
         fakepen_free(fake);
 }
 
+/* Whether the test may expect the loop to keep up with the pen. Not under valgrind: there the
+ * loop runs some 30 times slower and, on a loaded machine, gets a small share of a CPU, so the
+ * pen's bounded queue overflows, samples arrive late and the emulated link resyncs: a measure
+ * of the machine, not of the code. Duplicates, corruption and memory are still checked there. */
+static bool keeps_up(void) {
+        return !getenv("NEEDLED_TEST_VALGRIND");
+}
+
 static bool all_samples_in(Fixture *f, void *arg) {
         FakePen *fake = arg;
         nd_penmodel_state st = model_state(fake);
@@ -383,15 +392,20 @@ static void test_stream(Fixture *f) {
         printf("# emulated device: %u ioctls (%u empty reaps), %u interrupt packets, %u control requests\n",
                fs.ioctls, fs.empty_reaps, fs.packets, fs.control_urbs);
         CHECK(received > 0);
-        CHECK(pen->samples == st.samples_sent);
-        CHECK(st.samples_dropped == 0);
-        CHECK(pen->first_seq == 0);
-        CHECK(pen->last_seq + 1 == st.samples_sent);
-        CHECK(pen->out_of_order == 0);
-        CHECK(s.gaps == 0 && s.missing_samples == 0 && s.duplicates == 0 && s.corrupt_packets == 0);
-        CHECK(pen->errors[ND_PENDEV_ERROR_TELEMETRY_STALLED] == 0);
+        CHECK(s.duplicates == 0 && s.corrupt_packets == 0);
         CHECK(ts.stream_errors == 0);
         CHECK(fs.model_errors == 0);
+        if (keeps_up()) {
+                CHECK(pen->out_of_order == 0);
+                CHECK(pen->samples == st.samples_sent);
+                CHECK(st.samples_dropped == 0);
+                CHECK(pen->first_seq == 0);
+                CHECK(pen->last_seq + 1 == st.samples_sent);
+                CHECK(s.gaps == 0 && s.missing_samples == 0);
+                CHECK(pen->errors[ND_PENDEV_ERROR_TELEMETRY_STALLED] == 0);
+        } else
+                printf("# under valgrind: throughput and order (nothing dropped or late; a starved link resyncs) "
+                       "not checked, see keeps_up()\n");
         fixture_done(f);
         fakepen_free(fake);
 }
@@ -652,9 +666,19 @@ static size_t make_packet(uint8_t *buf, size_t size, uint32_t seq, unsigned n) {
         return (size_t) r;
 }
 
-static void put_le32(uint8_t *p, uint32_t v) {
-        for (unsigned i = 0; i < 4; i++)
-                p[i] = (uint8_t) (v >> (8 * i));
+typedef struct HostileWait {
+        Pen *pen;
+        unsigned expected_corrupt;
+} HostileWait;
+
+static bool hostile_all_seen(Fixture *f, void *arg) {
+        HostileWait *w = arg;
+        nd_pendev_stats s;
+        nd_usb_transport_stats ts;
+        nd_pendev_get_stats(w->pen->dev, &s);
+        if (nd_transport_usb_get_stats(nd_pendev_get_transport(w->pen->dev), &ts) < 0)
+                return false;
+        return s.corrupt_packets >= w->expected_corrupt && ts.stream_errors >= 1;
 }
 
 static void test_hostile(Fixture *f) {
@@ -679,19 +703,19 @@ static void test_hostile(Fixture *f) {
         /* too long for the protocol (64 bytes), CRC right */
         n = make_packet(buf, sizeof buf, 5, 3);
         memset(buf + n - ND_PROTO_PACKET_CRC_SIZE, 0, 64 - (n - ND_PROTO_PACKET_CRC_SIZE));
-        put_le32(buf + 64 - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, 64 - ND_PROTO_PACKET_CRC_SIZE));
+        nd_write_le32(buf + 64 - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, 64 - ND_PROTO_PACKET_CRC_SIZE));
         fakepen_inject_packet(fake, buf, 64);
         expected_corrupt++;
         /* wrong count for its length, CRC right */
         n = make_packet(buf, sizeof buf, 5, 2);
         buf[1] = 3;
-        put_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
+        nd_write_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
         fakepen_inject_packet(fake, buf, n);
         expected_corrupt++;
         /* count 0 */
         n = make_packet(buf, sizeof buf, 5, 1);
         buf[1] = 0;
-        put_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
+        nd_write_le32(buf + n - ND_PROTO_PACKET_CRC_SIZE, nd_proto_crc32(buf, n - ND_PROTO_PACKET_CRC_SIZE));
         fakepen_inject_packet(fake, buf, n);
         expected_corrupt++;
         /* short, and empty */
@@ -703,7 +727,11 @@ static void test_hostile(Fixture *f) {
         memset(buf, 0xA5, 100);
         fakepen_inject_packet(fake, buf, 100);
 
-        run_for(f, 500);
+        /* Until every injected packet has been seen (a deadline scaled under valgrind), then a
+         * little more to catch anything counted twice. */
+        HostileWait hw = { pen, expected_corrupt };
+        (void) run_until(f, hostile_all_seen, &hw, 2000);
+        run_for(f, 100);
         nd_pendev_stats s;
         nd_pendev_get_stats(pen->dev, &s);
         nd_usb_transport_stats ts;
@@ -718,8 +746,10 @@ static void test_hostile(Fixture *f) {
         CHECK(pen->errors[ND_PENDEV_ERROR_TELEMETRY_CORRUPT] == expected_corrupt);
         CHECK(pen->last_error[ND_PENDEV_ERROR_TELEMETRY_CORRUPT] == -EBADMSG);
         CHECK(ts.stream_errors == 1);
-        /* the pen's own stream went on, untouched */
-        CHECK(s.gaps == 0 && s.duplicates == 0 && pen->out_of_order == 0);
+        /* the pen's own stream went on, untouched (gaps: only where the pen's queue overflowed
+         * because a valgrinded loop fell behind, see keeps_up()) */
+        CHECK(s.duplicates == 0 && pen->out_of_order == 0);
+        CHECK(s.gaps == 0 || (!keeps_up() && model_state(fake).samples_dropped > 0));
         uint64_t before = pen->samples;
         run_for(f, 200);
         CHECK(pen->samples > before);
