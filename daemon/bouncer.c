@@ -32,6 +32,7 @@ static const method_action method_actions[] = {
         { ND_MANAGER_INTERFACE, "GetProfiles",      "" },
         { ND_MANAGER_INTERFACE, "GetHistory",       ND_ACTION_READ_HISTORY },
         { ND_MANAGER_INTERFACE, "GetCartridge",     "" },
+        { ND_MANAGER_INTERFACE, "FindPen",          "" },
         { ND_PEN_INTERFACE,     "LoadProfile",      ND_ACTION_OPERATE },
         { ND_PEN_INTERFACE,     "LoadProfileData",  ND_ACTION_OPERATE },
         { ND_PEN_INTERFACE,     "Start",            ND_ACTION_OPERATE },
@@ -43,6 +44,9 @@ static const method_action method_actions[] = {
         { ND_PEN_INTERFACE,     "ClearFault",       ND_ACTION_OPERATE },
         { ND_PEN_INTERFACE,     "Stop",             "" },
         { ND_PEN_INTERFACE,     "OpenTelemetry",    "" },
+        { ND_PEN_INTERFACE,     "OpenTelemetryPipe", "" },
+        { ND_PEN_INTERFACE,     "WatchTelemetry",   "" },
+        { ND_PEN_INTERFACE,     "UnwatchTelemetry", "" },
         /* The simulator exists only when asked for on the command line (a development tool). */
         { ND_SIM_INTERFACE,     "AddPen",           "" },
         { ND_SIM_INTERFACE,     "RemovePen",        "" },

@@ -17,6 +17,7 @@ const sd_bus_error_map nd_error_map[] = {
         SD_BUS_ERROR_MAP(ND_ERROR_NOT_OWNER,          EPERM),
         SD_BUS_ERROR_MAP(ND_ERROR_STORAGE,            EROFS),
         SD_BUS_ERROR_MAP(ND_ERROR_UNKNOWN_PROFILE,    ENOENT),
+        SD_BUS_ERROR_MAP(ND_ERROR_UNKNOWN_PEN,        ENXIO),
         SD_BUS_ERROR_MAP(ND_ERROR_INTERNAL,           EPROTO),
         SD_BUS_ERROR_MAP_END
 };

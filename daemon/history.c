@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bus-int.h"
 #include "daemon.h"
 #include "errors.h"
 #include "ledger-reader.h"
@@ -36,16 +37,19 @@ static int parse_filter(sd_bus_message *m, history_filter *f, sd_bus_error *erro
                         if (strlen(f->pen) > ND_LEDGER_NAME_MAX)
                                 return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Filter pen is too long");
                 } else if (STREQ(key, "since")) {
-                        if (sd_bus_message_read(m, "v", "t", &f->since_us) < 0)
-                                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                        "Filter since must be µs since the epoch (t)");
+                        r = nd_bus_read_variant_uint(m, "Filter since (µs since the epoch)", 0, UINT64_MAX, &f->since_us, error);
+                        if (r < 0)
+                                return r;
                 } else if (STREQ(key, "before")) {
-                        if (sd_bus_message_read(m, "v", "t", &f->before_us) < 0)
-                                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                        "Filter before must be µs since the epoch (t)");
+                        r = nd_bus_read_variant_uint(m, "Filter before (µs since the epoch)", 0, UINT64_MAX, &f->before_us, error);
+                        if (r < 0)
+                                return r;
                 } else if (STREQ(key, "limit")) {
-                        if (sd_bus_message_read(m, "v", "u", &f->limit) < 0)
-                                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Filter limit must be unsigned (u)");
+                        uint64_t limit;
+                        r = nd_bus_read_variant_uint(m, "Filter limit", 0, UINT32_MAX, &limit, error);
+                        if (r < 0)
+                                return r;
+                        f->limit = (uint32_t) limit;
                 } else {
                         _cleanup_free_ char *shown = nd_text_sanitize(key, strlen(key), 64);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,

@@ -87,7 +87,8 @@ static int property_features(sd_bus *bus, const char *path, const char *interfac
         nd_daemon *d = userdata;
         int r = sd_bus_message_open_container(reply, 'a', "s");
         if (r >= 0)
-                r = sd_bus_message_append(reply, "sss", "telemetry-fd", "ledger", "client-heartbeat");
+                r = sd_bus_message_append(reply, "sssss", "telemetry-fd", "ledger", "client-heartbeat",
+                                          "telemetry-watch", "telemetry-pipe");
         if (r >= 0 && d->opts.simulate)
                 r = sd_bus_message_append(reply, "s", "simulator");
         if (r >= 0)
@@ -420,6 +421,65 @@ static int method_get_profiles(sd_bus_message *m, void *userdata, sd_bus_error *
         return sd_bus_send(NULL, reply, NULL);
 }
 
+/* ---- Pens by serial, and paths of pens that are gone ------------------------------------------- */
+
+/* The longest serial FindPen looks for (pens send at most 32 bytes; the ledger stores 64). */
+#define FIND_PEN_SERIAL_MAX 64u
+
+static int method_find_pen(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_daemon *d = userdata;
+        const char *serial;
+        int r = sd_bus_message_read(m, "s", &serial);
+        if (r < 0)
+                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Expected one string, the pen's serial");
+        size_t len = strlen(serial);
+        if (len == 0 || len > FIND_PEN_SERIAL_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "The serial is %zu bytes long; 1 to %u",
+                                         len, FIND_PEN_SERIAL_MAX);
+        for (unsigned i = 0; i < d->n_pens; i++)
+                if (nd_pen_is_exported(d->pens[i]) && STREQ(nd_pen_get_serial(d->pens[i]), serial))
+                        return sd_bus_reply_method_return(m, "o", nd_pen_get_path(d->pens[i]));
+        _cleanup_free_ char *shown = nd_text_sanitize(serial, len, FIND_PEN_SERIAL_MAX);
+        return sd_bus_error_setf(error, ND_ERROR_UNKNOWN_PEN, "No pen with serial '%s' is connected",
+                                 strempty(shown));
+}
+
+/* Runs before the pens' fallback vtable for every message to a path below /org/needled/pen/:
+ * a path with no connected pen behind it (a pen that was unplugged, or never connected) gets
+ * the named error UnknownPen instead of sd-bus's anonymous UnknownObject. */
+static int on_pen_path_message(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_daemon *d = userdata;
+        const char *path = sd_bus_message_get_path(m);
+
+        if (sd_bus_message_is_method_call(m, NULL, NULL) <= 0)
+                return 0;
+        if (!path || strncmp(path, ND_PEN_PATH_PREFIX "/", strlen(ND_PEN_PATH_PREFIX "/")) != 0)
+                return 0; /* /org/needled/pen itself: introspection of the pens' parent */
+        if (nd_pen_find_by_path(d, path))
+                return 0; /* the pen's vtable answers */
+        return sd_bus_error_setf(error, ND_ERROR_UNKNOWN_PEN,
+                                 "No pen is connected at %s: it was unplugged or never connected "
+                                 "(Manager.Pens lists the pens, Manager.FindPen finds one by serial)", path);
+}
+
+/* The daemon's own object is listed by GetManagedObjects on /org/needled too, so that a client
+ * that starts from the object manager (GDBusObjectManagerClient, dbus-next) sees the Manager and
+ * the Simulator without a second proxy. sd-bus lists only what lies below the manager's path by
+ * itself; an enumerator on that path may name the path itself. */
+static int enumerate_manager_object(sd_bus *bus, const char *prefix, void *userdata, char ***nodes,
+                                    sd_bus_error *error) {
+        char **l = calloc(2, sizeof *l);
+        if (!l)
+                return -ENOMEM;
+        l[0] = strdup(ND_MANAGER_PATH);
+        if (!l[0]) {
+                free(l);
+                return -ENOMEM;
+        }
+        *nodes = l;
+        return 1;
+}
+
 /* ---- Export ------------------------------------------------------------------------------------ */
 
 /* Every method goes through the bouncer (daemon/bouncer.c): the vtable knows no other handler. */
@@ -430,6 +490,7 @@ static const nd_method manager_methods[] = {
         { "GetProfiles", NULL, method_get_profiles },
         { "GetHistory", nd_history_get_history_authorized, NULL },
         { "GetCartridge", NULL, nd_history_method_get_cartridge },
+        { "FindPen", NULL, method_find_pen },
 };
 
 static int manager_dispatch(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -461,6 +522,8 @@ static const sd_bus_vtable manager_vtable[] = {
                                 manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("GetCartridge", SD_BUS_ARGS("s", id), SD_BUS_RESULT("a{sv}", cartridge),
                                 manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("FindPen", SD_BUS_ARGS("s", serial), SD_BUS_RESULT("o", pen),
+                                manager_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END
 };
 
@@ -470,6 +533,13 @@ int nd_manager_export(nd_daemon *d) {
         if (r < 0)
                 return r;
         r = sd_bus_add_object_manager(d->bus, &d->object_manager_slot, ND_MANAGER_PATH);
+        if (r < 0)
+                return r;
+        /* Floating slots: they live as long as the connection. */
+        r = sd_bus_add_node_enumerator(d->bus, NULL, ND_MANAGER_PATH, enumerate_manager_object, d);
+        if (r < 0)
+                return r;
+        r = sd_bus_add_fallback(d->bus, NULL, ND_PEN_PATH_PREFIX, on_pen_path_message, d);
         if (r < 0)
                 return r;
         r = nd_pen_export_all(d);

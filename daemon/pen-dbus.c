@@ -273,12 +273,16 @@ static void arm(nd_pen *p, sd_bus_message *m, const nd_caller *caller, const cha
         p->profile_yaml = copy;
         p->set_depth_mm = p->profile->depth_mm;
         p->set_speed_hz = p->profile->speed_hz;
+        /* Full-rate sampling before arming completes: the reply waits for the pen's
+         * acknowledgement when the pen was idling. */
+        bool answered_later = nd_pen_update_sampling(p, m) > 0;
         nd_pen_set_state(p, ND_PEN_ARMED, NULL);
         nd_pen_changed(p, PROP_PROFILE | PROP_SETPOINTS);
         char detail[160];
         snprintf(detail, sizeof detail, "profile %s sha256 %s", p->profile->name, p->profile->digest);
         nd_audit(d, caller, "LoadProfile", p->serial, detail);
-        (void) sd_bus_reply_method_return(m, NULL);
+        if (!answered_later)
+                (void) sd_bus_reply_method_return(m, NULL);
 }
 
 static void load_profile_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
@@ -930,6 +934,62 @@ static int method_open_telemetry(sd_bus_message *m, void *userdata, sd_bus_error
         return sd_bus_reply_method_return(m, "h", fd);
 }
 
+static int method_open_telemetry_pipe(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        _cleanup_close_ int fd = -1;
+        int r = nd_telemetry_open_pipe_reader(p->telemetry, &fd);
+        if (r == -EMFILE)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Pen %s has %u telemetry readers already",
+                                         p->serial, ND_TELEMETRY_READERS_MAX);
+        if (r < 0)
+                return sd_bus_error_setf(error, ND_ERROR_INTERNAL, "Cannot open a telemetry pipe: %s", strerror(-r));
+        return sd_bus_reply_method_return(m, "h", fd);
+}
+
+static int method_watch_telemetry(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        int r = nd_telemetry_watch(p->telemetry, sd_bus_message_get_sender(m));
+        if (r == -EMFILE)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED, "Pen %s has %u telemetry watchers already",
+                                         p->serial, ND_TELEMETRY_WATCHERS_MAX);
+        if (r == -EINVAL)
+                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS,
+                                        "WatchTelemetry needs a caller with a unique bus name");
+        if (r < 0)
+                return sd_bus_error_setf(error, ND_ERROR_INTERNAL, "Cannot watch the telemetry: %s", strerror(-r));
+        return sd_bus_reply_method_return(m, NULL);
+}
+
+static int method_unwatch_telemetry(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_pen *p = userdata;
+        (void) nd_telemetry_unwatch(p->telemetry, sd_bus_message_get_sender(m));
+        return sd_bus_reply_method_return(m, NULL);
+}
+
+void nd_pen_emit_session_recorded(nd_pen *p, const char *session_id, const char *reason, uint64_t end_us,
+                                  const nd_ledger_stats *stats, bool recorded) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
+        sd_bus *bus = p->daemon->bus;
+        if (!p->exported || !bus || sd_bus_is_open(bus) <= 0)
+                return;
+        int r = sd_bus_message_new_signal(bus, &m, p->path, ND_PEN_INTERFACE, "SessionRecorded");
+        if (r >= 0)
+                r = sd_bus_message_append(m, "s", session_id);
+        if (r >= 0)
+                r = sd_bus_message_append(m, "a{sv}", 11, "reason", "s", reason, "end", "t", end_us, "duration_s", "d",
+                                          stats->duration_s, "strokes", "t", stats->strokes, "punctures", "t",
+                                          stats->punctures, "density_per_cm2", "d", stats->density_per_cm2,
+                                          "max_depth_mm", "d",
+                                          stats->max_depth_mm, "max_speed_hz", "d", stats->max_speed_hz,
+                                          "max_temperature_c", "d", stats->max_temperature_c, "max_current_ma", "d",
+                                          stats->max_current_ma, "recorded", "b", (int) recorded);
+        if (r >= 0)
+                r = sd_bus_send(bus, m, NULL);
+        if (r < 0)
+                pen_log(p, LOG_WARNING, "%s: could not emit SessionRecorded for %s: %s", p->serial, session_id,
+                        strerror(-r));
+}
+
 /* ---- Export ----------------------------------------------------------------------------------------- */
 
 /* Plain fields are read by offset (sd-bus's own getter; a NULL string reads as ""): the vtable's
@@ -953,6 +1013,9 @@ static const nd_method pen_methods[] = {
         { "ClearFault", clear_fault_authorized, NULL },
         { "Stop", NULL, method_stop },
         { "OpenTelemetry", NULL, method_open_telemetry },
+        { "OpenTelemetryPipe", NULL, method_open_telemetry_pipe },
+        { "WatchTelemetry", NULL, method_watch_telemetry },
+        { "UnwatchTelemetry", NULL, method_unwatch_telemetry },
 };
 
 static int pen_dispatch(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -1006,10 +1069,118 @@ static const sd_bus_vtable pen_vtable[] = {
                                 pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("OpenTelemetry", SD_BUS_NO_ARGS, SD_BUS_RESULT("h", fd),
                                 pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("OpenTelemetryPipe", SD_BUS_NO_ARGS, SD_BUS_RESULT("h", fd),
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("WatchTelemetry", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("UnwatchTelemetry", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT,
+                                pen_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_SIGNAL_WITH_ARGS("Telemetry", SD_BUS_ARGS("a(tuddddu)", samples), 0),
         SD_BUS_SIGNAL_WITH_ARGS("SessionEnded", SD_BUS_ARGS("s", session_id, "s", reason), 0),
+        SD_BUS_SIGNAL_WITH_ARGS("SessionRecorded", SD_BUS_ARGS("s", session_id, "a{sv}", figures), 0),
         SD_BUS_VTABLE_END
 };
+
+/* ---- Announcements carry only changes ------------------------------------------------------------- */
+
+/* FNV-1a, 64 bits: a fingerprint of a value's text form. */
+static uint64_t fingerprint(const char *s, size_t n) {
+        uint64_t h = UINT64_C(14695981039346656037);
+        for (size_t i = 0; i < n; i++) {
+                h ^= (unsigned char) s[i];
+                h *= UINT64_C(1099511628211);
+        }
+        return h;
+}
+
+/* The fingerprint of one property's current value, through the getter clients reach. */
+static int property_fingerprint(nd_pen *p, const sd_bus_vtable *v, uint64_t *ret) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        const char *sig = v->x.property.signature;
+        int r = sd_bus_message_new_signal(p->daemon->bus, &m, p->path, ND_PEN_INTERFACE, "Fingerprint");
+        if (r < 0)
+                return r;
+        if (v->x.property.get)
+                r = v->x.property.get(p->daemon->bus, p->path, ND_PEN_INTERFACE, v->x.property.member, m, p, &error);
+        else {
+                const uint8_t *field = (const uint8_t *) p + v->x.property.offset;
+                if (STREQ(sig, "s"))
+                        r = sd_bus_message_append(m, "s", strempty(*(char *const *) (const void *) field));
+                else if (STREQ(sig, "u"))
+                        r = sd_bus_message_append(m, "u", *(const uint32_t *) (const void *) field);
+                else if (STREQ(sig, "d"))
+                        r = sd_bus_message_append(m, "d", *(const double *) (const void *) field);
+                else
+                        r = -EOPNOTSUPP;
+        }
+        if (r >= 0)
+                r = sd_bus_message_seal(m, 1, 0);
+        if (r < 0)
+                return r;
+        _cleanup_free_ char *text = NULL;
+        size_t size = 0;
+        _cleanup_(fclosep) FILE *f = open_memstream(&text, &size);
+        if (!f)
+                return -errno;
+        r = sd_bus_message_dump(m, f, 0);
+        if (r < 0)
+                return r;
+        if (fflush(f) != 0)
+                return -EIO;
+        *ret = fingerprint(text, size);
+        return 0;
+}
+
+static const sd_bus_vtable *find_property(const char *name, unsigned *index) {
+        unsigned i = 0;
+        for (const sd_bus_vtable *v = pen_vtable; v->type != _SD_BUS_VTABLE_END; v++)
+                if (v->type == _SD_BUS_VTABLE_PROPERTY) {
+                        if (STREQ(v->x.property.member, name)) {
+                                *index = i;
+                                return i < ND_PEN_ANNOUNCED_MAX ? v : NULL;
+                        }
+                        i++;
+                }
+        return NULL;
+}
+
+size_t nd_pen_keep_changed_properties(nd_pen *p, const char **names) {
+        size_t kept = 0;
+        for (size_t i = 0; names[i]; i++) {
+                unsigned index = 0;
+                uint64_t h = 0;
+                const sd_bus_vtable *v = find_property(names[i], &index);
+                /* Whatever cannot be fingerprinted is announced, as before. */
+                bool changed = !v || property_fingerprint(p, v, &h) < 0;
+                if (!changed) {
+                        uint64_t bit = UINT64_C(1) << index;
+                        changed = !(p->announced_known & bit) || p->announced_hash[index] != h;
+                        p->announced_hash[index] = h;
+                        p->announced_known |= bit;
+                }
+                if (changed)
+                        names[kept++] = names[i];
+        }
+        names[kept] = NULL;
+        return kept;
+}
+
+void nd_pen_remember_announced(nd_pen *p) {
+        unsigned index = 0;
+        p->announced_known = 0;
+        for (const sd_bus_vtable *v = pen_vtable; v->type != _SD_BUS_VTABLE_END; v++) {
+                if (v->type != _SD_BUS_VTABLE_PROPERTY)
+                        continue;
+                uint64_t h;
+                if (index < ND_PEN_ANNOUNCED_MAX && (v->flags & SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE) &&
+                    property_fingerprint(p, v, &h) >= 0) {
+                        p->announced_hash[index] = h;
+                        p->announced_known |= UINT64_C(1) << index;
+                }
+                index++;
+        }
+}
 
 static int pen_object_find(sd_bus *bus, const char *path, const char *interface, void *userdata, void **found,
                            sd_bus_error *error) {

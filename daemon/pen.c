@@ -14,6 +14,7 @@
 #include "errors.h"
 #include "log.h"
 #include "pen.h"
+#include "pen-dbus.h"
 #include "pendev.h"
 #include "telemetry.h"
 #include "transport-sim.h"
@@ -90,10 +91,28 @@ static void pen_emit(nd_pen *p, unsigned props) {
         if (props & PROP_WARNINGS) names[n++] = "Warnings";
         if (props & PROP_RATE) names[n++] = "TelemetryRateHz";
         names[n] = NULL;
+        if (nd_pen_keep_changed_properties(p, names) == 0)
+                return; /* nothing changed after all */
         char **strv = (char **) names;
         int r = sd_bus_emit_properties_changed_strv(p->daemon->bus, p->path, ND_PEN_INTERFACE, strv);
         if (r < 0)
                 (void) pen_log_errno(p, LOG_WARNING, r, "%s: could not announce property changes", p->serial);
+}
+
+/* Whether the pen samples at its idle rate: then its samples come at most every few hundred ms
+ * and are announced as they come, and the tick sleeps (an idle pen wakes nobody up for nothing). */
+static bool pen_idling(const nd_pen *p) {
+        return p->dev && p->sampling_hz_asked > 0 && !p->session_active && !p->starting &&
+               p->sampling_hz_asked < nd_pendev_get_telemetry_rate_hz(p->dev);
+}
+
+/* Makes sure the tick runs (it turns itself off while the pen idles). */
+static void pen_tick_wake(nd_pen *p) {
+        int enabled = SD_EVENT_OFF;
+        if (!p->tick || sd_event_source_get_enabled(p->tick, &enabled) < 0 || enabled != SD_EVENT_OFF)
+                return;
+        (void) sd_event_source_set_time_relative(p->tick, PROPERTY_COALESCE_USEC);
+        (void) sd_event_source_set_enabled(p->tick, SD_EVENT_ON);
 }
 
 /* State-like properties go out at once; low-rate ones wait for the tick. */
@@ -102,6 +121,8 @@ void nd_pen_changed(nd_pen *p, unsigned props) {
         p->dirty |= props & PROPS_LOW_RATE;
         if (now)
                 pen_emit(p, now);
+        if (p->dirty)
+                pen_tick_wake(p);
 }
 
 /* ---- Derived values -------------------------------------------------------------------------- */
@@ -184,6 +205,48 @@ const char *nd_pen_command_error(int status) {
 
 /* ---- State ------------------------------------------------------------------------------------- */
 
+/* ---- Sampling on demand ------------------------------------------------------------------------ */
+
+static void on_full_rate_acknowledged(nd_pendev *dev, int status, void *userdata) {
+        nd_pen_op *op = userdata;
+        /* The arming is done either way; a failed re-rate is logged by pendev. */
+        (void) sd_bus_reply_method_return(op->call, NULL);
+        nd_pen_op_free(op);
+}
+
+static bool pen_wants_full_rate(const nd_pen *p) {
+        return p->state != ND_PEN_IDLE || p->profile || p->session_active || p->starting ||
+               nd_telemetry_has_demand(p->telemetry);
+}
+
+int nd_pen_update_sampling(nd_pen *p, sd_bus_message *call) {
+        if (!p->dev || !p->exported || !p->telemetry || p->sampling_hz_asked == 0)
+                return 0;
+        unsigned full = nd_pendev_get_telemetry_rate_hz(p->dev);
+        unsigned want = pen_wants_full_rate(p) ? full : MIN(ND_PEN_IDLE_SAMPLING_HZ, full);
+        if (want == p->sampling_hz_asked)
+                return 0;
+        nd_pen_op *op = call && want == full ? nd_pen_op_new(p, call, 0) : NULL;
+        int r = nd_pendev_set_sampling_rate(p->dev, want, op ? on_full_rate_acknowledged : NULL, op);
+        if (r < 0) {
+                if (op)
+                        nd_pen_op_free(op);
+                if (r != -ENODEV)
+                        pen_log(p, LOG_WARNING, "%s: could not re-rate the telemetry to %u Hz: %s", p->serial, want,
+                                strerror(-r));
+                return 0;
+        }
+        pen_log(p, LOG_DEBUG, "%s: sampling at %u Hz (%s)", p->serial, want, want == full ? "in use" : "idle");
+        p->sampling_hz_asked = want;
+        if (want == full)
+                pen_tick_wake(p);
+        return op ? 1 : 0;
+}
+
+static void on_telemetry_demand(nd_telemetry *t, bool demand, void *userdata) {
+        (void) nd_pen_update_sampling(userdata, NULL);
+}
+
 void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault) {
         assert((size_t) state < _ND_PEN_STATE_MAX);
         assert((state == ND_PEN_FAULT) == (fault != NULL)); /* a fault state has a code, no other has */
@@ -195,6 +258,7 @@ void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault) {
                 pen_log(p, state == ND_PEN_FAULT ? LOG_WARNING : LOG_INFO, "%s: state %s%s%s", p->serial,
                         nd_pen_state_to_string(state), fault ? ", fault " : "", strempty(fault));
                 nd_pen_changed(p, PROP_STATE);
+                (void) nd_pen_update_sampling(p, NULL);
         }
 }
 
@@ -204,8 +268,10 @@ void nd_pen_disarm(nd_pen *p) {
         p->profile = NULL;
         free(p->profile_yaml);
         p->profile_yaml = NULL;
-        if (had)
+        if (had) {
                 nd_pen_changed(p, PROP_PROFILE);
+                (void) nd_pen_update_sampling(p, NULL);
+        }
 }
 
 static void on_stop_acked(nd_pendev *dev, int status, void *userdata) {
@@ -258,17 +324,21 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
         session_stats_now(p, &stats);
         uint64_t end_us = nd_now_realtime_us();
 
+        bool recorded = false;
         if (d->ledger) {
                 int r = nd_ledger_session_end(d->ledger, p->session.id, end_us, &stats, reason);
                 if (r < 0)
                         pen_log(p, LOG_ERR, "%s: the end of session %s (%s) was not recorded: %s", p->serial,
                                 p->session.id, reason, nd_ledger_last_error(d->ledger));
+                recorded = r >= 0;
         }
         pen_log(p, LOG_NOTICE, "%s: session %s ended: %s after %.1f s, %" PRIu64 " strokes, %" PRIu64 " punctures",
                 p->serial, p->session.id, reason, stats.duration_s, stats.strokes, stats.punctures);
 
         /* Every sample of the session reaches clients before the signal that ends it. */
         nd_telemetry_flush(p->telemetry);
+        /* The recorded figures first, so that a client has them when SessionEnded comes. */
+        nd_pen_emit_session_recorded(p, p->session.id, reason, end_us, &stats, recorded);
         if (p->exported)
                 (void) sd_bus_emit_signal(d->bus, p->path, ND_PEN_INTERFACE, "SessionEnded", "ss", p->session.id, reason);
 
@@ -487,6 +557,10 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
                 p->last_sample_mono_us = now_us;
         }
         check_dose(p);
+        if (pen_idling(p) && p->dirty) {
+                pen_emit(p, p->dirty); /* at the idle rate, within the coalescing bound */
+                p->dirty = 0;
+        }
 }
 
 static void on_cartridge(nd_pendev *dev, int status, const nd_proto_cartridge *c, void *userdata) {
@@ -535,7 +609,7 @@ static int on_tick(sd_event_source *s, uint64_t usec, void *userdata) {
                 p->dirty = 0;
         }
         (void) sd_event_source_set_time(s, usec + PROPERTY_COALESCE_USEC);
-        return sd_event_source_set_enabled(s, SD_EVENT_ON);
+        return sd_event_source_set_enabled(s, pen_idling(p) ? SD_EVENT_OFF : SD_EVENT_ON);
 }
 
 /* ---- Arrival and departure ----------------------------------------------------------------------- */
@@ -584,8 +658,9 @@ static void pen_depart(nd_pen *p, const char *reason) {
         if (p->exported) {
                 nd_telemetry_flush(p->telemetry);
                 (void) sd_bus_emit_object_removed(d->bus, p->path);
-                (void) sd_bus_emit_properties_changed(d->bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "Pens", NULL);
+                /* Gone before Pens is announced, so that the announced value no longer lists it. */
                 p->exported = false;
+                (void) sd_bus_emit_properties_changed(d->bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "Pens", NULL);
                 pen_log(p, LOG_NOTICE, "%s: pen removed (%s)", p->serial, reason);
         }
         if (p->pending_remove) {
@@ -650,6 +725,11 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                         nd_pen_motor_stop(p);
         }
         p->exported = true;
+        nd_pen_remember_announced(p);
+        /* Streaming at full rate since opening; from here on only as fast as somebody needs. */
+        p->sampling_hz_asked = nd_pendev_get_telemetry_rate_hz(dev);
+        nd_telemetry_set_demand_callback(p->telemetry, on_telemetry_demand, p);
+        (void) nd_pen_update_sampling(p, NULL);
         (void) sd_bus_emit_object_added(d->bus, p->path);
         (void) sd_bus_emit_properties_changed(d->bus, ND_MANAGER_PATH, ND_MANAGER_INTERFACE, "Pens", NULL);
         const nd_proto_identity *id = nd_pendev_get_identity(dev);

@@ -89,6 +89,14 @@ typedef enum pen_prop {
         PROP_RATE         = 1u << 9,
 } pen_prop;
 
+/* Properties of the pen's vtable whose announced values are remembered (one bit each). */
+#define ND_PEN_ANNOUNCED_MAX 64
+
+/* Sampling while the pen is idle, unarmed and nobody reads or watches: enough for the coalesced
+ * properties (at most about 4 Hz) and the idle checks (temperature, battery, latched faults: an
+ * idle motor's temperature changes over seconds), and a fraction of the wake-ups. */
+#define ND_PEN_IDLE_SAMPLING_HZ 2u
+
 #define PROPS_LOW_RATE (PROP_BATTERY | PROP_TEMPERATURE | PROP_PROGRESS | PROP_WARNINGS)
 
 typedef struct nd_pen_session {
@@ -154,6 +162,11 @@ struct nd_pen {
         nd_pen_session session;
 
         unsigned dirty;               /* low-rate properties changed since the last announcement */
+        unsigned sampling_hz_asked;   /* the rate last asked of the pen (0: not yet streaming) */
+        /* Fingerprints of the values last announced, by pen vtable index (pen-dbus.c), so that
+         * PropertiesChanged carries only values that changed. */
+        uint64_t announced_hash[ND_PEN_ANNOUNCED_MAX];
+        uint64_t announced_known;     /* bit i: announced_hash[i] is set */
         sd_event_source *tick;        /* coalescing, progress, duration */
         uint64_t last_progress_us;
 };
@@ -210,6 +223,11 @@ void nd_pen_op_free(nd_pen_op *op);
 const char *nd_pen_command_error(int status);
 /* Sets state and fault code (copied; NULL: none), announcing a change. */
 void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault);
+/* Asks the pen for full-rate sampling when a session may run (armed, starting, running, paused,
+ * fault) or somebody reads or watches its telemetry, and for ND_PEN_IDLE_SAMPLING_HZ otherwise.
+ * With call (a method call) and a raise to full rate queued, call is answered once the pen has
+ * acknowledged it and 1 is returned; otherwise 0 and the caller answers. */
+int nd_pen_update_sampling(nd_pen *p, sd_bus_message *call);
 /* The pen's latest reading, for the preconditions of lib/interlocks.h. */
 nd_interlock_pen nd_pen_interlock_reading(const nd_pen *p);
 /* Drops the armed profile. */

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bus-int.h"
 #include "daemon.h"
 #include "errors.h"
 #include "log.h"
@@ -56,7 +57,7 @@ static int parse_add_options(sd_bus_message *m, nd_daemon *d, nd_penmodel_config
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Expected options a{sv}");
         while ((r = sd_bus_message_enter_container(m, 'e', "sv")) > 0) {
                 const char *key, *s;
-                uint32_t u;
+                uint64_t u;
                 if (sd_bus_message_read(m, "s", &key) < 0)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Malformed options");
                 if (STREQ(key, "serial") || STREQ(key, "model") || STREQ(key, "firmware_version")) {
@@ -72,20 +73,16 @@ static int parse_add_options(sd_bus_message *m, nd_daemon *d, nd_penmodel_config
                         if (r < 0)
                                 return r;
                 } else if (STREQ(key, "battery_percent") || STREQ(key, "telemetry_rate_hz")) {
-                        if (sd_bus_message_read(m, "v", "u", &u) < 0)
-                                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Option %s must be unsigned (u)", key);
-                        if (STREQ(key, "battery_percent")) {
-                                if (u > 100)
-                                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                                 "Option battery_percent is %u; 0 to 100", u);
-                                c->battery_percent = u;
-                        } else {
-                                if (u < ND_PROTO_TELEMETRY_RATE_MIN_HZ || u > ND_PROTO_TELEMETRY_RATE_MAX_HZ)
-                                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                                 "Option telemetry_rate_hz is %u; %u to %u", u,
-                                                                 ND_PROTO_TELEMETRY_RATE_MIN_HZ, ND_PROTO_TELEMETRY_RATE_MAX_HZ);
-                                c->telemetry_rate_hz = u;
-                        }
+                        bool battery = STREQ(key, "battery_percent");
+                        const char *what = battery ? "Option battery_percent" : "Option telemetry_rate_hz";
+                        r = nd_bus_read_variant_uint(m, what, battery ? 0 : ND_PROTO_TELEMETRY_RATE_MIN_HZ,
+                                                     battery ? 100 : ND_PROTO_TELEMETRY_RATE_MAX_HZ, &u, error);
+                        if (r < 0)
+                                return r;
+                        if (battery)
+                                c->battery_percent = (unsigned) u;
+                        else
+                                c->telemetry_rate_hz = (unsigned) u;
                 } else {
                         _cleanup_free_ char *shown = nd_text_sanitize(key, strlen(key), 64);
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,

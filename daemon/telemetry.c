@@ -1,9 +1,10 @@
-/* telemetry.c: signal batching and SOCK_SEQPACKET readers (see telemetry.h). */
+/* telemetry.c: signal batching for watchers, SOCK_SEQPACKET and pipe readers (see telemetry.h). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <limits.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -17,6 +18,7 @@
 
 typedef struct reader {
         int fd;                      /* our end, non-blocking */
+        bool pipe;                   /* a pipe's write end (OpenTelemetryPipe), else a socket */
         sd_event_source *hangup;     /* notices the client closing its end */
         uint32_t dropped;            /* records this reader lost so far */
         nd_telemetry *owner;
@@ -35,7 +37,30 @@ struct nd_telemetry {
         reader *readers[ND_TELEMETRY_READERS_MAX];
         unsigned n_readers;
         uint64_t dropped_total;
+        /* The callers of WatchTelemetry(): sd-bus drops a name from it when it leaves the bus. */
+        sd_bus_track *watchers;
+        /* Told when demand (watchers + readers) appears or goes. */
+        nd_telemetry_demand_fn demand_fn;
+        void *demand_userdata;
+        bool had_demand;
+        struct watcher_check *checks[ND_TELEMETRY_WATCHERS_MAX];
 };
+
+/* A GetNameOwner in flight for a new watcher; telemetry is NULLed when the fan-out goes first. */
+typedef struct watcher_check {
+        nd_telemetry *telemetry;
+        char *name;
+} watcher_check;
+
+/* Tells the owner when there is demand now and there was none, or the reverse. */
+static void telemetry_demand_update(nd_telemetry *t) {
+        bool demand = nd_telemetry_has_demand(t);
+        if (demand == t->had_demand)
+                return;
+        t->had_demand = demand;
+        if (t->demand_fn)
+                t->demand_fn(t, demand, t->demand_userdata);
+}
 
 void nd_telemetry_encode_record(const nd_telemetry_sample *s, uint32_t dropped,
                                 uint8_t out[static ND_TELEMETRY_RECORD_SIZE]) {
@@ -66,6 +91,7 @@ static void telemetry_remove_reader(nd_telemetry *t, unsigned i) {
         reader_free(t->readers[i]);
         t->readers[i] = t->readers[--t->n_readers];
         t->readers[t->n_readers] = NULL;
+        telemetry_demand_update(t);
 }
 
 /* The client closed its end (EPOLLHUP/EPOLLRDHUP): the reader goes. */
@@ -82,18 +108,12 @@ static int on_reader_hangup(sd_event_source *s, int fd, uint32_t revents, void *
         return 0;
 }
 
-static void telemetry_emit_batch(nd_telemetry *t) {
+/* One Telemetry signal with the pending batch, addressed to destination. */
+static int telemetry_send_batch(nd_telemetry *t, const char *destination) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
-        int r;
-
-        if (t->n_batch == 0)
-                return;
-        if (sd_bus_is_open(t->bus) <= 0) {
-                /* Shutting down: sd-bus closed the connection when the loop ended. */
-                t->n_batch = 0;
-                return;
-        }
-        r = sd_bus_message_new_signal(t->bus, &m, t->path, ND_PEN_INTERFACE, "Telemetry");
+        int r = sd_bus_message_new_signal(t->bus, &m, t->path, ND_PEN_INTERFACE, "Telemetry");
+        if (r >= 0)
+                r = sd_bus_message_set_destination(m, destination);
         if (r >= 0)
                 r = sd_bus_message_open_container(m, 'a', "(tuddddu)");
         for (unsigned i = 0; r >= 0 && i < t->n_batch; i++) {
@@ -105,9 +125,24 @@ static void telemetry_emit_batch(nd_telemetry *t) {
                 r = sd_bus_message_close_container(m);
         if (r >= 0)
                 r = sd_bus_send(t->bus, m, NULL);
-        if (r < 0)
-                nd_log_warning("%s: could not emit a Telemetry batch of %u samples: %s", t->path, t->n_batch,
-                               strerror(-r));
+        return r;
+}
+
+static void telemetry_emit_batch(nd_telemetry *t) {
+        if (t->n_batch == 0)
+                return;
+        if (sd_bus_is_open(t->bus) <= 0) {
+                /* Shutting down: sd-bus closed the connection when the loop ended. */
+                t->n_batch = 0;
+                return;
+        }
+        /* Unicast to each watcher: a client that did not ask receives nothing. */
+        for (const char *name = sd_bus_track_first(t->watchers); name; name = sd_bus_track_next(t->watchers)) {
+                int r = telemetry_send_batch(t, name);
+                if (r < 0)
+                        nd_log_warning("%s: could not send a Telemetry batch of %u samples to %s: %s", t->path,
+                                       t->n_batch, name, strerror(-r));
+        }
         t->n_batch = 0;
 }
 
@@ -116,6 +151,16 @@ static int on_batch_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         telemetry_emit_batch(t);
         /* Re-armed only while samples flow, so an idle pen costs no wake-ups. */
         return sd_event_source_set_enabled(s, SD_EVENT_OFF);
+}
+
+/* The last watcher left the bus or unwatched: sd-bus wants an empty track with a handler freed
+ * (it calls the handler again otherwise); the next WatchTelemetry makes a new one. */
+static int on_watchers_empty(sd_bus_track *track, void *userdata) {
+        nd_telemetry *t = userdata;
+        if (t->watchers == track)
+                t->watchers = sd_bus_track_unref(t->watchers);
+        telemetry_demand_update(t);
+        return 0;
 }
 
 int nd_telemetry_new(sd_event *event, sd_bus *bus, const char *object_path, nd_telemetry **ret) {
@@ -146,10 +191,15 @@ int nd_telemetry_new(sd_event *event, sd_bus *bus, const char *object_path, nd_t
 nd_telemetry *nd_telemetry_free(nd_telemetry *t) {
         if (!t)
                 return NULL;
+        t->demand_fn = NULL; /* nobody to tell any more */
+        for (unsigned i = 0; i < ELEMENTSOF(t->checks); i++)
+                if (t->checks[i])
+                        t->checks[i]->telemetry = NULL;
         if (t->bus)
                 telemetry_emit_batch(t);
         while (t->n_readers > 0)
                 telemetry_remove_reader(t, t->n_readers - 1);
+        sd_bus_track_unref(t->watchers);
         sd_event_source_disable_unref(t->batch_timer);
         sd_bus_unref(t->bus);
         sd_event_unref(t->event);
@@ -167,9 +217,12 @@ void nd_telemetry_flush(nd_telemetry *t) {
 }
 
 void nd_telemetry_push(nd_telemetry *t, const nd_telemetry_sample *s) {
-        if (t->n_batch == BATCH_CAPACITY)
+        if (sd_bus_track_count(t->watchers) == 0)
+                t->n_batch = 0; /* nobody watches: no batch, no timer, no wake-up */
+        else if (t->n_batch == BATCH_CAPACITY)
                 telemetry_emit_batch(t);
-        t->batch[t->n_batch++] = *s;
+        if (sd_bus_track_count(t->watchers) > 0)
+                t->batch[t->n_batch++] = *s;
         if (t->n_batch == 1) {
                 int enabled = SD_EVENT_OFF;
                 (void) sd_event_source_get_enabled(t->batch_timer, &enabled);
@@ -185,7 +238,9 @@ void nd_telemetry_push(nd_telemetry *t, const nd_telemetry_sample *s) {
         for (unsigned i = 0; i < t->n_readers;) {
                 reader *rd = t->readers[i];
                 nd_telemetry_encode_record(s, rd->dropped, record);
-                ssize_t n = send(rd->fd, record, sizeof record, MSG_DONTWAIT | MSG_NOSIGNAL);
+                /* A pipe takes a write of at most PIPE_BUF whole or not at all (O_NONBLOCK). */
+                ssize_t n = rd->pipe ? write(rd->fd, record, sizeof record)
+                                     : send(rd->fd, record, sizeof record, MSG_DONTWAIT | MSG_NOSIGNAL);
                 if (n == (ssize_t) sizeof record) {
                         i++;
                         continue;
@@ -230,7 +285,137 @@ int nd_telemetry_open_reader(nd_telemetry *t, int *ret_fd) {
         rd->fd = TAKE_FD(ours);
         t->readers[t->n_readers++] = rd;
         *ret_fd = TAKE_FD(theirs);
+        telemetry_demand_update(t);
         return 0;
+}
+
+int nd_telemetry_open_pipe_reader(nd_telemetry *t, int *ret_fd) {
+        _Static_assert(ND_TELEMETRY_RECORD_SIZE <= PIPE_BUF, "a record must be written whole to a pipe");
+        int pair[2];
+        int r;
+
+        if (t->n_readers >= ND_TELEMETRY_READERS_MAX)
+                return -EMFILE;
+        if (pipe2(pair, O_CLOEXEC) < 0)
+                return -errno;
+        _cleanup_close_ int theirs = pair[0], ours = pair[1];
+        /* Only our end must never block; the client's end is as pipes usually are. */
+        int flags = fcntl(ours, F_GETFL);
+        if (flags < 0 || fcntl(ours, F_SETFL, flags | O_NONBLOCK) < 0)
+                return -errno;
+        /* As much buffer as a socket reader gets; the system's cap may refuse it (64 KiB stays). */
+        (void) fcntl(ours, F_SETPIPE_SZ, ND_TELEMETRY_READER_SNDBUF);
+
+        reader *rd = calloc(1, sizeof *rd);
+        if (!rd)
+                return -ENOMEM;
+        rd->owner = t;
+        rd->fd = -1;
+        rd->pipe = true;
+        /* The write end of a pipe reports EPOLLERR once the read end is closed. */
+        r = sd_event_add_io(t->event, &rd->hangup, ours, EPOLLERR, on_reader_hangup, rd);
+        if (r < 0) {
+                reader_free(rd);
+                return r;
+        }
+        rd->fd = TAKE_FD(ours);
+        t->readers[t->n_readers++] = rd;
+        *ret_fd = TAKE_FD(theirs);
+        telemetry_demand_update(t);
+        return 0;
+}
+
+/* The answer to the GetNameOwner sent after a watcher was added: a name that had left the bus
+ * before the match on its departure was in place is dropped here. */
+static int on_watcher_owner_checked(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
+        watcher_check *c = userdata;
+        if (c->telemetry && sd_bus_message_is_method_error(reply, SD_BUS_ERROR_NAME_HAS_NO_OWNER)) {
+                nd_log_debug("%s: telemetry watcher %s left before it was tracked", c->telemetry->path, c->name);
+                (void) nd_telemetry_unwatch(c->telemetry, c->name);
+        }
+        return 0;
+}
+
+static void watcher_check_free(void *userdata) {
+        watcher_check *c = userdata;
+        if (c->telemetry) {
+                for (unsigned i = 0; i < ELEMENTSOF(c->telemetry->checks); i++)
+                        if (c->telemetry->checks[i] == c)
+                                c->telemetry->checks[i] = NULL;
+        }
+        free(c->name);
+        free(c);
+}
+
+int nd_telemetry_watch(nd_telemetry *t, const char *name) {
+        int r;
+        if (!name || name[0] != ':')
+                return -EINVAL;
+        if (t->watchers && sd_bus_track_contains(t->watchers, name))
+                return 0;
+        if (sd_bus_track_count(t->watchers) >= ND_TELEMETRY_WATCHERS_MAX)
+                return -EMFILE;
+        if (!t->watchers) {
+                r = sd_bus_track_new(t->bus, &t->watchers, on_watchers_empty, t);
+                if (r < 0)
+                        return r;
+        }
+        r = sd_bus_track_add_name(t->watchers, name);
+        if (r < 0)
+                return r;
+        /* Sent after the match sd_bus_track just asked for, so the bus answers it later: either
+         * the name is still there (and its departure will be seen) or this says it is gone. At
+         * most ND_TELEMETRY_WATCHERS_MAX checks are in flight; beyond, the match alone remains. */
+        unsigned free_slot = ELEMENTSOF(t->checks);
+        for (unsigned i = 0; i < ELEMENTSOF(t->checks); i++)
+                if (!t->checks[i]) {
+                        free_slot = i;
+                        break;
+                }
+        if (free_slot < ELEMENTSOF(t->checks)) {
+                watcher_check *c = calloc(1, sizeof *c);
+                if (c && (c->name = strdup(name))) {
+                        _cleanup_(sd_bus_slot_unrefp) sd_bus_slot *slot = NULL;
+                        c->telemetry = t;
+                        r = sd_bus_call_method_async(t->bus, &slot, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                                     "org.freedesktop.DBus", "GetNameOwner", on_watcher_owner_checked,
+                                                     c, "s", name);
+                        if (r >= 0) {
+                                t->checks[free_slot] = c;
+                                (void) sd_bus_slot_set_destroy_callback(slot, watcher_check_free);
+                                (void) sd_bus_slot_set_floating(slot, true);
+                                c = NULL;
+                        }
+                }
+                if (c) {
+                        free(c->name);
+                        free(c);
+                }
+        }
+        telemetry_demand_update(t);
+        return 0;
+}
+
+int nd_telemetry_unwatch(nd_telemetry *t, const char *name) {
+        if (!name)
+                return -EINVAL;
+        /* Non-recursive tracking: one removal drops the name however often it watched. */
+        if (t->watchers && sd_bus_track_contains(t->watchers, name))
+                (void) sd_bus_track_remove_name(t->watchers, name);
+        telemetry_demand_update(t);
+        return 0;
+}
+
+unsigned nd_telemetry_n_watchers(const nd_telemetry *t) { return t ? sd_bus_track_count(t->watchers) : 0; }
+
+bool nd_telemetry_has_demand(const nd_telemetry *t) {
+        return t && (t->n_readers > 0 || sd_bus_track_count(t->watchers) > 0);
+}
+
+void nd_telemetry_set_demand_callback(nd_telemetry *t, nd_telemetry_demand_fn fn, void *userdata) {
+        t->demand_fn = fn;
+        t->demand_userdata = userdata;
+        t->had_demand = nd_telemetry_has_demand(t);
 }
 
 unsigned nd_telemetry_n_readers(const nd_telemetry *t) { return t ? t->n_readers : 0; }

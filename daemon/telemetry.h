@@ -4,6 +4,7 @@
  * slows the daemon or any other reader. No allocation per sample. */
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
@@ -23,6 +24,8 @@ typedef struct nd_telemetry_sample {
 #define ND_TELEMETRY_BATCH_INTERVAL_USEC (50 * UINT64_C(1000))
 /* Readers beyond this are refused (each costs a socket and a send per sample). */
 #define ND_TELEMETRY_READERS_MAX 64u
+/* Callers of WatchTelemetry beyond this are refused (each costs a message per batch). */
+#define ND_TELEMETRY_WATCHERS_MAX 64u
 /* Kernel send buffer asked for each reader: about a quarter second at 1 kHz. */
 #define ND_TELEMETRY_READER_SNDBUF (256 * 1024)
 
@@ -43,6 +46,24 @@ void nd_telemetry_flush(nd_telemetry *t);
 /* Opens a new reader; *ret_fd is the client's end (CLOEXEC), which the caller sends and
  * closes. Returns 0, -EMFILE when there are too many readers, or -errno. */
 int nd_telemetry_open_reader(nd_telemetry *t, int *ret_fd);
+
+/* Opens a new pipe reader (OpenTelemetryPipe): the same records, each written whole to a pipe
+ * whose write end never blocks; *ret_fd is the read end (CLOEXEC). As nd_telemetry_open_reader. */
+int nd_telemetry_open_pipe_reader(nd_telemetry *t, int *ret_fd);
+
+/* The unique bus name receives this pen's Telemetry signals (unicast) until
+ * nd_telemetry_unwatch() or until it leaves the bus. Idempotent. Returns 0, -EINVAL (not a
+ * unique name), -EMFILE (too many watchers) or -errno. */
+int nd_telemetry_watch(nd_telemetry *t, const char *unique_name);
+/* Stops sending to the name; idempotent. Returns 0 or -EINVAL. */
+int nd_telemetry_unwatch(nd_telemetry *t, const char *unique_name);
+unsigned nd_telemetry_n_watchers(const nd_telemetry *t);
+
+/* Whether anybody wants samples now: a watcher or a reader. */
+bool nd_telemetry_has_demand(const nd_telemetry *t);
+/* Called with demand true when the first watcher or reader appears, false when the last goes. */
+typedef void (*nd_telemetry_demand_fn)(nd_telemetry *t, bool demand, void *userdata);
+void nd_telemetry_set_demand_callback(nd_telemetry *t, nd_telemetry_demand_fn fn, void *userdata);
 
 /* Readers connected now, and records dropped for all readers so far (for tests/benchmarks). */
 unsigned nd_telemetry_n_readers(const nd_telemetry *t);

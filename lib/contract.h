@@ -33,6 +33,7 @@
 #define ND_ERROR_NOT_OWNER           ND_ERROR_PREFIX "NotOwner"
 #define ND_ERROR_STORAGE             ND_ERROR_PREFIX "Storage"
 #define ND_ERROR_UNKNOWN_PROFILE     ND_ERROR_PREFIX "UnknownProfile"
+#define ND_ERROR_UNKNOWN_PEN         ND_ERROR_PREFIX "UnknownPen"
 /* Not in the contract's list: an internal failure that is none of the above (out of memory,
  * a bug). Named, so that no bare System.Error.* errno reaches a client. */
 #define ND_ERROR_INTERNAL            ND_ERROR_PREFIX "Internal"

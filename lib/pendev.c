@@ -37,6 +37,7 @@ typedef enum command_kind {
         CMD_QUERY_STATUS,
         CMD_QUERY_CARTRIDGE,
         CMD_CHANGE_WATCHDOG,     /* SET_WATCHDOG on a pen that is ready (the limits changed) */
+        CMD_CHANGE_TELEMETRY,    /* SET_TELEMETRY on a pen that is ready (re-rate, §5.4) */
 } command_kind;
 
 static const char *const command_names[] = {
@@ -54,6 +55,7 @@ static const char *const command_names[] = {
         [CMD_QUERY_STATUS] = "GET_STATUS",
         [CMD_QUERY_CARTRIDGE] = "GET_CARTRIDGE",
         [CMD_CHANGE_WATCHDOG] = "SET_WATCHDOG",
+        [CMD_CHANGE_TELEMETRY] = "SET_TELEMETRY",
 };
 
 typedef struct command command;
@@ -66,6 +68,7 @@ struct command {
         bool submitted;
         bool cancelled;          /* a queued motor start overtaken by a motor stop */
         unsigned watchdog_ms;    /* CMD_CHANGE_WATCHDOG: the new timeout */
+        unsigned rate_hz;        /* CMD_CHANGE_TELEMETRY: the new sampling rate */
         nd_pendev_done_fn done;
         nd_pendev_status_fn status_done;
         nd_pendev_cartridge_fn cartridge_done;
@@ -101,6 +104,10 @@ struct nd_pendev {
         nd_proto_cartridge cartridge;
         bool have_cartridge;
         unsigned telemetry_rate_hz;
+        /* What the pen samples at now (nd_pendev_set_sampling_rate); 0: telemetry_rate_hz. The
+         * stall check allows for the slower of it and a change on its way. */
+        unsigned sampling_rate_hz;
+        unsigned stall_rate_hz;
         char serial_field[sizeof "PEN_SERIAL=" + ND_PROTO_SERIAL_SIZE];
 
         command_list queue;      /* ordinary commands, the head in flight when submitted */
@@ -589,6 +596,22 @@ static bool handle_command_reply(nd_pendev *p, command *c, int status, const uin
                         c->cartridge_done(p, status, status == 0 ? &cart : NULL, c->userdata);
                 break;
         }
+        case CMD_CHANGE_TELEMETRY:
+                if (status >= 0) {
+                        p->sampling_rate_hz = c->rate_hz;
+                        p->stall_rate_hz = c->rate_hz;
+                        p->last_packet_us = monotonic_usec();
+                }
+                if (status < 0) {
+                        p->stats.commands_failed++;
+                        if (status != -ENODEV)
+                                pendev_log(p, LOG_WARNING, "SET_TELEMETRY (%u Hz) failed: %s", c->rate_hz,
+                                           strerror(-status));
+                } else
+                        p->stats.commands_ok++;
+                if (c->done)
+                        c->done(p, status, c->userdata);
+                break;
         case CMD_CHANGE_WATCHDOG:
                 if (status >= 0) {
                         /* The pen has the new timeout: heartbeat at the new pace, and count
@@ -676,7 +699,12 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         if (!p->freed && p->state == ND_PENDEV_READY && !p->stall_reported && p->config.telemetry_stall_ms > 0) {
                 uint64_t now = monotonic_usec();
                 uint64_t silent_us = now - p->last_packet_us;
-                if (silent_us >= (uint64_t) p->config.telemetry_stall_ms * USEC_PER_MSEC) {
+                uint64_t stall_us = (uint64_t) p->config.telemetry_stall_ms * USEC_PER_MSEC;
+                /* A pen re-rated down sends a sample per period: silence is a stall only after
+                 * several periods at the slower rate. */
+                if (p->stall_rate_hz > 0)
+                        stall_us = MAX(stall_us, ND_PENDEV_STALL_PERIODS * USEC_PER_SEC / p->stall_rate_hz);
+                if (silent_us >= stall_us) {
                         p->stall_reported = true;
                         p->stats.stalls++;
                         (void) pendev_report(p, ND_PENDEV_ERROR_TELEMETRY_STALLED, -ETIMEDOUT, false, 1,
@@ -961,6 +989,31 @@ int nd_pendev_set_heartbeat_timeout(nd_pendev *p, unsigned timeout_ms, nd_pendev
                         (void) sd_event_source_set_time_relative(p->timer, (uint64_t) interval_ms * USEC_PER_MSEC);
         }
         return queue_command(p, c);
+}
+
+int nd_pendev_set_sampling_rate(nd_pendev *p, unsigned rate_hz, nd_pendev_done_fn done, void *userdata) {
+        command *c;
+        int r = command_begin(p, CMD_CHANGE_TELEMETRY, userdata, &c);
+        if (r < 0)
+                return r;
+        if (rate_hz == 0 || rate_hz > p->telemetry_rate_hz)
+                rate_hz = p->telemetry_rate_hz;
+        r = nd_proto_request_set_telemetry(&c->setup, c->data, rate_hz, true);
+        if (r < 0) {
+                free(c);
+                return r;
+        }
+        c->rate_hz = rate_hz;
+        c->done = done;
+        unsigned now_hz = p->sampling_rate_hz ? p->sampling_rate_hz : p->telemetry_rate_hz;
+        p->stall_rate_hz = MIN(now_hz, rate_hz);
+        return queue_command(p, c);
+}
+
+unsigned nd_pendev_get_sampling_rate_hz(const nd_pendev *p) {
+        if (p->state == ND_PENDEV_OPENING)
+                return 0;
+        return p->sampling_rate_hz ? p->sampling_rate_hz : p->telemetry_rate_hz;
 }
 
 int nd_pendev_motor_start(nd_pendev *p, nd_pendev_done_fn done, void *userdata) {

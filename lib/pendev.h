@@ -39,6 +39,8 @@ typedef struct nd_pendev nd_pendev;
 #define ND_PENDEV_HEARTBEAT_TIMEOUT_MS_DEFAULT ND_PROTO_WATCHDOG_DEFAULT_MS
 #define ND_PENDEV_HEARTBEAT_DIVISOR_DEFAULT    4u   /* heartbeat every timeout / 4 */
 #define ND_PENDEV_REQUEST_TIMEOUT_MS_DEFAULT   1000u
+/* A pen sampling slower than the stall time allows is stalled after this many silent periods. */
+#define ND_PENDEV_STALL_PERIODS 4u
 
 typedef struct nd_pendev_config {
         /* Watchdog timeout set on the pen: it stops its motor when the host is silent this
@@ -150,6 +152,12 @@ const nd_proto_status *nd_pendev_get_status(const nd_pendev *p);
 const nd_proto_cartridge *nd_pendev_get_cartridge(const nd_pendev *p);
 /* The telemetry rate in force (asked of the pen at open), 0 before. */
 unsigned nd_pendev_get_telemetry_rate_hz(const nd_pendev *p);
+/* Re-rates the pen's sampling (SET_TELEMETRY while streaming, protocol §5.4): rate_hz from 1 to
+ * the rate set at opening (nd_pendev_get_telemetry_rate_hz); 0 or above it: that rate. Queued
+ * like any command; done (may be NULL) runs once the pen acknowledged it. */
+int nd_pendev_set_sampling_rate(nd_pendev *p, unsigned rate_hz, nd_pendev_done_fn done, void *userdata);
+/* The rate the pen samples at now (after the last acknowledged re-rate); 0 while opening. */
+unsigned nd_pendev_get_sampling_rate_hz(const nd_pendev *p);
 /* Counters since creation. */
 void nd_pendev_get_stats(const nd_pendev *p, nd_pendev_stats *ret);
 /* The transport underneath (borrowed), e.g. for its description. */

@@ -98,6 +98,7 @@ static const error_code error_codes[] = {
         { SD_BUS_ERROR_DISCONNECTED,                  NEEDLECTL_EXIT_NO_DAEMON },
         { SD_BUS_ERROR_NO_SERVER,                     NEEDLECTL_EXIT_NO_DAEMON },
         { SD_BUS_ERROR_UNKNOWN_OBJECT,                NEEDLECTL_EXIT_NO_PEN },
+        { ND_ERROR_UNKNOWN_PEN,                      NEEDLECTL_EXIT_NO_PEN },
         { SD_BUS_ERROR_NO_MEMORY,                     NEEDLECTL_EXIT_SOFTWARE },
 };
 

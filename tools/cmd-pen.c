@@ -75,7 +75,8 @@ static int pen_call(sd_bus *bus, const char *path, const char *action, const cha
                 if (sd_bus_error_has_name(&error, ND_ERROR_PREFIX "NotOwner"))
                         fprintf(stderr, "needlectl: only the program that started the session may do this; "
                                         "use the keys or --commands of 'needlectl run'\n");
-                else if (sd_bus_error_has_name(&error, SD_BUS_ERROR_UNKNOWN_OBJECT))
+                else if (sd_bus_error_has_name(&error, SD_BUS_ERROR_UNKNOWN_OBJECT) ||
+                         sd_bus_error_has_name(&error, ND_ERROR_UNKNOWN_PEN))
                         fprintf(stderr, "needlectl: the pen is gone\n");
                 return code;
         }
@@ -675,20 +676,25 @@ static void run_event(ctl_monitor *m, ctl_monitor_event event, void *userdata) {
                 if (!c->session_id || !STREQ(strempty(m->ended_session_id), c->session_id))
                         return;
                 const char *reason = strempty(m->ended_reason);
+                /* The ledger's figures (SessionRecorded) when the daemon sent them; else the last
+                 * announced properties (a daemon without SessionRecorded). */
+                bool recorded = STREQ(strempty(m->recorded_session_id), c->session_id);
+                double elapsed_s = recorded ? m->recorded_duration_s : ctl_json_double(m->props, "elapsed_s");
+                int64_t strokes = recorded ? (int64_t) m->recorded_strokes : ctl_json_int(m->props, "strokes");
+                int64_t punctures = recorded ? (int64_t) m->recorded_punctures : ctl_json_int(m->props, "punctures");
+                double density_per_cm2 = recorded ? m->recorded_density_per_cm2
+                                                  : ctl_json_double(m->props, "density_per_cm2");
                 json_object *extra = json_object_new_object();
                 if (extra) {
                         json_object_object_add(extra, "session_id", json_object_new_string(c->session_id));
                         json_object_object_add(extra, "reason", json_object_new_string(reason));
-                        json_object_object_add(extra, "elapsed_s", json_object_new_double(ctl_json_double(m->props, "elapsed_s")));
-                        json_object_object_add(extra, "strokes", json_object_new_int64(ctl_json_int(m->props, "strokes")));
-                        json_object_object_add(extra, "punctures", json_object_new_int64(ctl_json_int(m->props, "punctures")));
-                        json_object_object_add(extra, "density_per_cm2",
-                                               json_object_new_double(ctl_json_double(m->props, "density_per_cm2")));
+                        json_object_object_add(extra, "elapsed_s", json_object_new_double(elapsed_s));
+                        json_object_object_add(extra, "strokes", json_object_new_int64(strokes));
+                        json_object_object_add(extra, "punctures", json_object_new_int64(punctures));
+                        json_object_object_add(extra, "density_per_cm2", json_object_new_double(density_per_cm2));
                 }
                 if (asprintf(&text, "Session %s ended: %s (%.1f s, %" PRId64 " strokes, %" PRId64 " punctures, %.0f/cm²)",
-                             c->session_id, reason, ctl_json_double(m->props, "elapsed_s"),
-                             ctl_json_int(m->props, "strokes"), ctl_json_int(m->props, "punctures"),
-                             ctl_json_double(m->props, "density_per_cm2")) < 0)
+                             c->session_id, reason, elapsed_s, strokes, punctures, density_per_cm2) < 0)
                         text = NULL;
                 run_finish(c, exit_code_for_reason(reason), "session-ended", text ? text : reason, extra);
                 return;

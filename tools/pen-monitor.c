@@ -225,6 +225,50 @@ static int on_session_ended(sd_bus_message *msg, void *userdata, sd_bus_error *r
         return 0;
 }
 
+/* The figures of the session that ends, as the ledger recorded them (sent before SessionEnded). */
+static int on_session_recorded(sd_bus_message *msg, void *userdata, sd_bus_error *ret_error) {
+        ctl_monitor *m = userdata;
+        const char *id;
+        double duration_s = 0;
+        uint64_t strokes = 0, punctures = 0;
+        double density_per_cm2 = 0;
+        bool have_duration = false, have_strokes = false;
+        if (sd_bus_message_read(msg, "s", &id) < 0 || sd_bus_message_enter_container(msg, 'a', "{sv}") < 0)
+                return 0;
+        while (sd_bus_message_enter_container(msg, 'e', "sv") > 0) {
+                const char *key;
+                if (sd_bus_message_read(msg, "s", &key) < 0)
+                        return 0;
+                if (STREQ(key, "duration_s"))
+                        have_duration = sd_bus_message_read(msg, "v", "d", &duration_s) >= 0;
+                else if (STREQ(key, "strokes"))
+                        have_strokes = sd_bus_message_read(msg, "v", "t", &strokes) >= 0;
+                else if (STREQ(key, "punctures")) {
+                        if (sd_bus_message_read(msg, "v", "t", &punctures) < 0)
+                                return 0;
+                } else if (STREQ(key, "density_per_cm2")) {
+                        if (sd_bus_message_read(msg, "v", "d", &density_per_cm2) < 0)
+                                return 0;
+                }
+                else if (sd_bus_message_skip(msg, "v") < 0)
+                        return 0;
+                if (sd_bus_message_exit_container(msg) < 0)
+                        return 0;
+        }
+        if (!have_duration || !have_strokes)
+                return 0;
+        char *copy = strdup(id);
+        if (!copy)
+                return 0;
+        free(m->recorded_session_id);
+        m->recorded_session_id = copy;
+        m->recorded_duration_s = duration_s;
+        m->recorded_strokes = strokes;
+        m->recorded_punctures = punctures;
+        m->recorded_density_per_cm2 = density_per_cm2;
+        return 0;
+}
+
 static int on_name_owner_changed(sd_bus_message *msg, void *userdata, sd_bus_error *ret_error) {
         ctl_monitor *m = userdata;
         const char *name, *old_owner, *new_owner;
@@ -284,6 +328,9 @@ int ctl_monitor_new(sd_event *event, sd_bus *bus, const char *path, bool telemet
                 r = sd_bus_match_signal(bus, &m->slots[5], ND_BUS_NAME, ND_MANAGER_PATH,
                                         "org.freedesktop.DBus.Properties", "PropertiesChanged",
                                         on_properties_changed, m);
+        if (r >= 0)
+                r = sd_bus_match_signal(bus, &m->slots[6], ND_BUS_NAME, path, ND_PEN_INTERFACE,
+                                        "SessionRecorded", on_session_recorded, m);
         if (r < 0)
                 return ctl_log_bus_error("cannot subscribe to the pen's signals", NULL, r);
 
@@ -310,6 +357,7 @@ ctl_monitor *ctl_monitor_free(ctl_monitor *m) {
         json_object_put(m->props);
         free(m->ended_session_id);
         free(m->ended_reason);
+        free(m->recorded_session_id);
         free(m->path);
         free(m->serial);
         sd_bus_unref(m->bus);

@@ -51,8 +51,14 @@ struct ctl_monitor {
 
         char *ended_session_id;    /* of the last SessionEnded */
         char *ended_reason;
+        /* SessionRecorded: the ledger's figures of the last session that ended. */
+        char *recorded_session_id;
+        double recorded_duration_s;
+        uint64_t recorded_strokes;
+        uint64_t recorded_punctures;    /* 0 from a daemon that does not send them */
+        double recorded_density_per_cm2;
 
-        sd_bus_slot *slots[6];
+        sd_bus_slot *slots[7];
         ctl_monitor_event_fn on_event;
         ctl_monitor_sample_fn on_sample;
         void *userdata;

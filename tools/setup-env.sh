@@ -9,6 +9,8 @@ NEEDLED_BUILD_PACKAGES="gcc libc6-dev pkg-config meson ninja-build check libyaml
 # systemd-analyze for the unit's exposure score.
 NEEDLED_TEST_PACKAGES="clang libclang-rt-14-dev valgrind umockdev libumockdev-dev libglib2.0-dev
   dbus python3 python3-dbus python3-dbusmock python3-gi python3-yaml systemd util-linux"
+# The client examples (suite examples): gdbus-codegen, C++ and QtDBus with qdbusxml2cpp.
+NEEDLED_TEST_PACKAGES="$NEEDLED_TEST_PACKAGES libglib2.0-dev-bin g++ qtbase5-dev qtbase5-dev-tools"
 # What the demo needs on top of the build: a private bus.
 NEEDLED_DEMO_PACKAGES="dbus"
 

@@ -473,6 +473,9 @@ class Sessions(NeedlectlTestCase):
         self.assertTrue(HISTORY_KEYS <= set(entry), HISTORY_KEYS - set(entry))
         self.assertEqual((entry['id'], entry['label'], entry['reason']), (session, 'appt-42', 'stopped'))
         self.assertGreater(entry['end'], entry['start'])
+        # One truth: run's closing figures are the ledger's, not the last coalesced properties.
+        self.assertEqual(ended['strokes'], entry['strokes'])
+        self.assertEqual(ended['elapsed_s'], entry['duration_s'])
 
     def test_run_completes(self):
         pen = self.add_pen(cartridge=('DONE-1', 12))

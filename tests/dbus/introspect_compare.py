@@ -32,6 +32,14 @@ import xml.etree.ElementTree as ET
 
 DEFAULT_PREFIX = 'org.needled1.'
 EMITS = 'org.freedesktop.DBus.Property.EmitsChangedSignal'
+# Annotations read only by code generators (gdbus-codegen, qdbusxml2cpp): a daemon's runtime
+# introspection never carries them (sd-bus cannot emit them), so they are not compared.
+CODEGEN_ANNOTATION_PREFIXES = ('org.gtk.GDBus.', 'org.qtproject.QtDBus.')
+
+
+def is_codegen_annotation(name):
+    """Whether an annotation is meant for a code generator only (ignored by the comparison)."""
+    return name.startswith(CODEGEN_ANNOTATION_PREFIXES)
 
 
 class IntrospectionError(Exception):
@@ -46,6 +54,8 @@ def _annotations(elem, where):
             raise IntrospectionError(f'{where}: annotation without name or value')
         if name in result:
             raise IntrospectionError(f'{where}: annotation {name} given twice')
+        if is_codegen_annotation(name):
+            continue
         result[name] = a.get('value')
     return result
 

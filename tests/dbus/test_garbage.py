@@ -160,7 +160,7 @@ class Garbage(NeedledTestCase):
         self.assertEqual(h['label'], label)
 
     def test_history_filters(self):
-        for bad in ({'pen': dbus.Array([], signature='s')}, {'since': dbus.Int64(-1)}, {'limit': dbus.UInt64(1)},
+        for bad in ({'pen': dbus.Array([], signature='s')}, {'since': dbus.Int64(-1)}, {'limit': dbus.UInt64(2**32)},
                     {'limit': -1}, {'since': 1.5}, {'x' * 10000: 1}, {'pen': 'ok', 'bogus': True}):
             with self.subTest(filter=repr(bad)[:50]):
                 self.assertDBusError(INVALID_ARGS, self.mgr, 'GetHistory', dbus.Dictionary(bad, signature='sv'))

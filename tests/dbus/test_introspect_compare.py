@@ -33,6 +33,7 @@ API = {
         'GetLimits() -> a{sv} limits', 'ReloadLimits() -> ',
         'ValidateProfile(s yaml) -> a(sss) violations', 'GetProfiles() -> aa{sv} profiles',
         'GetHistory(a{sv} filter) -> aa{sv} sessions', 'GetCartridge(s id) -> a{sv} cartridge',
+        'FindPen(s serial) -> o pen',
     ],
     'org.needled1.Pen': [
         'Serial: s const', 'Model: s const', 'FirmwareVersion: s const',
@@ -49,7 +50,9 @@ API = {
         'Start(a{sv} options) -> s session_id', 'Pause() -> ', 'Resume() -> ',
         'SetDepth(d mm) -> ', 'SetSpeed(d hz) -> ', 'Stop() -> ', 'Heartbeat() -> ',
         'ClearFault() -> ', 'OpenTelemetry() -> h fd',
+        'OpenTelemetryPipe() -> h fd', 'WatchTelemetry() -> ', 'UnwatchTelemetry() -> ',
         'signal Telemetry(a(tuddddu) samples)', 'signal SessionEnded(s session_id, s reason)',
+        'signal SessionRecorded(s session_id, a{sv} figures)',  # (ext)
     ],
     'org.needled1.Simulator': [
         'AddPen(a{sv} options) -> o pen', 'RemovePen(o pen) -> ',
@@ -96,6 +99,8 @@ def render_like_sdbus(contract_text, interfaces, children=()):
             if member.tag == 'property':
                 out.append(f'  <property name="{member.get("name")}" type="{member.get("type")}" access="read">')
                 for a in member.findall('annotation'):
+                    if ic.is_codegen_annotation(a.get('name')):
+                        continue  # sd-bus has no way to emit them
                     if not (a.get('name') == EMITS and a.get('value') == 'true'):
                         out.append(f'   <annotation name="{a.get("name")}" value="{a.get("value")}"/>')
                 out.append('  </property>')
@@ -149,6 +154,35 @@ class Contract(unittest.TestCase):
                         self.assertIs(previous is not None and previous.tag, ET.Comment)
                         self.assertGreater(len(previous.text.split()), 3)
                 previous = child
+
+    def test_code_generators_find_their_annotations(self):
+        # qdbusxml2cpp refuses a member of a complex type without a QtTypeName naming a type of
+        # dbus/needled1-qt-types.h; gdbus-codegen passes the fd list only with UnixFD.
+        root = ET.fromstring(CONTRACT_TEXT)
+        qt = 'org.qtproject.QtDBus.QtTypeName'
+        simple = {'s', 'o', 'u', 't', 'd', 'b', 'h', 'as', 'ao', 'y', 'n', 'q', 'i', 'x'}
+        for iface in root.findall('interface'):
+            for member in iface:
+                names = {a.get('name') for a in member.findall('annotation')}
+                where = f'{iface.get("name")}.{member.get("name")}'
+                if member.tag == 'property' and member.get('type') not in simple:
+                    with self.subTest(member=where):
+                        self.assertIn(qt, names)
+                for kind in ('method', 'signal'):
+                    if member.tag != kind:
+                        continue
+                    counters = {'in': 0, 'out': 0}
+                    for arg in member.findall('arg'):
+                        direction = arg.get('direction') or ('in' if kind == 'method' else 'out')
+                        n = counters[direction]
+                        counters[direction] += 1
+                        if arg.get('type') in simple:
+                            continue
+                        with self.subTest(member=where, arg=arg.get('name')):
+                            self.assertIn(f'{qt}.{direction.capitalize()}{n}', names)
+        fd = root.find("interface[@name='org.needled1.Pen']/method[@name='OpenTelemetry']")
+        self.assertIn(('org.gtk.GDBus.C.UnixFD', 'true'),
+                      [(a.get('name'), a.get('value')) for a in fd.findall('annotation')])
 
     def test_no_member_is_privileged(self):
         self.assertNotIn('org.freedesktop.systemd1.Privileged', CONTRACT_TEXT.replace(
@@ -225,6 +259,24 @@ class Compare(unittest.TestCase):
             '<annotation name="org.freedesktop.systemd1.Privileged" value="true"/>')))
         self.assertReports(live, 'org.needled1.Pen.Start: annotation org.freedesktop.systemd1.Privileged="true" '
                                  'not in the contract')
+
+    def test_codegen_annotations_ignored_others_compared(self):
+        def strip_codegen(i, t):
+            for e in i.iter():
+                for a in list(e.findall('annotation')):
+                    if ic.is_codegen_annotation(a.get('name')):
+                        e.remove(a)
+        bare = mutate(CONTRACT_TEXT, 'org.needled1.Pen', None, strip_codegen)
+        self.assertNotEqual(bare, CONTRACT_TEXT)
+        self.assertEqual(self.diffs(CONTRACT_TEXT, [bare]), [])
+        # Another generator annotation the live side has and the contract not: still ignored.
+        extra = mutate(CONTRACT_TEXT, 'org.needled1.Pen', 'Stop', lambda i, m: m.append(ET.fromstring(
+            '<annotation name="org.gtk.GDBus.C.Name" value="halt"/>')))
+        self.assertEqual(self.diffs(CONTRACT_TEXT, [extra]), [])
+        # Every other annotation is compared, on methods as on properties.
+        deprecated = mutate(CONTRACT_TEXT, 'org.needled1.Pen', 'OpenTelemetry', lambda i, m: m.append(
+            ET.fromstring('<annotation name="org.freedesktop.DBus.Deprecated" value="true"/>')))
+        self.assertReports(deprecated, 'org.needled1.Pen.OpenTelemetry: annotation org.freedesktop.DBus.Deprecated')
 
     def test_const_dropped(self):
         live = mutate(CONTRACT_TEXT, 'org.needled1.Pen', 'Serial',

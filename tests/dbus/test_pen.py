@@ -199,6 +199,7 @@ class PenTreatment(NeedledTestCase):
         self.sim('InsertCartridge', dbus.ObjectPath(pen), 'TREAT-CART', dbus.UInt32(12))
         props = SignalLog(self.bus, 'PropertiesChanged', PROPS_IFACE, pen)
         telemetry = SignalLog(self.bus, 'Telemetry', PEN_IFACE, pen)
+        self.pen_call(pen, 'WatchTelemetry')  # Telemetry goes only to watchers
         ended = SignalLog(self.bus, 'SessionEnded', PEN_IFACE, pen)
 
         # Arm an installed profile: Profile mirrors the file, set points follow it.
@@ -561,7 +562,8 @@ class PenErrors(NeedledTestCase):
         for method, args in (('LoadProfile', ('acne-scars-cheeks',)), ('Stop', ()), ('OpenTelemetry', ())):
             with self.assertRaises(dbus.exceptions.DBusException) as cm:
                 self.pen_call(pen, method, *args)
-            self.assertIn(cm.exception.get_dbus_name(), (UNKNOWN_OBJECT, UNKNOWN_METHOD, ERR + 'DeviceGone'))
+            self.assertIn(cm.exception.get_dbus_name(), (UNKNOWN_OBJECT, UNKNOWN_METHOD, ERR + 'DeviceGone',
+                                                         ERR + 'UnknownPen'))
         with self.assertRaises(dbus.exceptions.DBusException):
             self.pprop(pen, 'State')
 

@@ -44,7 +44,7 @@ class Simulator(NeedledTestCase):
             opts(colour='red'),
             opts(serial=dbus.UInt32(5)),
             opts(battery_percent='full'),
-            opts(battery_percent=dbus.Int32(50)),
+            opts(battery_percent=dbus.Int32(-1)),
             opts(battery_percent=dbus.UInt32(101)),
             opts(telemetry_rate_hz=dbus.UInt32(0)),
             opts(telemetry_rate_hz=dbus.UInt32(10**6)),

@@ -64,6 +64,7 @@ class UsbPen(NeedledTestCase):
 
         # Live telemetry while idle: on the bus and on the fd, consecutive, none lost.
         telemetry = SignalLog(self.bus, 'Telemetry', PEN_IFACE, PEN_PATH)
+        self.pen_call(PEN_PATH, 'WatchTelemetry')  # Telemetry goes only to watchers
         ended = SignalLog(self.bus, 'SessionEnded', PEN_IFACE, PEN_PATH)
         removed = SignalLog(self.bus, 'InterfacesRemoved', OM_IFACE, MANAGER_PATH)
         reader = TelemetryReader(self.pen_call(PEN_PATH, 'OpenTelemetry'))

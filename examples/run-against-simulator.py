@@ -1,0 +1,79 @@
+#!/usr/bin/python3
+"""Runs one example client against `needled --session --simulate` on a private session bus.
+
+    run-against-simulator.py NEEDLED SOURCE_ROOT -- COMMAND [ARGS...]
+
+Starts dbus-daemon (session type, a socket in a temporary directory) and the daemon with the
+shipped limits and profiles and a fresh state directory, adds a simulated pen EX-1 with a fresh
+12-needle cartridge, then runs COMMAND with DBUS_SESSION_BUS_ADDRESS set and the serial EX-1 as
+its last argument. Exits with COMMAND's status; the daemon's log goes to stderr when it fails.
+Everything it started is stopped and waited for.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def busctl(env, *args):
+    return subprocess.run(['busctl', '--user'] + list(args), env=env, check=True, capture_output=True, text=True,
+                          timeout=30).stdout
+
+
+def main():
+    sep = sys.argv.index('--')
+    needled, source_root = sys.argv[1:3]
+    command = sys.argv[sep + 1:]
+    tmp = tempfile.mkdtemp(prefix='needled-example-')
+    procs = []
+    status = 1
+    log_path = os.path.join(tmp, 'needled.log')
+    try:
+        bus = subprocess.Popen(['dbus-daemon', '--session', '--nofork', '--print-address=1',
+                                f'--address=unix:path={tmp}/bus'], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+        procs.append(bus)
+        env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=bus.stdout.readline().strip())
+        os.mkdir(os.path.join(tmp, 'state'))
+        with open(log_path, 'w', encoding='utf-8') as log:
+            daemon = subprocess.Popen([needled, '--session', '--simulate',
+                                       '--limits', os.path.join(source_root, 'conf', 'limits.yaml'),
+                                       '--profiles', os.path.join(source_root, 'conf', 'profiles.d'),
+                                       '--state-dir', os.path.join(tmp, 'state')], env=env, stderr=log)
+        procs.append(daemon)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                busctl(env, 'call', 'org.needled', '/org/needled', 'org.needled1.Simulator', 'AddPen', 'a{sv}', '1',
+                       'serial', 's', 'EX-1')
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        path = busctl(env, 'call', 'org.needled', '/org/needled', 'org.needled1.Manager', 'FindPen', 's',
+                      'EX-1').split()[1].strip('"')
+        busctl(env, 'call', 'org.needled', '/org/needled', 'org.needled1.Simulator', 'InsertCartridge', 'osu',
+               path, 'EX-CART-1', '12')
+        status = subprocess.run(command + ['EX-1'], env=env, timeout=120).returncode
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        if status != 0 and os.path.exists(log_path):
+            with open(log_path, encoding='utf-8') as f:
+                sys.stderr.write('---- needled log ----\n' + f.read()[-6000:])
+        shutil.rmtree(tmp, ignore_errors=True)
+    return status
+
+
+if __name__ == '__main__':
+    sys.exit(main())
