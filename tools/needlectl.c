@@ -35,6 +35,7 @@ static const verb verbs[] = {
         { "limits",        verb_limits,        "show the limits in force and their digest" },
         { "reload-limits", verb_reload_limits, "make the daemon re-read its limits file" },
         { "history",       verb_history,       "list treatment sessions from the ledger" },
+        { "export",        verb_export,        "write treatment sessions for other systems (CSV)" },
         { "cartridge",     verb_cartridge,     "what the ledger knows of a cartridge" },
         { "record",        verb_record,        "record a pen's telemetry to CSV" },
         { "sim",           verb_sim,           "drive the simulator (needled --simulate)" },

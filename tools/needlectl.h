@@ -34,6 +34,7 @@ int verb_validate(int argc, char *argv[]);
 int verb_limits(int argc, char *argv[]);
 int verb_reload_limits(int argc, char *argv[]);
 int verb_history(int argc, char *argv[]);
+int verb_export(int argc, char *argv[]);
 int verb_cartridge(int argc, char *argv[]);
 int verb_arm(int argc, char *argv[]);
 int verb_start(int argc, char *argv[]);
