@@ -99,7 +99,8 @@ typedef struct history_reply {
         uint64_t longest_slice_ns;
 } history_reply;
 
-static void history_reply_free(history_reply *h) {
+static void history_reply_free(void *userdata) {
+        history_reply *h = userdata;
         if (!h)
                 return;
         nd_ledger_job_free(h->job);
@@ -143,8 +144,9 @@ static int history_reply_slice(sd_event_source *s, void *userdata) {
                      "slice(s), the longest %.3f ms", job->n_sessions, (double) job->query_us / 1000.0,
                      (double) h->loop_ns / 1e6, (job->n_sessions + HISTORY_REPLY_SLICE - 1) / HISTORY_REPLY_SLICE,
                      (double) h->longest_slice_ns / 1e6);
+        /* Take the loop's reference back and drop it: the destroy callback frees h. */
+        (void) sd_event_source_set_floating(s, false);
         sd_event_source_disable_unref(s);
-        history_reply_free(h);
         return 0;
 }
 
@@ -174,8 +176,12 @@ static void history_done(nd_ledger_job *job, void *userdata) {
         if (r >= 0)
                 r = sd_event_add_defer(d->event, &s, history_reply_slice, h);
         if (r >= 0) {
+                /* The loop owns the source and, through its destroy callback, h: a reply still being
+                 * built when the daemon exits is freed with the loop. */
+                (void) sd_event_source_set_destroy_callback(s, history_reply_free);
                 (void) sd_event_source_set_priority(s, SD_EVENT_PRIORITY_IDLE);
                 (void) sd_event_source_set_description(s, "history-reply");
+                (void) sd_event_source_set_floating(s, true);
                 return;
         }
         (void) sd_bus_reply_method_errorf(job->message, ND_ERROR_INTERNAL, "Could not build the reply: %s", strerror(-r));

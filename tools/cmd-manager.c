@@ -557,6 +557,148 @@ int verb_history(ctl_invocation *inv) {
         return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
 }
 
+/* ---- export -------------------------------------------------------------------------------- */
+
+static void export_usage(FILE *out) {
+        fprintf(out,
+                "Usage: needlectl export --format csv [--pen SERIAL] [--since TIME] [--before TIME]\n"
+                "                        [--system|--session] [--no-ask-password]\n"
+                "\n"
+                "Writes every treatment session of the ledger that passes the filters to stdout,\n"
+                "oldest first, for spreadsheets and clinic systems (paged like 'history --all').\n"
+                "Needs polkit authorization org.needled1.read-history. --format csv: RFC 4180,\n"
+                "one header line, then one line a session: id, pen, cartridge, needles, profile,\n"
+                "profile_digest, limits_digest, label, owner_uid, start and end (UTC, ISO 8601,\n"
+                "µs; end empty while running), duration_s, strokes, max_depth_mm, max_speed_hz,\n"
+                "max_temperature_c, max_current_ma, reason. (FHIR is not available yet.)\n"
+                "\n"
+                "Options:\n"
+                "      --format csv       the output format\n"
+                "      --pen SERIAL       only this pen's sessions\n"
+                "      --since TIME       only sessions started at or after TIME (as history)\n"
+                "      --before TIME      only sessions started before TIME\n"
+                CTL_COMMON_HELP "\n" CTL_EXIT_HELP);
+}
+
+enum { ARG_FORMAT = ARG_ALL + 1 };
+
+static int export_option(int c, const char *arg, void *userdata) {
+        history_args *a = userdata;
+        if (c == ARG_FORMAT) {
+                if (!STREQ(arg, "csv"))
+                        return ctl_fail(NEEDLECTL_EXIT_USAGE, "export: --format '%s' is not known (this build writes csv)",
+                                        arg);
+                a->all = true; /* marks --format given */
+                return 0;
+        }
+        if (c == ARG_LIMIT || c == ARG_ALL)
+                return NEEDLECTL_EXIT_USAGE;
+        return history_option(c, arg, userdata);
+}
+
+/* A CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break. */
+static void csv_field(const char *s, bool last) {
+        if (strpbrk(s, ",\"\r\n")) {
+                putchar('"');
+                for (; *s; s++) {
+                        if (*s == '"')
+                                putchar('"');
+                        putchar(*s);
+                }
+                putchar('"');
+        } else
+                fputs(s, stdout);
+        fputs(last ? "\r\n" : ",", stdout);
+}
+
+/* µs since the epoch as UTC ISO 8601 with µs, or "" for 0. */
+static const char *iso_utc(uint64_t us, char *buf, size_t size) {
+        if (us == 0) {
+                buf[0] = '\0';
+                return buf;
+        }
+        time_t t = (time_t) (us / USEC_PER_SEC);
+        struct tm tm;
+        char day[32];
+        gmtime_r(&t, &tm);
+        strftime(day, sizeof day, "%Y-%m-%dT%H:%M:%S", &tm);
+        snprintf(buf, size, "%s.%06" PRIu64 "Z", day, us % USEC_PER_SEC);
+        return buf;
+}
+
+static const struct option export_options[] = {
+        CTL_COMMON_OPTIONS,
+        { "format", required_argument, NULL, ARG_FORMAT },
+        { "pen",    required_argument, NULL, ARG_PEN },
+        { "since",  required_argument, NULL, ARG_SINCE },
+        { "before", required_argument, NULL, ARG_BEFORE },
+        { NULL, 0, NULL, 0 }
+};
+
+static int export_check(ctl_invocation *inv) {
+        const history_args *args = inv->args;
+        if (!args->all)
+                return ctl_fail(NEEDLECTL_EXIT_USAGE, "export: --format csv is required");
+        return -1;
+}
+
+const ctl_verb_syntax ctl_syntax_export = {
+        .usage = export_usage,
+        .options = export_options,
+        .handler = export_option,
+        .args_size = sizeof(history_args),
+        .check = export_check,
+};
+
+int verb_export(ctl_invocation *inv) {
+        const history_args args = *(const history_args *) inv->args;
+        sd_bus *bus = inv->bus;
+        int r;
+
+        _cleanup_json_ json_object *sessions = NULL;
+        bool more = false;
+        r = history_collect(bus, &args, 0, &sessions, &more);
+        if (r != 0)
+                return r;
+
+        static const char *const header[] = {
+                "id", "pen", "cartridge", "needles", "profile", "profile_digest", "limits_digest", "label",
+                "owner_uid", "start", "end", "duration_s", "strokes", "max_depth_mm", "max_speed_hz",
+                "max_temperature_c", "max_current_ma", "reason",
+        };
+        for (size_t i = 0; i < ELEMENTSOF(header); i++)
+                csv_field(header[i], i + 1 == ELEMENTSOF(header));
+        for (size_t i = json_object_array_length(sessions); i-- > 0;) {
+                json_object *s = json_object_array_get_idx(sessions, i);
+                char num[64], t1[64], t2[64];
+                csv_field(ctl_json_str(s, "id"), false);
+                csv_field(ctl_json_str(s, "pen"), false);
+                csv_field(ctl_json_str(s, "cartridge"), false);
+                snprintf(num, sizeof num, "%" PRId64, ctl_json_int(s, "needles"));
+                csv_field(num, false);
+                csv_field(ctl_json_str(s, "profile"), false);
+                csv_field(ctl_json_str(s, "profile_digest"), false);
+                csv_field(ctl_json_str(s, "limits_digest"), false);
+                csv_field(ctl_json_str(s, "label"), false);
+                snprintf(num, sizeof num, "%" PRId64, ctl_json_int(s, "owner_uid"));
+                csv_field(num, false);
+                csv_field(iso_utc((uint64_t) ctl_json_int(s, "start"), t1, sizeof t1), false);
+                csv_field(iso_utc((uint64_t) ctl_json_int(s, "end"), t2, sizeof t2), false);
+                snprintf(num, sizeof num, "%.3f", ctl_json_double(s, "duration_s"));
+                csv_field(num, false);
+                snprintf(num, sizeof num, "%" PRId64, ctl_json_int(s, "strokes"));
+                csv_field(num, false);
+                static const char *const maxima[] = { "max_depth_mm", "max_speed_hz", "max_temperature_c",
+                                                      "max_current_ma" };
+                for (size_t k = 0; k < ELEMENTSOF(maxima); k++) {
+                        snprintf(num, sizeof num, "%.3f", ctl_json_double(s, maxima[k]));
+                        csv_field(num, false);
+                }
+                csv_field(ctl_json_str(s, "reason"), true);
+        }
+        return fflush(stdout) == 0 ? 0 : ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+}
+
 /* ---- cartridge ------------------------------------------------------------------------------ */
 
 static void cartridge_usage(FILE *out) {

@@ -36,6 +36,7 @@ static const ctl_verb verbs[] = {
         { "limits",        "show the limits in force and their digest",                verb_limits,   &ctl_syntax_limits,      NULL, 0, 0,   true },
         { "reload-limits", "make the daemon re-read its limits file",                  verb_reload_limits, &ctl_syntax_reload_limits, NULL, 0, 0, true },
         { "history",       "list treatment sessions from the ledger",                  verb_history,  &ctl_syntax_history,     NULL, 0, 0,   true },
+        { "export",        "write treatment sessions for other systems (CSV)",         verb_export,   &ctl_syntax_export,      NULL, 0, 0,   true },
         { "cartridge",     "what the ledger knows of a cartridge",                     verb_cartridge, &ctl_syntax_cartridge,  NULL, 1, 1,   true },
         { "record",        "record a pen's telemetry to CSV",                          verb_record,   &ctl_syntax_record,      NULL, 0, 1,   true },
         /* COMMAND [PEN] [ARGS...]: sim's check() counts them per command. */

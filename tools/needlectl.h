@@ -42,6 +42,7 @@ CTL_VERB(validate);
 CTL_VERB(limits);
 CTL_VERB(reload_limits);
 CTL_VERB(history);
+CTL_VERB(export);
 CTL_VERB(cartridge);
 CTL_VERB(arm);
 CTL_VERB(start);

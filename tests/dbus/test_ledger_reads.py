@@ -6,7 +6,10 @@ session ends as asked (no heartbeat-lost), a telemetry reader loses no sample, a
 stalls: the host times of consecutive samples (stamped on the loop as it decodes them) stay close.
 Before the history was read off the loop, one cold pen-filtered query held it for seconds."""
 
+import csv
+import datetime
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -75,7 +78,7 @@ class TestHistoryBesideASession(NeedledTestCase):
 
         pulled = 0
         deadline = time.monotonic() + PULL_SECONDS * timeout_multiplier()
-        while time.monotonic() < deadline:
+        while pulled < 2 or time.monotonic() < deadline:
             evict(self.state_dir)
             calls = [self.pull({'pen': 'NP-0001'}), self.pull({}),
                      self.pull({'pen': 'NP-0002', 'since': dbus.UInt64(1)}),
@@ -169,6 +172,27 @@ class TestHistoryBesideASession(NeedledTestCase):
         self.assertEqual(len(got), sum(1 for e in entries if e['start'] >= since_us // 1000000 * 1000000))
         self.assertGreater(len(got), 1000)
         self.assertEqual(p.stderr, '')
+
+    def test_export_csv(self):
+        # Every session of one pen, once, oldest first, with the values GetHistory has.
+        p = self.needlectl('export', '--format', 'csv', '--pen', 'NP-0002')
+        self.assertEqual(p.returncode, 0, p.stderr)
+        rows = list(csv.DictReader(io.StringIO(p.stdout, newline='')))
+        q = self.needlectl('history', '--pen', 'NP-0002', '--all', '--json')
+        history = list(reversed(json.loads(q.stdout)))
+        self.assertEqual(len(rows), (LEDGER_SESSIONS + 1) // 3)       # NP-0002: sessions 1, 4, 7, ...
+        self.assertEqual([r['id'] for r in rows], [h['id'] for h in history])
+        for r, h in zip(rows, history):
+            start = datetime.datetime.strptime(r['start'], '%Y-%m-%dT%H:%M:%S.%fZ').replace(
+                tzinfo=datetime.timezone.utc)
+            self.assertEqual(round(start.timestamp() * 1e6), h['start'])
+            self.assertEqual((r['pen'], r['cartridge'], r['profile'], r['profile_digest'], r['limits_digest'],
+                              r['label'], r['reason'], int(r['strokes']), int(r['needles'])),
+                             (h['pen'], h['cartridge'], h['profile'], h['profile_digest'], h['limits_digest'],
+                              h['label'], h['reason'], h['strokes'], h['needles']))
+            self.assertAlmostEqual(float(r['max_depth_mm']), h['max_depth_mm'], places=3)
+        self.assertEqual(self.needlectl('export', '--format', 'fhir').returncode, 64)
+        self.assertEqual(self.needlectl('export').returncode, 64)
 
 
 class TestLargeCorruptLedger(NeedledTestCase):
