@@ -1,0 +1,34 @@
+# b. Plug (bind the UDC): the device node gets the daemon's group and mode 0660 from the udev
+#    rule; needled.service is started by SYSTEMD_WANTS; the pen appears on the bus.
+. /needled-vm/guest/lib.sh
+log "b. plug-in: udev gives the node to $NEEDLED_GROUP and starts needled.service"
+
+check "the pen is unplugged" pen_unplug
+check "needled.service is stopped" needled_stop
+since=$(date '+%F %T')
+sleep 1
+check "bind the gadget to the UDC ($(udc))" pen_plug
+node=$(pen_node)
+log "device: $(pen_sysfs) -> $node"
+check "device node $node exists" wait_for 10 test -c "$node"
+# udev applies the rule's GROUP/MODE before it announces the device
+wait_for 10 sh -c "[ \"\$(stat -c %G '$node')\" = '$NEEDLED_GROUP' ]"
+expect "node group (udev rule)" "$(stat -c %G "$node")" "$NEEDLED_GROUP"
+expect "node mode (udev rule)" "$(stat -c %a "$node")" 660
+expect "node owner" "$(stat -c %U "$node")" root
+check "udev tagged the device for systemd" sh -c "udevadm info -q property '$node' | grep -qx 'SYSTEMD_WANTS=needled.service'"
+# no bus call before this point: only udev can have started it
+check "needled.service started by the plug-in" wait_for 30 needled_active
+wanted_by=$(systemctl show -p WantedBy --value needled.service)
+log "needled.service WantedBy: $wanted_by"
+check "needled.service is wanted by the pen's device unit" sh -c "echo '$wanted_by' | grep -q '\.device'"
+check "no D-Bus activation happened" sh -c \
+	"! journalctl --no-pager --since='$since' -u dbus.service | grep -q \"service name='org.needled'\""
+check "the pen appears on the bus (FindPen $PEN_SERIAL)" wait_for 30 pen_on_bus
+path=$(busctl --system call org.needled /org/needled org.needled1.Manager FindPen s "$PEN_SERIAL")
+expect "its object path" "$path" "o \"$PEN_PATH\""
+check "its state is idle" wait_for 10 pen_state_is idle
+check "Manager.Pens lists it" sh -c "busctl --system get-property org.needled /org/needled org.needled1.Manager Pens | grep -q '$PEN_PATH'"
+check "the journal says the pen connected" sh -c \
+	"journalctl --no-pager --since='$since' -u needled.service | grep -q 'pen connected'"
+finish
