@@ -9,6 +9,9 @@ NEEDLED_BUILD_PACKAGES="gcc libc6-dev pkg-config meson ninja-build check libyaml
 # systemd-analyze for the unit's exposure score.
 NEEDLED_TEST_PACKAGES="clang libclang-rt-14-dev valgrind umockdev libumockdev-dev libglib2.0-dev
   dbus python3 python3-dbus python3-dbusmock python3-gi python3-yaml systemd util-linux"
+# What the booted-system stage (tests/vm) needs on top: QEMU, and the tools that build its
+# Debian guest image (debootstrap, mke2fs -d, zstd; curl checks the mirror first).
+NEEDLED_VM_PACKAGES="qemu-system-x86 debootstrap e2fsprogs zstd util-linux curl"
 # What the demo needs on top of the build: a private bus.
 NEEDLED_DEMO_PACKAGES="dbus"
 
