@@ -120,7 +120,8 @@ pen_get() { busctl --system get-property org.needled "$PEN_PATH" org.needled1.Pe
 # unquoted: busctl prints 's "idle"', 'u 3'
 pen_value() { pen_get "$1" 2>/dev/null | sed -E 's/^[a-z]+ //; s/^"(.*)"$/\1/'; }
 pen_state_is() { [ "$(pen_value State)" = "$1" ]; }
-pen_on_bus() { busctl --system call org.needled /org/needled org.needled1.Manager FindPen s "$PEN_SERIAL" >/dev/null 2>&1; }
+# the pen's object is listed by the manager (the same path after every replug)
+pen_on_bus() { mgr_get Pens 2>/dev/null | grep -q "\"$PEN_PATH\""; }
 pen_cartridge_state() { pen_get Cartridge 2>/dev/null | grep -o '"state" s "[a-z-]*"' | sed -E 's/.*"([a-z-]*)"$/\1/'; }
 
 # --- the pen (gadget) ---
