@@ -149,21 +149,25 @@ pen_plug() {
 pen_unplug() {
 	pen_plugged || return 0
 	guarded 20 needle-gadget-configfs unbind "$GADGET" || return 1
-	wait_for 20 sh -c '! ls /sys/bus/usb/devices/*/idVendor >/dev/null 2>&1 || ! grep -qx '"${USB_ID%%:*}"' /sys/bus/usb/devices/*/idVendor'
+	wait_for 20 not pen_sysfs
 }
 # pen_ready: plugged, needled running, the pen on the bus and idle
 pen_ready() {
 	pen_plug || return 1
-	wait_for 30 pen_on_bus || { log "pen $PEN_SERIAL not on the bus"; return 1; }
+	wait_for 60 pen_on_bus || { log "pen $PEN_SERIAL not on the bus"; return 1; }
 	wait_for 15 pen_state_is idle || { log "pen state $(pen_value State), not idle"; return 1; }
 }
 # fresh_cartridge: a new single-use cartridge in the pen, seen by needled as fresh
 CARTRIDGE=
 fresh_cartridge() {
 	CARTRIDGE=CART-$(date +%s%N | cut -c9-16)-$RANDOM
+	# the daemon follows the pen's cartridge-present bit: take the old one out first
+	gadget eject-cartridge >/dev/null 2>&1
+	wait_for 10 sh -c "busctl --system get-property org.needled '$PEN_PATH' org.needled1.Pen Cartridge | grep -q '\"id\" s \"\"'" ||
+		{ log "needled did not see the cartridge go: $(pen_get Cartridge)"; return 1; }
 	gadget insert-cartridge "$CARTRIDGE" "$NEEDLES" >/dev/null || return 1
 	wait_for 10 sh -c "busctl --system get-property org.needled '$PEN_PATH' org.needled1.Pen Cartridge | grep -q '\"$CARTRIDGE\"'" ||
-		{ log "needled did not see cartridge $CARTRIDGE"; return 1; }
+		{ log "needled did not see cartridge $CARTRIDGE: $(pen_get Cartridge)"; return 1; }
 }
 
 # --- motor log: "<realtime µs> <monotonic µs> motor-start|motor-stop ..." ---
@@ -212,6 +216,8 @@ history_get() {
 }
 
 not() { ! "$@"; }
+# has TEXT PATTERN: TEXT matches the grep pattern (TEXT may hold any quote)
+has() { grep -q -e "$2" <<<"$1"; }
 # clinic_rules_install: the shipped example polkit rules in force (scenario d shows it matters)
 CLINIC_RULES_EXAMPLE=$NEEDLED_OPT_prefix/share/doc/needled/examples/50-needled-clinic.rules
 CLINIC_RULES=/etc/polkit-1/rules.d/50-needled-clinic.rules

@@ -21,7 +21,7 @@ check "udev tagged the device for systemd" sh -c "udevadm info -q property '$nod
 check "needled.service started by the plug-in" wait_for 30 needled_active
 wanted_by=$(systemctl show -p WantedBy --value needled.service)
 log "needled.service WantedBy: $wanted_by"
-check "needled.service is wanted by the pen's device unit" sh -c "echo '$wanted_by' | grep -q '\.device'"
+check "needled.service is wanted by the pen's device unit" has "$wanted_by" '\.device'
 check "no D-Bus activation happened" sh -c \
 	"! journalctl --no-pager --since='$since' -u dbus.service | grep -q \"service name='org.needled'\""
 check "the pen appears on the bus: Manager.Pens lists $PEN_PATH" wait_for 30 pen_on_bus

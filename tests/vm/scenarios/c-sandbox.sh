@@ -24,7 +24,7 @@ for cap in CapInh CapPrm CapEff CapBnd CapAmb; do
 done
 sched=$(chrt -p "$pid")
 log "scheduling: $sched"
-check "real-time FIFO as the unit sets it" sh -c "echo '$sched' | grep -q SCHED_FIFO"
+check "real-time FIFO as the unit sets it" has "$sched" SCHED_FIFO
 check "in a mount namespace of its own" test "$(readlink "/proc/$pid/ns/mnt")" != "$(readlink /proc/1/ns/mnt)"
 check "in a user namespace of its own (PrivateUsers)" test "$(readlink "/proc/$pid/ns/user")" != "$(readlink /proc/1/ns/user)"
 

@@ -10,7 +10,7 @@ check "clinic rules in force" clinic_rules_install
 check "a fresh cartridge" fresh_cartridge
 csv=/run/needled-vm-e-telemetry.csv
 summary=/run/needled-vm-e-record.json
-needlectl --json record "$PEN_SERIAL" --output "$csv" >"$summary" 2>&1 &
+needlectl --json record "$PEN_SERIAL" --output "$csv" >"$summary" 2>"$summary.err" &
 rec=$!
 mark=$(motor_mark)
 check "$OPERATOR arms acne-scars-cheeks and starts" session_begin "$OPERATOR" acne-scars-cheeks vm-e
@@ -28,7 +28,7 @@ kill -INT "$rec"
 wait_for 10 gone "$rec"
 wait "$rec"
 rec=
-log "record: $(cat "$summary")"
+log "record: $(cat "$summary" "$summary.err")"
 samples=$(jq -r .samples "$summary" 2>/dev/null)
 check "telemetry samples were read from OpenTelemetry ($samples)" test "${samples:-0}" -gt 1000
 expect "gaps (sequence numbers never seen)" "$(jq -r .gaps "$summary")" 0
@@ -44,7 +44,7 @@ check "the measured depth went from 1.25 mm to 1.0 mm" test "$deep" -gt 0 -a "$s
 events=$(motor_events_since "$mark")
 log "motor log:"; echo "$events" | sed 's/^/    /'
 check "one motor start" test "$(echo "$events" | grep -c ' motor-start ')" = 1
-check "then a stop by the host" sh -c "echo '$events' | grep ' motor-stop ' | head -n 1 | grep -q 'cause=host'"
+check "then a stop by the host" has "$(grep -m 1 ' motor-stop ' <<<"$events")" 'cause=host'
 
 entry=$(as_user "$OPERATOR" needlectl --no-ask-password --json history --limit 5 | jq -c --arg id "$SESSION_ID" '.[] | select(.id == $id)')
 log "ledger: $entry"
@@ -59,7 +59,7 @@ check "ledger: max depth within the profile" test "$(echo "$entry" | jq -r '.max
 check "ledger: the limits digest in force" test "$(echo "$entry" | jq -r .limits_digest)" = "$(mgr_get LimitsDigest | tr -d '"' | sed 's/^s //')"
 text=$(as_user "$OPERATOR" needlectl --no-ask-password history --limit 1)
 log "needlectl history:"; echo "$text" | sed 's/^/    /'
-check "needlectl history shows it" sh -c "echo '$text' | grep -q '$CARTRIDGE\|$SESSION_ID'"
+check "needlectl history shows it" has "$text" "$CARTRIDGE"
 expect "the cartridge is spent" "$(needlectl --json cartridge "$CARTRIDGE" | jq -r .state)" spent
 out=$(needlectl audit verify 2>&1)
 rc=$?

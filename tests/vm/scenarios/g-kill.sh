@@ -21,7 +21,7 @@ kill -KILL "$pid"
 stop=$(motor_stop_line "$mark")
 log "killed at $killed_us; motor log: $stop"
 check "the motor stopped" test -n "$stop"
-check "by the pen's watchdog" sh -c "echo '$stop' | grep -q 'cause=watchdog'"
+check "by the pen's watchdog" has "$stop" 'cause=watchdog'
 stop_us=$(echo "$stop" | cut -d' ' -f1)
 after_ms=$(( (${stop_us:-0} - killed_us) / 1000 ))
 log "motor stopped $after_ms ms after the kill (heartbeat_timeout_ms $timeout_ms)"
@@ -39,5 +39,5 @@ expect "the pen says so" "$(pen_cartridge_state)" spent
 as_user "$OPERATOR" needlectl --no-ask-password arm "$PEN_SERIAL" acne-scars-cheeks
 out=$(as_user "$OPERATOR" needlectl --no-ask-password start "$PEN_SERIAL" 2>&1)
 log "start with the same cartridge: $out"
-check "a start with it is refused (CartridgeSpent)" sh -c "echo '$out' | grep -q CartridgeSpent"
+check "a start with it is refused (CartridgeSpent)" has "$out" CartridgeSpent
 finish

@@ -16,7 +16,7 @@ stop_begin_us=$(now_us)
 check "systemctl stop needled.service" systemctl stop needled.service
 stop=$(motor_stop_line "$mark")
 log "motor log: $stop"
-check "the motor stopped by the host's command, not the watchdog" sh -c "echo '$stop' | grep -q 'cause=host'"
+check "the motor stopped by the host's command, not the watchdog" has "$stop" 'cause=host'
 motor_us=$(echo "$stop" | cut -d' ' -f1)
 # the end of the process as systemd saw it
 exit_us=$(journalctl --no-pager -o json --after-cursor="$cursor" -u needled.service |

@@ -22,7 +22,7 @@ check "needlectl run ends" session_end_wait 15
 expect "the session's end" "$(session_reason)" limits-changed
 stop=$(motor_stop_line "$mark")
 log "motor log: $stop"
-check "the motor stopped by the host's command" sh -c "echo '$stop' | grep -q 'cause=host'"
+check "the motor stopped by the host's command" has "$stop" 'cause=host'
 expect "ledger: reason" "$(history_get "$SESSION_ID" reason)" limits-changed
 check "the new limits are in force (digest changed)" test "$(mgr_get LimitsDigest)" != "$digest"
 check "arming the 1.25 mm profile is now refused" not as_user "$OPERATOR" needlectl --no-ask-password arm "$PEN_SERIAL" acne-scars-cheeks

@@ -41,7 +41,7 @@ for kind in bad-crc truncated malformed; do
 	expect "$kind: the session's end" "$(session_reason)" fault:telemetry-corrupt
 	stop=$(motor_stop_line "$mark")
 	log "motor log: $stop"
-	check "$kind: the daemon stopped the motor (not the watchdog)" sh -c "echo '$stop' | grep -q 'cause=host'"
+	check "$kind: the daemon stopped the motor (not the watchdog)" has "$stop" 'cause=host'
 	expect "$kind: pen state" "$(pen_value State)" fault
 	expect "$kind: pen fault" "$(pen_value Fault)" telemetry-corrupt
 	check "$kind: the refused packet is in the journal" sh -c \
