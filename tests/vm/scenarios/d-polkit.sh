@@ -12,6 +12,8 @@ check "a fresh cartridge" fresh_cartridge
 out=$(as_user "$OPERATOR" needlectl --no-ask-password arm "$PEN_SERIAL" acne-scars-cheeks 2>&1)
 log "without the rules, $OPERATOR arms: $out"
 check "... refused: polkit's defaults give a user without an active session nothing" has "$out" AccessDenied
+check "... by polkit's answer, not for want of one" not has "$out" 'did not answer\|could not be asked\|identity could not'
+
 
 check "install the example rules (from $CLINIC_RULES_EXAMPLE)" clinic_rules_install
 
