@@ -18,7 +18,7 @@ check "... by polkit's answer, not for want of one" not has "$out" 'did not answ
 check "install the example rules (from $CLINIC_RULES_EXAMPLE)" clinic_rules_install
 
 # a member runs a whole (short) treatment to its end
-out=$(as_user "$OPERATOR" needlectl --no-ask-password --json run "$PEN_SERIAL" --profile "$SHORT_PROFILE" --label vm-d --quiet 2>&1)
+out=$(as_user "$OPERATOR" needlectl --no-ask-password --json run "$PEN_SERIAL" --profile "$SHORT_PROFILE" --label vm-d 2>&1)
 rc=$?
 log "$OPERATOR: needlectl run (exit $rc):"; echo "$out" | sed 's/^/    /'
 expect "$OPERATOR's treatment ran" "$rc" 0
