@@ -11,6 +11,9 @@ NEEDLED_TEST_PACKAGES="clang libclang-rt-14-dev valgrind umockdev libumockdev-de
   dbus python3 python3-dbus python3-dbusmock python3-gi python3-yaml systemd util-linux"
 # The client examples (suite examples): gdbus-codegen, C++ and QtDBus with qdbusxml2cpp.
 NEEDLED_TEST_PACKAGES="$NEEDLED_TEST_PACKAGES libglib2.0-dev-bin g++ qtbase5-dev qtbase5-dev-tools"
+# What the booted-system stage (tests/vm) needs on top: QEMU, and the tools that build its
+# Debian guest image (debootstrap, mke2fs -d, zstd; curl checks the mirror first).
+NEEDLED_VM_PACKAGES="qemu-system-x86 debootstrap e2fsprogs zstd util-linux curl"
 # What the demo needs on top of the build: a private bus.
 NEEDLED_DEMO_PACKAGES="dbus"
 

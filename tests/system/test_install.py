@@ -26,7 +26,7 @@ EXPECTED = {
     'share/dbus-1/system.d/org.needled.conf': ('build', 'dbus/org.needled.conf'),
     'share/dbus-1/system-services/org.needled.service': ('build', 'dbus/org.needled.service'),
     'share/dbus-1/interfaces/org.needled1.xml': ('source', 'dbus/org.needled1.xml'),
-    'share/polkit-1/actions/org.needled1.policy': ('source', 'dbus/org.needled1.policy'),
+    'share/polkit-1/actions/org.needled1.policy': ('build', 'dbus/org.needled1.policy'),
     'lib/systemd/system/needled.service': ('build', 'daemon/needled.service'),
     'lib/sysusers.d/needled.conf': ('build', 'daemon/needled-sysusers.conf'),
     'lib/udev/rules.d/70-needled.rules': ('build', 'udev/70-needled.rules'),

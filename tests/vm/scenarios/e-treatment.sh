@@ -1,0 +1,68 @@
+# e. A whole treatment through the kernel: arm, start, depth change, stop; telemetry read from
+#    OpenTelemetry() with no sequence gap; the ledger row and `needlectl history`;
+#    `needlectl audit verify`.
+. /needled-vm/guest/lib.sh
+log "e. a treatment over the guest kernel's USB stack"
+trap 'session_cleanup; [ -n "${rec:-}" ] && kill "$rec" 2>/dev/null' EXIT
+
+check "pen ready" pen_ready
+check "clinic rules in force" clinic_rules_install
+check "a fresh cartridge" fresh_cartridge
+csv=/run/needled-vm-e-telemetry.csv
+summary=/run/needled-vm-e-record.json
+needlectl --json record "$PEN_SERIAL" --output "$csv" >"$summary" 2>"$summary.err" &
+rec=$!
+mark=$(motor_mark)
+check "$OPERATOR arms acne-scars-cheeks and starts" session_begin "$OPERATOR" acne-scars-cheeks vm-e
+check "the motor runs (gadget)" wait_for 10 motor_running
+sleep 2
+session_cmd "depth 1.0"
+check "the depth set point follows (DepthMm 1.0)" wait_for 10 sh -c "busctl --system get-property org.needled '$PEN_PATH' org.needled1.Pen DepthMm | grep -qx 'd 1'"
+sleep 2
+session_cmd stop
+check "needlectl run ends" session_end_wait 15
+expect "the session's end" "$(session_reason)" stopped
+check "the pen is idle again" wait_for 10 pen_state_is idle
+sleep 0.5
+kill -INT "$rec"
+wait_for 10 gone "$rec"
+wait "$rec"
+rec=
+log "record: $(cat "$summary" "$summary.err")"
+samples=$(jq -r .samples "$summary" 2>/dev/null)
+check "telemetry samples were read from OpenTelemetry ($samples)" test "${samples:-0}" -gt 1000
+expect "gaps (sequence numbers never seen)" "$(jq -r .gaps "$summary")" 0
+expect "records the daemon dropped for this reader" "$(jq -r .dropped "$summary")" 0
+expect "bad records" "$(jq -r .bad_records "$summary")" 0
+seq_gaps=$(awk -F, 'NR > 1 { if (NR > 2 && $1 != prev + 1) g++; prev = $1 } END { print g + 0 }' "$csv")
+expect "consecutive sequence numbers in the CSV" "$seq_gaps" 0
+deep=$(awk -F, 'NR > 1 && $6 > 1.15 && $6 < 1.35 { n++ } END { print n + 0 }' "$csv")
+shallow=$(awk -F, 'NR > 1 && $6 > 0.9 && $6 < 1.1 { n++ } END { print n + 0 }' "$csv")
+log "samples measured near 1.25 mm: $deep, near 1.0 mm: $shallow"
+check "the measured depth went from 1.25 mm to 1.0 mm" test "$deep" -gt 0 -a "$shallow" -gt 0
+
+events=$(motor_events_since "$mark")
+log "motor log:"; echo "$events" | sed 's/^/    /'
+check "one motor start" test "$(echo "$events" | grep -c ' motor-start ')" = 1
+check "then a stop by the host" has "$(grep -m 1 ' motor-stop ' <<<"$events")" 'cause=host'
+
+entry=$(as_user "$OPERATOR" needlectl --no-ask-password --json history --limit 5 | jq -c --arg id "$SESSION_ID" '.[] | select(.id == $id)')
+log "ledger: $entry"
+expect "ledger: reason" "$(echo "$entry" | jq -r .reason)" stopped
+expect "ledger: cartridge" "$(echo "$entry" | jq -r .cartridge)" "$CARTRIDGE"
+expect "ledger: profile" "$(echo "$entry" | jq -r .profile)" acne-scars-cheeks
+expect "ledger: label" "$(echo "$entry" | jq -r .label)" vm-e
+expect "ledger: owner" "$(echo "$entry" | jq -r .owner_uid)" "$(id -u "$OPERATOR")"
+check "ledger: an end after the start" test "$(echo "$entry" | jq -r '.end > .start and .start > 0')" = true
+check "ledger: strokes counted" test "$(echo "$entry" | jq -r '.strokes > 0')" = true
+check "ledger: max depth within the profile" test "$(echo "$entry" | jq -r '.max_depth_mm > 1.0 and .max_depth_mm <= 1.4')" = true
+check "ledger: the limits digest in force" test "$(echo "$entry" | jq -r .limits_digest)" = "$(mgr_get LimitsDigest | tr -d '"' | sed 's/^s //')"
+text=$(as_user "$OPERATOR" needlectl --no-ask-password history --limit 1)
+log "needlectl history:"; echo "$text" | sed 's/^/    /'
+check "needlectl history shows it" has "$text" "$CARTRIDGE"
+expect "the cartridge is spent" "$(needlectl --json cartridge "$CARTRIDGE" | jq -r .state)" spent
+out=$(needlectl audit verify 2>&1)
+rc=$?
+log "needlectl audit verify (exit $rc): $out"
+expect "the audit trail verifies" "$rc" 0
+finish
