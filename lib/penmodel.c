@@ -569,12 +569,22 @@ static void set_telemetry(nd_penmodel *m, bool enabled, unsigned rate_hz) {
                 queue_drop_all(m);
                 return;
         }
-        /* Continue from the next due time when already streaming, so no two samples crowd.
-         * Otherwise start at the next physics tick, as firmware samples on its control tick:
-         * pens powered on at the same millisecond phase then sample in step, as pens on one USB
-         * bus are polled in the same 1 ms frames (the simulator powers them on so). */
-        uint64_t base = m->tel_enabled ? sample_due(m)
-                                       : m->tick_us + (m->now_us > m->tick_us ? ND_PENMODEL_TICK_US : 0);
+        /* Start at the next physics tick, as firmware samples on its control tick: pens powered
+         * on at the same millisecond phase then sample in step, as pens on one USB bus are polled
+         * in the same 1 ms frames (the simulator powers them on so). When already streaming, a
+         * lower rate continues from the next due time; a higher one from one new period after
+         * the last sample (protocol.md §5.4), so no two samples crowd and a host that raises the
+         * rate (an idle pen coming into use) gets full-rate samples at once, not after up to a
+         * whole slow period. */
+        uint64_t next_tick = m->tick_us + (m->now_us > m->tick_us ? ND_PENMODEL_TICK_US : 0);
+        uint64_t base = next_tick;
+        if (m->tel_enabled) {
+                base = sample_due(m);
+                if (rate_hz > m->tel_rate_hz && m->tel_index > 0) {
+                        uint64_t last = m->tel_base_us + (m->tel_index - 1) * USEC_PER_SEC / m->tel_rate_hz;
+                        base = MIN(base, MAX(next_tick, last + USEC_PER_SEC / rate_hz));
+                }
+        }
         m->tel_enabled = true;
         m->tel_rate_hz = rate_hz;
         m->tel_base_us = base;
