@@ -284,10 +284,12 @@ class Announcements(NeedledTestCase):
             pump(0.7)  # low-rate values are announced at about 4 Hz
             got = unwrap(self.call(path, PROPS_IFACE, 'GetAll', iface))
             for k, v in got.items():
-                if running and k in ('ElapsedS', 'Strokes'):
+                if running and k in ('ElapsedS', 'Strokes', 'Punctures'):
                     # They move while the motor runs: the cache is at most a tick behind.
                     self.assertLessEqual(cache[path][k], v, k)
                     self.assertGreater(cache[path][k], 0, k)
+                elif running and k == 'DensityPerCm2':
+                    self.assertLessEqual(cache[path][k], v, k)  # 0 without area_cm2, else moves
                 elif k in ('TemperatureC', 'BatteryPercent'):
                     self.assertAlmostEqual(cache[path][k], v, delta=1.0, msg=k)
                 else:
