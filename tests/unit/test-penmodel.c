@@ -507,6 +507,35 @@ START_TEST(test_sequence_at_1khz) {
 }
 END_TEST
 
+/* An idle pen coming into use: a raised rate applies one new period after the last sample, not at
+ * the slow schedule's next due time (protocol.md §5.4); a lowered one from the next due time. */
+START_TEST(test_raised_rate_applies_at_once) {
+        nd_penmodel *m = ready_pen(1, 1.0, 100);
+        collector c = {0};
+
+        ck_assert_int_eq(set_telemetry(m, T0, 2, true), 0);
+        run(m, T0, T0 + MS(1200), MS(1), &c); /* samples at 0, 500 and 1000 ms */
+        ck_assert_uint_eq(c.n, 3);
+        ck_assert_uint_eq(nd_penmodel_next_due_us(m), T0 + MS(1500));
+
+        /* raised at 1200 ms: the next sample at 1201 ms (one 1 kHz period after the last one, at
+         * the earliest the next tick), not at 1500 ms */
+        ck_assert_int_eq(set_telemetry(m, T0 + MS(1200), 1000, true), 0);
+        ck_assert_uint_le(nd_penmodel_next_due_us(m), T0 + MS(1201));
+        run(m, T0 + MS(1201), T0 + MS(1300), MS(1), &c);
+        ck_assert_uint_ge(c.n, 3 + 100);
+        assert_consecutive(&c);
+        ck_assert_uint_le(c.s[3].timestamp_us, (uint32_t) MS(1201));
+
+        /* lowered again: from the next due time, so no two samples crowd */
+        uint64_t due = nd_penmodel_next_due_us(m);
+        ck_assert_int_eq(set_telemetry(m, T0 + MS(1300), 2, true), 0);
+        ck_assert_uint_eq(nd_penmodel_next_due_us(m), due);
+        collector_done(&c);
+        nd_penmodel_unref(m);
+}
+END_TEST
+
 START_TEST(test_catch_up_batching) {
         nd_penmodel *m = ready_pen(1, 1.0, 100);
         collector c = {0};
@@ -861,6 +890,7 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_measured_values);
         tcase_add_test(tc, test_thermal_and_battery);
         tcase_add_test(tc, test_sequence_at_1khz);
+        tcase_add_test(tc, test_raised_rate_applies_at_once);
         tcase_add_test(tc, test_catch_up_batching);
         tcase_add_test(tc, test_determinism);
         tcase_add_test(tc, test_fault_names);
