@@ -1,4 +1,5 @@
 /* dose.c: punctures, density and the density cap (see dose.h). */
+#include <float.h>
 #include <math.h>
 
 #include "dose.h"
@@ -12,7 +13,10 @@ uint64_t nd_dose_punctures(uint64_t strokes, uint32_t needles) {
 double nd_dose_density_per_cm2(uint64_t punctures, double area_cm2) {
         if (!isfinite(area_cm2) || !(area_cm2 > 0))
                 return 0;
-        return (double) punctures / area_cm2;
+        double density = (double) punctures / area_cm2;
+        /* Profiles keep area_cm2 >= ND_PROFILE_AREA_CM2_MIN; the ledger refuses a non-finite
+         * figure, so a session's end must never depend on that bound alone. */
+        return isfinite(density) ? density : DBL_MAX;
 }
 
 bool nd_dose_reached(const nd_area_limits *area, double density_per_cm2) {

@@ -325,9 +325,10 @@ static void check_area_cm2(const nd_yctx *ctx, nd_profile *p, const nd_ynode *n)
         double v;
         if (nd_yget_number(ctx, n, "area_cm2", &v) < 0)
                 return;
-        if (!(v > 0) || v > ND_PROFILE_AREA_CM2_MAX) {
+        if (!(v >= ND_PROFILE_AREA_CM2_MIN) || v > ND_PROFILE_AREA_CM2_MAX) {
                 char limit[64];
-                snprintf(limit, sizeof limit, "more than 0 and at most %g", ND_PROFILE_AREA_CM2_MAX);
+                snprintf(limit, sizeof limit, "at least %g and at most %g", ND_PROFILE_AREA_CM2_MIN,
+                         ND_PROFILE_AREA_CM2_MAX);
                 out_of_range(ctx, n, "area_cm2", limit, " cm²");
                 return;
         }

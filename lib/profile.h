@@ -35,7 +35,8 @@
 #define ND_PEN_STEP_TOLERANCE_MM  1e-6
 #define ND_PROFILE_PASSES_MIN     1
 #define ND_PROFILE_PASSES_MAX     10
-#define ND_PROFILE_AREA_CM2_MAX   1000.0  /* the treated surface: more than 0, at most this */
+#define ND_PROFILE_AREA_CM2_MAX   1000.0  /* the treated surface: at most this */
+#define ND_PROFILE_AREA_CM2_MIN   0.01    /* and at least this (1 mm²): a density stays finite */
 
 typedef struct nd_profile {
         /* Each has_X says the key was present with a value of the right type; the value may

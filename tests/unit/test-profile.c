@@ -1,5 +1,6 @@
 /* test-profile.c: treatment profiles: every rule, every position, all at once; pen checks;
  * the profiles directory; the shipped profiles. */
+#include <float.h>
 #include <check.h>
 #include <dirent.h>
 #include <errno.h>
@@ -765,6 +766,8 @@ static const profile_case skin_cases[] = {
         { "passes: 3", "passes: \"3\"", "wrong-type", "passes", 13, 9 },
         { "area_cm2: 60", "area_cm2: 0", "out-of-range", "area_cm2", 14, 11 },
         { "area_cm2: 60", "area_cm2: -5", "out-of-range", "area_cm2", 14, 11 },
+        { "area_cm2: 60", "area_cm2: 0.0099", "out-of-range", "area_cm2", 14, 11 },
+        { "area_cm2: 60", "area_cm2: 1e-320", "out-of-range", "area_cm2", 14, 11 },
         { "area_cm2: 60", "area_cm2: 1000.01", "out-of-range", "area_cm2", 14, 11 },
         { "area_cm2: 60", "area_cm2: .nan", "not-finite", "area_cm2", 14, 11 },
         { "area_cm2: 60", "area_cm2: \"60\"", "wrong-type", "area_cm2", 14, 11 },
@@ -915,6 +918,7 @@ START_TEST(test_dose) {
         ck_assert(nd_dose_density_per_cm2(12000, 60) == 200);
         ck_assert(nd_dose_density_per_cm2(12000, 0) == 0);
         ck_assert(nd_dose_density_per_cm2(12000, -1) == 0);
+        ck_assert(nd_dose_density_per_cm2(UINT64_MAX, 1e-320) == DBL_MAX); /* finite: the ledger records it */
         ck_assert(nd_dose_density_per_cm2(12000, NAN) == 0);
         ck_assert(nd_dose_density_per_cm2(12000, INFINITY) == 0);
 
