@@ -1,9 +1,9 @@
 /* test-profile.c: treatment profiles: every rule, every position, all at once; pen checks;
  * the profiles directory; the shipped profiles. */
-#include <float.h>
 #include <check.h>
 #include <dirent.h>
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
