@@ -256,10 +256,32 @@ void nd_telemetry_push(nd_telemetry *t, const nd_telemetry_sample *s) {
         }
 }
 
+/* Registers our end of a new reader (a socket, or the write end of a pipe) and hands the
+ * client's end to *ret_fd; takes both fds on success. */
+static int reader_add(nd_telemetry *t, bool pipe, int *ours, int *theirs, int *ret_fd) {
+        reader *rd = calloc(1, sizeof *rd);
+        if (!rd)
+                return -ENOMEM;
+        rd->owner = t;
+        rd->fd = -1;
+        rd->pipe = pipe;
+        /* A socket reports EPOLLRDHUP when its peer goes; the write end of a pipe EPOLLERR once
+         * the read end is closed. */
+        int r = sd_event_add_io(t->event, &rd->hangup, *ours, pipe ? EPOLLERR : EPOLLRDHUP, on_reader_hangup, rd);
+        if (r < 0) {
+                reader_free(rd);
+                return r;
+        }
+        rd->fd = TAKE_FD(*ours);
+        t->readers[t->n_readers++] = rd;
+        *ret_fd = TAKE_FD(*theirs);
+        telemetry_demand_update(t);
+        return 0;
+}
+
 int nd_telemetry_open_reader(nd_telemetry *t, int *ret_fd) {
         int pair[2];
         int sndbuf = ND_TELEMETRY_READER_SNDBUF;
-        int r;
 
         if (t->n_readers >= ND_TELEMETRY_READERS_MAX)
                 return -EMFILE;
@@ -272,27 +294,12 @@ int nd_telemetry_open_reader(nd_telemetry *t, int *ret_fd) {
                 return -errno;
         (void) setsockopt(ours, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
 
-        reader *rd = calloc(1, sizeof *rd);
-        if (!rd)
-                return -ENOMEM;
-        rd->owner = t;
-        rd->fd = -1;
-        r = sd_event_add_io(t->event, &rd->hangup, ours, EPOLLRDHUP, on_reader_hangup, rd);
-        if (r < 0) {
-                reader_free(rd);
-                return r;
-        }
-        rd->fd = TAKE_FD(ours);
-        t->readers[t->n_readers++] = rd;
-        *ret_fd = TAKE_FD(theirs);
-        telemetry_demand_update(t);
-        return 0;
+        return reader_add(t, false, &ours, &theirs, ret_fd);
 }
 
 int nd_telemetry_open_pipe_reader(nd_telemetry *t, int *ret_fd) {
         _Static_assert(ND_TELEMETRY_RECORD_SIZE <= PIPE_BUF, "a record must be written whole to a pipe");
         int pair[2];
-        int r;
 
         if (t->n_readers >= ND_TELEMETRY_READERS_MAX)
                 return -EMFILE;
@@ -306,23 +313,7 @@ int nd_telemetry_open_pipe_reader(nd_telemetry *t, int *ret_fd) {
         /* As much buffer as a socket reader gets; the system's cap may refuse it (64 KiB stays). */
         (void) fcntl(ours, F_SETPIPE_SZ, ND_TELEMETRY_READER_SNDBUF);
 
-        reader *rd = calloc(1, sizeof *rd);
-        if (!rd)
-                return -ENOMEM;
-        rd->owner = t;
-        rd->fd = -1;
-        rd->pipe = true;
-        /* The write end of a pipe reports EPOLLERR once the read end is closed. */
-        r = sd_event_add_io(t->event, &rd->hangup, ours, EPOLLERR, on_reader_hangup, rd);
-        if (r < 0) {
-                reader_free(rd);
-                return r;
-        }
-        rd->fd = TAKE_FD(ours);
-        t->readers[t->n_readers++] = rd;
-        *ret_fd = TAKE_FD(theirs);
-        telemetry_demand_update(t);
-        return 0;
+        return reader_add(t, true, &ours, &theirs, ret_fd);
 }
 
 /* The answer to the GetNameOwner sent after a watcher was added: a name that had left the bus
