@@ -288,6 +288,10 @@ class Announcements(NeedledTestCase):
                     # They move while the motor runs: the cache is at most a tick behind.
                     self.assertLessEqual(cache[path][k], v, k)
                     self.assertGreater(cache[path][k], 0, k)
+                elif running and k == 'Cartridge':
+                    # its runtime_s moves while the motor runs, announced at the same rate
+                    self.assertEqual({**cache[path][k], 'runtime_s': 0}, {**v, 'runtime_s': 0}, k)
+                    self.assertLessEqual(cache[path][k]['runtime_s'], v['runtime_s'], k)
                 elif running and k == 'DensityPerCm2':
                     self.assertLessEqual(cache[path][k], v, k)  # 0 without area_cm2, else moves
                 elif k in ('TemperatureC', 'BatteryPercent'):
