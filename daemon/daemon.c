@@ -172,6 +172,7 @@ static void daemon_free(nd_daemon *d) {
         free(d->limits_error);
         nd_ledger_close(d->ledger);
         free(d->ledger_error);
+        free(d->ledger_reader_error);
         free(d->state_dir);
         sd_event_unref(d->event);
 }

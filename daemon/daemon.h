@@ -69,6 +69,7 @@ struct nd_daemon {
         /* History and cartridge queries, on a read-only connection off the loop (ledger-reader.c);
          * NULL when the ledger is not available. */
         struct nd_ledger_reader *ledger_reader;
+        char *ledger_reader_error;          /* why ledger_reader is NULL while ledger is not */
         uint64_t ledger_check_started_us;   /* CLOCK_MONOTONIC (ledger-state.c) */
 
         nd_pen **pens;            /* connected pens */

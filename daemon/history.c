@@ -194,9 +194,14 @@ static void submit_read(nd_daemon *d, sd_bus_message *m, nd_ledger_job *job, nd_
         _cleanup_(nd_ledger_job_freep) nd_ledger_job *owned = job;
         int r;
 
-        if (!d->ledger || !d->ledger_reader) {
+        if (!d->ledger) {
                 (void) sd_bus_reply_method_errorf(m, ND_ERROR_STORAGE, "The treatment ledger is not available: %s",
                                                   strempty(d->ledger_error));
+                return;
+        }
+        if (!d->ledger_reader) {
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_STORAGE, "The treatment ledger cannot be read: %s",
+                                                  strempty(d->ledger_reader_error));
                 return;
         }
         job->message = sd_bus_message_ref(m);

@@ -210,8 +210,13 @@ int nd_ledger_reader_new(sd_event *e, const char *db_path, nd_ledger_reader **re
                 return rr;
         (void) sd_event_source_set_description(r->done_source, "ledger-reader");
         rr = start_worker(r);
-        if (rr < 0)
+        if (rr < 0) {
+                /* EPERM here is a seccomp filter that refuses sched_setscheduler(): the thread is
+                 * created time-shared on purpose (see start_worker) and is not started otherwise. */
+                if (error && asprintf(error, "cannot start its time-shared reader thread: %s", strerror(-rr)) < 0)
+                        *error = NULL;
                 return rr;
+        }
         *ret = TAKE_PTR(r);
         return 0;
 }

@@ -116,9 +116,12 @@ void nd_ledger_state_open(nd_daemon *d) {
                 return;
         }
         r = nd_ledger_reader_new(d->event, nd_ledger_path(d->ledger), &d->ledger_reader, &reader_error);
-        if (r < 0)
+        if (r < 0) {
+                free(d->ledger_reader_error);
+                d->ledger_reader_error = reader_error ? TAKE_PTR(reader_error) : strdup(strerror(-r));
                 nd_log_error("the ledger's history cannot be read off the loop (%s): GetHistory and GetCartridge "
-                             "answer Storage", reader_error ? reader_error : strerror(-r));
+                             "answer Storage", strempty(d->ledger_reader_error));
+        }
         if (nd_ledger_checked(d->ledger)) {
                 ledger_recover(d);
                 return;

@@ -25,7 +25,9 @@ expect "$OPERATOR's treatment ran" "$rc" 0
 sid=$(echo "$out" | jq -r 'select(.event == "session-ended") | .session_id' 2>/dev/null | tail -n 1)
 reason=$(echo "$out" | jq -r 'select(.event == "session-ended") | .reason' 2>/dev/null | tail -n 1)
 expect "it ended at the profile's duration" "$reason" completed
-hist=$(as_user "$OPERATOR" needlectl --no-ask-password --json history --limit 5 2>&1)
+hist=$(as_user "$OPERATOR" needlectl --no-ask-password --json history --limit 5 2>/run/needled-vm-d-history.err)
+rc=$?
+[ "$rc" = 0 ] || log "$OPERATOR: needlectl history (exit $rc): $(cat /run/needled-vm-d-history.err)"
 check "$OPERATOR reads the history" jq -e . <<<"$hist"
 expect "the ledger's entry: reason" "$(echo "$hist" | jq -r --arg id "$sid" '.[] | select(.id == $id) | .reason')" completed
 expect "the ledger's entry: owner" "$(echo "$hist" | jq -r --arg id "$sid" '.[] | select(.id == $id) | .owner_uid')" "$(id -u "$OPERATOR")"
