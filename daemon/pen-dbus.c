@@ -885,6 +885,7 @@ static void clear_faults_done(nd_pendev *dev, int status, void *userdata) {
                 /* The pen took it: what it reported latched before is gone. */
                 p->pen_faults = 0;
                 p->faults_cleared_mono_us = nd_pen_now_mono_us(p);
+                p->clean_since_clear = false;
                 nd_pen_disarm(p);
                 nd_pen_set_state(p, ND_PEN_IDLE, NULL);
                 (void) sd_bus_reply_method_return(op->call, NULL);

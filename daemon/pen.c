@@ -27,7 +27,6 @@
 /* Fault bits in samples the pen measured before it took a ClearFault may still arrive after its
  * acknowledgement (telemetry and control travel apart): an idle pen's fault bits count from this
  * long after the clear on. A fault still latched then is seen on the next sample. */
-#define FAULT_CLEAR_GRACE_USEC (100 * USEC_PER_MSEC)
 
 _Static_assert(ND_PEN_HEARTBEAT_MIN_MS >= ND_PROTO_WATCHDOG_MIN_MS && ND_PEN_HEARTBEAT_MAX_MS <= ND_PROTO_WATCHDOG_MAX_MS,
                "every heartbeat_timeout_ms the limits file accepts must be one the pen's watchdog accepts");
@@ -429,7 +428,7 @@ static bool interlock_phase(const nd_pen *p, uint64_t now_us, nd_interlock_phase
         else if (p->session_active && p->state == ND_PEN_PAUSED)
                 *ret = ND_INTERLOCK_PHASE_PAUSED;
         else if (!p->session_active && !p->starting && (p->state == ND_PEN_IDLE || p->state == ND_PEN_ARMED) &&
-                 now_us - p->faults_cleared_mono_us >= FAULT_CLEAR_GRACE_USEC)
+                 !nd_interlock_clear_settling(p->daemon->limits, p->clean_since_clear, now_us - p->faults_cleared_mono_us))
                 *ret = ND_INTERLOCK_PHASE_IDLE;
         else
                 return false;
@@ -513,6 +512,8 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
                 if (p->session_active)
                         p->session.last_sample_ts = s->timestamp_us;
                 p->pen_faults = s->faults;
+                if (!s->faults)
+                        p->clean_since_clear = true;
                 /* Safety first: the stop goes out before anything else is done with the sample. A
                  * fault the pen latched counts in every state, idle and armed too. */
                 (void) check_interlocks(p, ps, now_us);
@@ -682,6 +683,44 @@ static void pen_free_later(nd_pen *p) {
                 pen_log(p, LOG_ERR, "%s: could not schedule the clean-up of the pen; it leaks", strempty(p->serial));
 }
 
+/* The pen answered the CLEAR_FAULTS of clear_watchdog_trace(). */
+static void on_watchdog_trace_cleared(nd_pendev *dev, int status, void *userdata) {
+        nd_pen_op *op = userdata;
+        nd_pen *p = op->pen;
+        nd_pen_op_free(op);
+        if (status < 0) {
+                pen_log(p, LOG_WARNING, "%s: the pen kept its watchdog fault (%s): in fault until an operator clears it",
+                        p->serial, nd_pen_command_error(status));
+                return;
+        }
+        /* Only if nothing else happened since: a new fault bit, a fault of the daemon's own. */
+        if (p->state != ND_PEN_FAULT || !p->fault || !STREQ(p->fault, "heartbeat-lost") ||
+            (p->pen_faults & ~ND_PROTO_FAULT_WATCHDOG_EXPIRED))
+                return;
+        p->pen_faults = 0;
+        p->faults_cleared_mono_us = nd_pen_now_mono_us(p);
+        p->clean_since_clear = false;
+        nd_pen_disarm(p);
+        nd_pen_set_state(p, ND_PEN_IDLE, NULL);
+}
+
+/* A pen that connects with only its watchdog's trace latched (its previous host went away while
+ * the motor ran: that session was closed and recorded then) is cleared and idle: see
+ * nd_interlock_clear_at_connect(). Logged and audited; until the pen answers it is in fault. */
+static void clear_watchdog_trace(nd_pen *p) {
+        pen_log(p, LOG_NOTICE,
+                "%s: the pen's watchdog stopped its motor when its previous host went away; clearing that fault",
+                p->serial);
+        nd_audit(p->daemon, NULL, "ClearFault", p->serial, "heartbeat-lost: latched before this connection");
+        nd_pen_op *op = nd_pen_op_new(p, NULL, 0);
+        int r = op ? nd_pendev_clear_faults(p->dev, on_watchdog_trace_cleared, op) : -ENOMEM;
+        if (r < 0) {
+                if (op)
+                        nd_pen_op_free(op);
+                (void) pen_log_errno(p, LOG_WARNING, r, "%s: cannot ask the pen to clear its watchdog fault", p->serial);
+        }
+}
+
 static void on_ready(nd_pendev *dev, void *userdata) {
         nd_pen *p = userdata;
         nd_daemon *d = p->daemon;
@@ -742,6 +781,8 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                 char why[64];
                 snprintf(why, sizeof why, "the pen reports fault bits 0x%02x", p->pen_faults);
                 nd_pen_trip(p, latched ? latched : "pen-fault", why);
+                if (nd_interlock_clear_at_connect(p->pen_faults, st && st->motor_running))
+                        clear_watchdog_trace(p);
         }
         if (p->pending_add) {
                 (void) sd_bus_reply_method_return(p->pending_add, "o", p->path);

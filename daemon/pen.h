@@ -146,6 +146,7 @@ struct nd_pen {
         uint8_t last_status;
         uint8_t pen_faults;           /* fault bits the pen reports latched (latest sample or status) */
         uint64_t faults_cleared_mono_us; /* when the pen last confirmed a ClearFault */
+        bool clean_since_clear;          /* a sample without fault bits came since */
         uint64_t last_sample_mono_us;
 
         /* The inserted cartridge. */

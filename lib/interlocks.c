@@ -89,6 +89,17 @@ const char *nd_interlock_pen_fault_code(uint8_t pen_faults) {
         return NULL;
 }
 
+bool nd_interlock_clear_at_connect(uint8_t pen_faults, bool motor_running) {
+        return pen_faults == ND_PROTO_FAULT_WATCHDOG_EXPIRED && !motor_running;
+}
+
+bool nd_interlock_clear_settling(const nd_limits *l, bool clean_sample_seen, uint64_t since_clear_us) {
+        if (since_clear_us < ND_INTERLOCK_CLEAR_GRACE_US)
+                return true;
+        uint64_t bound_us = l ? (uint64_t) l->pen.heartbeat_timeout_ms * 1000u : 0;
+        return !clean_sample_seen && since_clear_us < bound_us;
+}
+
 nd_interlock_verdict nd_interlock_check_sample(const nd_limits *l, const nd_interlock_input *in,
                                                const nd_proto_sample *s, uint64_t device_time_us,
                                                nd_interlock_session *ss, nd_interlock_result *ret) {

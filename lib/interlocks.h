@@ -147,6 +147,21 @@ const char *nd_interlock_refusal_to_string(nd_interlock_refusal r);
 /* The pen's own latched fault code (lowest fault bit first; static), NULL when none. */
 const char *nd_interlock_pen_fault_code(uint8_t pen_faults);
 
+/* Whether the daemon clears, by itself, what a pen that has just connected reports latched: only
+ * WATCHDOG_EXPIRED alone, with the motor stopped. That bit is the trace of a host that went away
+ * (a daemon killed or restarted, a cable pulled) while the motor ran; the pen stopped its motor,
+ * and the session was closed and recorded then (device-lost, daemon-restart). Any other bit is a
+ * condition of the pen itself, which an operator must see and clear. */
+bool nd_interlock_clear_at_connect(uint8_t pen_faults, bool motor_running);
+
+/* After the pen confirmed a CLEAR_FAULTS, the samples it measured before still carry the cleared
+ * bits: they are the pen's queue catching up, not a new fault. Whether a sample since_clear_us
+ * after the confirmation is still in that window: always within ND_INTERLOCK_CLEAR_GRACE_US;
+ * after it, until the first sample without fault bits (clean_sample_seen), and never longer than
+ * the limits' heartbeat timeout (a pen whose fault came back at once trips again). */
+#define ND_INTERLOCK_CLEAR_GRACE_US 100000u
+bool nd_interlock_clear_settling(const nd_limits *limits, bool clean_sample_seen, uint64_t since_clear_us);
+
 /* Whether a profile may be armed: not in fault (the daemon's or the pen's own), not busy,
  * limits in force. */
 nd_interlock_refusal nd_interlock_may_arm(const nd_limits *limits, const nd_interlock_pen *pen);

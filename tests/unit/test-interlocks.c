@@ -602,6 +602,55 @@ START_TEST(test_pen_fault_code) {
 }
 END_TEST
 
+/* Only the watchdog's trace alone, the motor stopped, is cleared at connect. */
+START_TEST(test_clear_at_connect) {
+        static const struct {
+                uint8_t faults;
+                bool motor_running, clear;
+        } rows[] = {
+                { 0, false, false },                                             /* nothing latched */
+                { ND_PROTO_FAULT_WATCHDOG_EXPIRED, false, true },
+                { ND_PROTO_FAULT_WATCHDOG_EXPIRED, true, false },                /* the motor runs */
+                { ND_PROTO_FAULT_WATCHDOG_EXPIRED | ND_PROTO_FAULT_OVER_TEMPERATURE, false, false },
+                { ND_PROTO_FAULT_OVER_TEMPERATURE, false, false },
+                { ND_PROTO_FAULT_ALL, false, false },
+                { 0x80, false, false },                                          /* an unknown bit */
+                { ND_PROTO_FAULT_WATCHDOG_EXPIRED | 0x80, false, false },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(rows); i++)
+                ck_assert_msg(nd_interlock_clear_at_connect(rows[i].faults, rows[i].motor_running) == rows[i].clear,
+                              "row %zu: faults 0x%02x motor %d", i, rows[i].faults, rows[i].motor_running);
+}
+END_TEST
+
+/* The queue catching up after a clear: 100 ms always, then until a clean sample, at most the
+ * heartbeat timeout (500 ms in the test limits unless set). */
+START_TEST(test_clear_settling) {
+        nd_limits l = make_limits();
+        l.pen.heartbeat_timeout_ms = 500;
+        static const struct {
+                bool no_limits, clean;
+                uint64_t since_us;
+                bool settling;
+        } rows[] = {
+                { false, false, 0, true },
+                { false, true, 0, true },
+                { false, true, ND_INTERLOCK_CLEAR_GRACE_US - 1, true },
+                { false, true, ND_INTERLOCK_CLEAR_GRACE_US, false },      /* clean and past 100 ms */
+                { false, false, ND_INTERLOCK_CLEAR_GRACE_US, true },      /* not clean yet */
+                { false, false, 499999, true },
+                { false, false, 500000, false },                          /* the bound: at */
+                { false, false, 500001, false },
+                { true, false, ND_INTERLOCK_CLEAR_GRACE_US - 1, true },   /* no limits: 100 ms only */
+                { true, false, ND_INTERLOCK_CLEAR_GRACE_US, false },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(rows); i++)
+                ck_assert_msg(nd_interlock_clear_settling(rows[i].no_limits ? NULL : &l, rows[i].clean, rows[i].since_us) ==
+                                      rows[i].settling,
+                              "row %zu", i);
+}
+END_TEST
+
 /* ---- the enum-to-string tables: every value named, distinct names, nothing past the end -------------- */
 
 static void check_table(const char *(*fn)(unsigned), unsigned max) {
@@ -695,6 +744,8 @@ Suite *nd_test_suite(void) {
         tcase_add_loop_test(tc, test_clear_fault, 0, (int) ELEMENTSOF(clear_rows));
         tcase_add_test(tc, test_clear_fault_without_limits);
         tcase_add_test(tc, test_pen_fault_code);
+        tcase_add_test(tc, test_clear_at_connect);
+        tcase_add_test(tc, test_clear_settling);
         tcase_add_test(tc, test_string_tables);
         suite_add_tcase(s, tc);
 
