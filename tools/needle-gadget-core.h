@@ -41,9 +41,11 @@ typedef enum ng_hostile {
 int ng_hostile_from_string(const char *s);
 const char *ng_hostile_to_string(ng_hostile h);
 
-/* How far an out-of-sequence packet's first sequence number is moved back: behind anything the
- * host has seen in the protocol's modular arithmetic, whatever gap other hostile packets made. */
-#define NG_OUT_OF_SEQUENCE_BACK 32768u
+/* How far an out-of-sequence packet's first sequence number is moved back: to samples the host has
+ * already had, repeated (docs/protocol.md 5.3). A few, well within the window in which needled
+ * takes a sequence that went back for repeats to drop (ND_PENDEV_DUPLICATE_WINDOW); far more
+ * would be a pen that restarted its count, which ends a session (docs/hazards.md, hazard 12). */
+#define NG_OUT_OF_SEQUENCE_BACK 16u
 /* Hostile packets waiting (each "hostile" command is one entry). */
 #define NG_HOSTILE_QUEUE_MAX 16u
 /* COUNT of one "hostile" command. */

@@ -157,6 +157,13 @@ pen_ready() {
 	wait_for 60 pen_on_bus || { log "pen $PEN_SERIAL not on the bus"; return 1; }
 	# a fault left by an earlier scenario (root: polkit authorizes uid 0)
 	pen_state_is fault && { log "clearing fault $(pen_value Fault)"; ctl clear-fault "$PEN_SERIAL"; }
+	# a profile left armed by an earlier scenario (the API has no disarm): plugged in again, the
+	# pen is a new connection, idle
+	if pen_state_is armed; then
+		log "pen armed with $(pen_value Profile | cut -c1-60): plugging it in again"
+		pen_unplug && pen_plug || return 1
+		wait_for 60 pen_on_bus || { log "pen $PEN_SERIAL not back on the bus"; return 1; }
+	fi
 	wait_for 15 pen_state_is idle || { log "pen state $(pen_value State), not idle"; return 1; }
 }
 # fresh_cartridge: a new single-use cartridge in the pen, seen by needled as fresh
