@@ -61,7 +61,7 @@ static int parse_filter(sd_bus_message *m, history_filter *f, sd_bus_error *erro
         return r < 0 ? sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, "Malformed filter") : 0;
 }
 
-static int append_session(sd_bus_message *reply, const nd_ledger_session *s) {
+static int append_session(sd_bus_message *reply, const nd_ledger_session *s, const char *area) {
         int r = sd_bus_message_open_container(reply, 'a', "{sv}");
         if (r >= 0)
                 r = sd_bus_message_append(reply, "{sv}{sv}{sv}{sv}{sv}{sv}{sv}", "id", "s", s->id, "pen", "s",
@@ -82,6 +82,8 @@ static int append_session(sd_bus_message *reply, const nd_ledger_session *s) {
                 r = sd_bus_message_append(reply, "{sv}{sv}{sv}{sv}", "skin_type", "s", strempty(s->skin_type),
                                           "punctures", "t", s->stats.punctures, "density_per_cm2", "d",
                                           s->stats.density_per_cm2, "area_cm2", "d", s->area_cm2);
+        if (r >= 0)
+                r = sd_bus_message_append(reply, "{sv}", "area", "s", strempty(area));
         if (r >= 0)
                 r = sd_bus_message_close_container(reply);
         return r;
@@ -122,7 +124,7 @@ static int history_reply_slice(sd_event_source *s, void *userdata) {
         int r = 0;
 
         for (; r >= 0 && h->next < end; h->next++)
-                r = append_session(h->reply, &job->sessions[h->next]);
+                r = append_session(h->reply, &job->sessions[h->next], job->areas ? job->areas[h->next] : NULL);
         if (r >= 0 && h->next < job->n_sessions) {
                 uint64_t dt = monotonic_ns() - t0;
                 h->loop_ns += dt;

@@ -11,14 +11,30 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "digest.h"
 #include "ledger-reader.h"
 #include "log.h"
+#include "profile.h"
 #include "util.h"
+
+/* The area of a profile snapshot, by its digest (SHA-256 of the snapshot's bytes, so one digest
+ * is one area). History entries carry the area (the body site of an export) while the ledger
+ * stores only the snapshot: each distinct profile is read (by a session's primary key) and parsed
+ * once, not every session's snapshot. A clinic has tens of profiles; the worker's only. */
+#define AREA_CACHE_SIZE 64u
+
+typedef struct area_cache_entry {
+        char digest[ND_SHA256_HEX_SIZE];        /* "" when unused */
+        char *area;                             /* NULL: the snapshot names no area */
+} area_cache_entry;
 
 struct nd_ledger_reader {
         nd_ledger *db;                  /* the read-only connection; used by the worker only */
         sd_event_source *done_source;   /* the eventfd, on the loop */
         int done_fd;
+
+        area_cache_entry areas[AREA_CACHE_SIZE];       /* the worker's */
+        unsigned areas_next;                            /* the entry replaced next */
 
         pthread_t thread;
         bool thread_started;
@@ -42,6 +58,10 @@ nd_ledger_job *nd_ledger_job_free(nd_ledger_job *job) {
         if (!job)
                 return NULL;
         free(job->pen_serial);
+        if (job->areas)
+                for (size_t i = 0; i < job->n_sessions; i++)
+                        free(job->areas[i]);
+        free(job->areas);
         nd_ledger_session_array_free(job->sessions, job->n_sessions);
         sd_bus_message_unref(job->message);
         free(job);
@@ -62,6 +82,64 @@ static uint64_t monotonic_us(void) {
         return (uint64_t) ts.tv_sec * USEC_PER_SEC + (uint64_t) ts.tv_nsec / NSEC_PER_USEC;
 }
 
+/* The area named by the profile snapshot of session s (digest-cached): 0 with *ret the area or
+ * NULL when the snapshot names none, -errno when the snapshot cannot be read. */
+static int session_area(nd_ledger_reader *r, const nd_ledger_session *s, const char **ret) {
+        const char *digest = strempty(s->profile_digest);
+        for (unsigned i = 0; i < AREA_CACHE_SIZE; i++)
+                if (r->areas[i].digest[0] && STREQ(r->areas[i].digest, digest)) {
+                        *ret = r->areas[i].area;
+                        return 0;
+                }
+
+        nd_ledger_session full = { .owner_uid = 0 };
+        int k = nd_ledger_session_get(r->db, s->id, &full);
+        if (k < 0)
+                return k;
+        char *area = NULL;
+        nd_profile *p = NULL;
+        nd_diags diags = ND_DIAGS_INIT;
+        /* Without limits the parse reports "no-limits" (and -EINVAL) but reads every key. */
+        k = nd_profile_parse(full.profile_yaml, strlen(strempty(full.profile_yaml)), NULL, NULL, &p, &diags);
+        nd_diags_clear(&diags);
+        if (k == -ENOMEM) {
+                nd_ledger_session_clear(&full);
+                return k;
+        }
+        if (p && p->has_area && p->area && p->area[0] && !(area = strdup(p->area)))
+                k = -ENOMEM;
+        nd_profile_free(p);
+        nd_ledger_session_clear(&full);
+        if (k == -ENOMEM)
+                return k;
+
+        area_cache_entry *e = &r->areas[r->areas_next];
+        r->areas_next = (r->areas_next + 1) % AREA_CACHE_SIZE;
+        free(e->area);
+        e->area = area;
+        snprintf(e->digest, sizeof e->digest, "%s", digest);
+        *ret = area;
+        return 0;
+}
+
+/* Fills job->areas for the sessions of a history job. */
+static int history_areas(nd_ledger_reader *r, nd_ledger_job *job) {
+        if (job->n_sessions == 0)
+                return 0;
+        job->areas = calloc(job->n_sessions, sizeof *job->areas);
+        if (!job->areas)
+                return -ENOMEM;
+        for (size_t i = 0; i < job->n_sessions; i++) {
+                const char *area = NULL;
+                int k = session_area(r, &job->sessions[i], &area);
+                if (k < 0)
+                        return k;
+                if (area && !(job->areas[i] = strdup(area)))
+                        return -ENOMEM;
+        }
+        return 0;
+}
+
 static void job_run(nd_ledger_reader *r, nd_ledger_job *job) {
         uint64_t t0 = monotonic_us();
 
@@ -69,6 +147,8 @@ static void job_run(nd_ledger_reader *r, nd_ledger_job *job) {
         case ND_LEDGER_JOB_HISTORY:
                 job->history.pen_serial = job->pen_serial;
                 job->result = nd_ledger_history_query(r->db, &job->history, &job->sessions, &job->n_sessions);
+                if (job->result >= 0)
+                        job->result = history_areas(r, job);
                 break;
         case ND_LEDGER_JOB_CARTRIDGE:
                 job->result = nd_ledger_cartridge_get(r->db, job->cartridge_id, &job->cartridge);
@@ -258,6 +338,8 @@ nd_ledger_reader *nd_ledger_reader_free(nd_ledger_reader *r) {
         if (r->done_fd >= 0)
                 close(r->done_fd);
         nd_ledger_close(r->db);
+        for (unsigned i = 0; i < AREA_CACHE_SIZE; i++)
+                free(r->areas[i].area);
         pthread_cond_destroy(&r->wake);
         pthread_mutex_destroy(&r->lock);
         free(r);

@@ -45,6 +45,9 @@ struct nd_ledger_job {
         char error[512];                        /* the ledger's message when result < 0 */
         nd_ledger_session *sessions;            /* owned (history) */
         size_t n_sessions;
+        char **areas;                           /* owned (history): n_sessions entries, each the
+                                                 * area of the session's profile snapshot, NULL when
+                                                 * it names none (or could not be read) */
         nd_ledger_cartridge cartridge;          /* (cartridge) */
         uint64_t query_us;                      /* how long the query ran on the worker */
 

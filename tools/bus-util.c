@@ -518,6 +518,20 @@ const char *ctl_format_time(uint64_t usec, char *buf, size_t size) {
         return buf;
 }
 
+const char *ctl_format_iso_utc(uint64_t usec, char *buf, size_t size) {
+        if (usec == 0) {
+                buf[0] = '\0';
+                return buf;
+        }
+        time_t t = (time_t) (usec / USEC_PER_SEC);
+        struct tm tm;
+        char day[32];
+        if (!gmtime_r(&t, &tm) || strftime(day, sizeof day, "%Y-%m-%dT%H:%M:%S", &tm) == 0)
+                day[0] = '\0';
+        snprintf(buf, size, "%s.%06" PRIu64 "Z", day, usec % USEC_PER_SEC);
+        return buf;
+}
+
 int ctl_parse_time(const char *s, uint64_t *ret_usec) {
         if (s[0] == '@') {
                 uint64_t secs;

@@ -200,6 +200,10 @@ char *ctl_pen_serial_from_path(const char *path);
 /* Formats µs since the epoch as local "YYYY-MM-DD HH:MM:SS" into buf; "-" for 0. */
 const char *ctl_format_time(uint64_t usec, char *buf, size_t size);
 
+/* Formats µs since the epoch as UTC ISO 8601 with µs, "YYYY-MM-DDTHH:MM:SS.uuuuuuZ" (a FHIR
+ * dateTime and instant), into buf (64 bytes suffice); "" for 0. */
+const char *ctl_format_iso_utc(uint64_t usec, char *buf, size_t size);
+
 /* Parses a time for --since: "YYYY-MM-DD[ HH:MM[:SS]]" (or with 'T') in local time,
  * "@SECONDS" since the epoch, or "-N{s,m,h,d}" before now. Returns 0 or -EINVAL. */
 int ctl_parse_time(const char *s, uint64_t *ret_usec);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "bus-util.h"
+#include "fhir.h"
 #include "needlectl.h"
 
 /* ---- profiles ------------------------------------------------------------------------------- */
@@ -496,6 +497,63 @@ static int history_collect(sd_bus *bus, const history_args *a, uint64_t want, js
         return 0;
 }
 
+/* Calls each() for every session that passes the filters, newest first, one page of history in
+ * memory at a time (what export streams). Paged as history_collect: a page asks for sessions
+ * before the last start + 1 µs and skips the ids of the previous page's last start time. each()
+ * returns 0 or an exit code, which stops the walk and is returned. */
+static int history_foreach(sd_bus *bus, const history_args *a, int (*each)(json_object *s, void *userdata),
+                           void *userdata) {
+        _cleanup_json_ json_object *edge_ids = json_object_new_array(); /* ids seen at edge_start */
+        uint64_t before = a->have_before ? a->before_usec : 0, edge_start = 0;
+        int r;
+
+        if (!edge_ids)
+                return ctl_oom();
+        for (;;) {
+                _cleanup_json_ json_object *page = NULL;
+                size_t edge_n = json_object_array_length(edge_ids);
+                const uint32_t ask = HISTORY_PAGE_MAX;
+                r = history_page(bus, a, before, ask, &page);
+                if (r != 0)
+                        return r;
+                size_t n = json_object_array_length(page), added = 0;
+                for (size_t i = 0; i < n; i++) {
+                        json_object *s = json_object_array_get_idx(page, i);
+                        bool seen = false;
+                        if ((uint64_t) ctl_json_int(s, "start") == edge_start)
+                                for (size_t j = 0; !seen && j < edge_n; j++)
+                                        seen = STREQ(json_object_get_string(json_object_array_get_idx(edge_ids, j)),
+                                                     ctl_json_str(s, "id"));
+                        if (seen)
+                                continue;
+                        r = each(s, userdata);
+                        if (r != 0)
+                                return r;
+                        added++;
+                }
+                if (n < ask)
+                        return 0;
+                if (added == 0) /* a whole page at one start time, all seen: never silently stop */
+                        return ctl_fail(NEEDLECTL_EXIT_SOFTWARE, "more than %u sessions share the start time %" PRIu64
+                                        " us: they cannot be paged", HISTORY_PAGE_MAX, edge_start);
+                /* The next page: before the last start + 1, skipping the ids at that start (all of
+                 * them are in this page, which holds everything from its last start on). */
+                edge_start = (uint64_t) ctl_json_int(json_object_array_get_idx(page, n - 1), "start");
+                json_object_put(edge_ids);
+                edge_ids = json_object_new_array();
+                if (!edge_ids)
+                        return ctl_oom();
+                for (size_t i = n; i-- > 0;) {
+                        json_object *s = json_object_array_get_idx(page, i);
+                        if ((uint64_t) ctl_json_int(s, "start") != edge_start)
+                                break;
+                        if (json_object_array_add(edge_ids, json_object_new_string(ctl_json_str(s, "id"))) < 0)
+                                return ctl_oom();
+                }
+                before = edge_start + 1;
+        }
+}
+
 static const struct option history_options[] = {
         CTL_COMMON_OPTIONS,
         { "pen",    required_argument, NULL, ARG_PEN },
@@ -561,19 +619,25 @@ int verb_history(ctl_invocation *inv) {
 
 static void export_usage(FILE *out) {
         fprintf(out,
-                "Usage: needlectl export --format csv [--pen SERIAL] [--since TIME] [--before TIME]\n"
-                "                        [--system|--session] [--no-ask-password]\n"
+                "Usage: needlectl export --format csv|fhir [--pen SERIAL] [--since TIME]\n"
+                "                        [--before TIME] [--system|--session] [--no-ask-password]\n"
                 "\n"
                 "Writes every treatment session of the ledger that passes the filters to stdout,\n"
-                "oldest first, for spreadsheets and clinic systems (paged like 'history --all').\n"
-                "Needs polkit authorization org.needled1.read-history. --format csv: RFC 4180,\n"
-                "one header line, then one line a session: id, pen, cartridge, needles, profile,\n"
-                "profile_digest, limits_digest, label, owner_uid, start and end (UTC, ISO 8601,\n"
-                "µs; end empty while running), duration_s, strokes, max_depth_mm, max_speed_hz,\n"
-                "max_temperature_c, max_current_ma, reason. (FHIR is not available yet.)\n"
+                "for spreadsheets and clinic systems (paged like 'history --all'). Needs polkit\n"
+                "authorization org.needled1.read-history.\n"
+                "--format csv: RFC 4180, oldest first, one header line, then one line a session:\n"
+                "id, pen, cartridge, needles, profile, profile_digest, limits_digest, label,\n"
+                "owner_uid, start and end (UTC, ISO 8601, µs; end empty while running),\n"
+                "duration_s, strokes, max_depth_mm, max_speed_hz, max_temperature_c,\n"
+                "max_current_ma, reason.\n"
+                "--format fhir: an HL7 FHIR R4 Bundle (JSON, type collection), newest first,\n"
+                "written as the pages come: a Procedure per session (status from the end\n"
+                "reason, performedPeriod, bodySite from the profile's area, the label as an\n"
+                "identifier, digests, skin type and dose as notes) and a Device per pen and\n"
+                "cartridge, once each, with name-based urn:uuid fullUrls (docs/export.md).\n"
                 "\n"
                 "Options:\n"
-                "      --format csv       the output format\n"
+                "      --format FORMAT    csv or fhir\n"
                 "      --pen SERIAL       only this pen's sessions\n"
                 "      --since TIME       only sessions started at or after TIME (as history)\n"
                 "      --before TIME      only sessions started before TIME\n"
@@ -582,18 +646,27 @@ static void export_usage(FILE *out) {
 
 enum { ARG_FORMAT = ARG_ALL + 1 };
 
+typedef enum export_format { EXPORT_NONE, EXPORT_CSV, EXPORT_FHIR } export_format;
+
+typedef struct export_args {
+        history_args history;   /* first: history_option() takes it */
+        export_format format;
+} export_args;
+
 static int export_option(int c, const char *arg, void *userdata) {
-        history_args *a = userdata;
+        export_args *a = userdata;
         if (c == ARG_FORMAT) {
-                if (!STREQ(arg, "csv"))
-                        return ctl_fail(NEEDLECTL_EXIT_USAGE, "export: --format '%s' is not known (this build writes csv)",
-                                        arg);
-                a->all = true; /* marks --format given */
+                if (STREQ(arg, "csv"))
+                        a->format = EXPORT_CSV;
+                else if (STREQ(arg, "fhir"))
+                        a->format = EXPORT_FHIR;
+                else
+                        return ctl_fail(NEEDLECTL_EXIT_USAGE, "export: --format '%s' is not known (csv or fhir)", arg);
                 return 0;
         }
         if (c == ARG_LIMIT || c == ARG_ALL)
                 return NEEDLECTL_EXIT_USAGE;
-        return history_option(c, arg, userdata);
+        return history_option(c, arg, &a->history);
 }
 
 /* A CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break. */
@@ -611,21 +684,6 @@ static void csv_field(const char *s, bool last) {
         fputs(last ? "\r\n" : ",", stdout);
 }
 
-/* µs since the epoch as UTC ISO 8601 with µs, or "" for 0. */
-static const char *iso_utc(uint64_t us, char *buf, size_t size) {
-        if (us == 0) {
-                buf[0] = '\0';
-                return buf;
-        }
-        time_t t = (time_t) (us / USEC_PER_SEC);
-        struct tm tm;
-        char day[32];
-        gmtime_r(&t, &tm);
-        strftime(day, sizeof day, "%Y-%m-%dT%H:%M:%S", &tm);
-        snprintf(buf, size, "%s.%06" PRIu64 "Z", day, us % USEC_PER_SEC);
-        return buf;
-}
-
 static const struct option export_options[] = {
         CTL_COMMON_OPTIONS,
         { "format", required_argument, NULL, ARG_FORMAT },
@@ -636,9 +694,9 @@ static const struct option export_options[] = {
 };
 
 static int export_check(ctl_invocation *inv) {
-        const history_args *args = inv->args;
-        if (!args->all)
-                return ctl_fail(NEEDLECTL_EXIT_USAGE, "export: --format csv is required");
+        const export_args *args = inv->args;
+        if (args->format == EXPORT_NONE)
+                return ctl_fail(NEEDLECTL_EXIT_USAGE, "export: --format csv or --format fhir is required");
         return -1;
 }
 
@@ -646,14 +704,39 @@ const ctl_verb_syntax ctl_syntax_export = {
         .usage = export_usage,
         .options = export_options,
         .handler = export_option,
-        .args_size = sizeof(history_args),
+        .args_size = sizeof(export_args),
         .check = export_check,
 };
 
+static int fhir_each(json_object *s, void *userdata) {
+        int r = ctl_fhir_writer_add(userdata, s);
+        if (r == -ENOMEM)
+                return ctl_oom();
+        if (r < 0)
+                return ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output: %s", strerror(-r));
+        return 0;
+}
+
+/* The FHIR Bundle, written as the pages come (newest first): bounded memory at any ledger size. */
+static int export_fhir(sd_bus *bus, const history_args *args) {
+        ctl_fhir_writer *w = ctl_fhir_writer_new(stdout);
+        if (!w)
+                return ctl_oom();
+        int r = history_foreach(bus, args, fhir_each, w);
+        if (r == 0 && ctl_fhir_writer_finish(w) < 0)
+                r = ctl_fail(NEEDLECTL_EXIT_UNREADABLE, "cannot write the output");
+        ctl_fhir_writer_free(w);
+        return r;
+}
+
 int verb_export(ctl_invocation *inv) {
-        const history_args args = *(const history_args *) inv->args;
+        const export_args *eargs = inv->args;
+        const history_args args = eargs->history;
         sd_bus *bus = inv->bus;
         int r;
+
+        if (eargs->format == EXPORT_FHIR)
+                return export_fhir(bus, &args);
 
         _cleanup_json_ json_object *sessions = NULL;
         bool more = false;
@@ -682,8 +765,8 @@ int verb_export(ctl_invocation *inv) {
                 csv_field(ctl_json_str(s, "label"), false);
                 snprintf(num, sizeof num, "%" PRId64, ctl_json_int(s, "owner_uid"));
                 csv_field(num, false);
-                csv_field(iso_utc((uint64_t) ctl_json_int(s, "start"), t1, sizeof t1), false);
-                csv_field(iso_utc((uint64_t) ctl_json_int(s, "end"), t2, sizeof t2), false);
+                csv_field(ctl_format_iso_utc((uint64_t) ctl_json_int(s, "start"), t1, sizeof t1), false);
+                csv_field(ctl_format_iso_utc((uint64_t) ctl_json_int(s, "end"), t2, sizeof t2), false);
                 snprintf(num, sizeof num, "%.3f", ctl_json_double(s, "duration_s"));
                 csv_field(num, false);
                 snprintf(num, sizeof num, "%" PRId64, ctl_json_int(s, "strokes"));

@@ -49,3 +49,13 @@ configure_build() {
         fi
         ninja -C "$dir" >/dev/null || ninja -C "$dir"
 }
+
+# The FHIR export's schema validator (tests/fhir, test cli-export-fhir): node and npm (Debian 12's
+# nodejs 18 and npm, each only when missing: a node from elsewhere, e.g. NodeSource's, brings its
+# own npm, which Debian's npm package conflicts with), then `npm ci` of its package-lock.json.
+fhir_validator_setup() {
+        command -v node >/dev/null || install_packages nodejs || return 1
+        command -v npm >/dev/null || install_packages npm || return 1
+        log "npm ci in tests/fhir (the FHIR R4 schema validator)"
+        (cd "$(dirname "${BASH_SOURCE[0]}")/../tests/fhir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+}

@@ -230,6 +230,7 @@ class Documentation(NeedlectlTestCase):
         self.assertEqual(self.complete('needlectl sim '),
                          {'add-pen', 'remove-pen', 'insert-cartridge', 'eject', 'battery', 'fault'})
         self.assertIn('--profile', self.complete('needlectl run --'))
+        self.assertEqual(self.complete('needlectl export --format '), {'csv', 'fhir'})
         pen = self.add_pen()
         self.assertEqual(self.complete('needlectl status '), {pen})
         self.assertIn('acne-scars-cheeks', self.complete('needlectl run --profile '))

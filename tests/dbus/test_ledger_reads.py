@@ -191,7 +191,7 @@ class TestHistoryBesideASession(NeedledTestCase):
                              (h['pen'], h['cartridge'], h['profile'], h['profile_digest'], h['limits_digest'],
                               h['label'], h['reason'], h['strokes'], h['needles']))
             self.assertAlmostEqual(float(r['max_depth_mm']), h['max_depth_mm'], places=3)
-        self.assertEqual(self.needlectl('export', '--format', 'fhir').returncode, 64)
+        self.assertEqual(self.needlectl('export', '--format', 'xml').returncode, 64)   # fhir: tests/fhir
         self.assertEqual(self.needlectl('export').returncode, 64)
 
 
