@@ -12,6 +12,7 @@
 #include "daemon.h"
 #include "errors.h"
 #include "log.h"
+#include "manager.h"
 #include "pen.h"
 #include "pen-dbus.h"
 #include "pendev.h"

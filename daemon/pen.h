@@ -254,17 +254,3 @@ void nd_pen_depth_settle_begin(nd_pen *p);
 int nd_pen_on_owner_gone(sd_bus_track *track, void *userdata);
 /* The session owner missed its heartbeat (timer handler): the session stops. */
 int nd_pen_on_client_heartbeat_timeout(sd_event_source *s, uint64_t usec, void *userdata);
-
-/* Helpers shared with manager.c. */
-int nd_manager_append_profile_fields(sd_bus_message *m, const nd_profile *p, bool with_extras);
-int nd_manager_append_violations(sd_bus_message *m, const nd_diags *diags);
-int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l);
-
-/* Simulator object (simulator.c). */
-int nd_simulator_export(nd_daemon *d);
-
-/* History methods of the Manager (history.c, from the ledger). */
-/* GetHistory, once the bouncer has decided (an nd_auth_done_fn with the daemon as userdata). */
-void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
-                                       const nd_caller *caller, void *userdata);
-int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error);

@@ -12,6 +12,7 @@
 #include "log.h"
 #include "pen.h"
 #include "penmodel.h"
+#include "simulator.h"
 #include "transport-sim.h"
 #include "util.h"
 
