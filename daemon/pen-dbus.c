@@ -387,14 +387,10 @@ static void start_failed(nd_pen *p, nd_pen_op *op, int status, const char *step,
         } else if (!motor_start || status == -EPIPE)
                 start_void_reply(p, op->call, status == -ENODEV ? ND_ERROR_DEVICE_GONE : ND_ERROR_FAULT, why);
         else if (status == -ENODEV) {
-                p->starting = false;
-                nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
                 nd_pen_stop_session(p, "device-lost");
                 (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_DEVICE_GONE, "Pen %s went away during the start (%s)",
                                                   p->serial, why);
         } else {
-                p->starting = false;
-                nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
                 nd_pen_trip(p, "heartbeat-lost", why);
                 (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_FAULT,
                                                   "Pen %s did not answer the motor start as it must (%s): it may have "

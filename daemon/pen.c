@@ -325,6 +325,12 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
         session_stats_now(p, &stats);
         uint64_t end_us = nd_now_realtime_us();
 
+        /* A session ended while starting (a Stop, an interlock, the pen gone, a void that failed)
+         * is a recorded session all the same: it is announced before its end is. */
+        if (p->starting) {
+                p->starting = false; /* a Start still waiting for the pen learns it from its op */
+                nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
+        }
         bool recorded = false;
         if (d->ledger) {
                 int r = nd_ledger_session_end(d->ledger, p->session.id, end_us, &stats, reason);
@@ -343,7 +349,6 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
         if (p->exported)
                 (void) sd_bus_emit_signal(d->bus, p->path, ND_PEN_INTERFACE, "SessionEnded", "ss", p->session.id, reason);
 
-        p->starting = false; /* a Start still waiting for the pen learns it from its op */
         sd_bus_track_unref(p->session.owner);
         free(p->session.owner_name);
         sd_event_source_disable_unref(p->session.client_heartbeat);
@@ -398,8 +403,6 @@ int nd_pen_start_void(nd_pen *p, const char *why) {
         if (r < 0) {
                 pen_log(p, LOG_ERR, "%s: session %s did not start (%s) and could not be voided: %s; it ends as stopped",
                         p->serial, p->session.id, why, d->ledger ? nd_ledger_last_error(d->ledger) : "no ledger");
-                p->starting = false;
-                nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
                 session_end(p, "stopped", NULL);
                 return r;
         }
