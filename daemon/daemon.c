@@ -13,6 +13,7 @@
 #include "ledger-reader.h"
 #include "ledger-state.h"
 #include "log.h"
+#include "manager.h"
 #include "pen.h"
 #include "transport-usb.h"
 #include "util.h"

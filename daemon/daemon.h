@@ -91,10 +91,3 @@ int nd_daemon_main(const nd_daemon_options *opts);
 
 /* The kebab name of a limits state ("ok", "invalid", "missing"). */
 const char *nd_limits_state_to_string(nd_limits_state s);
-
-/* Manager object (manager.c). */
-int nd_manager_export(nd_daemon *d);
-/* Loads (or reloads) the limits file. On success the new limits are in force; on failure the
- * old ones stay and error (if not NULL) receives "path:line:column: message". Returns 0 or
- * -errno (-EINVAL invalid, -ENOENT missing, ...). Emits PropertiesChanged. */
-int nd_manager_load_limits(nd_daemon *d, bool at_startup, char **error);

@@ -7,6 +7,7 @@
 #include "bus-int.h"
 #include "daemon.h"
 #include "errors.h"
+#include "history.h"
 #include "ledger-reader.h"
 #include "log.h"
 #include "pen.h"

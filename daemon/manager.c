@@ -8,10 +8,13 @@
 #include "daemon.h"
 #include "ledger-state.h"
 #include "errors.h"
+#include "history.h"
 #include "log.h"
+#include "manager.h"
 #include "pen.h"
 #include "pen-dbus.h"
 #include "profile.h"
+#include "simulator.h"
 #include "util.h"
 
 static uint64_t now_realtime_us(void) {

@@ -12,6 +12,7 @@
 #include "daemon.h"
 #include "errors.h"
 #include "log.h"
+#include "manager.h"
 #include "pen.h"
 #include "pen-dbus.h"
 #include "pendev.h"
@@ -111,7 +112,7 @@ static int prop_cartridge(sd_bus *bus, const char *path, const char *interface, 
 static int prop_session_id(sd_bus *bus, const char *path, const char *interface, const char *property,
                            sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         nd_pen *p = userdata;
-        return sd_bus_message_append(reply, "s", p->session_active ? p->session.id : "");
+        return sd_bus_message_append(reply, "s", nd_pen_session_announced(p) ? p->session.id : "");
 }
 
 static int prop_elapsed(sd_bus *bus, const char *path, const char *interface, const char *property,
@@ -138,7 +139,7 @@ static int prop_density(sd_bus *bus, const char *path, const char *interface, co
 static int prop_skin_type(sd_bus *bus, const char *path, const char *interface, const char *property,
                           sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         nd_pen *p = userdata;
-        return sd_bus_message_append(reply, "s", p->session_active ? strempty(nd_skin_type_to_string(p->session.skin_type)) : "");
+        return sd_bus_message_append(reply, "s", nd_pen_session_announced(p) ? strempty(nd_skin_type_to_string(p->session.skin_type)) : "");
 }
 
 static int prop_rate(sd_bus *bus, const char *path, const char *interface, const char *property,
@@ -352,7 +353,26 @@ static void load_profile_data_authorized(sd_bus_message *m, bool allowed, const 
 
 /* ---- Start --------------------------------------------------------------------------------------- */
 
-static void start_failed(nd_pen *p, nd_pen_op *op, int status, const char *step) {
+/* Replies to a Start whose motor never started: the pen refused (or a command before the start
+ * failed), the record is voided, the pen stays armed (nd_pen_start_void). */
+static void start_void_reply(nd_pen *p, sd_bus_message *call, const char *error_name, const char *why) {
+        if (nd_pen_start_void(p, why) < 0) {
+                (void) sd_bus_reply_method_errorf(call, error_name,
+                                                  "Pen %s did not start (%s); the record could not be voided, so the "
+                                                  "session is recorded as stopped", p->serial, why);
+                return;
+        }
+        (void) sd_bus_reply_method_errorf(call, error_name,
+                                          "Pen %s did not start (%s): no session was started, cartridge %s is as it "
+                                          "was and the profile is still armed", p->serial, why, p->cartridge_id);
+}
+
+/* A step of Start failed with status. Before the motor start was sent (set depth, set speed), or
+ * when the pen refused it (-EPIPE: it answered no), the motor has not run: the attempt is voided.
+ * When the motor start's outcome is unknown (no answer, a malformed one, a stop overtaking it),
+ * it may have run: the motor is stopped and the session ends in fault heartbeat-lost (the pen
+ * does not answer as it must), or device-lost when the pen is gone. */
+static void start_failed(nd_pen *p, nd_pen_op *op, int status, const char *step, bool motor_start) {
         char why[160];
         snprintf(why, sizeof why, "%s: %s", step, nd_pen_command_error(status));
         if (!p->starting) {
@@ -364,10 +384,17 @@ static void start_failed(nd_pen *p, nd_pen_op *op, int status, const char *step)
                 else
                         (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_WRONG_STATE,
                                                           "The session was stopped before the motor started");
+        } else if (!motor_start || status == -EPIPE)
+                start_void_reply(p, op->call, status == -ENODEV ? ND_ERROR_DEVICE_GONE : ND_ERROR_FAULT, why);
+        else if (status == -ENODEV) {
+                nd_pen_stop_session(p, "device-lost");
+                (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_DEVICE_GONE, "Pen %s went away during the start (%s)",
+                                                  p->serial, why);
         } else {
-                p->starting = false;
-                nd_pen_trip(p, "start-failed", why);
-                (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_FAULT, "The pen did not start: %s", why);
+                nd_pen_trip(p, "heartbeat-lost", why);
+                (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_FAULT,
+                                                  "Pen %s did not answer the motor start as it must (%s): it may have "
+                                                  "run, so the session ended in fault heartbeat-lost", p->serial, why);
         }
         nd_pen_op_free(op);
 }
@@ -376,12 +403,14 @@ static void start_motor_done(nd_pendev *dev, int status, void *userdata) {
         nd_pen_op *op = userdata;
         nd_pen *p = op->pen;
         if (status < 0 || !p->starting) {
-                start_failed(p, op, status < 0 ? status : -ECANCELED, "motor start");
+                start_failed(p, op, status < 0 ? status : -ECANCELED, "motor start", true);
                 return;
         }
         p->session.running_since_us = nd_pen_now_mono_us(p);
         nd_pen_depth_settle_begin(p);
         p->starting = false;
+        /* The session exists for clients from now on: its id first, then the state. */
+        nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
         nd_pen_set_state(p, ND_PEN_RUNNING, NULL);
         (void) sd_bus_reply_method_return(op->call, "s", p->session.id);
         nd_pen_op_free(op);
@@ -391,24 +420,24 @@ static void start_speed_done(nd_pendev *dev, int status, void *userdata) {
         nd_pen_op *op = userdata;
         nd_pen *p = op->pen;
         if (status < 0 || !p->starting) {
-                start_failed(p, op, status < 0 ? status : -ECANCELED, "set speed");
+                start_failed(p, op, status < 0 ? status : -ECANCELED, "set speed", false);
                 return;
         }
         int r = nd_pendev_motor_start(p->dev, start_motor_done, op);
         if (r < 0)
-                start_failed(p, op, r, "motor start");
+                start_failed(p, op, r, "motor start", false); /* not sent */
 }
 
 static void start_depth_done(nd_pendev *dev, int status, void *userdata) {
         nd_pen_op *op = userdata;
         nd_pen *p = op->pen;
         if (status < 0 || !p->starting) {
-                start_failed(p, op, status < 0 ? status : -ECANCELED, "set depth");
+                start_failed(p, op, status < 0 ? status : -ECANCELED, "set depth", false);
                 return;
         }
         int r = nd_pendev_set_speed(p->dev, p->set_speed_hz, start_speed_done, op);
         if (r < 0)
-                start_failed(p, op, r, "set speed");
+                start_failed(p, op, r, "set speed", false);
 }
 
 /* Reads Start's options: label (s). Anything else is refused, so typos do not pass silently. */
@@ -481,6 +510,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         const char *label, *skin_type_text;
         nd_skin_type skin_type = ND_SKIN_TYPE_NONE;
         double area_cm2 = 0.0;          /* the profile's treated surface; 0: none */
+        const char *cartridge_before = "fresh"; /* the Cartridge state shown before this start */
         int r;
 
         if (!p)
@@ -509,6 +539,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                         area_cm2 = again->area_cm2;
                 reading.profile_valid = r >= 0 && diags.n_items == 0;
                 const char *cstate = nd_pen_cartridge_state(p, &info, &known);
+                cartridge_before = cstate;
                 reading.cartridge_rejected = STREQ(cstate, "rejected");
                 reading.cartridge_spent = STREQ(cstate, "spent");
         }
@@ -606,6 +637,7 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         ss->skin_type = skin_type;
         ss->needles = p->cartridge_needles;
         ss->area_cm2 = rec.area_cm2;
+        ss->cartridge_state_before = cartridge_before;
         r = sd_bus_track_new(d->bus, &ss->owner, nd_pen_on_owner_gone, p);
         if (r >= 0)
                 r = sd_bus_track_add_sender(ss->owner, m);
@@ -613,13 +645,15 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
                 r = sd_event_add_time_relative(d->event, &ss->client_heartbeat, CLOCK_MONOTONIC,
                                                (uint64_t) l->session.client_heartbeat_timeout_ms * USEC_PER_MSEC,
                                                USEC_PER_MSEC, nd_pen_on_client_heartbeat_timeout, p);
+        /* Recorded, not yet announced: clients see the session once its motor runs
+         * (start_motor_done); a start that never reaches the motor is voided, unseen. */
         p->session_active = true;
+        p->starting = true;
         p->last_progress_us = nd_pen_now_mono_us(p);
-        nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
         if (r < 0 || !ss->owner_name) {
-                nd_pen_stop_session(p, "stopped");
-                start_refuse(p, m, caller, ND_ERROR_INTERNAL, "Cannot track the session's owner: %s",
-                                                  strerror(r < 0 ? -r : ENOMEM));
+                char why[96];
+                snprintf(why, sizeof why, "cannot track the session's owner: %s", strerror(r < 0 ? -r : ENOMEM));
+                start_void_reply(p, m, ND_ERROR_INTERNAL, why);
                 return;
         }
         nd_pen_op *op = nd_pen_op_new(p, m, 0);
@@ -627,11 +661,11 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         if (r < 0) {
                 if (op)
                         nd_pen_op_free(op);
-                nd_pen_trip(p, "start-failed", "the depth could not be sent to the pen");
-                start_refuse(p, m, caller, ND_ERROR_FAULT, "The pen did not start: %s", strerror(-r));
+                char why[96];
+                snprintf(why, sizeof why, "the depth could not be sent to the pen: %s", strerror(-r));
+                start_void_reply(p, m, r == -ENODEV ? ND_ERROR_DEVICE_GONE : ND_ERROR_FAULT, why);
                 return;
         }
-        p->starting = true;
         char detail[320];
         snprintf(detail, sizeof detail, "session %s profile %s cartridge %s label %s skin-type %s", ss->id,
                  p->profile->name, p->cartridge_id, label, skin_type == ND_SKIN_TYPE_NONE ? "none" : nd_skin_type_to_string(skin_type));
@@ -697,8 +731,17 @@ static void resume_done(nd_pendev *dev, int status, void *userdata) {
                 if (status < 0 && p->session_active) {
                         char why[96];
                         snprintf(why, sizeof why, "motor start on resume: %s", nd_pen_command_error(status));
-                        nd_pen_trip(p, "start-failed", why);
-                        (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_FAULT, "The pen did not resume: %s", why);
+                        if (status == -EPIPE)
+                                /* The pen answered no: the motor is still stopped, the session stays paused. */
+                                (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_FAULT,
+                                                                  "Pen %s did not resume (%s): the session stays paused",
+                                                                  p->serial, why);
+                        else {
+                                /* No answer (or not one): it may be running; stop it, in fault. */
+                                nd_pen_trip(p, "heartbeat-lost", why);
+                                (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_FAULT, "The pen did not resume: %s",
+                                                                  why);
+                        }
                 } else
                         (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_WRONG_STATE, "The session ended before it resumed");
                 nd_pen_op_free(op);

@@ -144,7 +144,8 @@ const char *nd_pen_cartridge_state(const nd_pen *p, nd_ledger_cartridge *info, b
         if (limits && !nd_interlock_needles_allowed(limits, p->cartridge_needles))
                 return "rejected";
         if (p->session_active)
-                return "in-use";
+                /* A start in progress shows the cartridge as it was: it may yet be voided. */
+                return p->starting && p->session.cartridge_state_before ? p->session.cartridge_state_before : "in-use";
         if (p->daemon->ledger && nd_ledger_cartridge_get(p->daemon->ledger, p->cartridge_id, info) >= 0) {
                 *known = true;
                 if (info->state == ND_LEDGER_CARTRIDGE_SPENT)
@@ -323,6 +324,12 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
         session_stats_now(p, &stats);
         uint64_t end_us = nd_now_realtime_us();
 
+        /* A session ended while starting (a Stop, an interlock, the pen gone, a void that failed)
+         * is a recorded session all the same: it is announced before its end is. */
+        if (p->starting) {
+                p->starting = false; /* a Start still waiting for the pen learns it from its op */
+                nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
+        }
         bool recorded = false;
         if (d->ledger) {
                 int r = nd_ledger_session_end(d->ledger, p->session.id, end_us, &stats, reason);
@@ -341,7 +348,6 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
         if (p->exported)
                 (void) sd_bus_emit_signal(d->bus, p->path, ND_PEN_INTERFACE, "SessionEnded", "ss", p->session.id, reason);
 
-        p->starting = false; /* a Start still waiting for the pen learns it from its op */
         sd_bus_track_unref(p->session.owner);
         free(p->session.owner_name);
         sd_event_source_disable_unref(p->session.client_heartbeat);
@@ -381,6 +387,36 @@ void nd_pen_trip(nd_pen *p, const char *code, const char *why) {
 void nd_pen_stop_session(nd_pen *p, const char *reason) {
         nd_pen_motor_stop(p);
         session_end(p, reason, NULL);
+}
+
+bool nd_pen_session_announced(const nd_pen *p) {
+        return p->session_active && !p->starting;
+}
+
+int nd_pen_start_void(nd_pen *p, const char *why) {
+        nd_daemon *d = p->daemon;
+        assert(p->session_active && p->starting);
+        /* Never refused, and harmless: nothing the pen was asked before it may start the motor. */
+        nd_pen_motor_stop(p);
+        int r = d->ledger ? nd_ledger_session_void(d->ledger, p->session.id, nd_now_realtime_us(), why) : -ENOTCONN;
+        if (r < 0) {
+                pen_log(p, LOG_ERR, "%s: session %s did not start (%s) and could not be voided: %s; it ends as stopped",
+                        p->serial, p->session.id, why, d->ledger ? nd_ledger_last_error(d->ledger) : "no ledger");
+                session_end(p, "stopped", NULL);
+                return r;
+        }
+        pen_log(p, LOG_NOTICE, "%s: session %s did not start (%s): voided, cartridge %s as it was, profile still armed",
+                p->serial, p->session.id, why, p->cartridge_id);
+        sd_bus_track_unref(p->session.owner);
+        free(p->session.owner_name);
+        sd_event_source_disable_unref(p->session.client_heartbeat);
+        memset(&p->session, 0, sizeof p->session);
+        p->session.skin_type = ND_SKIN_TYPE_NONE;
+        p->session_active = false;
+        p->starting = false;
+        /* Nothing of the attempt was announced: these find every value as last announced. */
+        nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
+        return 0;
 }
 
 /* ---- Interlocks --------------------------------------------------------------------------------- */

@@ -113,6 +113,7 @@ typedef struct nd_pen_session {
         uint32_t needles;             /* the cartridge's, at Start: punctures = strokes x needles */
         double area_cm2;              /* the profile's treated surface; 0: none (no density) */
         double cartridge_runtime_before_s;
+        const char *cartridge_state_before; /* nd_pen_cartridge_state() at Start (static), shown while starting */
         sd_event_source *client_heartbeat;
         /* The settle and spin-up windows and the stall timing (lib/interlocks.h): depth is
          * checked only on samples the pen measured once a change took effect, as it says. */
@@ -239,6 +240,14 @@ void nd_pen_motor_stop(nd_pen *p);
 void nd_pen_trip(nd_pen *p, const char *code, const char *why);
 /* Ends the session for a reason that is not a fault (stop, completion, owner gone, ...). */
 void nd_pen_stop_session(nd_pen *p, const char *reason);
+/* Whether clients see the session in progress (SessionId, SkinType, the cartridge in use): from
+ * the moment its motor started; a start in progress is not shown. */
+bool nd_pen_session_announced(const nd_pen *p);
+/* A start that never reached the motor (the pen refused it, or a command before it failed): not a
+ * session. The ledger voids its record (nd_ledger_session_void: the cartridge as it was), the
+ * pen stays armed, and nothing is announced, as nothing was. Returns 0, or -errno when the record
+ * could not be voided: the session then ends as "stopped" (recorded, announced) instead. */
+int nd_pen_start_void(nd_pen *p, const char *why);
 /* A new depth or speed (or a motor start) was acknowledged: the depth and stall checks wait
  * until the pen says when, on its clock, and then the settle time. */
 void nd_pen_depth_settle_begin(nd_pen *p);
@@ -246,17 +255,3 @@ void nd_pen_depth_settle_begin(nd_pen *p);
 int nd_pen_on_owner_gone(sd_bus_track *track, void *userdata);
 /* The session owner missed its heartbeat (timer handler): the session stops. */
 int nd_pen_on_client_heartbeat_timeout(sd_event_source *s, uint64_t usec, void *userdata);
-
-/* Helpers shared with manager.c. */
-int nd_manager_append_profile_fields(sd_bus_message *m, const nd_profile *p, bool with_extras);
-int nd_manager_append_violations(sd_bus_message *m, const nd_diags *diags);
-int nd_manager_append_limits(sd_bus_message *m, const nd_limits *l);
-
-/* Simulator object (simulator.c). */
-int nd_simulator_export(nd_daemon *d);
-
-/* History methods of the Manager (history.c, from the ledger). */
-/* GetHistory, once the bouncer has decided (an nd_auth_done_fn with the daemon as userdata). */
-void nd_history_get_history_authorized(sd_bus_message *m, bool allowed, const sd_bus_error *auth_error,
-                                       const nd_caller *caller, void *userdata);
-int nd_history_method_get_cartridge(sd_bus_message *m, void *userdata, sd_bus_error *error);

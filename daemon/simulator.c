@@ -12,6 +12,7 @@
 #include "log.h"
 #include "pen.h"
 #include "penmodel.h"
+#include "simulator.h"
 #include "transport-sim.h"
 #include "util.h"
 
@@ -231,7 +232,7 @@ static int method_inject_fault(sd_bus_message *m, void *userdata, sd_bus_error *
                 _cleanup_free_ char *shown = nd_text_sanitize(name, strlen(name), 64);
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "Unknown fault '%s' (over-temperature, motor-stall, over-current, depth-deviation, "
-                                         "unresponsive, corrupt-telemetry, clear)", strempty(shown));
+                                         "unresponsive, corrupt-telemetry, refuse-start, clear)", strempty(shown));
         }
         int r = nd_penmodel_inject_fault(nd_pen_get_model(p), sim_now(d), (nd_penmodel_fault) f);
         if (r < 0)

@@ -19,6 +19,7 @@
 #define ROW_DIGEST_PREFIX "row-sha256="
 #define AUDIT_ACTION_BEGIN "session-begin"
 #define AUDIT_ACTION_END "session-end"
+#define AUDIT_ACTION_VOID "session-void"
 /* The connection's page cache: 256 KiB. The ledger's work is a few small writes per session and
  * the odd history query; the kernel's page cache holds the file anyway. SQLite's default (2 MiB)
  * would let a long-running daemon's heap grow with the ledger (quick_check alone reads every
@@ -1414,6 +1415,110 @@ int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const n
         return tx_commit(l);
 }
 
+/* Voids a session that never ran, inside a transaction (nd_ledger_session_void). */
+static int session_void_tx(nd_ledger *l, const char *id, uint64_t void_us, const char *why) {
+        _cleanup_stmt_ sqlite3_stmt *row = NULL, *del = NULL, *cart = NULL, *fix = NULL;
+        _cleanup_free_ char *pen = NULL, *cartridge = NULL, *detail = NULL;
+        char digest[ND_SHA256_HEX_SIZE];
+        int r, rc = SQLITE_OK;
+
+        r = prepare(l, "SELECT pen_serial, cartridge_id, start_us, end_us IS NOT NULL, strokes, duration_s "
+                       "FROM sessions WHERE id = ?1", &row);
+        if (r < 0)
+                return r;
+        bind_text(row, 1, id);
+        rc = sqlite3_step(row);
+        if (rc == SQLITE_DONE)
+                return set_error(l, -ENOENT, "no session %s", id);
+        if (rc != SQLITE_ROW)
+                return sql_error(l, rc, "reading the session");
+        if (sqlite3_column_int(row, 3) != 0)
+                return set_error(l, -EALREADY, "session %s has ended: it cannot be voided", id);
+        if (sqlite3_column_int64(row, 4) != 0 || sqlite3_column_double(row, 5) != 0.0)
+                return set_error(l, -EBUSY, "session %s has run (%" PRId64 " strokes, %.3f s): it cannot be voided", id,
+                                 (int64_t) sqlite3_column_int64(row, 4), sqlite3_column_double(row, 5));
+        pen = strdup(strempty((const char *) sqlite3_column_text(row, 0)));
+        cartridge = strdup(strempty((const char *) sqlite3_column_text(row, 1)));
+        int64_t start_us = sqlite3_column_int64(row, 2);
+        if (!pen || !cartridge)
+                return set_error(l, -ENOMEM, "out of memory");
+
+        /* The row as it was begun: the void entry repeats its begin digest, which ties the two. */
+        r = session_row_digest(l->db, id, false, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
+        if (r < 0)
+                return r == -EIO ? sql_error(l, rc, "reading the session") : set_error(l, r, "session digest");
+
+        r = prepare(l, "DELETE FROM sessions WHERE id = ?1", &del);
+        if (r < 0)
+                return r;
+        bind_text(del, 1, id);
+        r = step_done(l, del, "removing the voided session");
+        if (r < 0)
+                return r;
+
+        /* The cartridge as it was before the begin: with no other session, a row this begin created
+         * (first use = its start) goes, a row known before becomes fresh again; with others, it
+         * stays in-use (session_begin refuses a spent one, so it was in-use). */
+        r = prepare(l, "SELECT c.first_used_us, (SELECT count(*) FROM sessions WHERE cartridge_id = c.id) "
+                       "FROM cartridges c WHERE c.id = ?1", &cart);
+        if (r < 0)
+                return r;
+        bind_text(cart, 1, cartridge);
+        rc = sqlite3_step(cart);
+        if (rc != SQLITE_ROW)
+                return rc == SQLITE_DONE ? set_error(l, -EBADMSG, "cartridge %s of session %s is missing", cartridge, id)
+                                         : sql_error(l, rc, "reading the cartridge");
+        const char *left;
+        if (sqlite3_column_int64(cart, 1) > 0)
+                left = "in-use";
+        else {
+                bool created = sqlite3_column_int64(cart, 0) == start_us;
+                left = "fresh";
+                r = prepare(l, created ? "DELETE FROM cartridges WHERE id = ?1"
+                                       : "UPDATE cartridges SET state = 'fresh' WHERE id = ?1", &fix);
+                if (r < 0)
+                        return r;
+                bind_text(fix, 1, cartridge);
+                r = step_done(l, fix, "restoring the cartridge");
+                if (r < 0)
+                        return r;
+        }
+
+        if (asprintf(&detail, ROW_DIGEST_PREFIX "%s pen=%s cartridge=%s cartridge-state=%s why=%s", digest, pen,
+                     cartridge, left, why) < 0) {
+                detail = NULL;
+                return set_error(l, -ENOMEM, "out of memory");
+        }
+        r = check_audit_fields(l, ND_LEDGER_ACTOR_DAEMON, AUDIT_ACTION_VOID, id, detail);
+        if (r < 0)
+                return r;
+        return audit_append_tx(l, void_us, (uint32_t) geteuid(), (uint32_t) getpid(), ND_LEDGER_ACTOR_DAEMON,
+                               AUDIT_ACTION_VOID, id, detail);
+}
+
+int nd_ledger_session_void(nd_ledger *l, const char *id, uint64_t void_us, const char *why) {
+        if (l && l->unchecked)
+                return refuse_unchecked(l);
+        int r;
+
+        if (!l)
+                return -EINVAL;
+        if ((r = check_session_id(l, id)) < 0 ||
+            (r = check_text(l, "why", why, ND_LEDGER_AUDIT_TEXT_MAX / 2, false)) < 0)
+                return r;
+        if (void_us == 0 || !time_ok(void_us))
+                return set_error(l, -EINVAL, "void time out of range");
+        r = tx_begin(l, LEDGER_SYNC_FULL);
+        if (r < 0)
+                return r;
+        r = session_void_tx(l, id, void_us, why);
+        if (r < 0) {
+                tx_rollback(l);
+                return r;
+        }
+        return tx_commit(l);
+}
+
 static void strv_free_n(char **v, size_t n) {
         for (size_t i = 0; i < n; i++)
                 free(v[i]);
@@ -1918,6 +2023,57 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
         return 0;
 }
 
+/* Every "session-void" entry from from_seq on: its session's row is gone, an earlier
+ * "session-begin" entry began that session with the same row digest, nothing ended it, and it is
+ * voided once. */
+static int verify_voids(sqlite3 *db, const char *path, uint64_t from_seq, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        int rc = sqlite3_prepare_v2(db,
+                "SELECT a.seq, a.object, a.detail, "
+                "  (SELECT min(b.seq) FROM audit b WHERE b.object = a.object AND b.action = ?2), "
+                "  (SELECT b.detail FROM audit b WHERE b.object = a.object AND b.action = ?2 ORDER BY b.seq LIMIT 1), "
+                "  EXISTS (SELECT 1 FROM sessions s WHERE s.id = a.object), "
+                "  (SELECT count(*) FROM audit c WHERE c.object = a.object AND c.action IN (?1, ?2)), "
+                "  (SELECT min(e.seq) FROM audit e WHERE e.object = a.object AND e.action = ?3) "
+                "FROM audit a WHERE a.action = ?1 AND a.seq >= ?4 ORDER BY a.seq", -1, &st, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        bind_text(st, 1, AUDIT_ACTION_VOID);
+        bind_text(st, 2, AUDIT_ACTION_BEGIN);
+        bind_text(st, 3, AUDIT_ACTION_END);
+        sqlite3_bind_int64(st, 4, (int64_t) from_seq);
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                uint64_t seq = (uint64_t) sqlite3_column_int64(st, 0);
+                const char *id = strempty((const char *) sqlite3_column_text(st, 1));
+                const char *detail = (const char *) sqlite3_column_text(st, 2);
+                const char *begun = (const char *) sqlite3_column_text(st, 4);
+                size_t prefix = strlen(ROW_DIGEST_PREFIX);
+                if (sqlite3_column_type(st, 3) == SQLITE_NULL || (uint64_t) sqlite3_column_int64(st, 3) >= seq)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, seq,
+                                            "entry %" PRIu64 " voids session %s, which no earlier entry began", seq, id);
+                if (!detail || !begun || strncmp(detail, ROW_DIGEST_PREFIX, prefix) != 0 ||
+                    strncmp(begun, ROW_DIGEST_PREFIX, prefix) != 0 ||
+                    strncmp(detail + prefix, begun + prefix, HASH_HEX_LEN) != 0 || strlen(detail) < prefix + HASH_HEX_LEN)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, seq,
+                                            "entry %" PRIu64 " voids session %s as other than entry %" PRId64 " began it",
+                                            seq, id, (int64_t) sqlite3_column_int64(st, 3));
+                if (sqlite3_column_int(st, 5) != 0)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, seq,
+                                            "session %s was voided by entry %" PRIu64 ", but its row is there "
+                                            "(written back by hand)", id, seq);
+                if (sqlite3_column_int64(st, 6) != 2)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, seq,
+                                            "session %s has more than one begin or void entry", id);
+                if (sqlite3_column_type(st, 7) != SQLITE_NULL)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, (uint64_t) sqlite3_column_int64(st, 7),
+                                            "session %s was voided by entry %" PRIu64 " and ended by entry %" PRId64,
+                                            id, seq, (int64_t) sqlite3_column_int64(st, 7));
+        }
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        return 0;
+}
+
 /* The session and cartridge rows against the (verified) trail. */
 static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
@@ -1943,13 +2099,20 @@ static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledg
         if (rc != SQLITE_DONE)
                 return verify_sql_fail(v, db, rc, path, "reading the sessions");
 
+        r = verify_voids(db, path, 0, v);
+        if (r < 0 || v->broken)
+                return r;
+        /* A session entry needs its row, except the begin of a session voided since (checked above). */
         rc = sqlite3_prepare_v2(db, "SELECT a.seq, a.object FROM audit a WHERE a.action IN (?1, ?2) "
                                     "AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = a.object) "
+                                    "AND NOT (a.action = ?1 AND EXISTS (SELECT 1 FROM audit x "
+                                    "  WHERE x.object = a.object AND x.action = ?3)) "
                                     "ORDER BY a.seq LIMIT 1", -1, &orphan, NULL);
         if (rc != SQLITE_OK)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
         bind_text(orphan, 1, AUDIT_ACTION_BEGIN);
         bind_text(orphan, 2, AUDIT_ACTION_END);
+        bind_text(orphan, 3, AUDIT_ACTION_VOID);
         rc = sqlite3_step(orphan);
         if (rc == SQLITE_ROW)
                 return verify_break(v, ND_LEDGER_BREAK_RECORD, (uint64_t) sqlite3_column_int64(orphan, 0),
@@ -1995,13 +2158,17 @@ static int verify_records_since(sqlite3 *db, const char *path, uint64_t anchor_s
         _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
         int r, rc;
 
-        rc = sqlite3_prepare_v2(db, "SELECT object, action = ?3 FROM audit WHERE seq >= ?1 AND action IN (?2, ?3) "
+        /* The begin of a voided session has no row to check: verify_voids() checks its void. */
+        rc = sqlite3_prepare_v2(db, "SELECT object, action = ?3 FROM audit a WHERE seq >= ?1 AND action IN (?2, ?3) "
+                                    "AND NOT (action = ?2 AND EXISTS (SELECT 1 FROM audit x "
+                                    "  WHERE x.object = a.object AND x.action = ?4)) "
                                     "ORDER BY seq", -1, &st, NULL);
         if (rc != SQLITE_OK)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
         sqlite3_bind_int64(st, 1, (int64_t) anchor_seq);
         bind_text(st, 2, AUDIT_ACTION_BEGIN);
         bind_text(st, 3, AUDIT_ACTION_END);
+        bind_text(st, 4, AUDIT_ACTION_VOID);
         while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
                 const char *id = (const char *) sqlite3_column_text(st, 0);
                 bool ended = sqlite3_column_int(st, 1) != 0;
@@ -2015,7 +2182,7 @@ static int verify_records_since(sqlite3 *db, const char *path, uint64_t anchor_s
         }
         if (rc != SQLITE_DONE)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
-        return 0;
+        return verify_voids(db, path, anchor_seq, v);
 }
 
 int nd_ledger_audit_verify_anchored(const char *db_path, uint64_t anchor_seq, const char *anchor_hash,

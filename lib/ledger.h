@@ -203,6 +203,15 @@ int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, co
 int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
                           const char *reason);
 
+/* Voids a session that never ran (the pen refused to start it: docs/ledger.md), in one
+ * transaction synced to disk: its row is removed, its cartridge is put back as it was before
+ * nd_ledger_session_begin() (no other session: fresh, a row the begin created removed; else in-use)
+ * and a "session-void" audit entry records it (the begin digest, pen, cartridge, why). The
+ * "session-begin" entry stays: the trail keeps every attempt, the sessions table only treatments.
+ * -ENOENT for no such session, -EALREADY when it has ended, -EBUSY when it has run (strokes or
+ * duration recorded): those are ended, never voided. */
+int nd_ledger_session_void(nd_ledger *l, const char *id, uint64_t void_us, const char *why);
+
 /* Reads one session, profile snapshot included, into *ret (caller clears). -ENOENT if unknown. */
 int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret);
 /* Frees what a session owns and zeroes it. */

@@ -120,6 +120,7 @@ static const char *const nd_penmodel_fault_table[_ND_PENMODEL_FAULT_MAX] = {
         [ND_PENMODEL_FAULT_DEPTH_DEVIATION] = "depth-deviation",
         [ND_PENMODEL_FAULT_UNRESPONSIVE] = "unresponsive",
         [ND_PENMODEL_FAULT_CORRUPT_TELEMETRY] = "corrupt-telemetry",
+        [ND_PENMODEL_FAULT_REFUSE_START] = "refuse-start",
         [ND_PENMODEL_FAULT_CLEAR] = "clear",
 };
 
@@ -660,7 +661,7 @@ int nd_penmodel_control(nd_penmodel *m, uint64_t now_us, const nd_control_setup 
                 m->set_speed_chz = req.speed_chz;
                 return 0;
         case ND_PROTO_REQ_MOTOR_START:
-                if (!m->cart_present || m->faults != 0)
+                if (!m->cart_present || m->faults != 0 || injected(m, ND_PENMODEL_FAULT_REFUSE_START))
                         return -EPIPE;
                 if (!m->motor_running) {
                         m->motor_running = true;

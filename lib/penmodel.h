@@ -58,6 +58,7 @@ typedef enum nd_penmodel_fault {
         ND_PENMODEL_FAULT_DEPTH_DEVIATION,   /* "depth-deviation": measured depth +0.6 mm */
         ND_PENMODEL_FAULT_UNRESPONSIVE,      /* "unresponsive": no control answer, no telemetry */
         ND_PENMODEL_FAULT_CORRUPT_TELEMETRY, /* "corrupt-telemetry": every packet fails to decode */
+        ND_PENMODEL_FAULT_REFUSE_START,      /* "refuse-start": MOTOR_START is refused (STALL), no fault bit */
         ND_PENMODEL_FAULT_CLEAR,             /* "clear": removes every injected fault */
         _ND_PENMODEL_FAULT_MAX,
 } nd_penmodel_fault;

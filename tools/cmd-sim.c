@@ -34,7 +34,7 @@ static void sim_usage(FILE *out) {
                 "  battery [PEN] PERCENT  set the charge, 0 to 100\n"
                 "  fault [PEN] FAULT      make it misbehave: over-temperature, motor-stall,\n"
                 "                         over-current, depth-deviation, unresponsive,\n"
-                "                         corrupt-telemetry, or clear\n"
+                "                         corrupt-telemetry, refuse-start, or clear\n"
                 "\n"
                 "Options:\n" CTL_COMMON_HELP "\n"
                 "When needled has no simulator (not started with --simulate) the exit status is 1.\n"

@@ -551,7 +551,7 @@ int ng_gadget_command(ng_gadget *g, uint64_t now_us, const char *line, char *rep
                 if (f < 0)
                         return reply_error(reply, size, -EINVAL,
                                            "unknown fault '%s' (over-temperature, motor-stall, over-current, depth-deviation, "
-                                           "unresponsive, corrupt-telemetry, clear)", argv[1]);
+                                           "unresponsive, corrupt-telemetry, refuse-start, clear)", argv[1]);
                 r = nd_penmodel_inject_fault(g->model, now_us, (nd_penmodel_fault) f);
                 if (r < 0)
                         return reply_error(reply, size, r, "cannot inject '%s': %s", argv[1], strerror(-r));

@@ -32,7 +32,7 @@ from needledtest import (ERR, SafetyTestCase, build_path, limits_text, main, pro
 REASONS = {'completed', 'stopped', 'client-vanished', 'client-heartbeat-lost', 'device-lost',
            'limits-changed', 'daemon-restart'}
 FAULT_CODES = {'over-temperature', 'motor-stall', 'over-current', 'depth-deviation', 'heartbeat-lost',
-               'low-battery', 'telemetry-corrupt', 'cartridge-expired', 'cartridge-removed', 'start-failed',
+               'low-battery', 'telemetry-corrupt', 'cartridge-expired', 'cartridge-removed',
                'session-duration', 'stop-failed'}
 # Simulator faults, weighted toward the ones that trip at once (over-temperature takes ~1.5 s
 # to heat up, unresponsive the 500 ms heartbeat timeout).

@@ -1037,6 +1037,121 @@ static void make_trail(const char *dir, int extra_entries) {
         run_session(l, "PEN1", "CART1", T0_US + 1000, id);
 }
 
+/* A start the pen refused is voided (issue 12 item 5): the row goes, the cartridge is as it was,
+ * the trail keeps the attempt (begin and void entries) and verifies; only a session that has not
+ * run may be voided. */
+START_TEST(test_void_session) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *p = db_path(dir);
+        char id[ND_LEDGER_SESSION_ID_SIZE], sql[512];
+        nd_ledger_verify_result v;
+        nd_ledger_cartridge c;
+        start_buf b;
+
+        make_trail(dir, 1);
+        v = verify_dir(dir);
+        uint64_t anchor_seq = v.head_seq;
+        char anchor[ND_SHA256_HEX_SIZE];
+        memcpy(anchor, v.head_hash, sizeof anchor);
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+
+                /* A cartridge the ledger had never seen: afterwards it still has not. */
+                const nd_ledger_session_start *s = start_of(&b, "PEN1", "CARTV", T0_US + 5000);
+                ck_assert_int_eq(nd_ledger_session_begin(l, s), 0);
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "CARTV", &c), 0);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_IN_USE);
+                ck_assert_msg(nd_ledger_session_void(l, b.id, T0_US + 5001, "motor start: the pen refused the command") == 0,
+                              "%s", nd_ledger_last_error(l));
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "CARTV", &c), -ENOENT);
+                nd_ledger_session got;
+                ck_assert_int_eq(nd_ledger_session_get(l, b.id, &got), -ENOENT);
+                nd_ledger_session *h = NULL;
+                size_t n = 99;
+                ck_assert_int_eq(nd_ledger_history(l, "PEN1", T0_US + 5000, 0, &h, &n), 0);
+                ck_assert_uint_eq(n, 0);
+                nd_ledger_session_array_free(h, n);
+                /* Nothing more happens to it: no end, no second void. */
+                ck_assert_int_eq(nd_ledger_session_end(l, b.id, T0_US + 5002, NULL, "stopped"), -ENOENT);
+                ck_assert_int_eq(nd_ledger_session_void(l, b.id, T0_US + 5002, "again"), -ENOENT);
+                memcpy(id, b.id, sizeof id);
+
+                /* The single-use cartridge then runs once, and is spent after. */
+                s = start_of(&b, "PEN1", "CARTV", T0_US + 6000);
+                ck_assert_msg(nd_ledger_session_begin(l, s) == 0, "%s", nd_ledger_last_error(l));
+                nd_ledger_stats st = stats_of(10, 1200, 1.25);
+                ck_assert_int_eq(nd_ledger_session_end(l, b.id, T0_US + 7000, &st, "completed"), 0);
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "CARTV", &c), 0);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_SPENT);
+                ck_assert_uint_eq(c.sessions, 1);
+                ck_assert_int_eq(c.first_used_us, T0_US + 6000);
+
+                /* A reusable cartridge that has run before: in-use, its runtime and first use kept. */
+                nd_ledger_session_start m = *start_of(&b, "PEN1", "MULTI", T0_US + 8000);
+                m.single_use = false;
+                ck_assert_int_eq(nd_ledger_session_begin(l, &m), 0);
+                ck_assert_int_eq(nd_ledger_session_end(l, m.id, T0_US + 9000, &st, "stopped"), 0);
+                m = *start_of(&b, "PEN1", "MULTI", T0_US + 10000);
+                m.single_use = false;
+                ck_assert_int_eq(nd_ledger_session_begin(l, &m), 0);
+                ck_assert_int_eq(nd_ledger_session_void(l, m.id, T0_US + 10001, "set depth: the pen refused the command"), 0);
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "MULTI", &c), 0);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_IN_USE);
+                ck_assert_uint_eq(c.sessions, 1);
+                ck_assert(c.runtime_s == 10);
+                ck_assert_int_eq(c.first_used_us, T0_US + 8000);
+
+                /* A known fresh cartridge stays known and fresh. */
+                sql_on(dir, "INSERT INTO cartridges (id, needles, first_used_us, state) VALUES ('KNOWN', 12, 1, 'fresh')");
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "KNOWN", T0_US + 11000)), 0);
+                ck_assert_int_eq(nd_ledger_session_void(l, b.id, T0_US + 11001, "refused"), 0);
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "KNOWN", &c), 0);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_FRESH);
+                ck_assert_uint_eq(c.sessions, 0);
+
+                /* What has run is ended, never voided: it stays as it was. */
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN2", "RAN", T0_US + 12000)), 0);
+                st = stats_of(0.5, 40, 1.0);
+                ck_assert_int_eq(nd_ledger_session_progress(l, b.id, T0_US + 12500, &st), 0);
+                ck_assert_int_eq(nd_ledger_session_void(l, b.id, T0_US + 12600, "refused"), -EBUSY);
+                ck_assert_int_eq(nd_ledger_session_end(l, b.id, T0_US + 13000, &st, "stopped"), 0);
+                ck_assert_int_eq(nd_ledger_session_void(l, b.id, T0_US + 13001, "refused"), -EALREADY);
+                ck_assert_int_eq(nd_ledger_session_void(l, "not-a-uuid", T0_US + 13001, "refused"), -EINVAL);
+                ck_assert_int_eq(nd_ledger_session_void(l, b.id, T0_US + 13001, ""), -EINVAL);
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "RAN", &c), 0);
+                ck_assert_uint_eq(c.sessions, 1);
+        }
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-void'"), 3);
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM audit WHERE object = '%s' AND action = 'session-begin'", id);
+        ck_assert_int_eq(sql_int(dir, sql), 1);
+        assert_intact(dir);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
+
+        /* The voided row written back by hand is found, in full and from the anchor. */
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO sessions (id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, "
+                 "profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, single_use, max_runtime_s, "
+                 "start_us, updated_us) VALUES ('%s', 'PEN1', 'CARTV', 12, 'x', 'x', 'x', 'x', '', 0, 0, ':1.1', 1, 0, "
+                 "1, 1)", id);
+        sql_on(dir, sql);
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s", v.message);
+        ck_assert_ptr_nonnull(strstr(v.message, id));
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
+        snprintf(sql, sizeof sql, "DELETE FROM sessions WHERE id = '%s'", id);
+        sql_on(dir, sql);
+        assert_intact(dir);
+
+        /* A session row deleted without a void is still a deletion. */
+        sql_on(dir, "DELETE FROM sessions WHERE pen_serial = 'PEN2'");
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s", v.message);
+        ck_assert_ptr_nonnull(strstr(v.message, "deleted"));
+}
+END_TEST
+
 /* Incremental verification from an anchor: the entries and sessions after it are checked, the
  * anchor itself must match, and a change before it is left to the full verification. */
 START_TEST(test_verify_from_anchor) {
@@ -1644,6 +1759,7 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_begin_bad_input);
         tcase_add_test(tc, test_single_use_across_restart);
         tcase_add_test(tc, test_reusable_cartridge);
+        tcase_add_test(tc, test_void_session);
         tcase_add_test(tc, test_recover);
         tcase_add_test(tc, test_recover_after_kill);
         tcase_add_test(tc, test_history);

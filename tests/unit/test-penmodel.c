@@ -630,6 +630,25 @@ END_TEST
 
 /* ---- faults ------------------------------------------------------------------------------------------ */
 
+/* "refuse-start": the pen answers MOTOR_START with a STALL and latches nothing, until "clear". */
+START_TEST(test_refuse_start) {
+        nd_penmodel *m = new_model(1);
+        identify(m, T0);
+        ck_assert_int_eq(nd_penmodel_insert_cartridge(m, T0, "CART-1", 12), 0);
+        ck_assert_int_eq(nd_penmodel_inject_fault(m, T0, ND_PENMODEL_FAULT_REFUSE_START), 0);
+        ck_assert_int_eq(set_depth(m, T0, 1.0), 0);
+        ck_assert_int_eq(set_speed(m, T0, 100), 0);
+        ck_assert_int_eq(simple(m, T0, nd_proto_request_motor_start), -EPIPE);
+        ck_assert(!state_of(m).motor_running);
+        ck_assert_uint_eq(state_of(m).faults, 0);
+        ck_assert_int_eq(simple(m, T0 + MS(10), nd_proto_request_motor_start), -EPIPE);
+        ck_assert_int_eq(nd_penmodel_inject_fault(m, T0 + MS(20), ND_PENMODEL_FAULT_CLEAR), 0);
+        ck_assert_int_eq(simple(m, T0 + MS(20), nd_proto_request_motor_start), 0);
+        ck_assert(state_of(m).motor_running);
+        nd_penmodel_unref(m);
+}
+END_TEST
+
 START_TEST(test_fault_names) {
         for (int f = 0; f < _ND_PENMODEL_FAULT_MAX; f++)
                 ck_assert_int_eq(nd_penmodel_fault_from_string(nd_penmodel_fault_to_string(f)), f);
@@ -894,6 +913,7 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_catch_up_batching);
         tcase_add_test(tc, test_determinism);
         tcase_add_test(tc, test_fault_names);
+        tcase_add_test(tc, test_refuse_start);
         tcase_add_test(tc, test_fault_over_temperature);
         tcase_add_test(tc, test_fault_motor_stall);
         tcase_add_test(tc, test_fault_over_current);
