@@ -3,13 +3,27 @@
 #    daemon-restart; the pen returns idle; its cartridge stays spent.
 . /needled-vm/guest/lib.sh
 log "g. SIGKILL of the daemon mid-session"
-trap session_cleanup EXIT
+# systemd restarts needled after RestartSec= (1 s), and a restarted daemon stops a pen it finds
+# running (hazard 16): under TCG, where the runner raises the heartbeat timeout to 3 s, it would
+# beat the pen's watchdog, the thing this scenario is about. For this scenario only, a runtime
+# drop-in holds the restart back until the watchdog has had its time.
+DROPIN=/run/systemd/system/needled.service.d/50-vm-g-restart.conf
+g_cleanup() {
+	session_cleanup
+	rm -f "$DROPIN"
+	systemctl daemon-reload
+}
+trap g_cleanup EXIT
 
 check "pen ready" pen_ready
 check "clinic rules in force" clinic_rules_install
 check "a fresh cartridge" fresh_cartridge
 timeout_ms=$(needlectl --json limits | jq -r .limits.pen.heartbeat_timeout_ms)
 log "pen.heartbeat_timeout_ms: $timeout_ms"
+mkdir -p "$(dirname "$DROPIN")"
+printf '[Service]\nRestartSec=%ss\n' "$(( ${timeout_ms:-500} / 1000 + 2 ))" >"$DROPIN"
+systemctl daemon-reload
+log "restart held back for this scenario: $(systemctl show -p RestartUSec --value needled.service)"
 pid=$(needled_pid)
 restarts=$(needled_restarts)
 check "$OPERATOR starts a session" session_begin "$OPERATOR" acne-scars-cheeks vm-g
