@@ -19,6 +19,7 @@
 #define PACKET_OFFSET_TYPE         0u
 #define PACKET_OFFSET_RESERVED     2u
 #define PACKET_OFFSET_SEQUENCE     4u
+#define PACKET_OFFSET_COUNT        1u
 
 #define COMMAND_ARGS_MAX 4u
 #define NAMES_MAX 160u
@@ -40,6 +41,7 @@ struct ng_gadget {
 
         hostile_entry hostile[NG_HOSTILE_QUEUE_MAX];
         unsigned hostile_head, hostile_len;
+        uint64_t samples_lost_on_link; /* in packets the UDC refused or failed (ng_gadget_packet_lost) */
 };
 
 static const char *const stop_causes[_NG_STOP_MAX] = {
@@ -447,6 +449,12 @@ _printf_(4, 5) static int reply_error(char *reply, size_t size, int r, const cha
         return r;
 }
 
+void ng_gadget_packet_lost(ng_gadget *g, const uint8_t *packet, size_t len) {
+        if (!g || !packet || len <= PACKET_OFFSET_COUNT)
+                return;
+        g->samples_lost_on_link += packet[PACKET_OFFSET_COUNT];
+}
+
 static int command_status(ng_gadget *g, char *reply, size_t size) {
         nd_penmodel_state st;
         char faults[NAMES_MAX], injected[NAMES_MAX];
@@ -454,12 +462,13 @@ static int command_status(ng_gadget *g, char *reply, size_t size) {
         nd_penmodel_get_state(g->model, &st);
         return reply_ok(reply, size,
                         "ok motor=%s depth_mm=%.3f speed_hz=%.2f cartridge=%s needles=%u fault=%s injected=%s "
-                        "identified=%s watchdog=%s telemetry_hz=%u battery=%.0f sequence=%u",
+                        "identified=%s watchdog=%s telemetry_hz=%u battery=%.0f sequence=%u lost=%" PRIu64,
                         st.motor_running ? "on" : "off", st.set_depth_mm, st.set_speed_hz,
                         st.cartridge_present ? st.cartridge_id : "none", st.cartridge_needles,
                         fault_names(st.faults, faults, sizeof faults), injected_names(st.injected, injected, sizeof injected),
                         st.identified ? "yes" : "no", st.watchdog_armed ? "armed" : "disarmed",
-                        st.telemetry_enabled ? st.telemetry_rate_hz : 0, ceil(st.battery_percent), st.next_sequence);
+                        st.telemetry_enabled ? st.telemetry_rate_hz : 0, ceil(st.battery_percent), st.next_sequence,
+                        st.samples_dropped + g->samples_lost_on_link);
 }
 
 static int command_hostile(ng_gadget *g, uint64_t now_us, char **argv, unsigned argc, char *reply, size_t size) {

@@ -99,6 +99,10 @@ int ng_gadget_data_stage(ng_gadget *g, uint64_t now_us, const nd_control_setup *
 /* The next telemetry packet due by now_us, hostile when one is queued: its length, 0 when none
  * is due. size >= ND_PROTO_PACKET_MAX_SIZE. */
 int ng_gadget_next_packet(ng_gadget *g, uint64_t now_us, uint8_t *buf, size_t size);
+/* A packet from ng_gadget_next_packet() that never reached the host (the UDC refused or failed
+ * it): its samples count as lost in the status line's lost=, with those the pen's queue bound
+ * dropped. */
+void ng_gadget_packet_lost(ng_gadget *g, const uint8_t *packet, size_t len);
 /* When the next packet should be sent (UINT64_MAX: telemetry off or unresponsive): at once when
  * a full packet's samples are queued, else NG_TELEMETRY_BATCH_US after the oldest queued (or
  * next) sample was measured. Without IN tokens to answer (FunctionFS queues packets ahead),

@@ -181,6 +181,7 @@ static void pump(Gadget *g) {
                 };
                 int r = aio_submit(g->aio, &cb);
                 if (r < 0) { /* the packet is lost: the host sees a gap */
+                        ng_gadget_packet_lost(g->pen, buf, (size_t) len);
                         if (r != g->last_in_error)
                                 log_event(g, "event in-error submit errno=%s", strerror(-r));
                         g->last_in_error = r;
@@ -211,6 +212,7 @@ static int on_aio(sd_event_source *s, int fd, uint32_t revents, void *userdata) 
                         g->in_flight--;
                 if (events[i].res < 0) {
                         int e = (int) events[i].res;
+                        ng_gadget_packet_lost(g->pen, g->packets[events[i].data % IN_FLIGHT_MAX], ND_PROTO_PACKET_MAX_SIZE);
                         if (e != g->last_in_error)
                                 log_event(g, "event in-error errno=%s", strerror(-e));
                         g->last_in_error = e;

@@ -438,6 +438,42 @@ START_TEST(test_batching) {
 }
 END_TEST
 
+/* lost= in the status line: what the queue bound dropped, plus the samples of packets the UDC
+ * refused. */
+static uint64_t status_lost(ng_gadget *g, uint64_t t) {
+        char reply[NG_REPLY_MAX];
+        ck_assert_int_eq(ng_gadget_command(g, t, "status", reply, sizeof reply), 0);
+        const char *p = strstr(reply, " lost=");
+        ck_assert_msg(p, "no lost= in '%s'", reply);
+        return strtoull(p + 6, NULL, 10);
+}
+
+START_TEST(test_lost_samples) {
+        ng_gadget *g = new_gadget();
+        uint8_t buf[ND_PROTO_PACKET_MAX_SIZE];
+        nd_penmodel_state st;
+
+        identify(g, T0);
+        ck_assert_int_eq(set_telemetry(g, T0, 1000), 0);
+        ck_assert_uint_eq(status_lost(g, T0), 0);
+        /* nobody polls for a second: the queue keeps its 512 newest, the rest is lost */
+        ng_gadget_advance(g, T0 + MS(1000));
+        nd_penmodel_get_state(ng_gadget_model(g), &st);
+        ck_assert_uint_eq(st.queued, ND_PENMODEL_QUEUE_MAX);
+        uint64_t dropped = st.samples_dropped;
+        ck_assert_uint_gt(dropped, 400);
+        ck_assert_uint_eq(status_lost(g, T0 + MS(1000)), dropped);
+        /* a packet the UDC refused: its samples are lost too */
+        int len = ng_gadget_next_packet(g, T0 + MS(1000), buf, sizeof buf);
+        ck_assert_int_eq(len, (int) ND_PROTO_PACKET_SIZE(3));
+        ng_gadget_packet_lost(g, buf, (size_t) len);
+        ck_assert_uint_eq(status_lost(g, T0 + MS(1000)), dropped + 3);
+        ng_gadget_packet_lost(g, NULL, 0); /* ignored */
+        ck_assert_uint_eq(status_lost(g, T0 + MS(1000)), dropped + 3);
+        ng_gadget_free(g);
+}
+END_TEST
+
 /* ---- control commands ---------------------------------------------------------------------------------- */
 
 START_TEST(test_commands) {
@@ -577,6 +613,7 @@ static Suite *gadget_suite(void) {
         tcase_add_test(tc, test_exit_unresponsive);
         tcase_add_test(tc, test_hostile);
         tcase_add_test(tc, test_batching);
+        tcase_add_test(tc, test_lost_samples);
         tcase_add_test(tc, test_commands);
         tcase_add_test(tc, test_descriptors);
         tcase_add_test(tc, test_names);

@@ -184,6 +184,9 @@ motor_mark() { wc -l <"$MOTOR_LOG"; }
 # motor_events_since MARK: the lines written after the mark
 motor_events_since() { tail -n +"$(($1 + 1))" "$MOTOR_LOG"; }
 motor_running() { [ "$(gadget status | grep -o 'motor=[a-z]*')" = motor=on ]; }
+# pen_lost: samples the pen measured and never handed to the host (its queue bound, a packet the
+# UDC refused): the gadget's lost= count
+pen_lost() { gadget status | grep -o 'lost=[0-9]*' | cut -d= -f2; }
 
 # --- sessions driven by `needlectl run --commands` as a chosen user ---
 # session_begin USER PROFILE [LABEL]: arms and starts; the run stays in the background as the

@@ -10,6 +10,7 @@ check "clinic rules in force" clinic_rules_install
 check "a fresh cartridge" fresh_cartridge
 csv=/run/needled-vm-e-telemetry.csv
 summary=/run/needled-vm-e-record.json
+lost_before=$(pen_lost)
 needlectl --json record "$PEN_SERIAL" --output "$csv" >"$summary" 2>"$summary.err" &
 rec=$!
 mark=$(motor_mark)
@@ -28,14 +29,25 @@ kill -INT "$rec"
 wait_for 10 gone "$rec"
 wait "$rec"
 rec=
+lost=$(( $(pen_lost) - lost_before ))
 log "record: $(cat "$summary" "$summary.err")"
 samples=$(jq -r .samples "$summary" 2>/dev/null)
 check "telemetry samples were read from OpenTelemetry ($samples)" test "${samples:-0}" -gt 1000
-expect "gaps (sequence numbers never seen)" "$(jq -r .gaps "$summary")" 0
 expect "records the daemon dropped for this reader" "$(jq -r .dropped "$summary")" 0
 expect "bad records" "$(jq -r .bad_records "$summary")" 0
-seq_gaps=$(awk -F, 'NR > 1 { if (NR > 2 && $1 != prev + 1) g++; prev = $1 } END { print g + 0 }' "$csv")
-expect "consecutive sequence numbers in the CSV" "$seq_gaps" 0
+# Every sample the pen sent reached the reader: a sequence number never seen is one the pen
+# itself lost (its queue of 512 overflows when the host polls too slowly, which an emulated
+# guest on a busy host does); on a host that keeps up, none.
+gaps=$(jq -r .gaps "$summary")
+missing=$(awk -F, 'NR > 2 && $1 > prev + 1 { m += $1 - prev - 1 } NR > 1 { prev = $1 } END { print m + 0 }' "$csv")
+log "sequence numbers never seen: $gaps (record), $missing (CSV); samples the pen lost itself: $lost"
+if [ "$lost" = 0 ]; then
+	expect "gaps (sequence numbers never seen)" "$gaps" 0
+	expect "consecutive sequence numbers in the CSV" "$missing" 0
+else
+	check "every gap is a sample the pen lost itself ($gaps <= $lost)" test "${gaps:-1}" -le "$lost"
+	check "... in the CSV too ($missing <= $lost)" test "$missing" -le "$lost"
+fi
 deep=$(awk -F, 'NR > 1 && $6 > 1.15 && $6 < 1.35 { n++ } END { print n + 0 }' "$csv")
 shallow=$(awk -F, 'NR > 1 && $6 > 0.9 && $6 < 1.1 { n++ } END { print n + 0 }' "$csv")
 log "samples measured near 1.25 mm: $deep, near 1.0 mm: $shallow"
