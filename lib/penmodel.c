@@ -444,6 +444,10 @@ void nd_penmodel_advance(nd_penmodel *m, uint64_t now_us) {
         m->now_us = now_us;
 }
 
+unsigned nd_penmodel_telemetry_rate_hz(const nd_penmodel *m) {
+        return m->tel_rate_hz;
+}
+
 uint64_t nd_penmodel_next_due_us(const nd_penmodel *m) {
         if (!m->tel_enabled || injected(m, ND_PENMODEL_FAULT_UNRESPONSIVE))
                 return UINT64_MAX;

@@ -114,6 +114,8 @@ int nd_penmodel_next_packet(nd_penmodel *m, uint64_t now_us, uint8_t *buf, size_
  * already, else the measuring time of the next sample; UINT64_MAX when telemetry is off or
  * the pen is unresponsive. The watchdog and physics need no timer of their own (lazy). */
 uint64_t nd_penmodel_next_due_us(const nd_penmodel *m);
+/* The rate the pen samples at now (SET_TELEMETRY), Hz; never 0. */
+unsigned nd_penmodel_telemetry_rate_hz(const nd_penmodel *m);
 
 /* Runs the firmware up to now_us (physics, watchdog, sampling into the queue). Every entry point
  * does this itself; call it only to look at the state at a given time. */

@@ -117,12 +117,26 @@ static int arm(sd_event_source *src, uint64_t when_us) {
         return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
 }
 
+/* At a sample period this long or longer (the idle rate, 2 Hz) a sample rides on the next
+ * control request (the host's heartbeat, every 125 ms: on_control_timer serves what is due
+ * first); its own timer is a backstop half a period late (250 ms at 2 Hz: past the next
+ * heartbeat). So an idle pen wakes the loop for its heartbeats only. A sample's device time is
+ * its due time however late it is delivered. At shorter periods (full rate; a re-rate re-arms
+ * from its reply) samples are served on time. */
+#define SIM_COALESCE_FROM_USEC (100 * USEC_PER_MSEC)
+
 static void stream_rearm(sim_transport *s) {
         if (!s->streaming || s->unplugged || s->free_requested)
                 return;
         uint64_t now = loop_now(s), due = nd_penmodel_next_due_us(s->model);
         if (due == UINT64_MAX)
                 due = now + ND_TRANSPORT_SIM_IDLE_POLL_MS * USEC_PER_MSEC;
+        else if (due > now) {
+                unsigned rate = nd_penmodel_telemetry_rate_hz(s->model);
+                uint64_t period = rate > 0 ? USEC_PER_SEC / rate : 0;
+                if (period >= SIM_COALESCE_FROM_USEC)
+                        due += period / 2;
+        }
         (void) arm(s->stream_timer, MAX(due, now));
 }
 
@@ -143,6 +157,9 @@ static void control_rearm(sim_transport *s) {
         (void) arm(s->control_timer, s->head->submitted_us + (uint64_t) s->head->timeout_ms * USEC_PER_MSEC);
 }
 
+static bool stream_due(const sim_transport *s, uint64_t now);
+static void stream_serve(sim_transport *s, uint64_t now);
+
 static int on_control_timer(sd_event_source *src, uint64_t usec, void *userdata) {
         sim_transport *s = userdata;
         sim_request *r = s->head;
@@ -151,6 +168,18 @@ static int on_control_timer(sd_event_source *src, uint64_t usec, void *userdata)
         if (!r || s->unplugged)
                 return 0;
         enter(s);
+        /* Telemetry due by now goes first, as a pen sends it before its answer (at the idle rate
+         * this is how samples ride on the heartbeat's wake-up: stream_rearm). */
+        uint64_t now = loop_now(s);
+        if (stream_due(s, now)) {
+                stream_serve(s, now);
+                stream_rearm(s);
+                r = s->head;
+                if (!r || s->unplugged || s->free_requested) {
+                        leave(s);
+                        return 0;
+                }
+        }
         if (s->head_unanswered)
                 status = -ETIMEDOUT;
         else {

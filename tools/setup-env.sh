@@ -11,6 +11,12 @@ NEEDLED_TEST_PACKAGES="clang libclang-rt-14-dev valgrind umockdev libumockdev-de
   dbus python3 python3-dbus python3-dbusmock python3-gi python3-yaml systemd util-linux"
 # The client examples (suite examples): gdbus-codegen, C++ and QtDBus with qdbusxml2cpp.
 NEEDLED_TEST_PACKAGES="$NEEDLED_TEST_PACKAGES libglib2.0-dev-bin g++ qtbase5-dev qtbase5-dev-tools"
+# The Node example (examples/node, npm ci of its lockfile): Debian's nodejs and npm, each only when
+# missing (a node installed otherwise stays: Debian's npm conflicts with it). Debian's npm brings
+# node-gyp, libnode-dev and libuv1-dev; node-gyp builds dbus-next's usocket with python3, make, g++.
+NEEDLED_TEST_PACKAGES="$NEEDLED_TEST_PACKAGES make"
+command -v node >/dev/null 2>&1 || NEEDLED_TEST_PACKAGES="$NEEDLED_TEST_PACKAGES nodejs libnode-dev"
+command -v npm >/dev/null 2>&1 || NEEDLED_TEST_PACKAGES="$NEEDLED_TEST_PACKAGES npm"
 # What the booted-system stage (tests/vm) needs on top: QEMU, and the tools that build its
 # Debian guest image (debootstrap, mke2fs -d, zstd; curl checks the mirror first).
 NEEDLED_VM_PACKAGES="qemu-system-x86 debootstrap e2fsprogs zstd util-linux curl"

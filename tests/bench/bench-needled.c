@@ -5,7 +5,8 @@
  *
  *   methods    round trips of Peer.Ping (the floor), Properties.Get and ValidateProfile,
  *              interleaved, optionally with client, bus and daemon pinned to one CPU
- *   telemetry  P simulated pens at 1 kHz, S Telemetry-signal subscribers, R fd readers per pen
+ *   telemetry  P simulated pens at 1 kHz, S Telemetry-signal subscribers (WatchTelemetry on every
+ *              pen), R fd readers per pen
  *              and K stalled readers: loss, latency, the daemon's CPU and RSS
  *   floor      what the contract costs any daemon at P pens x R readers: a child process that
  *              wakes at 1 kHz and sends one datagram per sample per reader; its CPU and latency
@@ -66,6 +67,8 @@
 #define SIGNAL_QUIET_US (2 * USEC_PER_SEC)
 #define READERS_EOF_TIMEOUT_US (5 * USEC_PER_SEC)
 #define SIGNAL_DRAIN_TIMEOUT_US (60 * USEC_PER_SEC)
+/* Every subscriber's WatchTelemetry on a new pen must be answered within this. */
+#define WATCH_TIMEOUT_US (30 * USEC_PER_SEC)
 #define EPOLL_TICK_MS 20
 #define SESSION_RUN_BEFORE_STOP_US (20 * USEC_PER_MSEC)
 #define IDLE_RSS_WAIT_US (100 * USEC_PER_MSEC)
@@ -614,6 +617,13 @@ struct tele_ctx {
         atomic_bool release_stalled;    /* stalled readers start reading */
         atomic_bool stop_readers;       /* the reader thread ends, EOF or not */
         _Atomic uint64_t signals_received; /* Telemetry messages, all subscribers */
+        /* Telemetry signals go only to WatchTelemetry callers. The subscribers' buses belong to
+         * the subscriber thread (sd-bus is not thread-safe): the main thread asks it to watch
+         * the first watch_pens pens and waits until every call is answered. */
+        atomic_uint watch_pens;
+        atomic_uint watches_answered;
+        atomic_bool watch_failed;
+        char watch_error[256];          /* written once, before watch_failed is set */
 
         series sig_latency;             /* subscriber thread: pen -> client, µs */
         series fd_pen_client, fd_daemon_client, fd_pen_daemon; /* reader thread */
@@ -669,17 +679,45 @@ static int on_telemetry_signal(sd_bus_message *m, void *userdata, sd_bus_error *
         return 0;
 }
 
+static int on_watch_reply(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
+        tele_ctx *c = userdata;
+        const sd_bus_error *e = sd_bus_message_get_error(m);
+        if (e && !atomic_load(&c->watch_failed)) {
+                snprintf(c->watch_error, sizeof c->watch_error, "%s: %s", e->name, e->message ? e->message : "");
+                atomic_store(&c->watch_failed, true);
+        }
+        atomic_fetch_add(&c->watches_answered, 1);
+        return 0;
+}
+
 static void *subscriber_thread(void *arg) {
         tele_ctx *c = arg;
         sd_event *e = NULL;
+        unsigned watched = 0;
         if (sd_event_new(&e) < 0)
                 die("sd_event_new");
         for (unsigned i = 0; i < c->n_subs; i++)
                 if (sd_bus_attach_event(c->subs[i].bus, e, SD_EVENT_PRIORITY_NORMAL) < 0)
                         die("sd_bus_attach_event");
-        while (!atomic_load(&c->stop_signals))
-                if (sd_event_run(e, 50 * USEC_PER_MSEC) < 0)
+        while (!atomic_load(&c->stop_signals)) {
+                for (unsigned want = atomic_load(&c->watch_pens); watched < want; watched++) {
+                        pthread_mutex_lock(&c->lock);
+                        const char *path = c->pen_paths[watched];
+                        pthread_mutex_unlock(&c->lock);
+                        for (unsigned i = 0; i < c->n_subs; i++) {
+                                int r = sd_bus_call_method_async(c->subs[i].bus, NULL, ND_BUS_NAME, path,
+                                                                 ND_PEN_INTERFACE, "WatchTelemetry", on_watch_reply, c,
+                                                                 NULL);
+                                if (r < 0)
+                                        die("WatchTelemetry: %s", strerror(-r));
+                        }
+                }
+                /* short turns while the main thread waits for watches, else 50 ms */
+                uint64_t turn = atomic_load(&c->watches_answered) < watched * c->n_subs ? USEC_PER_MSEC
+                                                                                          : 50 * USEC_PER_MSEC;
+                if (sd_event_run(e, turn) < 0)
                         die("subscriber loop failed");
+        }
         for (unsigned i = 0; i < c->n_subs; i++)
                 sd_bus_detach_event(c->subs[i].bus);
         sd_event_unref(e);
@@ -826,7 +864,8 @@ static int cmd_telemetry(const options *o) {
         daemon_spawn(o, o->state_dir, true, &d);
         daemon_wait_owned(bus, &d);
 
-        /* Subscribers first, so that each sees every sample from the pens' first. */
+        /* Subscribers first; each watches every pen as soon as it is added (WatchTelemetry: the
+         * signals are unicast to watchers, the match only routes them to the callback). */
         c.n_subs = o->subscribers;
         c.subs = calloc(MAX(c.n_subs, 1u), sizeof *c.subs);
         if (!c.subs)
@@ -858,6 +897,15 @@ static int cmd_telemetry(const options *o) {
                         }
                 if (!found)
                         die("no power-on time for pen %s: is %s needled-bench?", serial, o->needled);
+                atomic_store(&c.watch_pens, (unsigned) idx + 1);
+                uint64_t deadline = now_us() + WATCH_TIMEOUT_US;
+                while (atomic_load(&c.watches_answered) < ((unsigned) idx + 1) * c.n_subs) {
+                        if (now_us() > deadline)
+                                die("WatchTelemetry on %s: no answer", path);
+                        sleep_us(USEC_PER_MSEC);
+                }
+                if (atomic_load(&c.watch_failed))
+                        die("WatchTelemetry on %s: %s", path, c.watch_error);
         }
 
         c.n_readers = o->pens * o->readers + o->stalled;
@@ -933,8 +981,9 @@ static int cmd_telemetry(const options *o) {
         pthread_join(sub_tid, NULL);
         daemon_stop(bus, &d);
 
-        /* Every pen's samples, first to last: subscribers joined before the pens existed, and
-         * every consumer got the pen's last sample before its removal. */
+        /* Every pen's samples, from the first any consumer saw (subscribers watch each pen right
+         * after it is added) to the last: every consumer got the pen's last sample before its
+         * removal. */
         uint32_t first[PENS_MAX] = { 0 }, last[PENS_MAX] = { 0 };
         bool have_first[PENS_MAX] = { false }, have_last[PENS_MAX] = { false };
         for (unsigned i = 0; i < c.n_subs; i++)
@@ -952,8 +1001,8 @@ static int cmd_telemetry(const options *o) {
         for (unsigned i = 0; i < c.n_readers; i++) {
                 const stream *s = &c.readers[i].st;
                 unsigned p = s->pen;
-                /* without subscribers, the earliest reader defines a pen's first sample */
-                if (s->started && c.n_subs == 0 && (!have_first[p] || (int32_t) (s->first_seq - first[p]) < 0)) {
+                /* the earliest consumer, subscriber or reader, defines a pen's first sample */
+                if (s->started && (!have_first[p] || (int32_t) (s->first_seq - first[p]) < 0)) {
                         first[p] = s->first_seq;
                         have_first[p] = true;
                 }
@@ -978,8 +1027,9 @@ static int cmd_telemetry(const options *o) {
                 for (unsigned p = 0; p < c.n_pens; p++) {
                         size_t k = (size_t) i * c.n_pens + p;
                         sig[k] = &c.subs[i].streams[p];
-                        sig_exp[k] = (uint64_t) (last[p] - first[p]) + 1;
-                        if (sig[k]->received != sig_exp[k] || sig[k]->out_of_order)
+                        /* from the first sample after its watch began to the pen's last */
+                        sig_exp[k] = sig[k]->started ? (uint64_t) (last[p] - sig[k]->first_seq) + 1 : 0;
+                        if (!sig[k]->started || sig[k]->received != sig_exp[k] || sig[k]->out_of_order)
                                 broken = 1;
                 }
         for (size_t i = 0; i < n_fd; i++) {
