@@ -37,6 +37,8 @@ struct nd_telemetry {
         reader *readers[ND_TELEMETRY_READERS_MAX];
         unsigned n_readers;
         uint64_t dropped_total;
+        uint64_t batches_dropped;    /* Telemetry signals not queued: the bus backlog was full */
+        bool backlog_reported;       /* logged once per backlog episode */
         /* The callers of WatchTelemetry(): sd-bus drops a name from it when it leaves the bus. */
         sd_bus_track *watchers;
         /* Told when demand (watchers + readers) appears or goes. */
@@ -135,6 +137,27 @@ static void telemetry_emit_batch(nd_telemetry *t) {
                 /* Shutting down: sd-bus closed the connection when the loop ended. */
                 t->n_batch = 0;
                 return;
+        }
+        /* A bus that takes no more (the bus daemon starved of CPU, or stopped) leaves every message
+         * in the daemon's own connection: one signal a watcher every 50 ms would pile up there
+         * without bound. Beyond the backlog bound, batches are dropped (a watcher sees a gap in
+         * the sequence numbers); fd readers are not affected. */
+        uint64_t queued = 0;
+        unsigned n_watchers = sd_bus_track_count(t->watchers);
+        if (sd_bus_get_n_queued_write(t->bus, &queued) >= 0 && queued >= ND_TELEMETRY_BUS_BACKLOG_MAX) {
+                t->batches_dropped += n_watchers;
+                if (!t->backlog_reported)
+                        nd_log_warning("%s: %" PRIu64 " messages wait to be written to the bus: Telemetry signals are "
+                                       "dropped until it takes them (telemetry sockets and pipes go on)",
+                                       t->path, queued);
+                t->backlog_reported = true;
+                t->n_batch = 0;
+                return;
+        }
+        if (t->backlog_reported) {
+                nd_log_notice("%s: the bus takes messages again; %" PRIu64 " Telemetry signals dropped so far", t->path,
+                              t->batches_dropped);
+                t->backlog_reported = false;
         }
         /* Unicast to each watcher: a client that did not ask receives nothing. */
         for (const char *name = sd_bus_track_first(t->watchers); name; name = sd_bus_track_next(t->watchers)) {

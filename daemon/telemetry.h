@@ -65,6 +65,11 @@ bool nd_telemetry_has_demand(const nd_telemetry *t);
 typedef void (*nd_telemetry_demand_fn)(nd_telemetry *t, bool demand, void *userdata);
 void nd_telemetry_set_demand_callback(nd_telemetry *t, nd_telemetry_demand_fn fn, void *userdata);
 
+/* Messages waiting in the daemon's bus connection beyond which a Telemetry batch is dropped
+ * instead of queued (each batch is one signal per watcher), so that memory stays bounded when the
+ * bus does not read; about 0.6 MB of batches at most. */
+#define ND_TELEMETRY_BUS_BACKLOG_MAX 256u
+
 /* Readers connected now, and records dropped for all readers so far (for tests/benchmarks). */
 unsigned nd_telemetry_n_readers(const nd_telemetry *t);
 uint64_t nd_telemetry_dropped_total(const nd_telemetry *t);

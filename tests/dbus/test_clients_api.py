@@ -4,6 +4,7 @@ by serial, removed pens answering UnknownPen, the Manager in GetManagedObjects, 
 watchers, the telemetry pipe."""
 
 import os
+import signal
 import re
 import stat
 import time
@@ -137,6 +138,31 @@ class TelemetryOnRequest(NeedledTestCase):
         wait_until(lambda: self._watch_succeeds(pen), 10, 'WatchTelemetry accepted again')
         log = SignalLog(self.bus, 'Telemetry', PEN_IFACE, pen)
         log.wait_for(lambda i: True, 5, 'Telemetry to the new watcher')
+
+    def test_a_bus_that_takes_nothing_does_not_fill_the_daemon(self):
+        # The bus daemon stopped: every Telemetry signal would wait in needled's own connection,
+        # one per watcher every 50 ms, without bound. Beyond its backlog bound needled drops them
+        # and says so; once the bus reads again, watchers get Telemetry again.
+        pen = self.add_pen(serial='WATCH-3')
+        # 64 watchers: sd-bus gives its socket an 8 MB send buffer, which they fill in seconds
+        conns = [self.new_connection() for _ in range(63)]
+        for c in conns:
+            self.pen_call(pen, 'WatchTelemetry', bus=c)
+        self.pen_call(pen, 'WatchTelemetry')
+        log = SignalLog(self.bus, 'Telemetry', PEN_IFACE, pen)
+        log.wait_for(lambda i: True, 5, 'Telemetry to the watcher')
+        bus_pid = self.fixture.bus.process.pid
+        os.kill(bus_pid, signal.SIGSTOP)
+        try:
+            # the socket's buffer fills first, then the backlog (256 signals)
+            wait_until(lambda: 'Telemetry signals are dropped' in self.daemon_log(), 90,
+                       'needled dropping Telemetry signals while the bus takes nothing')
+        finally:
+            os.kill(bus_pid, signal.SIGCONT)
+        wait_until(lambda: 'the bus takes messages again' in self.daemon_log(), 60, 'needled seeing the bus again')
+        self.assertTrue(self.daemon.running(), 'needled stopped')
+        n = len(log.items)
+        log.wait_for(lambda i: len(log.items) > n, 10, 'Telemetry again after the bus came back')
 
     def _watch_succeeds(self, pen):
         try:
