@@ -720,6 +720,9 @@ static void pause_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         p->session.running_since_us = 0;
         p->session.interlock.stall_since_us = 0;
         p->session.last_device_time_us = 0;
+        /* The running figures stop here: the Cartridge's runtime and the progress as they end up,
+         * not as the last tick left them (up to a second behind). */
+        nd_pen_changed(p, PROP_CARTRIDGE | PROP_PROGRESS);
         nd_pen_set_state(p, ND_PEN_PAUSED, NULL);
         nd_audit(p->daemon, caller, "Pause", p->serial, p->session.id);
 }
