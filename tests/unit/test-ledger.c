@@ -1026,6 +1026,79 @@ static void spec_audit_hash(int64_t seq, int64_t time_us, int64_t uid, int64_t p
         free(buf);
 }
 
+
+/* A session row's digest as docs/ledger.md describes it, written out independently of ledger.c:
+ * the tag, then each column by its stored type (schema 2's columns only when not NULL). */
+static void spec_row_digest(const char *dir, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE]) {
+        static const char begin_cols[] = "id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, profile_digest, "
+                "limits_digest, label, owner_uid, owner_pid, owner_name, start_us, single_use, max_runtime_s";
+        static const char end_cols[] = ", end_us, duration_s, strokes, max_depth_mm, max_speed_hz, max_temperature_c, "
+                "max_current_ma, end_reason";
+        _cleanup_free_ char *p = db_path(dir), *sql = NULL;
+        sqlite3 *db;
+        sqlite3_stmt *st;
+        ck_assert_int_ge(asprintf(&sql, "SELECT %s%s, skin_type, area_cm2%s FROM sessions JOIN snapshots USING (snapshot_id) "
+                                  "WHERE id = ?1", begin_cols, ended ? end_cols : "", ended ? ", punctures, density_per_cm2" : ""), 0);
+        ck_assert_int_eq(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+        char *buf = strdup(ended ? "needled-session-end-v1\n" : "needled-session-begin-v1\n");
+        size_t n = strlen(buf);
+        int fixed = ended ? 23 : 15;
+        for (int i = 0; i < sqlite3_column_count(st); i++) {
+                char num[64];
+                switch (sqlite3_column_type(st, i)) {
+                case SQLITE_INTEGER:
+                        snprintf(num, sizeof num, "i%" PRId64 "\n", (int64_t) sqlite3_column_int64(st, i));
+                        break;
+                case SQLITE_FLOAT: {
+                        double d = sqlite3_column_double(st, i);
+                        uint64_t bits;
+                        memcpy(&bits, &d, sizeof bits);
+                        snprintf(num, sizeof num, "r%016" PRIx64 "\n", bits);
+                        break;
+                }
+                case SQLITE_TEXT:
+                        spec_text(&buf, &n, (const char *) sqlite3_column_text(st, i));
+                        continue;
+                default:
+                        if (i >= fixed)
+                                continue;
+                        snprintf(num, sizeof num, "n\n");
+                }
+                buf = realloc(buf, n + strlen(num));
+                memcpy(buf + n, num, strlen(num));
+                n += strlen(num);
+        }
+        nd_sha256_hex(buf, n, out);
+        free(buf);
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+}
+
+/* Entry seq's stored hash is the documented hash of its fields as stored, with this detail text
+ * and the previous entry's stored hash: what the entry says, whatever form it is stored in. */
+static void assert_entry_detail(const char *dir, int64_t seq, const char *detail) {
+        _cleanup_free_ char *p = db_path(dir);
+        sqlite3 *db;
+        sqlite3_stmt *st;
+        char want[ND_SHA256_HEX_SIZE];
+        ck_assert_int_eq(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT a.time_us, a.uid, a.pid, a.actor, a.action, a.object, lower(hex(a.hash)), "
+                                                "coalesce((SELECT lower(hex(b.hash)) FROM audit b WHERE b.seq = a.seq - 1), "
+                                                "'0000000000000000000000000000000000000000000000000000000000000000') "
+                                                "FROM audit a WHERE a.seq = ?1", -1, &st, NULL), SQLITE_OK);
+        sqlite3_bind_int64(st, 1, seq);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+        spec_audit_hash(seq, sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
+                        (const char *) sqlite3_column_text(st, 3), (const char *) sqlite3_column_text(st, 4),
+                        (const char *) sqlite3_column_text(st, 5), detail, (const char *) sqlite3_column_text(st, 7), want);
+        ck_assert_msg(STREQ(want, (const char *) sqlite3_column_text(st, 6)), "entry %" PRId64 " does not say '%s'", seq, detail);
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+}
+
 static void make_trail(const char *dir, int extra_entries) {
         _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
         char id[ND_LEDGER_SESSION_ID_SIZE];
@@ -1111,7 +1184,8 @@ START_TEST(test_audit_chain) {
                         "0000000000000000000000000000000000000000000000000000000000000000", h1);
         spec_audit_hash(2, (int64_t) T0_US + 1, 1000, 2, ":1.3", "interlock:over-temperature", "PEN1", "42.0 C", h1, h2);
         char sql[256];
-        snprintf(sql, sizeof sql, "SELECT count(*) FROM audit WHERE (seq = 1 AND hash = '%s') OR (seq = 2 AND hash = '%s')",
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM audit WHERE (seq = 1 AND lower(hex(hash)) = '%s') OR "
+                                  "(seq = 2 AND lower(hex(hash)) = '%s')",
                  h1, h2);
         ck_assert_int_eq(sql_int(dir, sql), 2);
 }
@@ -1121,8 +1195,8 @@ END_TEST
 static const char *const tamper_columns[] = {
         "seq = seq + 1000", "time_us = time_us + 1", "uid = uid + 1", "pid = 0", "actor = ':1.666'",
         "action = 'Nothing'", "object = 'PEN9'", "detail = detail || ' '",
-        "prev_hash = 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'",
-        "hash = 'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'",
+        /* schema 3: the hash is 32 bytes; the previous entry's hash is not stored twice */
+        "hash = x'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'", "hash = zeroblob(32)",
 };
 #define TAMPER_ENTRIES 5 /* 3 audit calls + session begin + session end */
 
@@ -1142,6 +1216,11 @@ START_TEST(test_tamper_column) {
         if (column == 0) {
                 ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_SEQ);
                 ck_assert_uint_eq(v.broken_seq, seq == TAMPER_ENTRIES ? (uint64_t) seq + 1000 : (uint64_t) seq + 1);
+        } else if (seq == TAMPER_ENTRIES && strstr(tamper_columns[column], "object")) {
+                /* The session entry now names a session that does not exist: its detail (derived
+                 * from that session's row, schema 3) cannot be rebuilt. */
+                ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s: %s", nd_ledger_break_to_string(v.broken), v.message);
+                ck_assert_uint_eq(v.broken_seq, (uint64_t) seq);
         } else {
                 ck_assert_msg(v.broken == ND_LEDGER_BREAK_HASH, "%s: %s", nd_ledger_break_to_string(v.broken), v.message);
                 ck_assert_uint_eq(v.broken_seq, (uint64_t) seq);
@@ -1201,7 +1280,7 @@ START_TEST(test_tamper_forged_tail) {
         memcpy(last, v.head_hash, sizeof last);
 
         /* An entry appended with a bad hash. */
-        snprintf(sql, sizeof sql, "INSERT INTO audit VALUES (6, 1, 0, 0, 'x', 'Start', '', '', '%s', '%s')", last,
+        snprintf(sql, sizeof sql, "INSERT INTO audit VALUES (6, 1, 0, 0, 'x', 'Start', '', '', x'%s')",
                  "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc");
         sql_on(dir, sql);
         v = verify_dir(dir);
@@ -1210,19 +1289,20 @@ START_TEST(test_tamper_forged_tail) {
 
         /* A well-forged entry (right hash, right link) but the head record not updated. */
         spec_audit_hash(6, 1, 0, 0, "x", "Start", "", "", last, forged);
-        snprintf(sql, sizeof sql, "UPDATE audit SET hash = '%s' WHERE seq = 6", forged);
+        snprintf(sql, sizeof sql, "UPDATE audit SET hash = x'%s' WHERE seq = 6", forged);
         sql_on(dir, sql);
         v = verify_dir(dir);
         ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_HEAD);
         ck_assert_uint_eq(v.entries, 6);
 
-        /* A link to the wrong predecessor, with its own hash right. */
+        /* A link to the wrong predecessor, with its own hash right. Schema 3 does not store the
+         * previous hash a second time: the entry's hash, over the predecessor's, does not match. */
         char other[ND_SHA256_HEX_SIZE];
         spec_audit_hash(6, 1, 0, 0, "x", "Start", "", "", forged, other);
-        snprintf(sql, sizeof sql, "UPDATE audit SET prev_hash = '%s', hash = '%s' WHERE seq = 6", forged, other);
+        snprintf(sql, sizeof sql, "UPDATE audit SET hash = x'%s' WHERE seq = 6", other);
         sql_on(dir, sql);
         v = verify_dir(dir);
-        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_PREV);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_HASH);
         ck_assert_uint_eq(v.broken_seq, 6);
 
         /* The tail cut: the chain alone cannot see it, the head record does. */
@@ -1262,7 +1342,7 @@ START_TEST(test_anchor) {
         char anchor6[ND_SHA256_HEX_SIZE];
         memcpy(anchor6, v.head_hash, sizeof anchor6);
         snprintf(sql, sizeof sql, "DELETE FROM audit WHERE seq = 6; UPDATE audit_head SET count = 5, head_hash = "
-                                  "(SELECT hash FROM audit WHERE seq = 5)");
+                                  "(SELECT lower(hex(hash)) FROM audit WHERE seq = 5)");
         sql_on(dir, sql);
         assert_intact(dir); /* the honest limit of a chain inside the file it protects */
         ck_assert_int_eq(nd_ledger_audit_verify_anchored(p, 6, anchor6, &v), 0);
@@ -1288,10 +1368,24 @@ START_TEST(test_tamper_records) {
                 "PRAGMA foreign_keys=OFF; DELETE FROM cartridges",
                 "DELETE FROM sessions",
                 "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
-                "profile_name, profile_yaml, profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, "
+                "snapshot_id, label, owner_uid, owner_pid, owner_name, "
                 "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
                 "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
-                "density_per_cm2 FROM sessions",
+                "density_per_cm2, begin_seq, end_seq FROM sessions",
+                /* the same row inserted as if it had entries of its own */
+                "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
+                "snapshot_id, label, owner_uid, owner_pid, owner_name, "
+                "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
+                "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
+                "density_per_cm2, 1000, 1001 FROM sessions",
+                /* schema 3: the snapshot a session armed, in its own table, is covered too */
+                "UPDATE snapshots SET profile_yaml = profile_yaml || ' '",
+                "UPDATE snapshots SET profile_name = 'other'",
+                "UPDATE snapshots SET limits_digest = 'ffff'",
+                "INSERT INTO snapshots (profile_name, profile_yaml, profile_digest, limits_digest) VALUES ('a', 'b', 'c', 'd'); "
+                "UPDATE sessions SET snapshot_id = last_insert_rowid()",
+                "UPDATE sessions SET begin_seq = begin_seq + 1",
+                "UPDATE sessions SET end_seq = NULL",
                 "UPDATE cartridges SET state = 'in-use'",
                 "UPDATE sessions SET strokes = strokes + 1",
                 /* schema 2's columns are covered by the digests too, and clearing one is a change */
@@ -1326,7 +1420,7 @@ START_TEST(test_tamper_records) {
                 ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "C", T0_US)), 0);
         }
         assert_intact(dir);
-        sql_on(dir, "UPDATE sessions SET limits_digest = 'ffff'");
+        sql_on(dir, "UPDATE snapshots SET limits_digest = 'ffff'");
         v = verify_dir(dir);
         ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
         ck_assert_uint_eq(v.broken_seq, 1);
@@ -1538,10 +1632,32 @@ START_TEST(test_dose_columns) {
                 ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
         }
         assert_intact(dir);
-        /* The audit trail names them. */
-        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=IV'"), 1);
-        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=none'"), 2);
-        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-end' AND detail LIKE '% punctures=86400'"), 1);
+        /* The audit trail names them: the entries' hashes cover these texts (stored as stubs of the
+         * row digests, schema 3), with the row digests of the documented encoding. */
+        char digest[ND_SHA256_HEX_SIZE], sql[256];
+        _cleanup_free_ char *detail = NULL;
+        spec_row_digest(dir, id, false, digest);
+        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s pen=PEN1 cartridge=C1 needles=12 profile=cheeks-acne "
+                                  "profile-digest=aa11 limits-digest=bb22 label=appt-42 skin-type=IV", digest), 0);
+        snprintf(sql, sizeof sql, "SELECT begin_seq FROM sessions WHERE id = '%s'", id);
+        assert_entry_detail(dir, sql_int(dir, sql), detail);
+        free(detail);
+        spec_row_digest(dir, id, true, digest);
+        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s reason=dose-reached pen=PEN1 cartridge=C1 duration-ms=60000 "
+                                  "strokes=7200 punctures=86400", digest), 0);
+        snprintf(sql, sizeof sql, "SELECT end_seq FROM sessions WHERE id = '%s'", id);
+        assert_entry_detail(dir, sql_int(dir, sql), detail);
+        free(detail);
+        spec_row_digest(dir, plain_id, false, digest);
+        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s pen=PEN1 cartridge=C2 needles=12 profile=cheeks-acne "
+                                  "profile-digest=aa11 limits-digest=bb22 label=appt-42 skin-type=none", digest), 0);
+        snprintf(sql, sizeof sql, "SELECT begin_seq FROM sessions WHERE id = '%s'", plain_id);
+        assert_entry_detail(dir, sql_int(dir, sql), detail);
+        free(detail);
+        detail = NULL;
+        /* Stored once: one snapshot for the three sessions, a stub of 8 bytes for each detail. */
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM snapshots"), 1);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE typeof(detail) = 'blob' AND length(detail) = 8"), 5);
 }
 END_TEST
 
@@ -1623,6 +1739,188 @@ START_TEST(test_migrate_schema1_ledger) {
 }
 END_TEST
 
+
+/* A dump of a query's rows (each column quote()d), to compare a ledger before and after a change. */
+static char *sql_dump(const char *dir, const char *sql) {
+        _cleanup_free_ char *p = db_path(dir);
+        sqlite3 *db;
+        sqlite3_stmt *st;
+        char *buf = NULL;
+        size_t n = 0;
+        FILE *f = open_memstream(&buf, &n);
+        ck_assert_ptr_nonnull(f);
+        ck_assert_int_eq(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
+        int rc;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                for (int i = 0; i < sqlite3_column_count(st); i++)
+                        fprintf(f, "%s|", (const char *) sqlite3_column_text(st, i));
+                fputc('\n', f);
+        }
+        ck_assert_int_eq(rc, SQLITE_DONE);
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+        fclose(f);
+        return buf;
+}
+
+/* Every column of the sessions of schemas 2 and 3, by their values and types. */
+#define DUMP_SESSIONS_COLUMNS \
+        "quote(id), quote(pen_serial), quote(cartridge_id), quote(needles), quote(profile_name), quote(profile_yaml), " \
+        "quote(profile_digest), quote(limits_digest), quote(label), quote(owner_uid), quote(owner_pid), quote(owner_name), " \
+        "quote(single_use), quote(max_runtime_s), quote(start_us), quote(updated_us), quote(end_us), quote(duration_s), " \
+        "quote(strokes), quote(max_depth_mm), quote(max_speed_hz), quote(max_temperature_c), quote(max_current_ma), " \
+        "quote(end_reason), quote(skin_type), quote(area_cm2), quote(punctures), quote(density_per_cm2)"
+
+static void copy_fixture(const char *dir, const char *name) {
+        const char *root = getenv("NEEDLED_SOURCE_ROOT");
+        ck_assert_msg(root, "NEEDLED_SOURCE_ROOT is not set");
+        _cleanup_free_ char *src = NULL, *path = db_path(dir);
+        ck_assert_int_ge(asprintf(&src, "%s/tests/data/%s", root, name), 0);
+        size_t len;
+        _cleanup_free_ void *bytes = read_all(src, &len);
+        write_all(path, bytes, len);
+}
+
+/* tests/data/ledger-schema2.sqlite was written by the schema-2 code (tests/data/make-ledger-schema2.c):
+ * rows and entries of schemas 1 and 2, 11 sessions (one running), 34 entries. Opening it converts
+ * it to schema 3 in place: every value of every row is kept, every entry keeps its hash, and the
+ * trail verifies to the same head, also from an anchor taken before the migration. */
+START_TEST(test_migrate_schema2_ledger) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *p = db_path(dir);
+        copy_fixture(dir, "ledger-schema2.sqlite");
+
+        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 2);
+        nd_ledger_verify_result before = verify_dir(dir);
+        ck_assert_msg(before.broken == ND_LEDGER_INTACT, "%s", before.message);
+        ck_assert_uint_eq(before.entries, 34);
+        ck_assert_uint_eq(before.sessions, 11);
+        _cleanup_free_ char *sessions = sql_dump(dir, "SELECT " DUMP_SESSIONS_COLUMNS " FROM sessions ORDER BY rowid");
+        _cleanup_free_ char *cartridges = sql_dump(dir, "SELECT quote(id), quote(needles), quote(first_used_us), quote(state) "
+                                                        "FROM cartridges ORDER BY rowid");
+        _cleanup_free_ char *entries = sql_dump(dir, "SELECT seq, quote(time_us), quote(uid), quote(pid), quote(actor), "
+                                                     "quote(action), quote(object), hash FROM audit ORDER BY seq");
+        _cleanup_free_ char *details = sql_dump(dir, "SELECT seq, detail FROM audit ORDER BY seq");
+        _cleanup_free_ char *anchor20 = sql_dump(dir, "SELECT hash FROM audit WHERE seq = 20");
+        anchor20[64] = '\0';
+
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 3);
+                /* Through the reading API: one session with its snapshot, the history, a cartridge. */
+                nd_ledger_session *h = NULL;
+                size_t n = 0;
+                ck_assert_int_eq(nd_ledger_history(l, NULL, 0, 0, &h, &n), 0);
+                ck_assert_uint_eq(n, 11);
+                ck_assert_str_eq(h[0].reason, "");                     /* the one left running */
+                ck_assert_str_eq(h[0].label, "left running");
+                ck_assert_str_eq(h[0].skin_type, "I");
+                ck_assert_str_eq(h[0].profile_digest, "3f2b8c0e5d7a41f6b9e2c1d0a8f7e6d5c4b3a29180f7e6d5c4b3a29180f7e6d5");
+                nd_ledger_session got;
+                ck_assert_int_eq(nd_ledger_session_get(l, h[0].id, &got), 0);
+                ck_assert_str_eq(got.profile_yaml, "name: cheeks-acne\nindication: acne-scars\narea: cheeks\ndepth_mm: 1.25\n"
+                                                   "duration_s: 600\n");
+                nd_ledger_session_clear(&got);
+                nd_ledger_session_array_free(h, n);
+                nd_ledger_cartridge c;
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "REUSE1", &c), 0);
+                ck_assert_uint_eq(c.sessions, 2);
+                ck_assert(c.runtime_s == 200);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_IN_USE);
+        }
+        /* Every value as it was. */
+        _cleanup_free_ char *sessions3 = sql_dump(dir, "SELECT " DUMP_SESSIONS_COLUMNS " FROM sessions JOIN snapshots "
+                                                       "USING (snapshot_id) ORDER BY sessions.rowid");
+        ck_assert_str_eq(sessions3, sessions);
+        _cleanup_free_ char *cartridges3 = sql_dump(dir, "SELECT quote(id), quote(needles), quote(first_used_us), quote(state) "
+                                                         "FROM cartridges ORDER BY rowid");
+        ck_assert_str_eq(cartridges3, cartridges);
+        _cleanup_free_ char *entries3 = sql_dump(dir, "SELECT seq, quote(time_us), quote(uid), quote(pid), quote(actor), "
+                                                      "quote(action), quote(object), lower(hex(hash)) FROM audit ORDER BY seq");
+        ck_assert_str_eq(entries3, entries);
+        /* Each detail: kept as text, or a stub whose entry's hash covers the old text exactly. */
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM snapshots"), 5);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE typeof(detail) = 'blob'"), 14);
+        for (char *line = details, *next; line && *line; line = next) {
+                next = strchr(line, '\n');
+                *next++ = '\0';
+                char *bar = strchr(line, '|');
+                *bar = '\0';
+                bar[strlen(bar + 1)] = '\0';    /* the dump's trailing '|' */
+                assert_entry_detail(dir, strtoll(line, NULL, 10), bar + 1);
+        }
+
+        nd_ledger_verify_result v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after migration: %s", v.message);
+        ck_assert_uint_eq(v.entries, 34);
+        ck_assert_uint_eq(v.sessions, 11);
+        ck_assert_str_eq(v.head_hash, before.head_hash);        /* the anchor printed before still holds */
+        ck_assert_int_eq(nd_ledger_audit_verify_anchored(p, before.head_seq, before.head_hash, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_INTACT);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, 20, anchor20, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "from anchor 20: %s", v.message);
+        ck_assert_uint_eq(v.head_seq, 34);
+
+        /* The ledger goes on: the running session recovered, a new one, all verified. */
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(nd_ledger_recover(l, T0_US + 20000 * USEC_PER_SEC), 1);
+                char id[ND_LEDGER_SESSION_ID_SIZE];
+                run_session(l, "PEN3", "AFTER3", T0_US + 21000 * USEC_PER_SEC, id);
+                start_buf b;
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN4", "S2CART0", T0_US + 22000 * USEC_PER_SEC)),
+                                 -ESTALE);      /* spent before the migration, still spent */
+        }
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after new sessions: %s", v.message);
+        ck_assert_uint_eq(v.sessions, 12);
+        ck_assert_uint_eq(v.entries, 37);
+
+        /* Changes after the migration still show: a snapshot, a row of schema 1, a derived entry. */
+        sql_on(dir, "UPDATE snapshots SET profile_yaml = profile_yaml || '#' WHERE snapshot_id = 1");
+        v = verify_dir(dir);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
+}
+END_TEST
+
+/* A schema-2 ledger changed by hand stays visibly changed through the migration. */
+START_TEST(test_migrate_schema2_tampered) {
+        static const struct {
+                const char *sql;
+                nd_ledger_break expect;
+        } edits[] = {
+                { "UPDATE sessions SET max_depth_mm = 9 WHERE cartridge_id = 'S2CART2'", ND_LEDGER_BREAK_RECORD },
+                { "UPDATE sessions SET profile_yaml = 'x' WHERE cartridge_id = 'CART1'", ND_LEDGER_BREAK_RECORD },
+                { "UPDATE audit SET detail = detail || ' ' WHERE seq = 14", ND_LEDGER_BREAK_HASH },
+                { "UPDATE audit SET time_us = time_us + 1 WHERE seq = 16", ND_LEDGER_BREAK_HASH },
+                { "UPDATE audit SET prev_hash = hash WHERE seq = 20", ND_LEDGER_BREAK_HASH },
+                { "UPDATE audit SET prev_hash = 'x' WHERE seq = 20", ND_LEDGER_BREAK_MALFORMED },
+                { "UPDATE audit SET hash = 'not a hash' WHERE seq = 21", ND_LEDGER_BREAK_MALFORMED },
+                { "DELETE FROM audit WHERE seq = 22", ND_LEDGER_BREAK_SEQ },
+                { "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
+                  "profile_name, profile_yaml, profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, "
+                  "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
+                  "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
+                  "density_per_cm2 FROM sessions WHERE cartridge_id = 'S2CART1'", ND_LEDGER_BREAK_RECORD },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(edits); i++) {
+                _cleanup_dir_ char *dir = make_dir();
+                copy_fixture(dir, "ledger-schema2.sqlite");
+                sql_on(dir, edits[i].sql);
+                nd_ledger_verify_result v = verify_dir(dir);
+                ck_assert_msg(v.broken != ND_LEDGER_INTACT, "%s: not seen before the migration", edits[i].sql);
+                {
+                        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 3);
+                }
+                v = verify_dir(dir);
+                ck_assert_msg(v.broken == edits[i].expect, "%s: %s: %s", edits[i].sql, nd_ledger_break_to_string(v.broken),
+                              v.message);
+        }
+}
+END_TEST
+
 Suite *nd_test_suite(void) {
         Suite *s = suite_create("ledger");
         TCase *tc;
@@ -1649,6 +1947,8 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_history);
         tcase_add_test(tc, test_dose_columns);
         tcase_add_test(tc, test_migrate_schema1_ledger);
+        tcase_add_test(tc, test_migrate_schema2_ledger);
+        tcase_add_test(tc, test_migrate_schema2_tampered);
         tcase_add_test(tc, test_history_before_and_reader);
         tcase_add_test(tc, test_query_plans_use_indexes);
         tcase_add_test(tc, test_verify_from_anchor);
