@@ -1918,6 +1918,36 @@ START_TEST(test_migrate_schema2_tampered) {
                 ck_assert_msg(v.broken == edits[i].expect, "%s: %s: %s", edits[i].sql, nd_ledger_break_to_string(v.broken),
                               v.message);
         }
+        /* An entry relinked to another predecessor with its own hash recomputed: chain-broken,
+         * before and after (the migration keeps that prev_hash, in audit_prev). */
+        {
+                _cleanup_dir_ char *dir = make_dir();
+                _cleanup_free_ char *p = db_path(dir), *e = NULL;
+                copy_fixture(dir, "ledger-schema2.sqlite");
+                e = sql_dump(dir, "SELECT time_us, uid, pid, actor, action, object, detail FROM audit WHERE seq = 25");
+                char *f[7], *cur = e;
+                for (int i = 0; i < 7; i++) {
+                        f[i] = cur;
+                        cur = strchr(cur, '|');
+                        *cur++ = '\0';
+                }
+                char forged[ND_SHA256_HEX_SIZE], sql[512];
+                const char *zeros = "0000000000000000000000000000000000000000000000000000000000000000";
+                spec_audit_hash(25, strtoll(f[0], NULL, 10), strtoll(f[1], NULL, 10), strtoll(f[2], NULL, 10), f[3], f[4],
+                                f[5], f[6], zeros, forged);
+                snprintf(sql, sizeof sql, "UPDATE audit SET prev_hash = '%s', hash = '%s' WHERE seq = 25", zeros, forged);
+                sql_on(dir, sql);
+                nd_ledger_verify_result v = verify_dir(dir);
+                ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_PREV);
+                ck_assert_uint_eq(v.broken_seq, 25);
+                {
+                        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                }
+                ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit_prev"), 2);   /* 25, and 26 after it */
+                v = verify_dir(dir);
+                ck_assert_msg(v.broken == ND_LEDGER_BREAK_PREV, "%s", v.message);
+                ck_assert_uint_eq(v.broken_seq, 25);
+        }
 }
 END_TEST
 
