@@ -13,7 +13,8 @@ private session bus measures:
     (1,000 sessions a call, all and per pen) in a loop, warm and with the ledger evicted before
     every round: the largest gap between the host times of consecutive samples (stamped on the
     loop as it decodes them), against the same session with no history pulled;
-  - `needlectl audit verify` (entries a second) and the bytes stored per session.
+  - `needlectl audit verify` (entries a second, wall and CPU) and the bytes stored per session;
+  - the ledger's own time per page of 100 (tests/bench/ledger-pages.c: wall and CPU, no daemon).
 It fails only on broken behaviour (a daemon that dies, a lost sample, a session that faults).
 """
 
@@ -375,6 +376,10 @@ def main():
         out['stall'] = bench_stall(b, work_ledger, 3 if args.quick else 8, 0)
         b.stop_daemon()
         out['verify'] = bench_verify(b, ledger_dir, args.sessions * 7)
+        # The ledger's own cost of a page, outside the daemon: wall and CPU time (tests/bench/ledger-pages.c).
+        p = subprocess.run([os.path.join(b.build, 'tests', 'bench', 'ledger-pages'), ledger, 'NP-0002',
+                            str(20 if args.quick else 100)], capture_output=True, text=True)
+        out['ledger_pages'] = p.stdout.strip().splitlines() if p.returncode == 0 else ['failed: ' + p.stderr.strip()]
     finally:
         b.stop()
 
@@ -410,6 +415,9 @@ def main():
     print('| bytes per session | - | %.0f | <= %d: %s |' % (
         out['bytes_per_session'], TARGETS['bytes_per_session'],
         'met' if out['bytes_per_session'] <= TARGETS['bytes_per_session'] else 'MISSED'))
+    print('\nthe ledger alone (ledger-pages, a read-only connection, no daemon):')
+    for line in out['ledger_pages']:
+        print('  ' + line)
     path = args.json or os.path.join(b.build, 'meson-logs', 'bench-ledger.json')
     with open(path, 'w') as f:
         json.dump(out, f, indent=1)
