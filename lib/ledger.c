@@ -1502,6 +1502,18 @@ static int cartridge_admit_tx(nd_ledger *l, const nd_ledger_session_start *s) {
         return 0;
 }
 
+/* Prepares sql with the session's snapshot bound: ?1 profile name, ?2 YAML, ?3 profile digest, ?4 limits digest. */
+static int prepare_snapshot(nd_ledger *l, const char *sql, const nd_ledger_session_start *s, sqlite3_stmt **ret) {
+        int r = prepare(l, sql, ret);
+        if (r < 0)
+                return r;
+        bind_text(*ret, 1, s->profile_name);
+        bind_text(*ret, 2, s->profile_yaml);
+        bind_text(*ret, 3, s->profile_digest);
+        bind_text(*ret, 4, s->limits_digest);
+        return 0;
+}
+
 static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
         _cleanup_stmt_ sqlite3_stmt *cart = NULL, *snap = NULL, *ins = NULL;
         char prev[ND_SHA256_HEX_SIZE];
@@ -1524,26 +1536,18 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
                 return r;
 
         /* The snapshot (profile and limits digests) is stored once however many sessions armed it. */
-        r = prepare(l, "INSERT INTO snapshots (profile_name, profile_yaml, profile_digest, limits_digest) "
-                       "VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING", &snap);
+        r = prepare_snapshot(l, "INSERT INTO snapshots (profile_name, profile_yaml, profile_digest, limits_digest) "
+                                "VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING", s, &snap);
         if (r < 0)
                 return r;
-        bind_text(snap, 1, s->profile_name);
-        bind_text(snap, 2, s->profile_yaml);
-        bind_text(snap, 3, s->profile_digest);
-        bind_text(snap, 4, s->limits_digest);
         r = step_done(l, snap, "recording the profile snapshot");
         if (r < 0)
                 return r;
         sqlite3_finalize(TAKE_PTR(snap));
-        r = prepare(l, "SELECT snapshot_id FROM snapshots WHERE profile_digest = ?3 AND limits_digest = ?4 AND "
-                       "profile_name = ?1 AND profile_yaml = ?2", &snap);
+        r = prepare_snapshot(l, "SELECT snapshot_id FROM snapshots WHERE profile_digest = ?3 AND limits_digest = ?4 AND "
+                                "profile_name = ?1 AND profile_yaml = ?2", s, &snap);
         if (r < 0)
                 return r;
-        bind_text(snap, 1, s->profile_name);
-        bind_text(snap, 2, s->profile_yaml);
-        bind_text(snap, 3, s->profile_digest);
-        bind_text(snap, 4, s->limits_digest);
         rc = sqlite3_step(snap);
         if (rc != SQLITE_ROW)
                 return rc == SQLITE_DONE ? set_error(l, -EIO, "the profile snapshot just recorded is missing")
@@ -2117,6 +2121,48 @@ static bool is_hash_text(sqlite3_stmt *st, int col) {
         return h && strspn(h, "0123456789abcdef") == HASH_HEX_LEN;
 }
 
+/* An entry's recomputed hash against its stored hash, its stored prev_hash (NULL when it is not
+ * stored: schema 3) against the previous entry's hash, and the anchor. True when one of them
+ * failed (v says which). */
+static bool verify_entry_links(nd_ledger_verify_result *v, uint64_t seq, const char *hash, const char *stored,
+                               const char *stored_prev, const char *prev, uint64_t anchor_seq, const char *anchor_hash) {
+        if (!STREQ(hash, stored))
+                verify_break(v, ND_LEDGER_BREAK_HASH, seq,
+                             "entry %" PRIu64 " was changed after it was written%s: its content does not match its hash",
+                             seq, stored_prev ? "" : " (or an entry before it was replaced, its hash recomputed)");
+        else if (stored_prev && !STREQ(prev, stored_prev))
+                verify_break(v, ND_LEDGER_BREAK_PREV, seq,
+                             "entry %" PRIu64 " does not follow entry %" PRIu64 " (prev_hash differs): "
+                             "an entry was replaced, removed or inserted before it", seq, seq - 1);
+        else if (anchor_seq == seq && !STREQ(hash, anchor_hash))
+                verify_break(v, ND_LEDGER_BREAK_ANCHOR, seq,
+                             "entry %" PRIu64 " is not the entry recorded earlier (its hash is "
+                             "%.12s..., the anchor says %.12s...): the trail was rewritten", seq, hash, anchor_hash);
+        else
+                return false;
+        return true;
+}
+
+/* Entry seq hashed to hash and is good: it is the head so far, and the next entry's predecessor. */
+static void verify_entry_good(nd_ledger_verify_result *v, uint64_t seq, const char *hash,
+                              char prev[static ND_SHA256_HEX_SIZE]) {
+        memcpy(prev, hash, ND_SHA256_HEX_SIZE);
+        v->entries = seq;
+        v->head_seq = seq;
+        memcpy(v->head_hash, hash, ND_SHA256_HEX_SIZE);
+}
+
+/* Entry seq where entry expected should be. */
+static int verify_seq_break(nd_ledger_verify_result *v, int64_t seq, uint64_t expected) {
+        if (seq > (int64_t) expected)
+                return verify_break(v, ND_LEDGER_BREAK_SEQ, (uint64_t) seq,
+                                    "entry %" PRId64 " follows entry %" PRIu64 ": entries %" PRIu64
+                                    "..%" PRId64 " are missing (deleted or renumbered)",
+                                    seq, expected - 1, expected, seq - 1);
+        return verify_break(v, ND_LEDGER_BREAK_SEQ, expected,
+                            "entry number %" PRId64 " where %" PRIu64 " was expected (renumbered)", seq, expected);
+}
+
 /* After the walk: the anchor within the trail, the head record on its last entry (prev). */
 static int verify_tail(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *prev, nd_ledger_verify_result *v) {
         _cleanup_stmt_ sqlite3_stmt *head = NULL;
@@ -2149,6 +2195,14 @@ static int verify_tail(sqlite3 *db, const char *path, uint64_t anchor_seq, const
 }
 
 
+/* The walk's last step (rc): SQLITE_DONE, then the tail. */
+static int verify_walk_end(sqlite3 *db, const char *path, int rc, uint64_t anchor_seq, const char *prev,
+                           nd_ledger_verify_result *v) {
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        return verify_tail(db, path, anchor_seq, prev, v);
+}
+
 /* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
 /* from_anchor: start at entry anchor_seq instead of the first; that entry's own prev_hash is taken
  * as it is, since the anchor (its hash, kept outside the database) covers it. */
@@ -2173,16 +2227,8 @@ static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, cons
                                             "entry %" PRIu64 ": its sequence number or hashes are not of the "
                                             "expected type (changed by hand)", expected);
                 int64_t seq = sqlite3_column_int64(st, 0);
-                if (seq != (int64_t) expected) {
-                        if (seq > (int64_t) expected)
-                                return verify_break(v, ND_LEDGER_BREAK_SEQ, (uint64_t) seq,
-                                                    "entry %" PRId64 " follows entry %" PRIu64 ": entries %" PRIu64
-                                                    "..%" PRId64 " are missing (deleted or renumbered)",
-                                                    seq, expected - 1, expected, seq - 1);
-                        return verify_break(v, ND_LEDGER_BREAK_SEQ, expected,
-                                            "entry number %" PRId64 " where %" PRIu64 " was expected (renumbered)",
-                                            seq, expected);
-                }
+                if (seq != (int64_t) expected)
+                        return verify_seq_break(v, seq, expected);
 
                 _cleanup_(enc_done) enc e = { 0 };
                 enc_bytes(&e, AUDIT_HASH_TAG, strlen(AUDIT_HASH_TAG));
@@ -2190,29 +2236,38 @@ static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, cons
                         enc_column(&e, st, i);
                 if (enc_digest(&e, hash) < 0)
                         return verify_fail(v, -ENOMEM, "out of memory");
-                if (!STREQ(hash, (const char *) sqlite3_column_text(st, 9)))
-                        return verify_break(v, ND_LEDGER_BREAK_HASH, expected,
-                                            "entry %" PRIu64 " was changed after it was written: its content does "
-                                            "not match its hash", expected);
-                if (!STREQ(prev, (const char *) sqlite3_column_text(st, 8)))
-                        return verify_break(v, ND_LEDGER_BREAK_PREV, expected,
-                                            "entry %" PRIu64 " does not follow entry %" PRIu64 " (prev_hash differs): "
-                                            "an entry was replaced, removed or inserted before it",
-                                            expected, expected - 1);
-                if (anchor_seq == expected && !STREQ(hash, anchor_hash))
-                        return verify_break(v, ND_LEDGER_BREAK_ANCHOR, expected,
-                                            "entry %" PRIu64 " is not the entry recorded earlier (its hash is "
-                                            "%.12s..., the anchor says %.12s...): the trail was rewritten",
-                                            expected, hash, anchor_hash);
-                memcpy(prev, hash, sizeof prev);
-                v->entries = expected;
-                v->head_seq = expected;
-                memcpy(v->head_hash, hash, sizeof prev);
-                expected++;
+                if (verify_entry_links(v, expected, hash, (const char *) sqlite3_column_text(st, 9),
+                                       (const char *) sqlite3_column_text(st, 8), prev, anchor_seq, anchor_hash))
+                        return 0;
+                verify_entry_good(v, expected++, hash, prev);
+        }
+        return verify_walk_end(db, path, rc, anchor_seq, prev, v);
+}
+
+/* A cartridge whose session spent it must stay spent; a session needs its cartridge. */
+static int verify_cartridges(sqlite3 *db, const char *path, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *cart = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db, "SELECT s.cartridge_id, s.id, coalesce(c.state, '') FROM sessions s "
+                                    "LEFT JOIN cartridges c ON c.id = s.cartridge_id "
+                                    "WHERE c.id IS NULL OR (c.state != 'spent' AND s.end_us IS NOT NULL "
+                                    "  AND (s.single_use = 1 OR s.end_reason = ?1)) LIMIT 1", -1, &cart, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
+        bind_text(cart, 1, ND_LEDGER_REASON_DAEMON_RESTART);
+        rc = sqlite3_step(cart);
+        if (rc == SQLITE_ROW) {
+                const char *state = (const char *) sqlite3_column_text(cart, 2);
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
+                                    *strempty(state) ? "cartridge %s is marked '%s' but session %s spent it (changed by hand)"
+                                                     : "cartridge %s%s of session %s is missing (deleted)",
+                                    strempty((const char *) sqlite3_column_text(cart, 0)), strempty(state),
+                                    strempty((const char *) sqlite3_column_text(cart, 1)));
         }
         if (rc != SQLITE_DONE)
-                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
-        return verify_tail(db, path, anchor_seq, prev, v);
+                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
+        return 0;
 }
 
 /* One audit entry of this action for this session whose row digest matches. */
@@ -2279,7 +2334,7 @@ static int verify_session_entry(sqlite3 *db, const char *path, const char *id, b
 
 /* The session and cartridge rows against the (verified) trail. */
 static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledger_verify_result *v) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL;
         _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
         int r, rc;
 
@@ -2318,26 +2373,7 @@ static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledg
         if (rc != SQLITE_DONE)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
 
-        /* A cartridge whose session spent it must stay spent; a session needs its cartridge. */
-        rc = sqlite3_prepare_v2(db, "SELECT s.cartridge_id, s.id, coalesce(c.state, '') FROM sessions s "
-                                    "LEFT JOIN cartridges c ON c.id = s.cartridge_id "
-                                    "WHERE c.id IS NULL OR (c.state != 'spent' AND s.end_us IS NOT NULL "
-                                    "  AND (s.single_use = 1 OR s.end_reason = ?1)) LIMIT 1", -1, &cart, NULL);
-        if (rc != SQLITE_OK)
-                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
-        bind_text(cart, 1, ND_LEDGER_REASON_DAEMON_RESTART);
-        rc = sqlite3_step(cart);
-        if (rc == SQLITE_ROW) {
-                const char *state = (const char *) sqlite3_column_text(cart, 2);
-                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
-                                    *strempty(state) ? "cartridge %s is marked '%s' but session %s spent it (changed by hand)"
-                                                     : "cartridge %s%s of session %s is missing (deleted)",
-                                    strempty((const char *) sqlite3_column_text(cart, 0)), strempty(state),
-                                    strempty((const char *) sqlite3_column_text(cart, 1)));
-        }
-        if (rc != SQLITE_DONE)
-                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
-        return 0;
+        return verify_cartridges(db, path, v);
 }
 
 /* ---- verification of schema 3 ---- */
@@ -2437,16 +2473,8 @@ static int verify_chain3(sqlite3 *db, const char *path, uint64_t anchor_seq, con
                                             "entry %" PRIu64 ": its sequence number or hash is not of the "
                                             "expected type (changed by hand)", expected);
                 int64_t seq = sqlite3_column_int64(st, 0);
-                if (seq != (int64_t) expected) {
-                        if (seq > (int64_t) expected)
-                                return verify_break(v, ND_LEDGER_BREAK_SEQ, (uint64_t) seq,
-                                                    "entry %" PRId64 " follows entry %" PRIu64 ": entries %" PRIu64
-                                                    "..%" PRId64 " are missing (deleted or renumbered)",
-                                                    seq, expected - 1, expected, seq - 1);
-                        return verify_break(v, ND_LEDGER_BREAK_SEQ, expected,
-                                            "entry number %" PRId64 " where %" PRIu64 " was expected (renumbered)",
-                                            seq, expected);
-                }
+                if (seq != (int64_t) expected)
+                        return verify_seq_break(v, seq, expected);
                 if (skip_first) {
                         /* The entry before the anchor: only its hash, to chain the anchor's entry to. */
                         skip_first = false;
@@ -2494,42 +2522,25 @@ static int verify_chain3(sqlite3 *db, const char *path, uint64_t anchor_seq, con
                         enc_text(e, prev, HASH_HEX_LEN);
                 if (enc_digest(e, hash) < 0)
                         return verify_fail(v, -ENOMEM, "out of memory");
-                if (!STREQ(hash, stored))
-                        return verify_break(v, ND_LEDGER_BREAK_HASH, expected,
-                                            "entry %" PRIu64 " was changed after it was written, or an entry before "
-                                            "it was replaced: its content and the entry before it do not match its hash",
-                                            expected);
-                if (own_prev && !STREQ(prev, (const char *) sqlite3_column_text(st, 10)))
-                        return verify_break(v, ND_LEDGER_BREAK_PREV, expected,
-                                            "entry %" PRIu64 " does not follow entry %" PRIu64 " (prev_hash differs): "
-                                            "an entry was replaced, removed or inserted before it",
-                                            expected, expected - 1);
-                if (anchor_seq == expected && !STREQ(hash, anchor_hash))
-                        return verify_break(v, ND_LEDGER_BREAK_ANCHOR, expected,
-                                            "entry %" PRIu64 " is not the entry recorded earlier (its hash is "
-                                            "%.12s..., the anchor says %.12s...): the trail was rewritten",
-                                            expected, hash, anchor_hash);
+                if (verify_entry_links(v, expected, hash, stored,
+                                       own_prev ? (const char *) sqlite3_column_text(st, 10) : NULL, prev, anchor_seq,
+                                       anchor_hash))
+                        return 0;
                 if ((begin || end) && !stubbed) {
                         r = verify3_session_entry(db, path, w, expected, end, id, st, 7, NULL, v);
                         if (r < 0 || v->broken)
                                 return r;
                 }
-                memcpy(prev, hash, sizeof prev);
-                v->entries = expected;
-                v->head_seq = expected;
-                memcpy(v->head_hash, hash, sizeof prev);
-                expected++;
+                verify_entry_good(v, expected++, hash, prev);
         }
-        if (rc != SQLITE_DONE)
-                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
-        return verify_tail(db, path, anchor_seq, prev, v);
+        return verify_walk_end(db, path, rc, anchor_seq, prev, v);
 }
 
 /* After a full walk of a schema-3 trail: every session was matched by its entries (each entry
  * matched one row, and no row two entries of a kind, so equal counts mean one each), and the
  * cartridges agree. */
 static int verify_records3(sqlite3 *db, const char *path, const verify3 *w, nd_ledger_verify_result *v) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL, *which = NULL, *cart = NULL;
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *which = NULL;
         int rc;
 
         rc = sqlite3_prepare_v2(db, "SELECT count(*), count(end_us) FROM sessions", -1, &st, NULL);
@@ -2563,26 +2574,7 @@ static int verify_records3(sqlite3 *db, const char *path, const verify3 *w, nd_l
         }
         v->sessions = sessions;
 
-        /* A cartridge whose session spent it must stay spent; a session needs its cartridge. */
-        rc = sqlite3_prepare_v2(db, "SELECT s.cartridge_id, s.id, coalesce(c.state, '') FROM sessions s "
-                                    "LEFT JOIN cartridges c ON c.id = s.cartridge_id "
-                                    "WHERE c.id IS NULL OR (c.state != 'spent' AND s.end_us IS NOT NULL "
-                                    "  AND (s.single_use = 1 OR s.end_reason = ?1)) LIMIT 1", -1, &cart, NULL);
-        if (rc != SQLITE_OK)
-                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
-        bind_text(cart, 1, ND_LEDGER_REASON_DAEMON_RESTART);
-        rc = sqlite3_step(cart);
-        if (rc == SQLITE_ROW) {
-                const char *state = (const char *) sqlite3_column_text(cart, 2);
-                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
-                                    *strempty(state) ? "cartridge %s is marked '%s' but session %s spent it (changed by hand)"
-                                                     : "cartridge %s%s of session %s is missing (deleted)",
-                                    strempty((const char *) sqlite3_column_text(cart, 0)), strempty(state),
-                                    strempty((const char *) sqlite3_column_text(cart, 1)));
-        }
-        if (rc != SQLITE_DONE)
-                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
-        return 0;
+        return verify_cartridges(db, path, v);
 }
 
 int nd_ledger_audit_verify(const char *db_path, nd_ledger_verify_result *v) {

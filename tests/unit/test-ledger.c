@@ -1099,6 +1099,16 @@ static void assert_entry_detail(const char *dir, int64_t seq, const char *detail
         sqlite3_close(db);
 }
 
+/* The begin (or end) entry of session id says "row-sha256=<its row digest> REST". */
+static void assert_session_detail(const char *dir, const char *id, bool ended, const char *rest) {
+        char digest[ND_SHA256_HEX_SIZE], sql[256];
+        _cleanup_free_ char *detail = NULL;
+        spec_row_digest(dir, id, ended, digest);
+        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s %s", digest, rest), 0);
+        snprintf(sql, sizeof sql, "SELECT %s FROM sessions WHERE id = '%s'", ended ? "end_seq" : "begin_seq", id);
+        assert_entry_detail(dir, sql_int(dir, sql), detail);
+}
+
 static void make_trail(const char *dir, int extra_entries) {
         _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
         char id[ND_LEDGER_SESSION_ID_SIZE];
@@ -1634,27 +1644,12 @@ START_TEST(test_dose_columns) {
         assert_intact(dir);
         /* The audit trail names them: the entries' hashes cover these texts (stored as stubs of the
          * row digests, schema 3), with the row digests of the documented encoding. */
-        char digest[ND_SHA256_HEX_SIZE], sql[256];
-        _cleanup_free_ char *detail = NULL;
-        spec_row_digest(dir, id, false, digest);
-        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s pen=PEN1 cartridge=C1 needles=12 profile=cheeks-acne "
-                                  "profile-digest=aa11 limits-digest=bb22 label=appt-42 skin-type=IV", digest), 0);
-        snprintf(sql, sizeof sql, "SELECT begin_seq FROM sessions WHERE id = '%s'", id);
-        assert_entry_detail(dir, sql_int(dir, sql), detail);
-        free(detail);
-        spec_row_digest(dir, id, true, digest);
-        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s reason=dose-reached pen=PEN1 cartridge=C1 duration-ms=60000 "
-                                  "strokes=7200 punctures=86400", digest), 0);
-        snprintf(sql, sizeof sql, "SELECT end_seq FROM sessions WHERE id = '%s'", id);
-        assert_entry_detail(dir, sql_int(dir, sql), detail);
-        free(detail);
-        spec_row_digest(dir, plain_id, false, digest);
-        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s pen=PEN1 cartridge=C2 needles=12 profile=cheeks-acne "
-                                  "profile-digest=aa11 limits-digest=bb22 label=appt-42 skin-type=none", digest), 0);
-        snprintf(sql, sizeof sql, "SELECT begin_seq FROM sessions WHERE id = '%s'", plain_id);
-        assert_entry_detail(dir, sql_int(dir, sql), detail);
-        free(detail);
-        detail = NULL;
+        assert_session_detail(dir, id, false, "pen=PEN1 cartridge=C1 needles=12 profile=cheeks-acne profile-digest=aa11 "
+                                               "limits-digest=bb22 label=appt-42 skin-type=IV");
+        assert_session_detail(dir, id, true, "reason=dose-reached pen=PEN1 cartridge=C1 duration-ms=60000 strokes=7200 "
+                                              "punctures=86400");
+        assert_session_detail(dir, plain_id, false, "pen=PEN1 cartridge=C2 needles=12 profile=cheeks-acne "
+                                                     "profile-digest=aa11 limits-digest=bb22 label=appt-42 skin-type=none");
         /* Stored once: one snapshot for the three sessions, a stub of 8 bytes for each detail. */
         ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM snapshots"), 1);
         ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE typeof(detail) = 'blob' AND length(detail) = 8"), 5);
