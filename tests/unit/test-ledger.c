@@ -1977,6 +1977,8 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_history_before_and_reader);
         tcase_add_test(tc, test_query_plans_use_indexes);
         tcase_add_test(tc, test_verify_from_anchor);
+        /* The migration tests convert a dozen ledgers: longer than the default 4 s under the sanitizers. */
+        tcase_set_timeout(tc, 120);
         suite_add_tcase(s, tc);
 
         /* A ledger past 1 MiB is written and checked: longer than the default 4 s under the
@@ -1995,6 +1997,8 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_tamper_records);
         tcase_add_test(tc, test_anchor);
         tcase_add_test(tc, test_verify_while_open);
+        /* test_tamper_records writes two dozen ledgers: longer than the default 4 s under the sanitizers. */
+        tcase_set_timeout(tc, 120);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("soak");
