@@ -1913,6 +1913,22 @@ START_TEST(test_migrate_schema2_tampered) {
                 ck_assert_msg(v.broken == edits[i].expect, "%s: %s: %s", edits[i].sql, nd_ledger_break_to_string(v.broken),
                               v.message);
         }
+        /* A session whose cartridge row was deleted (foreign keys off) cannot be converted: the
+         * open fails, naming the reason, and the file is left as it was. */
+        {
+                _cleanup_dir_ char *dir = make_dir();
+                _cleanup_free_ char *p = db_path(dir), *error = NULL;
+                copy_fixture(dir, "ledger-schema2.sqlite");
+                sql_on(dir, "PRAGMA foreign_keys=OFF; DELETE FROM cartridges WHERE id = 'S2CART1'");
+                size_t n;
+                _cleanup_free_ void *before = read_all(p, &n);
+                nd_ledger *l = NULL;
+                ck_assert_int_lt(nd_ledger_open(dir, &l, &error), 0);
+                ck_assert_ptr_null(l);
+                ck_assert_msg(error && strstr(error, "FOREIGN KEY"), "%s", strempty(error));
+                assert_same_bytes(before, n, p);
+                ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 2);
+        }
         /* An entry relinked to another predecessor with its own hash recomputed: chain-broken,
          * before and after (the migration keeps that prev_hash, in audit_prev). */
         {
