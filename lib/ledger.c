@@ -416,9 +416,110 @@ static int session_row_digest_cached(sqlite3 *db, const char *id, bool ended, in
         return enc_digest(&e, out);
 }
 
-static int session_row_digest(sqlite3 *db, const char *id, bool ended, int64_t schema,
-                              char out[static ND_SHA256_HEX_SIZE], int *ret_sqlite_rc) {
-        return session_row_digest_cached(db, id, ended, schema, out, ret_sqlite_rc, NULL);
+
+/* ---- schema 3: rows read through the profile snapshots, entries with derived details ---- */
+
+/* A session's row as its digests see it: the snapshot's columns joined back in, so a row hashes
+ * exactly as it did when the snapshot was a part of it (schemas 1 and 2). CROSS JOIN: sessions
+ * drives the join (history queries walk a sessions index). */
+#define SNAPSHOT_JOIN " FROM sessions CROSS JOIN snapshots ON snapshots.snapshot_id = sessions.snapshot_id "
+/* Every digest column (the end digest's, then schema 2's) in the order of the digests. */
+#define ROW_DIGEST_SELECT "SELECT " SESSION_END_DIGEST_COLUMNS SESSION_END_DIGEST_COLUMNS_2
+#define ROW_SQL_V2 ROW_DIGEST_SELECT " FROM sessions WHERE id = ?1"
+#define ROW_SQL_V3 ROW_DIGEST_SELECT ", begin_seq, end_seq" SNAPSHOT_JOIN "WHERE id = ?1"
+/* Column numbers in a ROW_SQL_* row. */
+enum {
+        ROW_PEN = 1, ROW_CARTRIDGE = 2, ROW_NEEDLES = 3, ROW_PROFILE_NAME = 4, ROW_PROFILE_DIGEST = 6,
+        ROW_LIMITS_DIGEST = 7, ROW_LABEL = 8, ROW_END_US = 15, ROW_DURATION = 16, ROW_STROKES = 17,
+        ROW_REASON = 22, ROW_SKIN = 23, ROW_AREA = 24, ROW_PUNCTURES = 25, ROW_DENSITY = 26,
+        ROW_BEGIN_SEQ = 27, ROW_END_SEQ = 28,
+};
+/* A session entry whose detail is derived keeps this many leading bytes of the row digest it
+ * recorded, as a BLOB: enough to tell a changed row (record-mismatch) from a changed entry
+ * (hash-mismatch); the entry's hash covers the whole digest. */
+#define DETAIL_STUB_SIZE 8
+#define HASH_SIZE 32
+
+/* The row digest of the begin (ended false) or end columns of a ROW_SQL_* row. */
+static int row_digest(sqlite3_stmt *st, bool ended, enc *e, char out[static ND_SHA256_HEX_SIZE]) {
+        const char *tag = ended ? SESSION_END_TAG : SESSION_BEGIN_TAG;
+        int fixed = ended ? SESSION_END_DIGEST_COUNT_1 : SESSION_BEGIN_DIGEST_COUNT_1;
+        e->len = 0;
+        enc_bytes(e, tag, strlen(tag));
+        for (int i = 0; i < fixed; i++)
+                enc_column(e, st, i);
+        for (int i = ROW_SKIN; i <= (ended ? ROW_DENSITY : ROW_AREA); i++)
+                if (sqlite3_column_type(st, i) != SQLITE_NULL)
+                        enc_column(e, st, i);
+        return enc_digest(e, out);
+}
+
+static const char *col_text(sqlite3_stmt *st, int col) {
+        return strempty((const char *) sqlite3_column_text(st, col));
+}
+
+/* The detail this build writes for a session's begin or end entry, from its ROW_SQL_* row and
+ * that row's digest: an entry whose stored detail is exactly this keeps only a stub of the
+ * digest, and verification rebuilds the text (docs/ledger.md, "Compact storage"). */
+static int session_detail(sqlite3_stmt *st, bool ended, const char *digest, char **ret) {
+        int n;
+        if (ended)
+                n = asprintf(ret, ROW_DIGEST_PREFIX "%s reason=%s pen=%s cartridge=%s duration-ms=%" PRId64
+                             " strokes=%" PRId64 " punctures=%" PRId64,
+                             digest, col_text(st, ROW_REASON), col_text(st, ROW_PEN), col_text(st, ROW_CARTRIDGE),
+                             (int64_t) llround(sqlite3_column_double(st, ROW_DURATION) * 1000.0),
+                             (int64_t) sqlite3_column_int64(st, ROW_STROKES),
+                             (int64_t) sqlite3_column_int64(st, ROW_PUNCTURES));
+        else {
+                const char *skin = col_text(st, ROW_SKIN);
+                n = asprintf(ret, ROW_DIGEST_PREFIX "%s pen=%s cartridge=%s needles=%" PRId64 " profile=%s "
+                             "profile-digest=%s limits-digest=%s label=%s skin-type=%s",
+                             digest, col_text(st, ROW_PEN), col_text(st, ROW_CARTRIDGE),
+                             (int64_t) sqlite3_column_int64(st, ROW_NEEDLES), col_text(st, ROW_PROFILE_NAME),
+                             col_text(st, ROW_PROFILE_DIGEST), col_text(st, ROW_LIMITS_DIGEST), col_text(st, ROW_LABEL),
+                             *skin ? skin : "none");
+        }
+        if (n < 0) {
+                *ret = NULL;
+                return -ENOMEM;
+        }
+        return 0;
+}
+
+static int hex_value(char c) {
+        if (c >= '0' && c <= '9')
+                return c - '0';
+        if (c >= 'a' && c <= 'f')
+                return c - 'a' + 10;
+        return -1;
+}
+
+/* 2n lower-case hex digits to n bytes; false if they are not that. */
+static bool hex_to_bytes(const char *hex, size_t n, uint8_t *out) {
+        for (size_t i = 0; i < n; i++) {
+                int hi = hex_value(hex[2 * i]), lo = hi < 0 ? -1 : hex_value(hex[2 * i + 1]);
+                if (lo < 0)
+                        return false;
+                out[i] = (uint8_t) (hi << 4 | lo);
+        }
+        return true;
+}
+
+static void bytes_to_hex(const uint8_t *b, size_t n, char *out) {
+        static const char hex[] = "0123456789abcdef";
+        for (size_t i = 0; i < n; i++) {
+                out[2 * i] = hex[b[i] >> 4];
+                out[2 * i + 1] = hex[b[i] & 0xf];
+        }
+        out[2 * n] = '\0';
+}
+
+/* A stored hash (schema 3: a 32-byte BLOB) as hex; false when it is not one. */
+static bool hash_blob_hex(sqlite3_stmt *st, int col, char out[static ND_SHA256_HEX_SIZE]) {
+        if (sqlite3_column_type(st, col) != SQLITE_BLOB || sqlite3_column_bytes(st, col) != HASH_SIZE)
+                return false;
+        bytes_to_hex(sqlite3_column_blob(st, col), HASH_SIZE, out);
+        return true;
 }
 
 /* ---- small SQL helpers ---- */
@@ -567,12 +668,204 @@ static int migrate_to_2(nd_ledger *l) {
         return exec(l, schema, "adding the dose columns (version 2)");
 }
 
+/* Schema 3 (compact records, docs/ledger.md): the tables as this build creates them. */
+#define SCHEMA3_SNAPSHOTS \
+        "CREATE TABLE snapshots (" \
+        "  snapshot_id INTEGER PRIMARY KEY," \
+        "  profile_name TEXT NOT NULL," \
+        "  profile_yaml TEXT NOT NULL," \
+        "  profile_digest TEXT NOT NULL," \
+        "  limits_digest TEXT NOT NULL," \
+        "  UNIQUE (profile_digest, limits_digest, profile_name, profile_yaml)" \
+        ") STRICT;"
+#define SCHEMA3_SESSIONS(name) \
+        "CREATE TABLE " name " (" \
+        "  id TEXT PRIMARY KEY NOT NULL," \
+        "  pen_serial TEXT NOT NULL," \
+        "  cartridge_id TEXT NOT NULL REFERENCES cartridges(id)," \
+        "  needles INTEGER NOT NULL," \
+        "  snapshot_id INTEGER NOT NULL REFERENCES snapshots(snapshot_id)," \
+        "  label TEXT NOT NULL," \
+        "  owner_uid INTEGER NOT NULL," \
+        "  owner_pid INTEGER NOT NULL," \
+        "  owner_name TEXT NOT NULL," \
+        "  single_use INTEGER NOT NULL CHECK (single_use IN (0, 1))," \
+        "  max_runtime_s INTEGER NOT NULL," \
+        "  start_us INTEGER NOT NULL," \
+        "  updated_us INTEGER NOT NULL," \
+        "  end_us INTEGER," \
+        "  duration_s REAL NOT NULL DEFAULT 0," \
+        "  strokes INTEGER NOT NULL DEFAULT 0," \
+        "  max_depth_mm REAL NOT NULL DEFAULT 0," \
+        "  max_speed_hz REAL NOT NULL DEFAULT 0," \
+        "  max_temperature_c REAL NOT NULL DEFAULT 0," \
+        "  max_current_ma REAL NOT NULL DEFAULT 0," \
+        "  end_reason TEXT," \
+        "  skin_type TEXT," \
+        "  area_cm2 REAL CHECK (area_cm2 IS NULL OR area_cm2 >= 0)," \
+        "  punctures INTEGER CHECK (punctures IS NULL OR punctures >= 0)," \
+        "  density_per_cm2 REAL CHECK (density_per_cm2 IS NULL OR density_per_cm2 >= 0)," \
+        "  begin_seq INTEGER," \
+        "  end_seq INTEGER," \
+        "  CHECK ((end_us IS NULL) = (end_reason IS NULL))" \
+        ") STRICT;"
+#define SCHEMA3_AUDIT(name) \
+        "CREATE TABLE " name " (" \
+        "  seq INTEGER PRIMARY KEY," \
+        "  time_us INTEGER NOT NULL," \
+        "  uid INTEGER NOT NULL," \
+        "  pid INTEGER NOT NULL," \
+        "  actor TEXT NOT NULL," \
+        "  action TEXT NOT NULL," \
+        "  object TEXT NOT NULL," \
+        "  detail ANY NOT NULL," \
+        "  hash BLOB NOT NULL" \
+        ") STRICT;"
+/* The prev_hash of an entry whose stored prev_hash was not the previous entry's hash (a schema-2
+ * trail changed by hand), kept by the migration so that the break still shows; never written
+ * otherwise, so empty in a ledger that verifies. */
+#define SCHEMA3_AUDIT_PREV \
+        "CREATE TABLE audit_prev (" \
+        "  seq INTEGER PRIMARY KEY," \
+        "  prev_hash ANY" \
+        ") STRICT;"
+#define SCHEMA3_SESSION_INDEXES \
+        "CREATE INDEX sessions_by_start ON sessions(start_us);" \
+        "CREATE INDEX sessions_by_pen ON sessions(pen_serial, start_us);" \
+        "CREATE INDEX sessions_by_cartridge ON sessions(cartridge_id);" \
+        "CREATE INDEX sessions_running ON sessions(end_us) WHERE end_us IS NULL;"
+
+/* Copies the audit trail into audit3: hashes as BLOBs, prev_hash left out (it is the previous
+ * entry's hash), and the detail of a session entry that is exactly what this build would write
+ * for its row replaced by a stub of the row digest. Anything unexpected (a hash that is not 64
+ * hex digits, a detail that differs) is copied as it is, for verification to report. */
+static int migrate_audit_to_3(nd_ledger *l) {
+        _cleanup_stmt_ sqlite3_stmt *rd = NULL, *ins = NULL, *row = NULL;
+        _cleanup_(enc_done) enc e = { 0 };
+        int r, rc;
+
+        _cleanup_stmt_ sqlite3_stmt *link = NULL;
+        _cleanup_free_ char *last_hash = strdup(zero_hash);
+        if (!last_hash)
+                return set_error(l, -ENOMEM, "out of memory");
+        r = prepare(l, "SELECT seq, time_us, uid, pid, actor, action, object, detail, hash, prev_hash FROM audit ORDER BY seq", &rd);
+        if (r >= 0)
+                r = prepare(l, "INSERT INTO audit_prev (seq, prev_hash) VALUES (?1, ?2)", &link);
+        if (r >= 0)
+                r = prepare(l, "INSERT INTO audit3 (seq, time_us, uid, pid, actor, action, object, detail, hash) "
+                               "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)", &ins);
+        if (r >= 0)
+                r = prepare(l, ROW_SQL_V2, &row);
+        if (r < 0)
+                return r;
+        while ((rc = sqlite3_step(rd)) == SQLITE_ROW) {
+                uint8_t hash[HASH_SIZE], stub[DETAIL_STUB_SIZE];
+                bool stubbed = false;
+                const char *action = (const char *) sqlite3_column_text(rd, 5);
+                bool begin = action && STREQ(action, AUDIT_ACTION_BEGIN), end = action && STREQ(action, AUDIT_ACTION_END);
+
+                sqlite3_reset(ins);
+                for (int i = 0; i < 7; i++)
+                        sqlite3_bind_value(ins, i + 1, sqlite3_column_value(rd, i));
+                if ((begin || end) && sqlite3_column_type(rd, 7) == SQLITE_TEXT) {
+                        char digest[ND_SHA256_HEX_SIZE];
+                        _cleanup_free_ char *detail = NULL;
+                        sqlite3_reset(row);
+                        bind_text(row, 1, (const char *) sqlite3_column_text(rd, 6));
+                        rc = sqlite3_step(row);
+                        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+                                return sql_error(l, rc, "reading a session (migrating to version 3)");
+                        if (rc == SQLITE_ROW && (!end || sqlite3_column_type(row, ROW_END_US) != SQLITE_NULL)) {
+                                if (row_digest(row, end, &e, digest) < 0 || session_detail(row, end, digest, &detail) < 0)
+                                        return set_error(l, -ENOMEM, "out of memory");
+                                stubbed = STREQ(detail, (const char *) sqlite3_column_text(rd, 7));
+                                if (stubbed)
+                                        (void) hex_to_bytes(digest, DETAIL_STUB_SIZE, stub);
+                        }
+                }
+                if (stubbed)
+                        sqlite3_bind_blob(ins, 8, stub, DETAIL_STUB_SIZE, SQLITE_TRANSIENT);
+                else
+                        sqlite3_bind_value(ins, 8, sqlite3_column_value(rd, 7));
+                const char *h = (const char *) sqlite3_column_text(rd, 8);
+                if (h && sqlite3_column_bytes(rd, 8) == HASH_HEX_LEN && hex_to_bytes(h, HASH_SIZE, hash))
+                        sqlite3_bind_blob(ins, 9, hash, HASH_SIZE, SQLITE_TRANSIENT);
+                else    /* not a hash: kept (as bytes) for verification to call malformed */
+                        sqlite3_bind_blob(ins, 9, h ? h : "", sqlite3_column_bytes(rd, 8), SQLITE_TRANSIENT);
+                r = step_done(l, ins, "copying the audit trail (migrating to version 3)");
+                if (r < 0)
+                        return r;
+                /* prev_hash is the previous entry's hash, as stored: left out. Anything else (the
+                 * trail was changed by hand) is kept, so that verification still reports it. */
+                const char *ph = (const char *) sqlite3_column_text(rd, 9);
+                if (sqlite3_column_type(rd, 9) != SQLITE_TEXT || !ph || !STREQ(ph, last_hash)) {
+                        sqlite3_reset(link);
+                        sqlite3_bind_value(link, 1, sqlite3_column_value(rd, 0));
+                        sqlite3_bind_value(link, 2, sqlite3_column_value(rd, 9));
+                        r = step_done(l, link, "copying the audit trail (migrating to version 3)");
+                        if (r < 0)
+                                return r;
+                }
+                free(last_hash);
+                last_hash = strdup(h ? h : "");
+                if (!last_hash)
+                        return set_error(l, -ENOMEM, "out of memory");
+        }
+        if (rc != SQLITE_DONE)
+                return sql_error(l, rc, "reading the audit trail (migrating to version 3)");
+        return 0;
+}
+
+/* Schema 3: compact records (docs/ledger.md). The profile snapshot and the digests armed with it
+ * move to a table of their own, each distinct one stored once; a session keeps the sequence
+ * numbers of its begin and end entries (so the index of the trail by object goes); the trail
+ * keeps hashes as 32 bytes and no second copy of the previous entry's hash, and the ledger's own
+ * session entries keep a stub of their row digest instead of a text rebuilt from the row. Every
+ * value, the canonical form of every entry and every row digest stay as they were. */
+static int migrate_to_3(nd_ledger *l) {
+        static const char tables[] =
+                SCHEMA3_SNAPSHOTS
+                "INSERT OR IGNORE INTO snapshots (profile_name, profile_yaml, profile_digest, limits_digest) "
+                "  SELECT profile_name, profile_yaml, profile_digest, limits_digest FROM sessions ORDER BY rowid;"
+                SCHEMA3_SESSIONS("sessions3")
+                "INSERT INTO sessions3 (rowid, id, pen_serial, cartridge_id, needles, snapshot_id, label, owner_uid, "
+                "  owner_pid, owner_name, single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, "
+                "  max_depth_mm, max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, "
+                "  punctures, density_per_cm2, begin_seq, end_seq) "
+                "SELECT s.rowid, s.id, s.pen_serial, s.cartridge_id, s.needles, "
+                "  (SELECT p.snapshot_id FROM snapshots p WHERE p.profile_digest = s.profile_digest AND "
+                "     p.limits_digest = s.limits_digest AND p.profile_name = s.profile_name AND "
+                "     p.profile_yaml = s.profile_yaml), "
+                "  s.label, s.owner_uid, s.owner_pid, s.owner_name, s.single_use, s.max_runtime_s, s.start_us, "
+                "  s.updated_us, s.end_us, s.duration_s, s.strokes, s.max_depth_mm, s.max_speed_hz, "
+                "  s.max_temperature_c, s.max_current_ma, s.end_reason, s.skin_type, s.area_cm2, s.punctures, "
+                "  s.density_per_cm2, "
+                "  (SELECT min(a.seq) FROM audit a WHERE a.object = s.id AND a.action = 'session-begin'), "
+                "  (SELECT min(a.seq) FROM audit a WHERE a.object = s.id AND a.action = 'session-end') "
+                "FROM sessions s ORDER BY s.rowid;"
+                SCHEMA3_AUDIT("audit3")
+                SCHEMA3_AUDIT_PREV;
+        static const char swap[] =
+                "DROP TABLE audit;"
+                "ALTER TABLE audit3 RENAME TO audit;"
+                "DROP TABLE sessions;"
+                "ALTER TABLE sessions3 RENAME TO sessions;"
+                SCHEMA3_SESSION_INDEXES;
+        int r = exec(l, tables, "converting the sessions (version 3)");
+        if (r >= 0)
+                r = migrate_audit_to_3(l);
+        if (r >= 0)
+                r = exec(l, swap, "replacing the tables (version 3)");
+        return r;
+}
+
 /* migrations[v - 1] brings a database at version v - 1 to version v. Version 2 is one more
  * function here; the loop in migrate() runs every step a file needs, each in its own
  * transaction, with the version written in that same transaction. */
 static int (*const migrations[])(nd_ledger *l) = {
         migrate_to_1,
         migrate_to_2,
+        migrate_to_3,
 };
 _Static_assert(ELEMENTSOF(migrations) == ND_LEDGER_SCHEMA_VERSION, "one migration per schema version");
 
@@ -611,6 +904,13 @@ static int migrate(nd_ledger *l, int64_t from) {
                 r = tx_commit(l);
                 if (r < 0)
                         return r;
+        }
+        /* Schema 3 left the old tables' pages free: give them back to the file system, once. A
+         * failure (a full disk: VACUUM needs room for a copy) changes nothing; the free pages are
+         * then reused as the ledger grows. */
+        if (from >= 1 && from < 3) {
+                (void) sqlite3_exec(l->db, "VACUUM", NULL, NULL, NULL);
+                (void) sqlite3_exec(l->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
         }
         return 0;
 }
@@ -953,35 +1253,43 @@ int nd_ledger_session_id_new(char out[static ND_LEDGER_SESSION_ID_SIZE]) {
 
 /* ---- the audit trail ---- */
 
-static int audit_append_tx(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_t pid, const char *actor,
-                           const char *action, const char *object, const char *detail) {
-        _cleanup_stmt_ sqlite3_stmt *last = NULL, *ins = NULL, *head = NULL;
-        char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE];
-        int64_t seq = 1;
-        int r, rc;
-
-        /* The chain continues from the last entry as stored. */
-        r = prepare(l, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &last);
+/* The sequence number the next entry gets and the hash it chains to (the last entry's, as stored). */
+static int audit_next(nd_ledger *l, int64_t *ret_seq, char prev[static ND_SHA256_HEX_SIZE]) {
+        _cleanup_stmt_ sqlite3_stmt *last = NULL;
+        int r = prepare(l, "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &last);
         if (r < 0)
                 return r;
-        rc = sqlite3_step(last);
+        int rc = sqlite3_step(last);
         if (rc == SQLITE_ROW) {
-                const char *h = (const char *) sqlite3_column_text(last, 1);
-                if (sqlite3_column_type(last, 0) != SQLITE_INTEGER || !h || strlen(h) != HASH_HEX_LEN)
+                if (sqlite3_column_type(last, 0) != SQLITE_INTEGER || !hash_blob_hex(last, 1, prev))
                         return set_error(l, -EBADMSG, "the last audit entry is malformed");
-                seq = sqlite3_column_int64(last, 0) + 1;
-                memcpy(prev, h, sizeof prev);
-        } else if (rc == SQLITE_DONE)
-                memcpy(prev, zero_hash, sizeof prev);
-        else
+                *ret_seq = sqlite3_column_int64(last, 0) + 1;
+        } else if (rc == SQLITE_DONE) {
+                memcpy(prev, zero_hash, ND_SHA256_HEX_SIZE);
+                *ret_seq = 1;
+        } else
                 return sql_error(l, rc, "reading the audit trail");
+        return 0;
+}
+
+/* Appends entry seq (from audit_next) chained to prev, and moves the head to it. The hash is of
+ * detail, the text; stub (DETAIL_STUB_SIZE bytes, or NULL) is what is stored instead of a session
+ * entry's detail that verification rebuilds from the row. */
+static int audit_insert_tx(nd_ledger *l, int64_t seq, const char *prev, uint64_t time_us, uint32_t uid, uint32_t pid,
+                           const char *actor, const char *action, const char *object, const char *detail,
+                           const uint8_t *stub) {
+        _cleanup_stmt_ sqlite3_stmt *ins = NULL, *head = NULL;
+        char hash[ND_SHA256_HEX_SIZE];
+        uint8_t hash_bytes[HASH_SIZE];
+        int r;
 
         r = audit_entry_hash(seq, (int64_t) time_us, uid, pid, actor, action, object, detail, prev, hash);
         if (r < 0)
                 return set_error(l, r, "hashing an audit entry: out of memory");
+        (void) hex_to_bytes(hash, HASH_SIZE, hash_bytes);
 
-        r = prepare(l, "INSERT INTO audit (seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash) "
-                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)", &ins);
+        r = prepare(l, "INSERT INTO audit (seq, time_us, uid, pid, actor, action, object, detail, hash) "
+                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)", &ins);
         if (r < 0)
                 return r;
         sqlite3_bind_int64(ins, 1, seq);
@@ -991,9 +1299,11 @@ static int audit_append_tx(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_
         bind_text(ins, 5, actor);
         bind_text(ins, 6, action);
         bind_text(ins, 7, object);
-        bind_text(ins, 8, detail);
-        bind_text(ins, 9, prev);
-        bind_text(ins, 10, hash);
+        if (stub)
+                sqlite3_bind_blob(ins, 8, stub, DETAIL_STUB_SIZE, SQLITE_STATIC);
+        else
+                bind_text(ins, 8, detail);
+        sqlite3_bind_blob(ins, 9, hash_bytes, HASH_SIZE, SQLITE_STATIC);
         r = step_done(l, ins, "appending to the audit trail");
         if (r < 0)
                 return r;
@@ -1009,6 +1319,40 @@ static int audit_append_tx(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_
         if (sqlite3_changes(l->db) != 1)
                 return set_error(l, -EBADMSG, "the audit head record is missing");
         return 0;
+}
+
+static int audit_append_tx(nd_ledger *l, uint64_t time_us, uint32_t uid, uint32_t pid, const char *actor,
+                           const char *action, const char *object, const char *detail) {
+        char prev[ND_SHA256_HEX_SIZE];
+        int64_t seq;
+        int r = audit_next(l, &seq, prev);
+        if (r < 0)
+                return r;
+        return audit_insert_tx(l, seq, prev, time_us, uid, pid, actor, action, object, detail, NULL);
+}
+
+/* Appends the begin (ended false) or end entry of session id, entry seq (audit_next), its detail
+ * rebuilt from the row as it now is. */
+static int audit_session_tx(nd_ledger *l, const char *id, bool ended, int64_t seq, const char *prev, uint64_t time_us,
+                            uint32_t uid, uint32_t pid, const char *actor) {
+        _cleanup_stmt_ sqlite3_stmt *row = NULL;
+        _cleanup_(enc_done) enc e = { 0 };
+        _cleanup_free_ char *detail = NULL;
+        char digest[ND_SHA256_HEX_SIZE];
+        uint8_t stub[DETAIL_STUB_SIZE];
+        int r = prepare(l, ROW_SQL_V3, &row);
+        if (r < 0)
+                return r;
+        bind_text(row, 1, id);
+        int rc = sqlite3_step(row);
+        if (rc != SQLITE_ROW)
+                return rc == SQLITE_DONE ? set_error(l, -ENOENT, "no session %s", id)
+                                         : sql_error(l, rc, "reading the session back");
+        if (row_digest(row, ended, &e, digest) < 0 || session_detail(row, ended, digest, &detail) < 0)
+                return set_error(l, -ENOMEM, "out of memory");
+        (void) hex_to_bytes(digest, DETAIL_STUB_SIZE, stub);
+        return audit_insert_tx(l, seq, prev, time_us, uid, pid, actor, ended ? AUDIT_ACTION_END : AUDIT_ACTION_BEGIN, id,
+                               detail, stub);
 }
 
 static int check_audit_fields(nd_ledger *l, const char *actor, const char *action, const char *object,
@@ -1159,11 +1503,23 @@ static int cartridge_admit_tx(nd_ledger *l, const nd_ledger_session_start *s) {
         return 0;
 }
 
+/* Prepares sql with the session's snapshot bound: ?1 profile name, ?2 YAML, ?3 profile digest, ?4 limits digest. */
+static int prepare_snapshot(nd_ledger *l, const char *sql, const nd_ledger_session_start *s, sqlite3_stmt **ret) {
+        int r = prepare(l, sql, ret);
+        if (r < 0)
+                return r;
+        bind_text(*ret, 1, s->profile_name);
+        bind_text(*ret, 2, s->profile_yaml);
+        bind_text(*ret, 3, s->profile_digest);
+        bind_text(*ret, 4, s->limits_digest);
+        return 0;
+}
+
 static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
-        _cleanup_stmt_ sqlite3_stmt *cart = NULL, *ins = NULL;
-        char digest[ND_SHA256_HEX_SIZE];
-        _cleanup_free_ char *detail = NULL;
-        int r, rc = SQLITE_OK;
+        _cleanup_stmt_ sqlite3_stmt *cart = NULL, *snap = NULL, *ins = NULL;
+        char prev[ND_SHA256_HEX_SIZE];
+        int64_t seq;
+        int r, rc;
 
         r = cartridge_admit_tx(l, s);
         if (r < 0)
@@ -1180,20 +1536,39 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
         if (r < 0)
                 return r;
 
-        r = prepare(l, "INSERT INTO sessions (id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, "
-                       "  profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, single_use, "
-                       "  max_runtime_s, start_us, updated_us, skin_type, area_cm2, punctures, density_per_cm2) "
-                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17, 0, 0)", &ins);
+        /* The snapshot (profile and limits digests) is stored once however many sessions armed it. */
+        r = prepare_snapshot(l, "INSERT INTO snapshots (profile_name, profile_yaml, profile_digest, limits_digest) "
+                                "VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING", s, &snap);
+        if (r < 0)
+                return r;
+        r = step_done(l, snap, "recording the profile snapshot");
+        if (r < 0)
+                return r;
+        sqlite3_finalize(TAKE_PTR(snap));
+        r = prepare_snapshot(l, "SELECT snapshot_id FROM snapshots WHERE profile_digest = ?3 AND limits_digest = ?4 AND "
+                                "profile_name = ?1 AND profile_yaml = ?2", s, &snap);
+        if (r < 0)
+                return r;
+        rc = sqlite3_step(snap);
+        if (rc != SQLITE_ROW)
+                return rc == SQLITE_DONE ? set_error(l, -EIO, "the profile snapshot just recorded is missing")
+                                         : sql_error(l, rc, "reading the profile snapshot");
+        int64_t snapshot_id = sqlite3_column_int64(snap, 0);
+
+        r = audit_next(l, &seq, prev);
+        if (r < 0)
+                return r;
+        r = prepare(l, "INSERT INTO sessions (id, pen_serial, cartridge_id, needles, snapshot_id, label, owner_uid, "
+                       "  owner_pid, owner_name, single_use, max_runtime_s, start_us, updated_us, skin_type, area_cm2, "
+                       "  punctures, density_per_cm2, begin_seq) "
+                       "VALUES (?1, ?2, ?3, ?4, ?5, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17, 0, 0, ?18)", &ins);
         if (r < 0)
                 return r;
         bind_text(ins, 1, s->id);
         bind_text(ins, 2, s->pen_serial);
         bind_text(ins, 3, s->cartridge_id);
         sqlite3_bind_int64(ins, 4, s->needles);
-        bind_text(ins, 5, s->profile_name);
-        bind_text(ins, 6, s->profile_yaml);
-        bind_text(ins, 7, s->profile_digest);
-        bind_text(ins, 8, s->limits_digest);
+        sqlite3_bind_int64(ins, 5, snapshot_id);
         bind_text(ins, 9, s->label);
         sqlite3_bind_int64(ins, 10, s->owner_uid);
         sqlite3_bind_int64(ins, 11, s->owner_pid);
@@ -1203,24 +1578,14 @@ static int session_begin_tx(nd_ledger *l, const nd_ledger_session_start *s) {
         sqlite3_bind_int64(ins, 15, (int64_t) s->start_us);
         bind_text(ins, 16, strempty(s->skin_type));
         sqlite3_bind_double(ins, 17, s->area_cm2);
+        sqlite3_bind_int64(ins, 18, seq);
         r = step_done(l, ins, "recording the session");
         if (r == -EEXIST)
                 return set_error(l, r, "session %s already exists", s->id);
         if (r < 0)
                 return r;
 
-        r = session_row_digest(l->db, s->id, false, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
-        if (r < 0)
-                return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
-        if (asprintf(&detail, ROW_DIGEST_PREFIX "%s pen=%s cartridge=%s needles=%" PRIu32 " profile=%s "
-                     "profile-digest=%s limits-digest=%s label=%s skin-type=%s",
-                     digest, s->pen_serial, s->cartridge_id, s->needles, s->profile_name, s->profile_digest,
-                     s->limits_digest, s->label, (!s->skin_type || !*s->skin_type) ? "none" : s->skin_type) < 0) {
-                detail = NULL;
-                return set_error(l, -ENOMEM, "out of memory");
-        }
-        return audit_append_tx(l, s->start_us, s->owner_uid, s->owner_pid, s->owner_name, AUDIT_ACTION_BEGIN,
-                               s->id, detail);
+        return audit_session_tx(l, s->id, false, seq, prev, s->start_us, s->owner_uid, s->owner_pid, s->owner_name);
 }
 
 int nd_ledger_session_begin(nd_ledger *l, const nd_ledger_session_start *s) {
@@ -1321,17 +1686,20 @@ int nd_ledger_session_progress(nd_ledger *l, const char *id, uint64_t now_us, co
 static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
                             const char *reason, bool force_spent, uint64_t audit_time_us) {
         _cleanup_stmt_ sqlite3_stmt *upd = NULL, *info = NULL, *spend = NULL;
-        char digest[ND_SHA256_HEX_SIZE];
-        _cleanup_free_ char *detail = NULL;
+        char prev[ND_SHA256_HEX_SIZE];
+        int64_t seq;
         int r, rc = SQLITE_OK;
 
+        r = audit_next(l, &seq, prev);
+        if (r < 0)
+                return r;
         if (stats)
                 r = prepare(l, "UPDATE sessions SET " STATS_ASSIGNMENTS ", " DOSE_ASSIGNMENTS ", end_us = ?7, updated_us = ?7, "
-                               "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
+                               "end_reason = ?9, end_seq = ?12 WHERE id = ?8 AND end_us IS NULL", &upd);
         else
                 r = prepare(l, "UPDATE sessions SET end_us = CASE WHEN ?7 = 0 THEN updated_us ELSE ?7 END, "
                                "updated_us = CASE WHEN ?7 = 0 THEN updated_us ELSE ?7 END, "
-                               "end_reason = ?9 WHERE id = ?8 AND end_us IS NULL", &upd);
+                               "end_reason = ?9, end_seq = ?12 WHERE id = ?8 AND end_us IS NULL", &upd);
         if (r < 0)
                 return r;
         if (stats) {
@@ -1341,15 +1709,15 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
         sqlite3_bind_int64(upd, 7, (int64_t) end_us);
         bind_text(upd, 8, id);
         bind_text(upd, 9, reason);
+        sqlite3_bind_int64(upd, 12, seq);
         r = step_done(l, upd, "ending the session");
         if (r < 0)
                 return r;
         if (sqlite3_changes(l->db) == 0)
                 return session_not_running(l, id);
 
-        r = prepare(l, "SELECT s.cartridge_id, s.single_use, s.max_runtime_s, s.pen_serial, s.strokes, "
-                       "  s.duration_s, (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = s.cartridge_id), "
-                       "  coalesce(s.punctures, 0) "
+        r = prepare(l, "SELECT s.cartridge_id, s.single_use, s.max_runtime_s, "
+                       "  (SELECT coalesce(sum(duration_s), 0) FROM sessions WHERE cartridge_id = s.cartridge_id) "
                        "FROM sessions s WHERE s.id = ?1", &info);
         if (r < 0)
                 return r;
@@ -1360,11 +1728,7 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
         const char *cartridge = (const char *) sqlite3_column_text(info, 0);
         bool single_use = sqlite3_column_int(info, 1) != 0;
         int64_t max_runtime_s = sqlite3_column_int64(info, 2);
-        const char *pen = (const char *) sqlite3_column_text(info, 3);
-        int64_t strokes = sqlite3_column_int64(info, 4);
-        double duration_s = sqlite3_column_double(info, 5);
-        double runtime_s = sqlite3_column_double(info, 6);
-        int64_t punctures = sqlite3_column_int64(info, 7);
+        double runtime_s = sqlite3_column_double(info, 3);
 
         if (force_spent || single_use || (max_runtime_s > 0 && runtime_s >= (double) max_runtime_s)) {
                 r = prepare(l, "UPDATE cartridges SET state = 'spent' WHERE id = ?1", &spend);
@@ -1375,20 +1739,10 @@ static int session_close_tx(nd_ledger *l, const char *id, uint64_t end_us, const
                 if (r < 0)
                         return r;
         }
-
-        r = session_row_digest(l->db, id, true, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
-        if (r < 0)
-                return r == -EIO ? sql_error(l, rc, "reading the session back") : set_error(l, r, "session digest");
-        /* Integers only: the text must not depend on the locale of whoever wrote it. */
-        if (asprintf(&detail, ROW_DIGEST_PREFIX "%s reason=%s pen=%s cartridge=%s duration-ms=%" PRId64
-                     " strokes=%" PRId64 " punctures=%" PRId64,
-                     digest, reason, strempty(pen), strempty(cartridge), (int64_t) llround(duration_s * 1000.0),
-                     strokes, punctures) < 0) {
-                detail = NULL;
-                return set_error(l, -ENOMEM, "out of memory");
-        }
-        return audit_append_tx(l, audit_time_us, (uint32_t) geteuid(), (uint32_t) getpid(), ND_LEDGER_ACTOR_DAEMON,
-                               AUDIT_ACTION_END, id, detail);
+        /* The detail (digest, reason, pen, cartridge, figures as integers: the text must not depend
+         * on the locale of whoever wrote it) is rebuilt from the row. */
+        return audit_session_tx(l, id, true, seq, prev, audit_time_us, (uint32_t) geteuid(), (uint32_t) getpid(),
+                                ND_LEDGER_ACTOR_DAEMON);
 }
 
 int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const nd_ledger_stats *stats,
@@ -1413,6 +1767,64 @@ int nd_ledger_session_end(nd_ledger *l, const char *id, uint64_t end_us, const n
                 return r;
         }
         return tx_commit(l);
+}
+
+/* Before session id's row is deleted (a void): its begin digest into digest, and its begin entry
+ * (the row's begin_seq) given back its full detail if it keeps a stub, the text session_detail()
+ * rebuilds, which is what the entry's hash covers. Refused (-EBADMSG) if the entry is not there
+ * or does not record this row: a void would otherwise hide a changed row. */
+static int begin_entry_keep_tx(nd_ledger *l, const char *id, char digest[static ND_SHA256_HEX_SIZE]) {
+        _cleanup_stmt_ sqlite3_stmt *row = NULL, *entry = NULL, *upd = NULL;
+        _cleanup_(enc_done) enc e = { 0 };
+        _cleanup_free_ char *detail = NULL;
+        int r = prepare(l, ROW_SQL_V3, &row);
+        if (r < 0)
+                return r;
+        bind_text(row, 1, id);
+        int rc = sqlite3_step(row);
+        if (rc != SQLITE_ROW)
+                return rc == SQLITE_DONE ? set_error(l, -EBADMSG, "session %s has no profile snapshot", id)
+                                         : sql_error(l, rc, "reading the session");
+        if (row_digest(row, false, &e, digest) < 0 || session_detail(row, false, digest, &detail) < 0)
+                return set_error(l, -ENOMEM, "out of memory");
+        if (sqlite3_column_type(row, ROW_BEGIN_SEQ) != SQLITE_INTEGER)
+                return set_error(l, -EBADMSG, "session %s names no begin entry: not voided (needlectl audit verify)", id);
+        int64_t seq = sqlite3_column_int64(row, ROW_BEGIN_SEQ);
+
+        r = prepare(l, "SELECT detail FROM audit WHERE seq = ?1 AND action = ?2 AND object = ?3", &entry);
+        if (r < 0)
+                return r;
+        sqlite3_bind_int64(entry, 1, seq);
+        bind_text(entry, 2, AUDIT_ACTION_BEGIN);
+        bind_text(entry, 3, id);
+        rc = sqlite3_step(entry);
+        if (rc != SQLITE_ROW)
+                return rc == SQLITE_DONE ? set_error(l, -EBADMSG, "the begin entry %" PRId64 " of session %s is missing: "
+                                                     "not voided (needlectl audit verify)", seq, id)
+                                         : sql_error(l, rc, "reading the audit trail");
+        bool recorded, stubbed = sqlite3_column_type(entry, 0) == SQLITE_BLOB;
+        if (stubbed) {
+                uint8_t stub[DETAIL_STUB_SIZE];
+                (void) hex_to_bytes(digest, DETAIL_STUB_SIZE, stub);
+                recorded = sqlite3_column_bytes(entry, 0) == DETAIL_STUB_SIZE &&
+                           memcmp(sqlite3_column_blob(entry, 0), stub, DETAIL_STUB_SIZE) == 0;
+        } else {
+                const char *text = (const char *) sqlite3_column_text(entry, 0);
+                recorded = text && strncmp(text, ROW_DIGEST_PREFIX, strlen(ROW_DIGEST_PREFIX)) == 0 &&
+                           strncmp(text + strlen(ROW_DIGEST_PREFIX), digest, HASH_HEX_LEN) == 0;
+        }
+        if (!recorded)
+                return set_error(l, -EBADMSG, "session %s differs from its begin entry %" PRId64 ": not voided "
+                                 "(needlectl audit verify)", id, seq);
+        if (!stubbed)
+                return 0;       /* a text kept as it was written (a migrated entry) */
+
+        r = prepare(l, "UPDATE audit SET detail = ?1 WHERE seq = ?2", &upd);
+        if (r < 0)
+                return r;
+        bind_text(upd, 1, detail);
+        sqlite3_bind_int64(upd, 2, seq);
+        return step_done(l, upd, "keeping the begin entry's detail");
 }
 
 /* Voids a session that never ran, inside a transaction (nd_ledger_session_void). */
@@ -1443,10 +1855,12 @@ static int session_void_tx(nd_ledger *l, const char *id, uint64_t void_us, const
         if (!pen || !cartridge)
                 return set_error(l, -ENOMEM, "out of memory");
 
-        /* The row as it was begun: the void entry repeats its begin digest, which ties the two. */
-        r = session_row_digest(l->db, id, false, ND_LEDGER_SCHEMA_VERSION, digest, &rc);
+        /* The row as it was begun: the void entry repeats its begin digest, which ties the two. The
+         * begin entry's detail, stored as a stub rebuilt from the row, is stored in full before the
+         * row goes (the same text: its hash stays valid). */
+        r = begin_entry_keep_tx(l, id, digest);
         if (r < 0)
-                return r == -EIO ? sql_error(l, rc, "reading the session") : set_error(l, r, "session digest");
+                return r;
 
         r = prepare(l, "DELETE FROM sessions WHERE id = ?1", &del);
         if (r < 0)
@@ -1649,7 +2063,7 @@ int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret) 
                 return -EINVAL;
         if ((r = check_session_id(l, id)) < 0)
                 return r;
-        r = prepare(l, "SELECT " SESSION_COLUMNS ", profile_yaml FROM sessions WHERE id = ?1", &st);
+        r = prepare(l, "SELECT " SESSION_COLUMNS ", profile_yaml" SNAPSHOT_JOIN "WHERE id = ?1", &st);
         if (r < 0)
                 return r;
         bind_text(st, 1, id);
@@ -1666,11 +2080,11 @@ int nd_ledger_session_get(nd_ledger *l, const char *id, nd_ledger_session *ret) 
  * sessions_by_start, scanned backwards; rowid breaks ties in the same index order): an OR of
  * "no filter" and "this pen" in one statement makes SQLite walk every row by start time. */
 #define HISTORY_SQL_ALL \
-        "SELECT " SESSION_COLUMNS " FROM sessions WHERE start_us >= ?2 AND start_us < ?3 " \
-        "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
+        "SELECT " SESSION_COLUMNS SNAPSHOT_JOIN "WHERE start_us >= ?2 AND start_us < ?3 " \
+        "ORDER BY start_us DESC, sessions.rowid DESC LIMIT ?4"
 #define HISTORY_SQL_PEN \
-        "SELECT " SESSION_COLUMNS " FROM sessions WHERE pen_serial = ?1 AND start_us >= ?2 AND start_us < ?3 " \
-        "ORDER BY start_us DESC, rowid DESC LIMIT ?4"
+        "SELECT " SESSION_COLUMNS SNAPSHOT_JOIN "WHERE pen_serial = ?1 AND start_us >= ?2 AND start_us < ?3 " \
+        "ORDER BY start_us DESC, sessions.rowid DESC LIMIT ?4"
 
 #define CARTRIDGE_SQL \
         "SELECT c.needles, c.state, c.first_used_us, " \
@@ -1872,69 +2286,53 @@ static bool is_hash_text(sqlite3_stmt *st, int col) {
         return h && strspn(h, "0123456789abcdef") == HASH_HEX_LEN;
 }
 
-/* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
-/* from_anchor: start at entry anchor_seq instead of the first; that entry's own prev_hash is taken
- * as it is, since the anchor (its hash, kept outside the database) covers it. */
-static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *anchor_hash,
-                        bool from_anchor, nd_ledger_verify_result *v) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL, *head = NULL;
-        char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE];
-        uint64_t expected = from_anchor ? anchor_seq : 1;
+/* An entry's recomputed hash against its stored hash, its stored prev_hash (NULL when it is not
+ * stored: schema 3) against the previous entry's hash, and the anchor. True when one of them
+ * failed (v says which). */
+static bool verify_entry_links(nd_ledger_verify_result *v, uint64_t seq, const char *hash, const char *stored,
+                               const char *stored_prev, const char *prev, uint64_t anchor_seq, const char *anchor_hash) {
+        if (!STREQ(hash, stored))
+                verify_break(v, ND_LEDGER_BREAK_HASH, seq,
+                             "entry %" PRIu64 " was changed after it was written%s: its content does not match its hash",
+                             seq, stored_prev ? "" : " (or an entry before it was replaced, its hash recomputed)");
+        else if (stored_prev && !STREQ(prev, stored_prev))
+                verify_break(v, ND_LEDGER_BREAK_PREV, seq,
+                             "entry %" PRIu64 " does not follow entry %" PRIu64 " (prev_hash differs): "
+                             "an entry was replaced, removed or inserted before it", seq, seq - 1);
+        else if (anchor_seq == seq && !STREQ(hash, anchor_hash))
+                verify_break(v, ND_LEDGER_BREAK_ANCHOR, seq,
+                             "entry %" PRIu64 " is not the entry recorded earlier (its hash is "
+                             "%.12s..., the anchor says %.12s...): the trail was rewritten", seq, hash, anchor_hash);
+        else
+                return false;
+        return true;
+}
+
+/* Entry seq hashed to hash and is good: it is the head so far, and the next entry's predecessor. */
+static void verify_entry_good(nd_ledger_verify_result *v, uint64_t seq, const char *hash,
+                              char prev[static ND_SHA256_HEX_SIZE]) {
+        memcpy(prev, hash, ND_SHA256_HEX_SIZE);
+        v->entries = seq;
+        v->head_seq = seq;
+        memcpy(v->head_hash, hash, ND_SHA256_HEX_SIZE);
+}
+
+/* Entry seq where entry expected should be. */
+static int verify_seq_break(nd_ledger_verify_result *v, int64_t seq, uint64_t expected) {
+        if (seq > (int64_t) expected)
+                return verify_break(v, ND_LEDGER_BREAK_SEQ, (uint64_t) seq,
+                                    "entry %" PRId64 " follows entry %" PRIu64 ": entries %" PRIu64
+                                    "..%" PRId64 " are missing (deleted or renumbered)",
+                                    seq, expected - 1, expected, seq - 1);
+        return verify_break(v, ND_LEDGER_BREAK_SEQ, expected,
+                            "entry number %" PRId64 " where %" PRIu64 " was expected (renumbered)", seq, expected);
+}
+
+/* After the walk: the anchor within the trail, the head record on its last entry (prev). */
+static int verify_tail(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *prev, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *head = NULL;
         int rc;
 
-        memcpy(prev, zero_hash, sizeof prev);
-        rc = sqlite3_prepare_v2(db, "SELECT seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash "
-                                    "FROM audit WHERE seq >= ?1 ORDER BY seq", -1, &st, NULL);
-        if (rc != SQLITE_OK)
-                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
-        sqlite3_bind_int64(st, 1, (int64_t) expected);
-        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-                if (from_anchor && expected == anchor_seq && is_hash_text(st, 8))
-                        memcpy(prev, sqlite3_column_text(st, 8), sizeof prev);
-                if (sqlite3_column_type(st, 0) != SQLITE_INTEGER || !is_hash_text(st, 8) || !is_hash_text(st, 9))
-                        return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
-                                            "entry %" PRIu64 ": its sequence number or hashes are not of the "
-                                            "expected type (changed by hand)", expected);
-                int64_t seq = sqlite3_column_int64(st, 0);
-                if (seq != (int64_t) expected) {
-                        if (seq > (int64_t) expected)
-                                return verify_break(v, ND_LEDGER_BREAK_SEQ, (uint64_t) seq,
-                                                    "entry %" PRId64 " follows entry %" PRIu64 ": entries %" PRIu64
-                                                    "..%" PRId64 " are missing (deleted or renumbered)",
-                                                    seq, expected - 1, expected, seq - 1);
-                        return verify_break(v, ND_LEDGER_BREAK_SEQ, expected,
-                                            "entry number %" PRId64 " where %" PRIu64 " was expected (renumbered)",
-                                            seq, expected);
-                }
-
-                _cleanup_(enc_done) enc e = { 0 };
-                enc_bytes(&e, AUDIT_HASH_TAG, strlen(AUDIT_HASH_TAG));
-                for (int i = 0; i <= 8; i++)
-                        enc_column(&e, st, i);
-                if (enc_digest(&e, hash) < 0)
-                        return verify_fail(v, -ENOMEM, "out of memory");
-                if (!STREQ(hash, (const char *) sqlite3_column_text(st, 9)))
-                        return verify_break(v, ND_LEDGER_BREAK_HASH, expected,
-                                            "entry %" PRIu64 " was changed after it was written: its content does "
-                                            "not match its hash", expected);
-                if (!STREQ(prev, (const char *) sqlite3_column_text(st, 8)))
-                        return verify_break(v, ND_LEDGER_BREAK_PREV, expected,
-                                            "entry %" PRIu64 " does not follow entry %" PRIu64 " (prev_hash differs): "
-                                            "an entry was replaced, removed or inserted before it",
-                                            expected, expected - 1);
-                if (anchor_seq == expected && !STREQ(hash, anchor_hash))
-                        return verify_break(v, ND_LEDGER_BREAK_ANCHOR, expected,
-                                            "entry %" PRIu64 " is not the entry recorded earlier (its hash is "
-                                            "%.12s..., the anchor says %.12s...): the trail was rewritten",
-                                            expected, hash, anchor_hash);
-                memcpy(prev, hash, sizeof prev);
-                v->entries = expected;
-                v->head_seq = expected;
-                memcpy(v->head_hash, hash, sizeof prev);
-                expected++;
-        }
-        if (rc != SQLITE_DONE)
-                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
         if (anchor_seq > v->entries)
                 return verify_break(v, ND_LEDGER_BREAK_ANCHOR, anchor_seq,
                                     "the trail ends at entry %" PRIu64 ", but entry %" PRIu64 " was recorded "
@@ -1958,6 +2356,82 @@ static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, cons
                                     "but it has %" PRIu64 " ending in %.12s...: entries were removed from its end "
                                     "(or the head record was changed)",
                                     count, head_hash, v->entries, prev);
+        return 0;
+}
+
+
+/* The walk's last step (rc): SQLITE_DONE, then the tail. */
+static int verify_walk_end(sqlite3 *db, const char *path, int rc, uint64_t anchor_seq, const char *prev,
+                           nd_ledger_verify_result *v) {
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        return verify_tail(db, path, anchor_seq, prev, v);
+}
+
+/* Walks the chain from the genesis entry. Returns <0 on read errors, 0 otherwise (v says how). */
+/* from_anchor: start at entry anchor_seq instead of the first; that entry's own prev_hash is taken
+ * as it is, since the anchor (its hash, kept outside the database) covers it. */
+static int verify_chain(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *anchor_hash,
+                        bool from_anchor, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE];
+        uint64_t expected = from_anchor ? anchor_seq : 1;
+        int rc;
+
+        memcpy(prev, zero_hash, sizeof prev);
+        rc = sqlite3_prepare_v2(db, "SELECT seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash "
+                                    "FROM audit WHERE seq >= ?1 ORDER BY seq", -1, &st, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_bind_int64(st, 1, (int64_t) expected);
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                if (from_anchor && expected == anchor_seq && is_hash_text(st, 8))
+                        memcpy(prev, sqlite3_column_text(st, 8), sizeof prev);
+                if (sqlite3_column_type(st, 0) != SQLITE_INTEGER || !is_hash_text(st, 8) || !is_hash_text(st, 9))
+                        return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
+                                            "entry %" PRIu64 ": its sequence number or hashes are not of the "
+                                            "expected type (changed by hand)", expected);
+                int64_t seq = sqlite3_column_int64(st, 0);
+                if (seq != (int64_t) expected)
+                        return verify_seq_break(v, seq, expected);
+
+                _cleanup_(enc_done) enc e = { 0 };
+                enc_bytes(&e, AUDIT_HASH_TAG, strlen(AUDIT_HASH_TAG));
+                for (int i = 0; i <= 8; i++)
+                        enc_column(&e, st, i);
+                if (enc_digest(&e, hash) < 0)
+                        return verify_fail(v, -ENOMEM, "out of memory");
+                if (verify_entry_links(v, expected, hash, (const char *) sqlite3_column_text(st, 9),
+                                       (const char *) sqlite3_column_text(st, 8), prev, anchor_seq, anchor_hash))
+                        return 0;
+                verify_entry_good(v, expected++, hash, prev);
+        }
+        return verify_walk_end(db, path, rc, anchor_seq, prev, v);
+}
+
+/* A cartridge whose session spent it must stay spent; a session needs its cartridge. */
+static int verify_cartridges(sqlite3 *db, const char *path, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *cart = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db, "SELECT s.cartridge_id, s.id, coalesce(c.state, '') FROM sessions s "
+                                    "LEFT JOIN cartridges c ON c.id = s.cartridge_id "
+                                    "WHERE c.id IS NULL OR (c.state != 'spent' AND s.end_us IS NOT NULL "
+                                    "  AND (s.single_use = 1 OR s.end_reason = ?1)) LIMIT 1", -1, &cart, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
+        bind_text(cart, 1, ND_LEDGER_REASON_DAEMON_RESTART);
+        rc = sqlite3_step(cart);
+        if (rc == SQLITE_ROW) {
+                const char *state = (const char *) sqlite3_column_text(cart, 2);
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
+                                    *strempty(state) ? "cartridge %s is marked '%s' but session %s spent it (changed by hand)"
+                                                     : "cartridge %s%s of session %s is missing (deleted)",
+                                    strempty((const char *) sqlite3_column_text(cart, 0)), strempty(state),
+                                    strempty((const char *) sqlite3_column_text(cart, 1)));
+        }
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
         return 0;
 }
 
@@ -2076,7 +2550,7 @@ static int verify_voids(sqlite3 *db, const char *path, uint64_t from_seq, nd_led
 
 /* The session and cartridge rows against the (verified) trail. */
 static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledger_verify_result *v) {
-        _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL, *cart = NULL;
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *orphan = NULL;
         _cleanup_(verify_stmts_done) verify_stmts vs = { NULL, { NULL, NULL } };
         int r, rc;
 
@@ -2122,26 +2596,370 @@ static int verify_records(sqlite3 *db, const char *path, int64_t schema, nd_ledg
         if (rc != SQLITE_DONE)
                 return verify_sql_fail(v, db, rc, path, "reading the audit trail");
 
-        /* A cartridge whose session spent it must stay spent; a session needs its cartridge. */
-        rc = sqlite3_prepare_v2(db, "SELECT s.cartridge_id, s.id, coalesce(c.state, '') FROM sessions s "
-                                    "LEFT JOIN cartridges c ON c.id = s.cartridge_id "
-                                    "WHERE c.id IS NULL OR (c.state != 'spent' AND s.end_us IS NOT NULL "
-                                    "  AND (s.single_use = 1 OR s.end_reason = ?1)) LIMIT 1", -1, &cart, NULL);
-        if (rc != SQLITE_OK)
-                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
-        bind_text(cart, 1, ND_LEDGER_REASON_DAEMON_RESTART);
-        rc = sqlite3_step(cart);
-        if (rc == SQLITE_ROW) {
-                const char *state = (const char *) sqlite3_column_text(cart, 2);
-                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
-                                    *strempty(state) ? "cartridge %s is marked '%s' but session %s spent it (changed by hand)"
-                                                     : "cartridge %s%s of session %s is missing (deleted)",
-                                    strempty((const char *) sqlite3_column_text(cart, 0)), strempty(state),
-                                    strempty((const char *) sqlite3_column_text(cart, 1)));
-        }
-        if (rc != SQLITE_DONE)
-                return verify_sql_fail(v, db, rc, path, "reading the cartridges");
+        return verify_cartridges(db, path, v);
+}
+
+/* ---- verification of schema 3 ---- */
+
+/* What the walk of a schema-3 trail counted, for the check of the sessions against it. */
+/* A session-begin entry whose row is gone, waiting for the session-void entry that explains it. */
+typedef struct verify3_open {
+        char *id;
+        uint64_t seq;
+        char digest[ND_SHA256_HEX_SIZE];
+} verify3_open;
+
+typedef struct verify3 {
+        sqlite3_stmt *row;              /* ROW_SQL_V3, prepared once */
+        sqlite3_stmt *exists;           /* is a session's row there */
+        sqlite3_stmt *begun;            /* a begin entry before the walk (incremental) */
+        enc e;                          /* reused for every entry and row */
+        uint64_t begins, ends;          /* session entries seen, each matched to its row */
+        uint64_t first_seq;             /* the first entry the walk checks */
+        verify3_open *open;             /* begins without a row, not yet voided (few: a void follows its begin) */
+        size_t n_open;
+        verify3_open *voided;           /* sessions begun before the walk and voided in it */
+        size_t n_voided;
+} verify3;
+
+static void verify3_done(verify3 *w) {
+        sqlite3_finalize(w->row);
+        sqlite3_finalize(w->exists);
+        sqlite3_finalize(w->begun);
+        enc_done(&w->e);
+        for (size_t i = 0; i < w->n_open; i++)
+                free(w->open[i].id);
+        free(w->open);
+        for (size_t i = 0; i < w->n_voided; i++)
+                free(w->voided[i].id);
+        free(w->voided);
+}
+
+static int verify3_add(verify3_open **a, size_t *n, uint64_t seq, const char *id, const char *digest,
+                       nd_ledger_verify_result *v) {
+        verify3_open *m = reallocarray(*a, *n + 1, sizeof *m);
+        if (!m)
+                return verify_fail(v, -ENOMEM, "out of memory");
+        *a = m;
+        m = &m[*n];
+        *m = (verify3_open) { .id = strdup(id), .seq = seq };
+        if (!m->id)
+                return verify_fail(v, -ENOMEM, "out of memory");
+        memcpy(m->digest, digest, ND_SHA256_HEX_SIZE);
+        (*n)++;
         return 0;
+}
+
+/* The 64 hex digits after "row-sha256=" at the start of detail into out; false if there are none. */
+static bool detail_row_digest(const char *detail, char out[static ND_SHA256_HEX_SIZE]) {
+        size_t prefix = strlen(ROW_DIGEST_PREFIX);
+        if (!detail || strncmp(detail, ROW_DIGEST_PREFIX, prefix) != 0 || strnlen(detail + prefix, HASH_HEX_LEN) != HASH_HEX_LEN)
+                return false;
+        memcpy(out, detail + prefix, HASH_HEX_LEN);
+        out[HASH_HEX_LEN] = '\0';
+        return true;
+}
+
+/* A session entry (seq, action, object: the session id) against the session's row: the row is
+ * there and names this entry as its begin or end, and its digest is the one the entry recorded
+ * (a stub of it, for a derived detail; the row-sha256 of a text one). With a derived detail,
+ * *ret_detail gets the text the entry's hash covers (caller frees). */
+static int verify3_session_entry(sqlite3 *db, const char *path, verify3 *w, uint64_t seq, bool ended, const char *id,
+                                 sqlite3_stmt *entry, int detail_col, char **ret_detail, bool *ret_missing,
+                                 nd_ledger_verify_result *v) {
+        char digest[ND_SHA256_HEX_SIZE], stub[2 * DETAIL_STUB_SIZE + 1];
+        const char *action = ended ? AUDIT_ACTION_END : AUDIT_ACTION_BEGIN;
+        int rc = SQLITE_OK;
+
+        if (!w->row)
+                rc = sqlite3_prepare_v2(db, ROW_SQL_V3, -1, &w->row, NULL);
+        else
+                sqlite3_reset(w->row);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the sessions");
+        bind_text(w->row, 1, id);
+        rc = sqlite3_step(w->row);
+        if (rc == SQLITE_DONE && ret_missing) {
+                *ret_missing = true;
+                return 0;
+        }
+        if (rc == SQLITE_DONE)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "session %s of audit entry %" PRIu64
+                                    " is missing: it was deleted", id, seq);
+        if (rc != SQLITE_ROW)
+                return verify_sql_fail(v, db, rc, path, "reading a session");
+        if (ended && sqlite3_column_type(w->row, ROW_END_US) == SQLITE_NULL)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "session %s is recorded as running, but entry %"
+                                    PRIu64 " ended it (its end was removed)", id, seq);
+        int col = ended ? ROW_END_SEQ : ROW_BEGIN_SEQ;
+        if (sqlite3_column_type(w->row, col) != SQLITE_INTEGER || (uint64_t) sqlite3_column_int64(w->row, col) != seq)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "session %s does not name entry %" PRIu64
+                                    " as its '%s' entry: a second such entry, or the row changed by hand", id, seq, action);
+        if (row_digest(w->row, ended, &w->e, digest) < 0)
+                return verify_fail(v, -ENOMEM, "out of memory");
+        bool match;
+        if (sqlite3_column_type(entry, detail_col) == SQLITE_BLOB) {
+                bytes_to_hex(sqlite3_column_blob(entry, detail_col), DETAIL_STUB_SIZE, stub);
+                match = strncmp(stub, digest, 2 * DETAIL_STUB_SIZE) == 0;
+        } else {
+                const char *detail = (const char *) sqlite3_column_text(entry, detail_col);
+                match = detail && strncmp(detail, ROW_DIGEST_PREFIX, strlen(ROW_DIGEST_PREFIX)) == 0 &&
+                        strncmp(detail + strlen(ROW_DIGEST_PREFIX), digest, HASH_HEX_LEN) == 0;
+        }
+        if (!match)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq,
+                                    "session %s differs from what audit entry %" PRIu64 " recorded at its %s "
+                                    "(the row was changed)", id, seq, ended ? "end" : "start");
+        if (ret_detail && session_detail(w->row, ended, digest, ret_detail) < 0)
+                return verify_fail(v, -ENOMEM, "out of memory");
+        if (ended)
+                w->ends++;
+        else
+                w->begins++;
+        return 0;
+}
+
+/* A session-begin entry seq (text detail) whose session's row is gone: it stays open until a
+ * session-void entry of that session closes it (verify3_void); one left open is a deleted row. */
+static int verify3_begin_open(verify3 *w, uint64_t seq, const char *id, const char *detail, nd_ledger_verify_result *v) {
+        char digest[ND_SHA256_HEX_SIZE];
+        if (!detail_row_digest(detail, digest))
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "session %s of audit entry %" PRIu64
+                                    " is missing: it was deleted", id, seq);
+        return verify3_add(&w->open, &w->n_open, seq, id, digest, v);
+}
+
+/* A session-void entry seq (its hash already checked): the session's row is gone, and it voids a
+ * session an earlier begin entry began with the same row digest, not voided before. That begin is
+ * one left open by the walk, or (incremental) one before the walk's first entry. A session ended
+ * as well has failed already: its end entry's row is gone. */
+static int verify3_void(sqlite3 *db, const char *path, verify3 *w, uint64_t seq, const char *id, const char *detail,
+                        nd_ledger_verify_result *v) {
+        char digest[ND_SHA256_HEX_SIZE];
+        int rc = SQLITE_OK;
+
+        if (!w->exists)
+                rc = sqlite3_prepare_v2(db, "SELECT 1 FROM sessions WHERE id = ?1", -1, &w->exists, NULL);
+        else
+                sqlite3_reset(w->exists);
+        if (rc == SQLITE_OK)
+                rc = bind_text(w->exists, 1, id);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(w->exists);
+        if (rc == SQLITE_ROW)
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "session %s was voided by entry %" PRIu64
+                                    ", but its row is there (written back by hand)", id, seq);
+        if (rc != SQLITE_DONE)
+                return verify_sql_fail(v, db, rc, path, "reading the sessions");
+        if (!detail_row_digest(detail, digest))
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "entry %" PRIu64 " voids session %s without "
+                                    "the digest it began with", seq, id);
+
+        for (size_t i = 0; i < w->n_open; i++) {
+                verify3_open *o = &w->open[i];
+                if (!STREQ(o->id, id))
+                        continue;
+                if (!STREQ(o->digest, digest))
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "entry %" PRIu64 " voids session %s as "
+                                            "other than entry %" PRIu64 " began it", seq, id, o->seq);
+                free(o->id);
+                *o = w->open[--w->n_open];
+                return 0;
+        }
+
+        /* Not begun in the walk: incrementally, its begin may lie before the walk's first entry
+         * (checked by the earlier verification); its latest such begin is the one voided. */
+        if (w->first_seq > 1) {
+                if (!w->begun)
+                        rc = sqlite3_prepare_v2(db, "SELECT seq, detail FROM audit WHERE seq < ?1 AND action = ?2 AND "
+                                                    "object = ?3 ORDER BY seq DESC LIMIT 1", -1, &w->begun, NULL);
+                else
+                        sqlite3_reset(w->begun);
+                if (rc == SQLITE_OK) {
+                        sqlite3_bind_int64(w->begun, 1, (int64_t) w->first_seq);
+                        bind_text(w->begun, 2, AUDIT_ACTION_BEGIN);
+                        bind_text(w->begun, 3, id);
+                        rc = sqlite3_step(w->begun);
+                }
+                if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+                        return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+                if (rc == SQLITE_ROW) {
+                        char began[ND_SHA256_HEX_SIZE];
+                        const char *text = sqlite3_column_type(w->begun, 1) == SQLITE_TEXT
+                                ? (const char *) sqlite3_column_text(w->begun, 1) : NULL;
+                        if (!detail_row_digest(text, began) || !STREQ(began, digest))
+                                return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "entry %" PRIu64 " voids session %s "
+                                                    "as other than entry %" PRId64 " began it", seq, id,
+                                                    (int64_t) sqlite3_column_int64(w->begun, 0));
+                        for (size_t i = 0; i < w->n_voided; i++)
+                                if (STREQ(w->voided[i].id, id))
+                                        return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "session %s was voided by "
+                                                            "entry %" PRIu64 " and again by entry %" PRIu64, id,
+                                                            w->voided[i].seq, seq);
+                        return verify3_add(&w->voided, &w->n_voided, seq, id, digest, v);
+                }
+        }
+        return verify_break(v, ND_LEDGER_BREAK_RECORD, seq, "entry %" PRIu64 " voids session %s, which no earlier "
+                            "entry began (or one voided before)", seq, id);
+}
+
+/* After a walk: a begin entry still open had its row deleted without a void. */
+static int verify3_open_done(const verify3 *w, nd_ledger_verify_result *v) {
+        if (w->n_open == 0)
+                return 0;
+        const verify3_open *first = &w->open[0];
+        for (size_t i = 1; i < w->n_open; i++)
+                if (w->open[i].seq < first->seq)
+                        first = &w->open[i];
+        return verify_break(v, ND_LEDGER_BREAK_RECORD, first->seq, "session %s of audit entry %" PRIu64
+                            " is missing: it was deleted", first->id, first->seq);
+}
+
+/* Walks a schema-3 trail: each entry's hash over its canonical form (the same bytes as in schemas 1
+ * and 2: prev_hash is the previous entry's stored hash, a derived detail the text rebuilt from the
+ * session row), and each session entry against its row. from_anchor: from entry anchor_seq, the
+ * entry before it taken as it is (what lies before the anchor is the earlier verification's). */
+static int verify_chain3(sqlite3 *db, const char *path, uint64_t anchor_seq, const char *anchor_hash, bool from_anchor,
+                         verify3 *w, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL;
+        char prev[ND_SHA256_HEX_SIZE], hash[ND_SHA256_HEX_SIZE], stored[ND_SHA256_HEX_SIZE];
+        uint64_t expected = from_anchor && anchor_seq > 1 ? anchor_seq - 1 : 1;
+        bool skip_first = from_anchor && anchor_seq > 1;
+        int r, rc;
+
+        memcpy(prev, zero_hash, sizeof prev);
+        w->first_seq = from_anchor && anchor_seq > 1 ? anchor_seq : 1;
+        /* Column 9: a prev_hash kept by the migration because it was not the previous hash. */
+        rc = sqlite3_prepare_v2(db, "SELECT a.seq, a.time_us, a.uid, a.pid, a.actor, a.action, a.object, a.detail, a.hash, "
+                                    "p.seq IS NOT NULL, p.prev_hash "
+                                    "FROM audit a LEFT JOIN audit_prev p ON p.seq = a.seq WHERE a.seq >= ?1 ORDER BY a.seq",
+                                    -1, &st, NULL);
+        if (rc != SQLITE_OK)
+                return verify_sql_fail(v, db, rc, path, "reading the audit trail");
+        sqlite3_bind_int64(st, 1, (int64_t) expected);
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                _cleanup_free_ char *derived = NULL;
+                bool own_prev = sqlite3_column_int(st, 9) != 0;
+                if (sqlite3_column_type(st, 0) != SQLITE_INTEGER || !hash_blob_hex(st, 8, stored))
+                        return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
+                                            "entry %" PRIu64 ": its sequence number or hash is not of the "
+                                            "expected type (changed by hand)", expected);
+                int64_t seq = sqlite3_column_int64(st, 0);
+                if (seq != (int64_t) expected)
+                        return verify_seq_break(v, seq, expected);
+                if (skip_first) {
+                        /* The entry before the anchor: only its hash, to chain the anchor's entry to. */
+                        skip_first = false;
+                        memcpy(prev, stored, sizeof prev);
+                        expected++;
+                        continue;
+                }
+
+                const char *action = sqlite3_column_type(st, 5) == SQLITE_TEXT ? (const char *) sqlite3_column_text(st, 5) : NULL;
+                bool begin = action && STREQ(action, AUDIT_ACTION_BEGIN), end = action && STREQ(action, AUDIT_ACTION_END);
+                bool voids = action && STREQ(action, AUDIT_ACTION_VOID);
+                bool stubbed = sqlite3_column_type(st, 7) == SQLITE_BLOB;
+                if (stubbed && sqlite3_column_bytes(st, 7) != DETAIL_STUB_SIZE)
+                        return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
+                                            "entry %" PRIu64 ": its detail is neither text nor a session's digest "
+                                            "(changed by hand)", expected);
+                if (stubbed && (!(begin || end) || sqlite3_column_type(st, 6) != SQLITE_TEXT))
+                        return verify_break(v, ND_LEDGER_BREAK_HASH, expected,
+                                            "entry %" PRIu64 " was changed after it was written: its action or object "
+                                            "no longer names the session whose record it is", expected);
+                if (own_prev && !is_hash_text(st, 10))
+                        return verify_break(v, ND_LEDGER_BREAK_MALFORMED, expected,
+                                            "entry %" PRIu64 ": its previous hash is not of the expected type "
+                                            "(changed by hand)", expected);
+                /* A derived detail needs the row to be rebuilt: the row first (a changed row is a
+                 * record-mismatch, a changed entry a hash-mismatch); a text one is hashed first. */
+                const char *id = strempty((const char *) sqlite3_column_text(st, 6));
+                if (stubbed) {
+                        r = verify3_session_entry(db, path, w, expected, end, id, st, 7, &derived, NULL, v);
+                        if (r < 0 || v->broken)
+                                return r;
+                }
+
+                enc *e = &w->e;
+                e->len = 0;
+                enc_bytes(e, AUDIT_HASH_TAG, strlen(AUDIT_HASH_TAG));
+                for (int i = 0; i <= 6; i++)
+                        enc_column(e, st, i);
+                if (derived)
+                        enc_str(e, derived);
+                else
+                        enc_column(e, st, 7);
+                if (own_prev)
+                        enc_column(e, st, 10);
+                else
+                        enc_text(e, prev, HASH_HEX_LEN);
+                if (enc_digest(e, hash) < 0)
+                        return verify_fail(v, -ENOMEM, "out of memory");
+                if (verify_entry_links(v, expected, hash, stored,
+                                       own_prev ? (const char *) sqlite3_column_text(st, 10) : NULL, prev, anchor_seq,
+                                       anchor_hash))
+                        return 0;
+                /* A begin kept in full whose row is gone is a voided session's (a void stores the
+                 * text before it deletes the row): its void entry must follow. */
+                if ((begin || end) && !stubbed) {
+                        bool missing = false;
+                        r = verify3_session_entry(db, path, w, expected, end, id, st, 7, NULL, begin ? &missing : NULL, v);
+                        if (r >= 0 && !v->broken && missing)
+                                r = verify3_begin_open(w, expected, id, (const char *) sqlite3_column_text(st, 7), v);
+                        if (r < 0 || v->broken)
+                                return r;
+                }
+                if (voids) {
+                        r = verify3_void(db, path, w, expected, id,
+                                         sqlite3_column_type(st, 7) == SQLITE_TEXT ? (const char *) sqlite3_column_text(st, 7) : NULL,
+                                         v);
+                        if (r < 0 || v->broken)
+                                return r;
+                }
+                verify_entry_good(v, expected++, hash, prev);
+        }
+        return verify_walk_end(db, path, rc, anchor_seq, prev, v);
+}
+
+/* After a full walk of a schema-3 trail: every session was matched by its entries (each entry
+ * matched one row, and no row two entries of a kind, so equal counts mean one each), and the
+ * cartridges agree. */
+static int verify_records3(sqlite3 *db, const char *path, const verify3 *w, nd_ledger_verify_result *v) {
+        _cleanup_stmt_ sqlite3_stmt *st = NULL, *which = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(db, "SELECT count(*), count(end_us) FROM sessions", -1, &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st);
+        if (rc != SQLITE_ROW)
+                return verify_sql_fail(v, db, rc, path, "reading the sessions");
+        uint64_t sessions = (uint64_t) sqlite3_column_int64(st, 0), ended = (uint64_t) sqlite3_column_int64(st, 1);
+        if (sessions != w->begins || ended != w->ends) {
+                rc = sqlite3_prepare_v2(db, "SELECT s.id, s.end_us IS NOT NULL FROM sessions s WHERE NOT EXISTS "
+                                            "(SELECT 1 FROM audit a WHERE a.seq = s.begin_seq AND a.action = ?1 AND a.object = s.id) "
+                                            "OR (s.end_us IS NOT NULL AND NOT EXISTS (SELECT 1 FROM audit a WHERE "
+                                            "  a.seq = s.end_seq AND a.action = ?2 AND a.object = s.id)) "
+                                            "ORDER BY s.rowid LIMIT 1", -1, &which, NULL);
+                if (rc == SQLITE_OK) {
+                        bind_text(which, 1, AUDIT_ACTION_BEGIN);
+                        bind_text(which, 2, AUDIT_ACTION_END);
+                        rc = sqlite3_step(which);
+                }
+                if (rc == SQLITE_ROW)
+                        return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
+                                            "session %s has no audit entry of its start or end: the row was "
+                                            "inserted or changed by hand",
+                                            strempty((const char *) sqlite3_column_text(which, 0)));
+                if (rc != SQLITE_DONE)
+                        return verify_sql_fail(v, db, rc, path, "reading the sessions");
+                return verify_break(v, ND_LEDGER_BREAK_RECORD, 0,
+                                    "%" PRIu64 " sessions (%" PRIu64 " ended) but %" PRIu64 " start and %" PRIu64
+                                    " end entries: rows were inserted or removed by hand",
+                                    sessions, ended, w->begins, w->ends);
+        }
+        v->sessions = sessions;
+
+        return verify_cartridges(db, path, v);
 }
 
 int nd_ledger_audit_verify(const char *db_path, nd_ledger_verify_result *v) {
@@ -2247,10 +3065,24 @@ static int audit_verify(const char *db_path, uint64_t anchor_seq, const char *an
                 return verify_fail(v, -ENOTSUP, "%s: schema version %" PRId64 ", this needlectl reads 1..%d", db_path,
                                    version, ND_LEDGER_SCHEMA_VERSION);
 
-        r = verify_chain(db, db_path, anchor_seq, anchor_hash, from_anchor, v);
-        if (r >= 0 && v->broken == ND_LEDGER_INTACT)
-                r = from_anchor ? verify_records_since(db, db_path, anchor_seq, version, v)
-                                : verify_records(db, db_path, version, v);
+        if (version >= 3) {
+                _cleanup_(verify3_done) verify3 w = { 0 };
+                r = verify_chain3(db, db_path, anchor_seq, anchor_hash, from_anchor, &w, v);
+                if (r >= 0 && v->broken == ND_LEDGER_INTACT)
+                        r = verify3_open_done(&w, v);
+                if (r >= 0 && v->broken == ND_LEDGER_INTACT) {
+                        if (from_anchor)
+                                v->sessions = w.begins;
+                        else
+                                r = verify_records3(db, db_path, &w, v);
+                }
+        } else {
+                /* Schemas 1 and 2 (a file not opened by this build yet, a copy): read as they are. */
+                r = verify_chain(db, db_path, anchor_seq, anchor_hash, from_anchor, v);
+                if (r >= 0 && v->broken == ND_LEDGER_INTACT)
+                        r = from_anchor ? verify_records_since(db, db_path, anchor_seq, version, v)
+                                        : verify_records(db, db_path, version, v);
+        }
         (void) sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
         return r;
 }

@@ -27,7 +27,7 @@
 /* Where the daemon keeps it unless told otherwise (systemd StateDirectory=needled). */
 #define ND_LEDGER_STATE_DIR_DEFAULT ND_STATE_DIR_DEFAULT
 /* The schema this build writes; every older version is migrated on open, newer ones refused. */
-#define ND_LEDGER_SCHEMA_VERSION 2
+#define ND_LEDGER_SCHEMA_VERSION 3
 /* PRAGMA application_id of a needled ledger ("NDLG"), so another program's database is refused. */
 #define ND_LEDGER_APPLICATION_ID 0x4e444c47
 
@@ -124,7 +124,9 @@ typedef struct nd_ledger_cartridge {
 typedef enum nd_ledger_break {
         ND_LEDGER_INTACT,
         ND_LEDGER_BREAK_HASH,           /* an entry does not hash to its stored hash: edited */
-        ND_LEDGER_BREAK_PREV,           /* prev_hash is not the previous entry's hash: removed/inserted */
+        ND_LEDGER_BREAK_PREV,           /* prev_hash is not the previous entry's hash: removed/inserted
+                                         * (schemas 1 and 2; from schema 3 prev_hash is not stored twice and
+                                         * such a change shows as ND_LEDGER_BREAK_HASH) */
         ND_LEDGER_BREAK_SEQ,            /* a gap in the sequence numbers: entries removed */
         ND_LEDGER_BREAK_HEAD,           /* the head record disagrees with the trail: tail cut or head edited */
         ND_LEDGER_BREAK_RECORD,         /* a session or cartridge row disagrees with the trail */

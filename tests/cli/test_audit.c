@@ -1,6 +1,8 @@
 /* test_audit.c: builds the ledger that tests/cli/test_audit.py checks `needlectl audit verify`
- * against, through the ledger's own API (as needled would): usage: test_audit DIR.
+ * against, through the ledger's own API (as needled would): usage: test_audit DIR; or
+ * test_audit --open DIR, which only opens (and so migrates) the ledger in DIR.
  * Three finished sessions, one left running, and an audit entry after each: 11 entries in all. */
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -38,15 +40,19 @@ int main(int argc, char *argv[]) {
         char id[ND_LEDGER_SESSION_ID_SIZE];
         int r;
 
-        if (argc != 2) {
-                fprintf(stderr, "usage: %s DIR\n", argv[0]);
+        /* --open DIR: only opens the ledger there (migrating it to this build's schema). */
+        bool open_only = argc == 3 && STREQ(argv[1], "--open");
+        if (argc != 2 && !open_only) {
+                fprintf(stderr, "usage: %s [--open] DIR\n", argv[0]);
                 return 64;
         }
-        r = nd_ledger_open(argv[1], &l, &error);
+        r = nd_ledger_open(argv[argc - 1], &l, &error);
         if (r < 0) {
                 fprintf(stderr, "%s\n", strempty(error));
                 return 1;
         }
+        if (open_only)
+                return 0;
         for (unsigned i = 0; i < 3; i++) {
                 char cartridge[16];
                 nd_ledger_stats st = { .duration_s = 30, .strokes = 3600, .max_depth_mm = 0.5, .max_speed_hz = 120 };

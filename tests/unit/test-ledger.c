@@ -182,6 +182,21 @@ static int64_t sql_int(const char *dir, const char *sql) {
         return v;
 }
 
+/* The first column of the first row, as text (caller frees); NULL for a NULL. */
+static char *sql_text(const char *dir, const char *sql) {
+        _cleanup_free_ char *p = db_path(dir);
+        sqlite3 *db = NULL;
+        sqlite3_stmt *st = NULL;
+        ck_assert_int_eq(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+        const char *t = (const char *) sqlite3_column_text(st, 0);
+        char *v = t ? strdup(t) : NULL;
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+        return v;
+}
+
 static nd_ledger_verify_result verify_dir(const char *dir) {
         _cleanup_free_ char *p = db_path(dir);
         nd_ledger_verify_result v;
@@ -1026,6 +1041,89 @@ static void spec_audit_hash(int64_t seq, int64_t time_us, int64_t uid, int64_t p
         free(buf);
 }
 
+
+/* A session row's digest as docs/ledger.md describes it, written out independently of ledger.c:
+ * the tag, then each column by its stored type (schema 2's columns only when not NULL). */
+static void spec_row_digest(const char *dir, const char *id, bool ended, char out[static ND_SHA256_HEX_SIZE]) {
+        static const char begin_cols[] = "id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, profile_digest, "
+                "limits_digest, label, owner_uid, owner_pid, owner_name, start_us, single_use, max_runtime_s";
+        static const char end_cols[] = ", end_us, duration_s, strokes, max_depth_mm, max_speed_hz, max_temperature_c, "
+                "max_current_ma, end_reason";
+        _cleanup_free_ char *p = db_path(dir), *sql = NULL;
+        sqlite3 *db;
+        sqlite3_stmt *st;
+        ck_assert_int_ge(asprintf(&sql, "SELECT %s%s, skin_type, area_cm2%s FROM sessions JOIN snapshots USING (snapshot_id) "
+                                  "WHERE id = ?1", begin_cols, ended ? end_cols : "", ended ? ", punctures, density_per_cm2" : ""), 0);
+        ck_assert_int_eq(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+        char *buf = strdup(ended ? "needled-session-end-v1\n" : "needled-session-begin-v1\n");
+        size_t n = strlen(buf);
+        int fixed = ended ? 23 : 15;
+        for (int i = 0; i < sqlite3_column_count(st); i++) {
+                char num[64];
+                switch (sqlite3_column_type(st, i)) {
+                case SQLITE_INTEGER:
+                        snprintf(num, sizeof num, "i%" PRId64 "\n", (int64_t) sqlite3_column_int64(st, i));
+                        break;
+                case SQLITE_FLOAT: {
+                        double d = sqlite3_column_double(st, i);
+                        uint64_t bits;
+                        memcpy(&bits, &d, sizeof bits);
+                        snprintf(num, sizeof num, "r%016" PRIx64 "\n", bits);
+                        break;
+                }
+                case SQLITE_TEXT:
+                        spec_text(&buf, &n, (const char *) sqlite3_column_text(st, i));
+                        continue;
+                default:
+                        if (i >= fixed)
+                                continue;
+                        snprintf(num, sizeof num, "n\n");
+                }
+                buf = realloc(buf, n + strlen(num));
+                memcpy(buf + n, num, strlen(num));
+                n += strlen(num);
+        }
+        nd_sha256_hex(buf, n, out);
+        free(buf);
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+}
+
+/* Entry seq's stored hash is the documented hash of its fields as stored, with this detail text
+ * and the previous entry's stored hash: what the entry says, whatever form it is stored in. */
+static void assert_entry_detail(const char *dir, int64_t seq, const char *detail) {
+        _cleanup_free_ char *p = db_path(dir);
+        sqlite3 *db;
+        sqlite3_stmt *st;
+        char want[ND_SHA256_HEX_SIZE];
+        ck_assert_int_eq(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT a.time_us, a.uid, a.pid, a.actor, a.action, a.object, lower(hex(a.hash)), "
+                                                "coalesce((SELECT lower(hex(b.hash)) FROM audit b WHERE b.seq = a.seq - 1), "
+                                                "'0000000000000000000000000000000000000000000000000000000000000000') "
+                                                "FROM audit a WHERE a.seq = ?1", -1, &st, NULL), SQLITE_OK);
+        sqlite3_bind_int64(st, 1, seq);
+        ck_assert_int_eq(sqlite3_step(st), SQLITE_ROW);
+        spec_audit_hash(seq, sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
+                        (const char *) sqlite3_column_text(st, 3), (const char *) sqlite3_column_text(st, 4),
+                        (const char *) sqlite3_column_text(st, 5), detail, (const char *) sqlite3_column_text(st, 7), want);
+        ck_assert_msg(STREQ(want, (const char *) sqlite3_column_text(st, 6)), "entry %" PRId64 " does not say '%s'", seq, detail);
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+}
+
+/* The begin (or end) entry of session id says "row-sha256=<its row digest> REST". */
+static void assert_session_detail(const char *dir, const char *id, bool ended, const char *rest) {
+        char digest[ND_SHA256_HEX_SIZE], sql[256];
+        _cleanup_free_ char *detail = NULL;
+        spec_row_digest(dir, id, ended, digest);
+        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s %s", digest, rest), 0);
+        snprintf(sql, sizeof sql, "SELECT %s FROM sessions WHERE id = '%s'", ended ? "end_seq" : "begin_seq", id);
+        assert_entry_detail(dir, sql_int(dir, sql), detail);
+}
+
 static void make_trail(const char *dir, int extra_entries) {
         _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
         char id[ND_LEDGER_SESSION_ID_SIZE];
@@ -1043,7 +1141,10 @@ static void make_trail(const char *dir, int extra_entries) {
 START_TEST(test_void_session) {
         _cleanup_dir_ char *dir = make_dir();
         _cleanup_free_ char *p = db_path(dir);
-        char id[ND_LEDGER_SESSION_ID_SIZE], sql[512];
+        char id[ND_LEDGER_SESSION_ID_SIZE], sql[512], digest[ND_SHA256_HEX_SIZE], mid_hash[ND_SHA256_HEX_SIZE];
+        _cleanup_free_ char *begin_text = NULL;
+        int64_t begin_seq;
+        uint64_t mid_seq;
         nd_ledger_verify_result v;
         nd_ledger_cartridge c;
         start_buf b;
@@ -1061,8 +1162,32 @@ START_TEST(test_void_session) {
                 ck_assert_int_eq(nd_ledger_session_begin(l, s), 0);
                 ck_assert_int_eq(nd_ledger_cartridge_get(l, "CARTV", &c), 0);
                 ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_IN_USE);
+                /* Schema 3 keeps the begin entry's detail as a stub of the row digest; the row is
+                 * kept aside to be written back by hand below. */
+                snprintf(sql, sizeof sql, "SELECT begin_seq FROM sessions WHERE id = '%s'", b.id);
+                begin_seq = sql_int(dir, sql);
+                snprintf(sql, sizeof sql, "SELECT typeof(detail) = 'blob' FROM audit WHERE seq = %" PRId64, begin_seq);
+                ck_assert_int_eq(sql_int(dir, sql), 1);
+                spec_row_digest(dir, b.id, false, digest);
+                snprintf(sql, sizeof sql, "CREATE TABLE saved_row AS SELECT * FROM sessions WHERE id = '%s'", b.id);
+                sql_on(dir, sql);
                 ck_assert_msg(nd_ledger_session_void(l, b.id, T0_US + 5001, "motor start: the pen refused the command") == 0,
                               "%s", nd_ledger_last_error(l));
+                /* The void stored the begin entry's text in full (its row is gone), the text its hash
+                 * covers: the documented detail with the documented digest. */
+                ck_assert_int_ge(asprintf(&begin_text, "row-sha256=%s pen=PEN1 cartridge=CARTV needles=12 profile=cheeks-acne "
+                                          "profile-digest=aa11 limits-digest=bb22 label=appt-42 skin-type=none", digest), 0);
+                snprintf(sql, sizeof sql, "SELECT detail FROM audit WHERE seq = %" PRId64 " AND typeof(detail) = 'text'",
+                         begin_seq);
+                _cleanup_free_ char *stored = sql_text(dir, sql);
+                ck_assert_str_eq(stored, begin_text);
+                assert_entry_detail(dir, begin_seq, begin_text);
+                snprintf(sql, sizeof sql, "SELECT detail FROM audit WHERE action = 'session-void' AND object = '%s'", b.id);
+                _cleanup_free_ char *void_text = sql_text(dir, sql);
+                _cleanup_free_ char *void_want = NULL;
+                ck_assert_int_ge(asprintf(&void_want, "row-sha256=%s pen=PEN1 cartridge=CARTV cartridge-state=fresh "
+                                          "why=motor start: the pen refused the command", digest), 0);
+                ck_assert_str_eq(void_text, void_want);
                 ck_assert_int_eq(nd_ledger_cartridge_get(l, "CARTV", &c), -ENOENT);
                 nd_ledger_session got;
                 ck_assert_int_eq(nd_ledger_session_get(l, b.id, &got), -ENOENT);
@@ -1094,12 +1219,27 @@ START_TEST(test_void_session) {
                 m = *start_of(&b, "PEN1", "MULTI", T0_US + 10000);
                 m.single_use = false;
                 ck_assert_int_eq(nd_ledger_session_begin(l, &m), 0);
+                /* An anchor between a begin and its void: the incremental check finds the begin
+                 * before its walk. */
+                ck_assert_int_eq(nd_ledger_audit(l, T0_US + 10000, 1000, 77, ":1.5", "SetDepth", "PEN1", "1.0"), 0);
+                ck_assert_int_eq(nd_ledger_audit_head(l, &mid_seq, mid_hash), 0);
                 ck_assert_int_eq(nd_ledger_session_void(l, m.id, T0_US + 10001, "set depth: the pen refused the command"), 0);
                 ck_assert_int_eq(nd_ledger_cartridge_get(l, "MULTI", &c), 0);
                 ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_IN_USE);
                 ck_assert_uint_eq(c.sessions, 1);
                 ck_assert(c.runtime_s == 10);
                 ck_assert_int_eq(c.first_used_us, T0_US + 8000);
+
+                /* A row changed since its begin is not voided (that would hide the change). */
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "CHANGED", T0_US + 10500)), 0);
+                snprintf(sql, sizeof sql, "UPDATE sessions SET label = 'other' WHERE id = '%s'", b.id);
+                sql_on(dir, sql);
+                ck_assert_int_eq(nd_ledger_session_void(l, b.id, T0_US + 10501, "refused"), -EBADMSG);
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "CHANGED", &c), 0);
+                snprintf(sql, sizeof sql, "UPDATE sessions SET label = 'appt-42' WHERE id = '%s'", b.id);
+                sql_on(dir, sql);
+                ck_assert_int_eq(nd_ledger_session_void(l, b.id, T0_US + 10502, "refused"), 0);
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "CHANGED", &c), -ENOENT);
 
                 /* A known fresh cartridge stays known and fresh. */
                 sql_on(dir, "INSERT INTO cartridges (id, needles, first_used_us, state) VALUES ('KNOWN', 12, 1, 'fresh')");
@@ -1121,26 +1261,47 @@ START_TEST(test_void_session) {
                 ck_assert_int_eq(nd_ledger_cartridge_get(l, "RAN", &c), 0);
                 ck_assert_uint_eq(c.sessions, 1);
         }
-        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-void'"), 3);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-void'"), 4);
         snprintf(sql, sizeof sql, "SELECT count(*) FROM audit WHERE object = '%s' AND action = 'session-begin'", id);
         ck_assert_int_eq(sql_int(dir, sql), 1);
         assert_intact(dir);
+        ck_assert_int_eq(verify_dir(dir).sessions, 4);
         ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
         ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, mid_seq, mid_hash, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
 
-        /* The voided row written back by hand is found, in full and from the anchor. */
-        snprintf(sql, sizeof sql,
-                 "INSERT INTO sessions (id, pen_serial, cartridge_id, needles, profile_name, profile_yaml, "
-                 "profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, single_use, max_runtime_s, "
-                 "start_us, updated_us) VALUES ('%s', 'PEN1', 'CARTV', 12, 'x', 'x', 'x', 'x', '', 0, 0, ':1.1', 1, 0, "
-                 "1, 1)", id);
-        sql_on(dir, sql);
+        /* The voided row written back by hand, exactly as it was, is found, in full and from both
+         * anchors (after its begin; between another void's begin and void). */
+        sql_on(dir, "INSERT INTO sessions SELECT * FROM saved_row");
         v = verify_dir(dir);
         ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s", v.message);
         ck_assert_ptr_nonnull(strstr(v.message, id));
         ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
         ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
-        snprintf(sql, sizeof sql, "DELETE FROM sessions WHERE id = '%s'", id);
+        snprintf(sql, sizeof sql, "DELETE FROM sessions WHERE id = '%s'; DROP TABLE saved_row", id);
+        sql_on(dir, sql);
+        assert_intact(dir);
+
+        /* The void entry edited (its reason, its digest): the entry's hash. */
+        snprintf(sql, sizeof sql, "UPDATE audit SET detail = replace(detail, 'why=motor', 'why=rotor') WHERE "
+                 "action = 'session-void' AND object = '%s'", id);
+        sql_on(dir, sql);
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_BREAK_HASH, "%s", v.message);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, anchor_seq, anchor, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_HASH);
+        snprintf(sql, sizeof sql, "UPDATE audit SET detail = replace(detail, 'why=rotor', 'why=motor') WHERE "
+                 "action = 'session-void' AND object = '%s'", id);
+        sql_on(dir, sql);
+        assert_intact(dir);
+        /* The begin entry stubbed again: a begin whose row is gone, not voided. */
+        snprintf(sql, sizeof sql, "UPDATE audit SET detail = X'%.16s' WHERE seq = %" PRId64, digest, begin_seq);
+        sql_on(dir, sql);
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s", v.message);
+        ck_assert_uint_eq(v.broken_seq, (uint64_t) begin_seq);
+        snprintf(sql, sizeof sql, "UPDATE audit SET detail = '%s' WHERE seq = %" PRId64, begin_text, begin_seq);
         sql_on(dir, sql);
         assert_intact(dir);
 
@@ -1226,7 +1387,8 @@ START_TEST(test_audit_chain) {
                         "0000000000000000000000000000000000000000000000000000000000000000", h1);
         spec_audit_hash(2, (int64_t) T0_US + 1, 1000, 2, ":1.3", "interlock:over-temperature", "PEN1", "42.0 C", h1, h2);
         char sql[256];
-        snprintf(sql, sizeof sql, "SELECT count(*) FROM audit WHERE (seq = 1 AND hash = '%s') OR (seq = 2 AND hash = '%s')",
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM audit WHERE (seq = 1 AND lower(hex(hash)) = '%s') OR "
+                                  "(seq = 2 AND lower(hex(hash)) = '%s')",
                  h1, h2);
         ck_assert_int_eq(sql_int(dir, sql), 2);
 }
@@ -1236,8 +1398,8 @@ END_TEST
 static const char *const tamper_columns[] = {
         "seq = seq + 1000", "time_us = time_us + 1", "uid = uid + 1", "pid = 0", "actor = ':1.666'",
         "action = 'Nothing'", "object = 'PEN9'", "detail = detail || ' '",
-        "prev_hash = 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'",
-        "hash = 'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'",
+        /* schema 3: the hash is 32 bytes; the previous entry's hash is not stored twice */
+        "hash = x'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb'", "hash = zeroblob(32)",
 };
 #define TAMPER_ENTRIES 5 /* 3 audit calls + session begin + session end */
 
@@ -1257,6 +1419,11 @@ START_TEST(test_tamper_column) {
         if (column == 0) {
                 ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_SEQ);
                 ck_assert_uint_eq(v.broken_seq, seq == TAMPER_ENTRIES ? (uint64_t) seq + 1000 : (uint64_t) seq + 1);
+        } else if (seq == TAMPER_ENTRIES && strstr(tamper_columns[column], "object")) {
+                /* The session entry now names a session that does not exist: its detail (derived
+                 * from that session's row, schema 3) cannot be rebuilt. */
+                ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s: %s", nd_ledger_break_to_string(v.broken), v.message);
+                ck_assert_uint_eq(v.broken_seq, (uint64_t) seq);
         } else {
                 ck_assert_msg(v.broken == ND_LEDGER_BREAK_HASH, "%s: %s", nd_ledger_break_to_string(v.broken), v.message);
                 ck_assert_uint_eq(v.broken_seq, (uint64_t) seq);
@@ -1316,7 +1483,7 @@ START_TEST(test_tamper_forged_tail) {
         memcpy(last, v.head_hash, sizeof last);
 
         /* An entry appended with a bad hash. */
-        snprintf(sql, sizeof sql, "INSERT INTO audit VALUES (6, 1, 0, 0, 'x', 'Start', '', '', '%s', '%s')", last,
+        snprintf(sql, sizeof sql, "INSERT INTO audit VALUES (6, 1, 0, 0, 'x', 'Start', '', '', x'%s')",
                  "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc");
         sql_on(dir, sql);
         v = verify_dir(dir);
@@ -1325,19 +1492,20 @@ START_TEST(test_tamper_forged_tail) {
 
         /* A well-forged entry (right hash, right link) but the head record not updated. */
         spec_audit_hash(6, 1, 0, 0, "x", "Start", "", "", last, forged);
-        snprintf(sql, sizeof sql, "UPDATE audit SET hash = '%s' WHERE seq = 6", forged);
+        snprintf(sql, sizeof sql, "UPDATE audit SET hash = x'%s' WHERE seq = 6", forged);
         sql_on(dir, sql);
         v = verify_dir(dir);
         ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_HEAD);
         ck_assert_uint_eq(v.entries, 6);
 
-        /* A link to the wrong predecessor, with its own hash right. */
+        /* A link to the wrong predecessor, with its own hash right. Schema 3 does not store the
+         * previous hash a second time: the entry's hash, over the predecessor's, does not match. */
         char other[ND_SHA256_HEX_SIZE];
         spec_audit_hash(6, 1, 0, 0, "x", "Start", "", "", forged, other);
-        snprintf(sql, sizeof sql, "UPDATE audit SET prev_hash = '%s', hash = '%s' WHERE seq = 6", forged, other);
+        snprintf(sql, sizeof sql, "UPDATE audit SET hash = x'%s' WHERE seq = 6", other);
         sql_on(dir, sql);
         v = verify_dir(dir);
-        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_PREV);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_HASH);
         ck_assert_uint_eq(v.broken_seq, 6);
 
         /* The tail cut: the chain alone cannot see it, the head record does. */
@@ -1377,7 +1545,7 @@ START_TEST(test_anchor) {
         char anchor6[ND_SHA256_HEX_SIZE];
         memcpy(anchor6, v.head_hash, sizeof anchor6);
         snprintf(sql, sizeof sql, "DELETE FROM audit WHERE seq = 6; UPDATE audit_head SET count = 5, head_hash = "
-                                  "(SELECT hash FROM audit WHERE seq = 5)");
+                                  "(SELECT lower(hex(hash)) FROM audit WHERE seq = 5)");
         sql_on(dir, sql);
         assert_intact(dir); /* the honest limit of a chain inside the file it protects */
         ck_assert_int_eq(nd_ledger_audit_verify_anchored(p, 6, anchor6, &v), 0);
@@ -1403,10 +1571,24 @@ START_TEST(test_tamper_records) {
                 "PRAGMA foreign_keys=OFF; DELETE FROM cartridges",
                 "DELETE FROM sessions",
                 "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
-                "profile_name, profile_yaml, profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, "
+                "snapshot_id, label, owner_uid, owner_pid, owner_name, "
                 "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
                 "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
-                "density_per_cm2 FROM sessions",
+                "density_per_cm2, begin_seq, end_seq FROM sessions",
+                /* the same row inserted as if it had entries of its own */
+                "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
+                "snapshot_id, label, owner_uid, owner_pid, owner_name, "
+                "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
+                "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
+                "density_per_cm2, 1000, 1001 FROM sessions",
+                /* schema 3: the snapshot a session armed, in its own table, is covered too */
+                "UPDATE snapshots SET profile_yaml = profile_yaml || ' '",
+                "UPDATE snapshots SET profile_name = 'other'",
+                "UPDATE snapshots SET limits_digest = 'ffff'",
+                "INSERT INTO snapshots (profile_name, profile_yaml, profile_digest, limits_digest) VALUES ('a', 'b', 'c', 'd'); "
+                "UPDATE sessions SET snapshot_id = last_insert_rowid()",
+                "UPDATE sessions SET begin_seq = begin_seq + 1",
+                "UPDATE sessions SET end_seq = NULL",
                 "UPDATE cartridges SET state = 'in-use'",
                 "UPDATE sessions SET strokes = strokes + 1",
                 /* schema 2's columns are covered by the digests too, and clearing one is a change */
@@ -1441,7 +1623,7 @@ START_TEST(test_tamper_records) {
                 ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN1", "C", T0_US)), 0);
         }
         assert_intact(dir);
-        sql_on(dir, "UPDATE sessions SET limits_digest = 'ffff'");
+        sql_on(dir, "UPDATE snapshots SET limits_digest = 'ffff'");
         v = verify_dir(dir);
         ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
         ck_assert_uint_eq(v.broken_seq, 1);
@@ -1653,10 +1835,17 @@ START_TEST(test_dose_columns) {
                 ck_assert_int_eq(nd_ledger_session_progress(l, c.id, T0_US + 201 * USEC_PER_SEC, &st), -EINVAL);
         }
         assert_intact(dir);
-        /* The audit trail names them. */
-        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=IV'"), 1);
-        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-begin' AND detail LIKE '% skin-type=none'"), 2);
-        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE action = 'session-end' AND detail LIKE '% punctures=86400'"), 1);
+        /* The audit trail names them: the entries' hashes cover these texts (stored as stubs of the
+         * row digests, schema 3), with the row digests of the documented encoding. */
+        assert_session_detail(dir, id, false, "pen=PEN1 cartridge=C1 needles=12 profile=cheeks-acne profile-digest=aa11 "
+                                               "limits-digest=bb22 label=appt-42 skin-type=IV");
+        assert_session_detail(dir, id, true, "reason=dose-reached pen=PEN1 cartridge=C1 duration-ms=60000 strokes=7200 "
+                                              "punctures=86400");
+        assert_session_detail(dir, plain_id, false, "pen=PEN1 cartridge=C2 needles=12 profile=cheeks-acne "
+                                                     "profile-digest=aa11 limits-digest=bb22 label=appt-42 skin-type=none");
+        /* Stored once: one snapshot for the three sessions, a stub of 8 bytes for each detail. */
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM snapshots"), 1);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE typeof(detail) = 'blob' AND length(detail) = 8"), 5);
 }
 END_TEST
 
@@ -1738,6 +1927,322 @@ START_TEST(test_migrate_schema1_ledger) {
 }
 END_TEST
 
+
+/* A dump of a query's rows (each column quote()d), to compare a ledger before and after a change. */
+static char *sql_dump(const char *dir, const char *sql) {
+        _cleanup_free_ char *p = db_path(dir);
+        sqlite3 *db;
+        sqlite3_stmt *st;
+        char *buf = NULL;
+        size_t n = 0;
+        FILE *f = open_memstream(&buf, &n);
+        ck_assert_ptr_nonnull(f);
+        ck_assert_int_eq(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        ck_assert_msg(sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
+        int rc;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+                for (int i = 0; i < sqlite3_column_count(st); i++)
+                        fprintf(f, "%s|", (const char *) sqlite3_column_text(st, i));
+                fputc('\n', f);
+        }
+        ck_assert_int_eq(rc, SQLITE_DONE);
+        sqlite3_finalize(st);
+        sqlite3_close(db);
+        fclose(f);
+        return buf;
+}
+
+/* Every column of the sessions of schemas 2 and 3, by their values and types. */
+#define DUMP_SESSIONS_COLUMNS \
+        "quote(id), quote(pen_serial), quote(cartridge_id), quote(needles), quote(profile_name), quote(profile_yaml), " \
+        "quote(profile_digest), quote(limits_digest), quote(label), quote(owner_uid), quote(owner_pid), quote(owner_name), " \
+        "quote(single_use), quote(max_runtime_s), quote(start_us), quote(updated_us), quote(end_us), quote(duration_s), " \
+        "quote(strokes), quote(max_depth_mm), quote(max_speed_hz), quote(max_temperature_c), quote(max_current_ma), " \
+        "quote(end_reason), quote(skin_type), quote(area_cm2), quote(punctures), quote(density_per_cm2)"
+
+static void copy_fixture(const char *dir, const char *name) {
+        const char *root = getenv("NEEDLED_SOURCE_ROOT");
+        ck_assert_msg(root, "NEEDLED_SOURCE_ROOT is not set");
+        _cleanup_free_ char *src = NULL, *path = db_path(dir);
+        ck_assert_int_ge(asprintf(&src, "%s/tests/data/%s", root, name), 0);
+        size_t len;
+        _cleanup_free_ void *bytes = read_all(src, &len);
+        write_all(path, bytes, len);
+}
+
+/* tests/data/ledger-schema2.sqlite was written by the schema-2 code (tests/data/make-ledger-schema2.c):
+ * rows and entries of schemas 1 and 2, 11 sessions (one running), 34 entries. Opening it converts
+ * it to schema 3 in place: every value of every row is kept, every entry keeps its hash, and the
+ * trail verifies to the same head, also from an anchor taken before the migration. */
+START_TEST(test_migrate_schema2_ledger) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *p = db_path(dir);
+        copy_fixture(dir, "ledger-schema2.sqlite");
+
+        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 2);
+        nd_ledger_verify_result before = verify_dir(dir);
+        ck_assert_msg(before.broken == ND_LEDGER_INTACT, "%s", before.message);
+        ck_assert_uint_eq(before.entries, 34);
+        ck_assert_uint_eq(before.sessions, 11);
+        _cleanup_free_ char *sessions = sql_dump(dir, "SELECT " DUMP_SESSIONS_COLUMNS " FROM sessions ORDER BY rowid");
+        _cleanup_free_ char *cartridges = sql_dump(dir, "SELECT quote(id), quote(needles), quote(first_used_us), quote(state) "
+                                                        "FROM cartridges ORDER BY rowid");
+        _cleanup_free_ char *entries = sql_dump(dir, "SELECT seq, quote(time_us), quote(uid), quote(pid), quote(actor), "
+                                                     "quote(action), quote(object), hash FROM audit ORDER BY seq");
+        _cleanup_free_ char *details = sql_dump(dir, "SELECT seq, detail FROM audit ORDER BY seq");
+        _cleanup_free_ char *anchor20 = sql_dump(dir, "SELECT hash FROM audit WHERE seq = 20");
+        anchor20[64] = '\0';
+
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 3);
+                /* Through the reading API: one session with its snapshot, the history, a cartridge. */
+                nd_ledger_session *h = NULL;
+                size_t n = 0;
+                ck_assert_int_eq(nd_ledger_history(l, NULL, 0, 0, &h, &n), 0);
+                ck_assert_uint_eq(n, 11);
+                ck_assert_str_eq(h[0].reason, "");                     /* the one left running */
+                ck_assert_str_eq(h[0].label, "left running");
+                ck_assert_str_eq(h[0].skin_type, "I");
+                ck_assert_str_eq(h[0].profile_digest, "3f2b8c0e5d7a41f6b9e2c1d0a8f7e6d5c4b3a29180f7e6d5c4b3a29180f7e6d5");
+                nd_ledger_session got;
+                ck_assert_int_eq(nd_ledger_session_get(l, h[0].id, &got), 0);
+                ck_assert_str_eq(got.profile_yaml, "name: cheeks-acne\nindication: acne-scars\narea: cheeks\ndepth_mm: 1.25\n"
+                                                   "duration_s: 600\n");
+                nd_ledger_session_clear(&got);
+                nd_ledger_session_array_free(h, n);
+                nd_ledger_cartridge c;
+                ck_assert_int_eq(nd_ledger_cartridge_get(l, "REUSE1", &c), 0);
+                ck_assert_uint_eq(c.sessions, 2);
+                ck_assert(c.runtime_s == 200);
+                ck_assert_int_eq(c.state, ND_LEDGER_CARTRIDGE_IN_USE);
+        }
+        /* Every value as it was. */
+        _cleanup_free_ char *sessions3 = sql_dump(dir, "SELECT " DUMP_SESSIONS_COLUMNS " FROM sessions JOIN snapshots "
+                                                       "USING (snapshot_id) ORDER BY sessions.rowid");
+        ck_assert_str_eq(sessions3, sessions);
+        _cleanup_free_ char *cartridges3 = sql_dump(dir, "SELECT quote(id), quote(needles), quote(first_used_us), quote(state) "
+                                                         "FROM cartridges ORDER BY rowid");
+        ck_assert_str_eq(cartridges3, cartridges);
+        _cleanup_free_ char *entries3 = sql_dump(dir, "SELECT seq, quote(time_us), quote(uid), quote(pid), quote(actor), "
+                                                      "quote(action), quote(object), lower(hex(hash)) FROM audit ORDER BY seq");
+        ck_assert_str_eq(entries3, entries);
+        /* Each detail: kept as text, or a stub whose entry's hash covers the old text exactly. */
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM snapshots"), 5);
+        ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit WHERE typeof(detail) = 'blob'"), 14);
+        for (char *line = details, *next; line && *line; line = next) {
+                next = strchr(line, '\n');
+                *next++ = '\0';
+                char *bar = strchr(line, '|');
+                *bar = '\0';
+                bar[strlen(bar + 1)] = '\0';    /* the dump's trailing '|' */
+                assert_entry_detail(dir, strtoll(line, NULL, 10), bar + 1);
+        }
+
+        nd_ledger_verify_result v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after migration: %s", v.message);
+        ck_assert_uint_eq(v.entries, 34);
+        ck_assert_uint_eq(v.sessions, 11);
+        ck_assert_str_eq(v.head_hash, before.head_hash);        /* the anchor printed before still holds */
+        ck_assert_int_eq(nd_ledger_audit_verify_anchored(p, before.head_seq, before.head_hash, &v), 0);
+        ck_assert_int_eq(v.broken, ND_LEDGER_INTACT);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, 20, anchor20, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "from anchor 20: %s", v.message);
+        ck_assert_uint_eq(v.head_seq, 34);
+
+        /* The ledger goes on: the running session recovered, a new one, all verified. */
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                ck_assert_int_eq(nd_ledger_recover(l, T0_US + 20000 * USEC_PER_SEC), 1);
+                char id[ND_LEDGER_SESSION_ID_SIZE];
+                run_session(l, "PEN3", "AFTER3", T0_US + 21000 * USEC_PER_SEC, id);
+                start_buf b;
+                ck_assert_int_eq(nd_ledger_session_begin(l, start_of(&b, "PEN4", "S2CART0", T0_US + 22000 * USEC_PER_SEC)),
+                                 -ESTALE);      /* spent before the migration, still spent */
+        }
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "after new sessions: %s", v.message);
+        ck_assert_uint_eq(v.sessions, 12);
+        ck_assert_uint_eq(v.entries, 37);
+
+        /* Changes after the migration still show: a snapshot, a row of schema 1, a derived entry. */
+        sql_on(dir, "UPDATE snapshots SET profile_yaml = profile_yaml || '#' WHERE snapshot_id = 1");
+        v = verify_dir(dir);
+        ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_RECORD);
+}
+END_TEST
+
+/* A schema-2 ledger changed by hand stays visibly changed through the migration. */
+START_TEST(test_migrate_schema2_tampered) {
+        static const struct {
+                const char *sql;
+                nd_ledger_break expect;
+        } edits[] = {
+                { "UPDATE sessions SET max_depth_mm = 9 WHERE cartridge_id = 'S2CART2'", ND_LEDGER_BREAK_RECORD },
+                { "UPDATE sessions SET profile_yaml = 'x' WHERE cartridge_id = 'CART1'", ND_LEDGER_BREAK_RECORD },
+                { "UPDATE audit SET detail = detail || ' ' WHERE seq = 14", ND_LEDGER_BREAK_HASH },
+                { "UPDATE audit SET time_us = time_us + 1 WHERE seq = 16", ND_LEDGER_BREAK_HASH },
+                { "UPDATE audit SET prev_hash = hash WHERE seq = 20", ND_LEDGER_BREAK_HASH },
+                { "UPDATE audit SET prev_hash = 'x' WHERE seq = 20", ND_LEDGER_BREAK_MALFORMED },
+                { "UPDATE audit SET hash = 'not a hash' WHERE seq = 21", ND_LEDGER_BREAK_MALFORMED },
+                { "DELETE FROM audit WHERE seq = 22", ND_LEDGER_BREAK_SEQ },
+                { "INSERT INTO sessions SELECT '00000000-0000-4000-8000-000000000000', pen_serial, cartridge_id, needles, "
+                  "profile_name, profile_yaml, profile_digest, limits_digest, label, owner_uid, owner_pid, owner_name, "
+                  "single_use, max_runtime_s, start_us, updated_us, end_us, duration_s, strokes, max_depth_mm, "
+                  "max_speed_hz, max_temperature_c, max_current_ma, end_reason, skin_type, area_cm2, punctures, "
+                  "density_per_cm2 FROM sessions WHERE cartridge_id = 'S2CART1'", ND_LEDGER_BREAK_RECORD },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(edits); i++) {
+                _cleanup_dir_ char *dir = make_dir();
+                copy_fixture(dir, "ledger-schema2.sqlite");
+                sql_on(dir, edits[i].sql);
+                nd_ledger_verify_result v = verify_dir(dir);
+                ck_assert_msg(v.broken != ND_LEDGER_INTACT, "%s: not seen before the migration", edits[i].sql);
+                {
+                        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 3);
+                }
+                v = verify_dir(dir);
+                ck_assert_msg(v.broken == edits[i].expect, "%s: %s: %s", edits[i].sql, nd_ledger_break_to_string(v.broken),
+                              v.message);
+        }
+        /* A session whose cartridge row was deleted (foreign keys off) cannot be converted: the
+         * open fails, naming the reason, and the file is left as it was. */
+        {
+                _cleanup_dir_ char *dir = make_dir();
+                _cleanup_free_ char *p = db_path(dir), *error = NULL;
+                copy_fixture(dir, "ledger-schema2.sqlite");
+                sql_on(dir, "PRAGMA foreign_keys=OFF; DELETE FROM cartridges WHERE id = 'S2CART1'");
+                size_t n;
+                _cleanup_free_ void *before = read_all(p, &n);
+                nd_ledger *l = NULL;
+                ck_assert_int_lt(nd_ledger_open(dir, &l, &error), 0);
+                ck_assert_ptr_null(l);
+                ck_assert_msg(error && strstr(error, "FOREIGN KEY"), "%s", strempty(error));
+                assert_same_bytes(before, n, p);
+                ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 2);
+        }
+        /* An entry relinked to another predecessor with its own hash recomputed: chain-broken,
+         * before and after (the migration keeps that prev_hash, in audit_prev). */
+        {
+                _cleanup_dir_ char *dir = make_dir();
+                _cleanup_free_ char *p = db_path(dir), *e = NULL;
+                copy_fixture(dir, "ledger-schema2.sqlite");
+                e = sql_dump(dir, "SELECT time_us, uid, pid, actor, action, object, detail FROM audit WHERE seq = 25");
+                char *f[7], *cur = e;
+                for (int i = 0; i < 7; i++) {
+                        f[i] = cur;
+                        cur = strchr(cur, '|');
+                        *cur++ = '\0';
+                }
+                char forged[ND_SHA256_HEX_SIZE], sql[512];
+                const char *zeros = "0000000000000000000000000000000000000000000000000000000000000000";
+                spec_audit_hash(25, strtoll(f[0], NULL, 10), strtoll(f[1], NULL, 10), strtoll(f[2], NULL, 10), f[3], f[4],
+                                f[5], f[6], zeros, forged);
+                snprintf(sql, sizeof sql, "UPDATE audit SET prev_hash = '%s', hash = '%s' WHERE seq = 25", zeros, forged);
+                sql_on(dir, sql);
+                nd_ledger_verify_result v = verify_dir(dir);
+                ck_assert_int_eq(v.broken, ND_LEDGER_BREAK_PREV);
+                ck_assert_uint_eq(v.broken_seq, 25);
+                {
+                        _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+                }
+                ck_assert_int_eq(sql_int(dir, "SELECT count(*) FROM audit_prev"), 2);   /* 25, and 26 after it */
+                v = verify_dir(dir);
+                ck_assert_msg(v.broken == ND_LEDGER_BREAK_PREV, "%s", v.message);
+                ck_assert_uint_eq(v.broken_seq, 25);
+        }
+}
+END_TEST
+
+/* A schema-2 ledger with a voided start, as the schema-2 code wrote it (nd_ledger_session_void of
+ * that code: the row deleted, the cartridge as it was, a session-void entry repeating the begin
+ * digest; made here by hand on the schema-2 fixture's running session, which never ran, with the
+ * documented hash), verifies as schema 2, is migrated, and verifies as schema 3: the begin entry
+ * keeps its text (no row to rebuild it from), the void entry its text; anchors taken before the
+ * migration hold, in full and incrementally; the row written back is found. */
+START_TEST(test_migrate_schema2_voided) {
+        _cleanup_dir_ char *dir = make_dir();
+        _cleanup_free_ char *p = db_path(dir);
+        static const char id[] = "e1caa5f3-d2f2-4785-a89a-d45767edda95";
+        char sql[1024], hash[ND_SHA256_HEX_SIZE];
+        nd_ledger_verify_result v;
+        copy_fixture(dir, "ledger-schema2.sqlite");
+        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), 2);
+
+        snprintf(sql, sizeof sql, "SELECT end_us IS NULL AND strokes = 0 AND duration_s = 0 FROM sessions WHERE id = '%s'", id);
+        ck_assert_int_eq(sql_int(dir, sql), 1);
+        snprintf(sql, sizeof sql, "SELECT substr(detail, 12, 64) FROM audit WHERE object = '%s' AND action = 'session-begin'", id);
+        _cleanup_free_ char *digest = sql_text(dir, sql);
+        snprintf(sql, sizeof sql, "SELECT pen_serial || ' ' || cartridge_id || ' ' || start_us FROM sessions WHERE id = '%s'", id);
+        _cleanup_free_ char *row = sql_text(dir, sql);
+        char pen[64], cart[64];
+        int64_t start_us;
+        ck_assert_int_eq(sscanf(row, "%63s %63s %" SCNd64, pen, cart, &start_us), 3);
+        /* Its cartridge was new with it (first use = its start, no other session): it goes. */
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM sessions WHERE cartridge_id = '%s'", cart);
+        ck_assert_int_eq(sql_int(dir, sql), 1);
+        snprintf(sql, sizeof sql, "SELECT first_used_us FROM cartridges WHERE id = '%s'", cart);
+        ck_assert_int_eq(sql_int(dir, sql), start_us);
+
+        int64_t seq = sql_int(dir, "SELECT count FROM audit_head") + 1;
+        _cleanup_free_ char *prev = sql_text(dir, "SELECT head_hash FROM audit_head");
+        _cleanup_free_ char *detail = NULL;
+        ck_assert_int_ge(asprintf(&detail, "row-sha256=%s pen=%s cartridge=%s cartridge-state=fresh why=motor start: "
+                                  "the pen refused the command", digest, pen, cart), 0);
+        spec_audit_hash(seq, start_us + 1, 0, 4242, "needled", "session-void", id, detail, prev, hash);
+        snprintf(sql, sizeof sql,
+                 "BEGIN; DELETE FROM sessions WHERE id = '%s'; DELETE FROM cartridges WHERE id = '%s'; "
+                 "INSERT INTO audit (seq, time_us, uid, pid, actor, action, object, detail, prev_hash, hash) VALUES "
+                 "(%" PRId64 ", %" PRId64 ", 0, 4242, 'needled', 'session-void', '%s', '%s', '%s', '%s'); "
+                 "UPDATE audit_head SET count = %" PRId64 ", head_hash = '%s'; COMMIT",
+                 id, cart, seq, start_us + 1, id, detail, prev, hash, seq, hash);
+        sql_on(dir, sql);
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "schema 2: %s", v.message);
+        ck_assert_uint_eq(v.entries, (uint64_t) seq);
+        ck_assert_uint_eq(v.sessions, 10);
+
+        {
+                _cleanup_(nd_ledger_closep) nd_ledger *l = open_ok(dir);
+        }
+        ck_assert_int_eq(sql_int(dir, "PRAGMA user_version"), ND_LEDGER_SCHEMA_VERSION);
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM audit WHERE object = '%s' AND typeof(detail) = 'text'", id);
+        ck_assert_int_eq(sql_int(dir, sql), 2);
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "schema 3: %s", v.message);
+        ck_assert_uint_eq(v.entries, (uint64_t) seq);
+        ck_assert_uint_eq(v.sessions, 10);
+        ck_assert_str_eq(v.head_hash, hash);
+        /* Anchors of before the migration: at the void (its begin before the walk), at the begin. */
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, (uint64_t) seq, hash, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, (uint64_t) seq - 1, prev, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
+        ck_assert_int_eq(nd_ledger_audit_verify_anchored(p, (uint64_t) seq, hash, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_INTACT, "%s", v.message);
+
+        /* The void entry edited: its hash. */
+        sql_on(dir, "UPDATE audit SET detail = replace(detail, 'why=motor', 'why=rotor') WHERE action = 'session-void'");
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_BREAK_HASH, "%s", v.message);
+        sql_on(dir, "UPDATE audit SET detail = replace(detail, 'why=rotor', 'why=motor') WHERE action = 'session-void'");
+        assert_intact(dir);
+        /* A row written back for the voided session (any row: it must not be there). */
+        snprintf(sql, sizeof sql, "INSERT INTO cartridges (id, needles, first_used_us, state) VALUES ('%s', 12, %" PRId64
+                 ", 'in-use'); INSERT INTO sessions (id, pen_serial, cartridge_id, needles, snapshot_id, label, owner_uid, "
+                 "owner_pid, owner_name, single_use, max_runtime_s, start_us, updated_us, begin_seq) SELECT '%s', '%s', "
+                 "'%s', 12, min(snapshot_id), '', 0, 0, ':1.1', 1, 0, %" PRId64 ", %" PRId64 ", %" PRId64 " FROM snapshots",
+                 cart, start_us, id, pen, cart, start_us, start_us, seq - 1);
+        sql_on(dir, sql);
+        v = verify_dir(dir);
+        ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s", v.message);
+        ck_assert_ptr_nonnull(strstr(v.message, id));
+        ck_assert_int_eq(nd_ledger_audit_verify_from_anchor(p, (uint64_t) seq, hash, &v), 0);
+        ck_assert_msg(v.broken == ND_LEDGER_BREAK_RECORD, "%s", v.message);
+}
+END_TEST
+
 Suite *nd_test_suite(void) {
         Suite *s = suite_create("ledger");
         TCase *tc;
@@ -1765,9 +2270,14 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_history);
         tcase_add_test(tc, test_dose_columns);
         tcase_add_test(tc, test_migrate_schema1_ledger);
+        tcase_add_test(tc, test_migrate_schema2_ledger);
+        tcase_add_test(tc, test_migrate_schema2_tampered);
+        tcase_add_test(tc, test_migrate_schema2_voided);
         tcase_add_test(tc, test_history_before_and_reader);
         tcase_add_test(tc, test_query_plans_use_indexes);
         tcase_add_test(tc, test_verify_from_anchor);
+        /* The migration tests convert a dozen ledgers: longer than the default 4 s under the sanitizers. */
+        tcase_set_timeout(tc, 120);
         suite_add_tcase(s, tc);
 
         /* A ledger past 1 MiB is written and checked: longer than the default 4 s under the
@@ -1786,6 +2296,8 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_tamper_records);
         tcase_add_test(tc, test_anchor);
         tcase_add_test(tc, test_verify_while_open);
+        /* test_tamper_records writes two dozen ledgers: longer than the default 4 s under the sanitizers. */
+        tcase_set_timeout(tc, 120);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("soak");
