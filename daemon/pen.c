@@ -333,6 +333,12 @@ void nd_pen_cartridge_lookup(nd_pen *p) {
         cartridge_lookup_finish(p, r, &c, r < 0 ? nd_ledger_last_error(d->ledger) : NULL);
 }
 
+void nd_pen_cartridge_lookup_all(nd_daemon *d) {
+        for (unsigned i = 0; i < d->n_pens; i++)
+                if (nd_pen_cartridge_lookup_pending(d->pens[i]))
+                        nd_pen_cartridge_lookup(d->pens[i]);
+}
+
 /* A session on cartridge id ended: what the ledger did with the cartridge (lib/ledger.c:
  * nd_ledger_session_end spends it when single use or past its runtime cap) is shown at once, then
  * read back. */

@@ -257,6 +257,8 @@ const char *nd_pen_cartridge_shown_state(const nd_pen *p, const nd_pen_cartridge
 bool nd_pen_cartridge_lookup_pending(const nd_pen *p);
 /* Looks up the inserted cartridge in the ledger again, off the loop (after a failed lookup). */
 void nd_pen_cartridge_lookup(nd_pen *p);
+/* Looks again for every pen whose lookup is on its way (the reader went: its jobs are dropped). */
+void nd_pen_cartridge_lookup_all(nd_daemon *d);
 /* Runs a Start that waited for the cartridge's lookup (pen-dbus.c); frees op. */
 void nd_pen_start_resume(nd_pen_op *op);
 /* A pending call on p (a reference on call is taken); NULL without memory. */
