@@ -61,9 +61,10 @@ nd_pen *nd_pen_find_by_path(nd_daemon *d, const char *path) {
         return NULL;
 }
 
+/* The pen on the bus, or about to be (its cartridge being looked up), with serial. */
 static nd_pen *find_by_serial(nd_daemon *d, const char *serial) {
         for (unsigned i = 0; i < d->n_pens; i++)
-                if (d->pens[i]->exported && STREQ(d->pens[i]->serial, serial))
+                if ((d->pens[i]->exported || d->pens[i]->export_waiting) && STREQ(d->pens[i]->serial, serial))
                         return d->pens[i];
         return NULL;
 }
@@ -268,6 +269,8 @@ static void cartridge_waiters_resume(nd_pen *p) {
 }
 
 /* The lookup of the inserted cartridge is done: result 0 (c filled), -ENOENT (never used) or -errno. */
+static void pen_export(nd_pen *p);
+
 static void cartridge_lookup_finish(nd_pen *p, int result, const nd_ledger_cartridge *c, const char *error) {
         p->cartridge_lookup_done = true;
         p->cartridge_lookup_failed = result < 0 && result != -ENOENT;
@@ -280,6 +283,12 @@ static void cartridge_lookup_finish(nd_pen *p, int result, const nd_ledger_cartr
                 pen_log(p, LOG_WARNING, "%s: what the ledger knows of cartridge %s could not be read (%s): no start until it can",
                         p->serial, p->cartridge_id, strempty(error));
         cartridge_show(p);
+        if (p->export_waiting) {
+                /* A pen that has just connected goes on the bus with its cartridge known. */
+                p->export_waiting = false;
+                pen_export(p);
+                return;
+        }
         cartridge_waiters_resume(p);
 }
 
@@ -858,6 +867,7 @@ static void pen_remove_from_daemon(nd_pen *p) {
 /* The pen leaves: its session ends, its object goes, callers waiting on it get DeviceGone. */
 static void pen_depart(nd_pen *p, const char *reason) {
         nd_daemon *d = p->daemon;
+        p->export_waiting = false; /* gone before it was on the bus: its lookup's answer is dropped */
         if (p->session_active)
                 session_end(p, reason, NULL);
         pen_ops_fail_all(p, reason);
@@ -961,9 +971,6 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                 snprintf(p->cartridge_id, sizeof p->cartridge_id, "%s", c->id);
                 p->cartridge_needles = c->needles;
         }
-        /* Shown (and AddPen answered) once the ledger has said what it knows of it: until then
-         * the pen shows no cartridge. */
-        nd_pen_cartridge_lookup(p);
         const nd_proto_status *st = nd_pendev_get_status(dev);
         if (st) {
                 p->battery_percent = st->battery_percent;
@@ -975,7 +982,20 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                 /* A pen that arrives with its motor running (a daemon restart) is stopped. */
                 if (st->motor_running)
                         nd_pen_motor_stop(p);
+                p->arrived_motor_running = st->motor_running;
         }
+        /* On the bus (and AddPen answered) once the ledger has said what it knows of its
+         * cartridge: a spent one is never shown fresh, not even at arrival. Samples that come
+         * meanwhile are dropped (on_samples), the motor being stopped. */
+        p->export_waiting = true;
+        nd_pen_cartridge_lookup(p);
+}
+
+/* The pen goes on the bus: identified, its cartridge looked up. */
+static void pen_export(nd_pen *p) {
+        nd_daemon *d = p->daemon;
+        nd_pendev *dev = p->dev;
+        const char *serial = p->serial;
         p->exported = true;
         nd_pen_remember_announced(p);
         /* Streaming at full rate since opening; from here on only as fast as somebody needs. */
@@ -994,10 +1014,10 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                 char why[64];
                 snprintf(why, sizeof why, "the pen reports fault bits 0x%02x", p->pen_faults);
                 nd_pen_trip(p, latched ? latched : "pen-fault", why);
-                if (nd_interlock_clear_at_connect(p->pen_faults, st && st->motor_running))
+                if (nd_interlock_clear_at_connect(p->pen_faults, p->arrived_motor_running))
                         clear_watchdog_trace(p);
         }
-        if (p->pending_add && p->cartridge_lookup_done) {
+        if (p->pending_add) {
                 (void) sd_bus_reply_method_return(p->pending_add, "o", p->path);
                 p->pending_add = sd_bus_message_unref(p->pending_add);
         }

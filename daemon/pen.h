@@ -144,6 +144,8 @@ struct nd_pen {
         char *path;
         uint32_t generation;
         bool exported;
+        bool export_waiting;          /* identified; on the bus once its cartridge is looked up */
+        bool arrived_motor_running;   /* its motor ran when it connected (a daemon restart) */
         nd_telemetry *telemetry;
 
         nd_pen_state state;
