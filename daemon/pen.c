@@ -434,7 +434,9 @@ void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault) {
         if (changed) {
                 pen_log(p, state == ND_PEN_FAULT ? LOG_WARNING : LOG_INFO, "%s: state %s%s%s", p->serial,
                         nd_pen_state_to_string(state), fault ? ", fault " : "", strempty(fault));
-                nd_pen_changed(p, PROP_STATE);
+                /* A session's cartridge runtime stops or starts moving with the motor: its value
+                 * now goes out with the state (the progress tick announces it only every second). */
+                nd_pen_changed(p, PROP_STATE | (p->session_active ? PROP_CARTRIDGE : 0));
                 (void) nd_pen_update_sampling(p, NULL);
         }
 }
@@ -746,7 +748,7 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
                         ss->stats.max_speed_hz = MAX(ss->stats.max_speed_hz, s->speed_hz);
                         ss->stats.max_temperature_c = MAX(ss->stats.max_temperature_c, s->temperature_c);
                         ss->stats.max_current_ma = MAX(ss->stats.max_current_ma, s->current_ma);
-                        p->dirty |= PROP_PROGRESS;
+                        p->dirty |= PROP_PROGRESS | PROP_CARTRIDGE; /* its runtime_s follows ElapsedS */
                 }
 
                 nd_telemetry_sample ts = {
