@@ -156,6 +156,7 @@ static const char *resolve_state_dir(const nd_daemon_options *opts, char **buf) 
 }
 
 static void daemon_free(nd_daemon *d) {
+        d->shutting_down = true; /* the pens freed below look nothing up any more */
         d->ledger_reader = nd_ledger_reader_free(d->ledger_reader);
         nd_pen_free_all(d, "stopped");
         d->usb = nd_usb_context_free(d->usb);

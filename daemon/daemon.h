@@ -70,6 +70,7 @@ struct nd_daemon {
          * NULL when the ledger is not available. */
         struct nd_ledger_reader *ledger_reader;
         char *ledger_reader_error;          /* why ledger_reader is NULL while ledger is not */
+        bool cartridge_sync_logged;         /* cartridges are looked up on the loop (no reader): said once */
         uint64_t ledger_check_started_us;   /* CLOCK_MONOTONIC (ledger-state.c) */
 
         nd_pen **pens;            /* connected pens */

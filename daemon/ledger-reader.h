@@ -55,6 +55,7 @@ struct nd_ledger_job {
         sd_bus_message *message;                /* a reference, dropped by nd_ledger_job_free() */
         nd_ledger_job_done_t done;
         void *userdata;
+        uint64_t tag;                           /* the submitter's, to match a completion */
 
         nd_ledger_job *next;
 };

@@ -10,6 +10,7 @@
 #include "ledger-reader.h"
 #include "ledger-state.h"
 #include "log.h"
+#include "pen.h"
 #include "util.h"
 
 static uint64_t clock_us(clockid_t id) {
@@ -100,6 +101,8 @@ static void check_done(nd_ledger_job *job, void *userdata) {
         (void) nd_ledger_drop_pending_audit(d->ledger, log_dropped_audit, d);
         d->ledger_reader = nd_ledger_reader_free(d->ledger_reader);
         d->ledger = nd_ledger_close(d->ledger);
+        /* The reader dropped the cartridge lookups it had: without a ledger they are done at once. */
+        nd_pen_cartridge_lookup_all(d);
         announce(d);
 }
 

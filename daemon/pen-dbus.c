@@ -98,14 +98,15 @@ static int prop_depth_step(sd_bus *bus, const char *path, const char *interface,
 static int prop_cartridge(sd_bus *bus, const char *path, const char *interface, const char *property,
                           sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         nd_pen *p = userdata;
-        nd_ledger_cartridge info = { .runtime_s = 0 };
-        bool known;
-        const char *state = nd_pen_cartridge_state(p, &info, &known);
-        double runtime_s = known ? info.runtime_s : 0.0;
-        if (p->session_active)
+        const nd_pen_cartridge_view *v;
+        /* What the lookup made off the loop found: never a ledger read here (every Get, GetAll,
+         * GetManagedObjects and announcement comes through). */
+        const char *state = nd_pen_cartridge_shown_state(p, &v);
+        double runtime_s = v->known ? v->info.runtime_s : 0.0;
+        if (p->session_active && v->present)
                 runtime_s = p->session.cartridge_runtime_before_s + nd_pen_session_elapsed_s(p);
-        return sd_bus_message_append(reply, "a{sv}", 4, "id", "s", p->cartridge_present ? p->cartridge_id : "",
-                                     "needles", "u", p->cartridge_present ? (uint32_t) p->cartridge_needles : 0u,
+        return sd_bus_message_append(reply, "a{sv}", 4, "id", "s", v->present ? v->id : "",
+                                     "needles", "u", v->present ? (uint32_t) v->needles : 0u,
                                      "state", "s", state, "runtime_s", "u", (uint32_t) floor(runtime_s));
 }
 
@@ -515,6 +516,28 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
 
         if (!p)
                 return;
+        /* What the ledger knows of the cartridge is on its way (it was just inserted, or a session
+         * on it just ended): this Start runs again when it comes. */
+        if (nd_pen_cartridge_lookup_pending(p)) {
+                nd_pen_op *op = nd_pen_op_new(p, m, 0);
+                if (op && (op->caller_name = strdup(caller->name))) {
+                        op->waits = ND_PEN_OP_WAITS_START;
+                        op->caller_uid = caller->uid;
+                        op->caller_pid = caller->pid;
+                        return;
+                }
+                if (op)
+                        nd_pen_op_free(op);
+                (void) sd_bus_reply_method_errorf(m, ND_ERROR_INTERNAL, "Out of memory");
+                return;
+        }
+        if (p->cartridge_present && p->cartridge_lookup_failed) {
+                nd_pen_cartridge_lookup(p); /* for the next Start */
+                start_refuse(p, m, caller, ND_ERROR_STORAGE,
+                             "What the ledger knows of cartridge %s could not be read, so it cannot be trusted to run",
+                             p->cartridge_id);
+                return;
+        }
         if (parse_start_options(m, &label, &skin_type_text, &error) < 0) {
                 (void) sd_bus_reply_method_error(m, &error);
                 return;
@@ -634,6 +657,9 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         ss->owner_uid = caller->uid;
         ss->owner_pid = caller->pid;
         ss->cartridge_runtime_before_s = known ? info.runtime_s : 0.0;
+        snprintf(ss->cartridge_id, sizeof ss->cartridge_id, "%s", p->cartridge_id);
+        ss->single_use = rec.single_use;
+        ss->cartridge_max_runtime_s = rec.cartridge_max_runtime_s;
         ss->skin_type = skin_type;
         ss->needles = p->cartridge_needles;
         ss->area_cm2 = rec.area_cm2;
@@ -670,6 +696,15 @@ static void start_authorized(sd_bus_message *m, bool allowed, const sd_bus_error
         snprintf(detail, sizeof detail, "session %s profile %s cartridge %s label %s skin-type %s", ss->id,
                  p->profile->name, p->cartridge_id, label, skin_type == ND_SKIN_TYPE_NONE ? "none" : nd_skin_type_to_string(skin_type));
         pen_log(p, LOG_NOTICE, "%s: starting %s", p->serial, detail);
+}
+
+void nd_pen_start_resume(nd_pen_op *op) {
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = sd_bus_message_ref(op->call);
+        _cleanup_free_ char *name = TAKE_PTR(op->caller_name);
+        nd_caller caller = { .name = name, .uid = op->caller_uid, .pid = op->caller_pid };
+        nd_daemon *d = op->pen->daemon;
+        nd_pen_op_free(op);
+        start_authorized(m, true, NULL, &caller, d);
 }
 
 /* ---- Owner-only adjustments ------------------------------------------------------------------------ */

@@ -13,6 +13,7 @@
 #include "dose.h"
 #include "errors.h"
 #include "log.h"
+#include "ledger-reader.h"
 #include "pen.h"
 #include "pen-dbus.h"
 #include "pendev.h"
@@ -60,9 +61,10 @@ nd_pen *nd_pen_find_by_path(nd_daemon *d, const char *path) {
         return NULL;
 }
 
+/* The pen on the bus, or about to be (its cartridge being looked up), with serial. */
 static nd_pen *find_by_serial(nd_daemon *d, const char *serial) {
         for (unsigned i = 0; i < d->n_pens; i++)
-                if (d->pens[i]->exported && STREQ(d->pens[i]->serial, serial))
+                if ((d->pens[i]->exported || d->pens[i]->export_waiting) && STREQ(d->pens[i]->serial, serial))
                         return d->pens[i];
         return NULL;
 }
@@ -135,6 +137,33 @@ double nd_pen_session_elapsed_s(const nd_pen *p) {
         return (double) us / (double) USEC_PER_SEC;
 }
 
+/* The state of cartridge v under the limits in force, from what the ledger knows of it. */
+static const char *view_state(const nd_limits *limits, const nd_pen_cartridge_view *v) {
+        if (!v->present)
+                return "none";
+        if (limits && !nd_interlock_needles_allowed(limits, v->needles))
+                return "rejected";
+        if (!v->known)
+                return "fresh";
+        if (v->info.state == ND_LEDGER_CARTRIDGE_SPENT)
+                return "spent";
+        if (limits && nd_interlock_cartridge_runtime_used_up(limits, v->info.runtime_s))
+                return "spent";
+        return v->info.state == ND_LEDGER_CARTRIDGE_FRESH ? "fresh" : "in-use";
+}
+
+/* The inserted cartridge, with what its latest lookup found. */
+static void current_view(const nd_pen *p, nd_pen_cartridge_view *v) {
+        *v = (nd_pen_cartridge_view) {
+                .present = p->cartridge_present,
+                .needles = p->cartridge_present ? p->cartridge_needles : 0,
+                .known = p->cartridge_present && p->cartridge_known,
+        };
+        snprintf(v->id, sizeof v->id, "%s", p->cartridge_present ? p->cartridge_id : "");
+        if (v->known)
+                v->info = p->cartridge_info;
+}
+
 /* What the ledger knows of the inserted cartridge, and whether it may run. */
 const char *nd_pen_cartridge_state(const nd_pen *p, nd_ledger_cartridge *info, bool *known) {
         const nd_limits *limits = p->daemon->limits;
@@ -146,15 +175,26 @@ const char *nd_pen_cartridge_state(const nd_pen *p, nd_ledger_cartridge *info, b
         if (p->session_active)
                 /* A start in progress shows the cartridge as it was: it may yet be voided. */
                 return p->starting && p->session.cartridge_state_before ? p->session.cartridge_state_before : "in-use";
-        if (p->daemon->ledger && nd_ledger_cartridge_get(p->daemon->ledger, p->cartridge_id, info) >= 0) {
+        nd_pen_cartridge_view v;
+        current_view(p, &v);
+        if (v.known) {
+                *info = v.info;
                 *known = true;
-                if (info->state == ND_LEDGER_CARTRIDGE_SPENT)
-                        return "spent";
-                if (limits && nd_interlock_cartridge_runtime_used_up(limits, info->runtime_s))
-                        return "spent";
-                return info->state == ND_LEDGER_CARTRIDGE_FRESH ? "fresh" : "in-use";
         }
-        return "fresh";
+        return view_state(limits, &v);
+}
+
+const char *nd_pen_cartridge_shown_state(const nd_pen *p, const nd_pen_cartridge_view **view) {
+        const nd_limits *limits = p->daemon->limits;
+        const nd_pen_cartridge_view *v = &p->cartridge_shown;
+        *view = v;
+        if (v->present && p->session_active && !(limits && !nd_interlock_needles_allowed(limits, v->needles)))
+                return p->starting && p->session.cartridge_state_before ? p->session.cartridge_state_before : "in-use";
+        return view_state(limits, v);
+}
+
+bool nd_pen_cartridge_lookup_pending(const nd_pen *p) {
+        return p->cartridge_present && !p->cartridge_lookup_done;
 }
 
 /* ---- Calls waiting for the pen ------------------------------------------------------------------ */
@@ -178,6 +218,7 @@ void nd_pen_op_free(nd_pen_op *op) {
                         break;
                 }
         sd_bus_message_unref(op->call);
+        free(op->caller_name);
         free(op);
 }
 
@@ -189,6 +230,142 @@ static void pen_ops_fail_all(nd_pen *p, const char *why) {
                         continue;
                 (void) sd_bus_reply_method_errorf(op->call, ND_ERROR_DEVICE_GONE, "Pen %s is gone: %s", p->serial, why);
                 nd_pen_op_free(op);
+        }
+}
+
+/* ---- What the ledger knows of the cartridge ---------------------------------------------------- */
+
+/* Matches a lookup's completion with the pen instance and the lookup it is for. */
+static uint64_t lookup_tag(const nd_pen *p) {
+        return (uint64_t) p->generation << 32 | p->cartridge_lookup_seq;
+}
+
+/* The Cartridge property shows the inserted cartridge, as last looked up; announced if it changed. */
+static void cartridge_show(nd_pen *p) {
+        current_view(p, &p->cartridge_shown);
+        nd_pen_changed(p, PROP_CARTRIDGE);
+}
+
+/* Answers the calls that waited for the cartridge's lookup: refreshes, AddPen, Start (run again). */
+static void cartridge_waiters_resume(nd_pen *p) {
+        if (p->pending_add && p->exported) {
+                (void) sd_bus_reply_method_return(p->pending_add, "o", p->path);
+                p->pending_add = sd_bus_message_unref(p->pending_add);
+        }
+        for (;;) {
+                nd_pen_op *oldest = NULL; /* ops are prepended: the last one found came first */
+                for (nd_pen_op *op = p->daemon->pen_ops; op; op = op->next)
+                        if (op->pen == p && op->waits != ND_PEN_OP_WAITS_PEN)
+                                oldest = op;
+                if (!oldest)
+                        break;
+                if (oldest->waits == ND_PEN_OP_WAITS_START)
+                        nd_pen_start_resume(oldest);
+                else {
+                        (void) sd_bus_reply_method_return(oldest->call, NULL);
+                        nd_pen_op_free(oldest);
+                }
+        }
+}
+
+/* The lookup of the inserted cartridge is done: result 0 (c filled), -ENOENT (never used) or -errno. */
+static void pen_export(nd_pen *p);
+
+static void cartridge_lookup_finish(nd_pen *p, int result, const nd_ledger_cartridge *c, const char *error) {
+        p->cartridge_lookup_done = true;
+        p->cartridge_lookup_failed = result < 0 && result != -ENOENT;
+        p->cartridge_known = result >= 0;
+        if (result >= 0)
+                p->cartridge_info = *c;
+        else
+                memset(&p->cartridge_info, 0, sizeof p->cartridge_info);
+        if (p->cartridge_lookup_failed)
+                pen_log(p, LOG_WARNING, "%s: what the ledger knows of cartridge %s could not be read (%s): no start until it can",
+                        p->serial, p->cartridge_id, strempty(error));
+        cartridge_show(p);
+        if (p->export_waiting) {
+                /* A pen that has just connected goes on the bus with its cartridge known. */
+                p->export_waiting = false;
+                pen_export(p);
+                return;
+        }
+        cartridge_waiters_resume(p);
+}
+
+static void on_cartridge_looked_up(nd_ledger_job *job, void *userdata) {
+        _cleanup_(nd_ledger_job_freep) nd_ledger_job *owned = job;
+        nd_pen *p = find_by_serial(userdata, job->pen_serial);
+        /* The pen left (or came back: another generation), or another cartridge or lookup came since. */
+        if (!p || job->tag != lookup_tag(p) || !p->cartridge_present || !STREQ(p->cartridge_id, job->cartridge_id))
+                return;
+        pen_log(p, LOG_DEBUG, "%s: cartridge %s looked up in the ledger in %" PRIu64 " us", p->serial,
+                        p->cartridge_id, job->query_us);
+        cartridge_lookup_finish(p, job->result, &job->cartridge, job->error);
+}
+
+void nd_pen_cartridge_lookup(nd_pen *p) {
+        nd_daemon *d = p->daemon;
+        if (d->shutting_down)
+                return; /* the reader is going; nothing starts any more */
+        p->cartridge_lookup_seq++;
+        p->cartridge_lookup_done = false;
+        p->cartridge_lookup_failed = false;
+        /* No cartridge, or no ledger (Start answers Storage): nothing to ask. */
+        if (!p->cartridge_present || !d->ledger) {
+                cartridge_lookup_finish(p, -ENOENT, NULL, NULL);
+                return;
+        }
+        if (d->ledger_reader) {
+                nd_ledger_job *job = nd_ledger_job_new(ND_LEDGER_JOB_CARTRIDGE);
+                int r = -ENOMEM;
+                if (job && (job->pen_serial = strdup(p->serial))) {
+                        snprintf(job->cartridge_id, sizeof job->cartridge_id, "%s", p->cartridge_id);
+                        /* One per cartridge change or session end: never refused for a busy queue. */
+                        job->unbounded = true;
+                        job->done = on_cartridge_looked_up;
+                        job->userdata = d;
+                        job->tag = lookup_tag(p);
+                        r = nd_ledger_reader_submit(d->ledger_reader, job);
+                        if (r >= 0)
+                                return;
+                }
+                nd_ledger_job_free(job);
+                (void) pen_log_errno(p, LOG_WARNING, r, "%s: cannot look cartridge %s up off the loop; reading it here",
+                                     p->serial, p->cartridge_id);
+        } else if (!d->cartridge_sync_logged) {
+                d->cartridge_sync_logged = true;
+                nd_log_warning("the ledger has no reader thread (%s): cartridges are looked up on the event loop",
+                               strempty(d->ledger_reader_error));
+        }
+        nd_ledger_cartridge c;
+        int r = nd_ledger_cartridge_get(d->ledger, p->cartridge_id, &c);
+        cartridge_lookup_finish(p, r, &c, r < 0 ? nd_ledger_last_error(d->ledger) : NULL);
+}
+
+void nd_pen_cartridge_lookup_all(nd_daemon *d) {
+        for (unsigned i = 0; i < d->n_pens; i++)
+                if (nd_pen_cartridge_lookup_pending(d->pens[i]))
+                        nd_pen_cartridge_lookup(d->pens[i]);
+}
+
+/* A session on cartridge id ended: what the ledger did with the cartridge (lib/ledger.c:
+ * nd_ledger_session_end spends it when single use or past its runtime cap) is shown at once, then
+ * read back. */
+static void cartridge_session_ended(nd_pen *p, const char *id, double runtime_s, bool single_use,
+                                    uint32_t max_runtime_s) {
+        nd_ledger_cartridge after = { .runtime_s = runtime_s };
+        snprintf(after.id, sizeof after.id, "%s", id);
+        after.needles = p->cartridge_shown.needles;
+        after.state = single_use || (max_runtime_s > 0 && runtime_s >= (double) max_runtime_s) ?
+                      ND_LEDGER_CARTRIDGE_SPENT : ND_LEDGER_CARTRIDGE_IN_USE;
+        if (p->cartridge_shown.present && STREQ(p->cartridge_shown.id, id)) {
+                p->cartridge_shown.known = true;
+                p->cartridge_shown.info = after;
+        }
+        if (p->cartridge_present && STREQ(p->cartridge_id, id)) {
+                p->cartridge_known = true;
+                p->cartridge_info = after;
+                nd_pen_cartridge_lookup(p);
         }
 }
 
@@ -257,7 +434,9 @@ void nd_pen_set_state(nd_pen *p, nd_pen_state state, const char *fault) {
         if (changed) {
                 pen_log(p, state == ND_PEN_FAULT ? LOG_WARNING : LOG_INFO, "%s: state %s%s%s", p->serial,
                         nd_pen_state_to_string(state), fault ? ", fault " : "", strempty(fault));
-                nd_pen_changed(p, PROP_STATE);
+                /* A session's cartridge runtime stops or starts moving with the motor: its value
+                 * now goes out with the state (the progress tick announces it only every second). */
+                nd_pen_changed(p, PROP_STATE | (p->session_active ? PROP_CARTRIDGE : 0));
                 (void) nd_pen_update_sampling(p, NULL);
         }
 }
@@ -338,6 +517,9 @@ static void session_end(nd_pen *p, const char *reason, const char *fault) {
                                 p->session.id, reason, nd_ledger_last_error(d->ledger));
                 recorded = r >= 0;
         }
+        /* What the ledger now knows of the cartridge, shown with the end (and read back). */
+        cartridge_session_ended(p, p->session.cartridge_id, p->session.cartridge_runtime_before_s + stats.duration_s,
+                                p->session.single_use, p->session.cartridge_max_runtime_s);
         pen_log(p, LOG_NOTICE, "%s: session %s ended: %s after %.1f s, %" PRIu64 " strokes, %" PRIu64 " punctures",
                 p->serial, p->session.id, reason, stats.duration_s, stats.strokes, stats.punctures);
 
@@ -414,6 +596,8 @@ int nd_pen_start_void(nd_pen *p, const char *why) {
         p->session.skin_type = ND_SKIN_TYPE_NONE;
         p->session_active = false;
         p->starting = false;
+        /* The ledger put the cartridge back as it was (what is shown); read it back all the same. */
+        nd_pen_cartridge_lookup(p);
         /* Nothing of the attempt was announced: these find every value as last announced. */
         nd_pen_changed(p, PROP_SESSION | PROP_CARTRIDGE | PROP_PROGRESS);
         return 0;
@@ -564,7 +748,7 @@ static void on_samples(nd_pendev *dev, const nd_pendev_sample *samples, size_t n
                         ss->stats.max_speed_hz = MAX(ss->stats.max_speed_hz, s->speed_hz);
                         ss->stats.max_temperature_c = MAX(ss->stats.max_temperature_c, s->temperature_c);
                         ss->stats.max_current_ma = MAX(ss->stats.max_current_ma, s->current_ma);
-                        p->dirty |= PROP_PROGRESS;
+                        p->dirty |= PROP_PROGRESS | PROP_CARTRIDGE; /* its runtime_s follows ElapsedS */
                 }
 
                 nd_telemetry_sample ts = {
@@ -617,7 +801,8 @@ static void on_cartridge(nd_pendev *dev, int status, const nd_proto_cartridge *c
         if (was_present != p->cartridge_present || !STREQ(old_id, p->cartridge_id)) {
                 pen_log(p, LOG_INFO, "%s: cartridge %s%s", p->serial, c->present ? "inserted: " : "removed",
                         c->present ? c->id : "");
-                nd_pen_changed(p, PROP_CARTRIDGE);
+                /* Shown once the ledger has said what it knows of it (a removal at once). */
+                nd_pen_cartridge_lookup(p);
                 /* A cartridge pulled out (or swapped) during a session ends it. */
                 if (p->session_active && (!c->present || !STREQ(old_id, p->cartridge_id)))
                         nd_pen_trip(p, "cartridge-removed", "the cartridge was removed during the session");
@@ -684,6 +869,7 @@ static void pen_remove_from_daemon(nd_pen *p) {
 /* The pen leaves: its session ends, its object goes, callers waiting on it get DeviceGone. */
 static void pen_depart(nd_pen *p, const char *reason) {
         nd_daemon *d = p->daemon;
+        p->export_waiting = false; /* gone before it was on the bus: its lookup's answer is dropped */
         if (p->session_active)
                 session_end(p, reason, NULL);
         pen_ops_fail_all(p, reason);
@@ -798,7 +984,20 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                 /* A pen that arrives with its motor running (a daemon restart) is stopped. */
                 if (st->motor_running)
                         nd_pen_motor_stop(p);
+                p->arrived_motor_running = st->motor_running;
         }
+        /* On the bus (and AddPen answered) once the ledger has said what it knows of its
+         * cartridge: a spent one is never shown fresh, not even at arrival. Samples that come
+         * meanwhile are dropped (on_samples), the motor being stopped. */
+        p->export_waiting = true;
+        nd_pen_cartridge_lookup(p);
+}
+
+/* The pen goes on the bus: identified, its cartridge looked up. */
+static void pen_export(nd_pen *p) {
+        nd_daemon *d = p->daemon;
+        nd_pendev *dev = p->dev;
+        const char *serial = p->serial;
         p->exported = true;
         nd_pen_remember_announced(p);
         /* Streaming at full rate since opening; from here on only as fast as somebody needs. */
@@ -817,7 +1016,7 @@ static void on_ready(nd_pendev *dev, void *userdata) {
                 char why[64];
                 snprintf(why, sizeof why, "the pen reports fault bits 0x%02x", p->pen_faults);
                 nd_pen_trip(p, latched ? latched : "pen-fault", why);
-                if (nd_interlock_clear_at_connect(p->pen_faults, st && st->motor_running))
+                if (nd_interlock_clear_at_connect(p->pen_faults, p->arrived_motor_running))
                         clear_watchdog_trace(p);
         }
         if (p->pending_add) {
@@ -920,7 +1119,10 @@ static void refresh_cartridge_done(nd_pendev *dev, int status, const nd_proto_ca
                 (void) sd_bus_reply_method_errorf(op->call, status == -ENODEV ? ND_ERROR_DEVICE_GONE : ND_ERROR_FAULT,
                                                   "Pen %s did not report its cartridge: %s", p->serial,
                                                   nd_pen_command_error(status));
-        else
+        else if (nd_pen_cartridge_lookup_pending(p)) {
+                op->waits = ND_PEN_OP_WAITS_CARTRIDGE; /* answered by cartridge_waiters_resume() */
+                return;
+        } else
                 (void) sd_bus_reply_method_return(op->call, NULL);
         nd_pen_op_free(op);
 }
@@ -995,6 +1197,8 @@ void nd_pen_limits_changed(nd_pen *p, const nd_limits *old) {
                         (void) pen_log_errno(p, LOG_ERR, r, "%s: cannot change the pen's watchdog timeout",
                                              strempty(p->serial));
         }
+        /* Whether the cartridge is rejected or used up follows the limits (no ledger read). */
+        nd_pen_changed(p, PROP_CARTRIDGE);
         if (!p->session_active || !p->profile_yaml)
                 return;
         _cleanup_diags_ nd_diags diags = ND_DIAGS_INIT;

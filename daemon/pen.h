@@ -99,6 +99,15 @@ typedef enum pen_prop {
 
 #define PROPS_LOW_RATE (PROP_BATTERY | PROP_TEMPERATURE | PROP_PROGRESS | PROP_WARNINGS)
 
+/* A cartridge as the Cartridge property shows it, with what the ledger knows of it. */
+typedef struct nd_pen_cartridge_view {
+        bool present;
+        char id[ND_PROTO_CARTRIDGE_ID_SIZE + 1];
+        unsigned needles;
+        bool known;                   /* the ledger has a record of it: info */
+        nd_ledger_cartridge info;
+} nd_pen_cartridge_view;
+
 typedef struct nd_pen_session {
         char id[ND_LEDGER_SESSION_ID_SIZE];
         sd_bus_track *owner;          /* the caller of Start; leaving the bus stops the session */
@@ -113,6 +122,9 @@ typedef struct nd_pen_session {
         uint32_t needles;             /* the cartridge's, at Start: punctures = strokes x needles */
         double area_cm2;              /* the profile's treated surface; 0: none (no density) */
         double cartridge_runtime_before_s;
+        char cartridge_id[ND_PROTO_CARTRIDGE_ID_SIZE + 1]; /* the session's */
+        bool single_use;              /* the limits' cartridge rules recorded at Start, for the */
+        uint32_t cartridge_max_runtime_s; /* cartridge's state once the session ends */
         const char *cartridge_state_before; /* nd_pen_cartridge_state() at Start (static), shown while starting */
         sd_event_source *client_heartbeat;
         /* The settle and spin-up windows and the stall timing (lib/interlocks.h): depth is
@@ -132,6 +144,8 @@ struct nd_pen {
         char *path;
         uint32_t generation;
         bool exported;
+        bool export_waiting;          /* identified; on the bus once its cartridge is looked up */
+        bool arrived_motor_running;   /* its motor ran when it connected (a daemon restart) */
         nd_telemetry *telemetry;
 
         nd_pen_state state;
@@ -155,6 +169,18 @@ struct nd_pen {
         char cartridge_id[ND_PROTO_CARTRIDGE_ID_SIZE + 1];
         unsigned cartridge_needles;
         bool cartridge_query_pending;
+        /* What the ledger knows of the inserted cartridge, looked up off the loop (ledger-reader.h)
+         * when the cartridge changes and after a session on it: valid once cartridge_lookup_done.
+         * A completion that is not of the latest lookup (cartridge_lookup_seq) is ignored. */
+        bool cartridge_lookup_done;
+        bool cartridge_lookup_failed; /* the latest lookup failed: Start refuses (Storage) and looks again */
+        nd_ledger_cartridge cartridge_info;
+        bool cartridge_known;         /* cartridge_info holds the ledger's record */
+        uint32_t cartridge_lookup_seq;
+        /* What the Cartridge property shows: the inserted cartridge once its lookup is done; until
+         * then the cartridge shown before (a removal is shown at once), so that a cartridge the
+         * ledger knows as spent is never shown as fresh. */
+        nd_pen_cartridge_view cartridge_shown;
         unsigned stops_in_flight;     /* motor stops sent and not yet acknowledged */
 
         /* A start in progress: the session is recorded, its commands are on their way to the
@@ -175,11 +201,20 @@ struct nd_pen {
 
 /* A method call whose reply waits for the pen's acknowledgement. Kept on the daemon's list so
  * that a pen that goes away still answers every caller (DeviceGone). */
+typedef enum nd_pen_op_wait {
+        ND_PEN_OP_WAITS_PEN,          /* for the pen's acknowledgement (its callback has the op) */
+        ND_PEN_OP_WAITS_CARTRIDGE,    /* answered once the Cartridge property is up to date */
+        ND_PEN_OP_WAITS_START,        /* a Start run again once the cartridge's lookup is done */
+} nd_pen_op_wait;
+
 struct nd_pen_op {
         nd_pen *pen;
         nd_pen_op *next;
         sd_bus_message *call;
         double value;
+        nd_pen_op_wait waits;
+        char *caller_name;            /* ND_PEN_OP_WAITS_START: the caller, as authorized */
+        uint32_t caller_uid, caller_pid;
 };
 
 static inline const char *nd_pen_log_fields_serial(const nd_pen *p, char *buf, size_t size) {
@@ -215,8 +250,19 @@ double nd_pen_session_elapsed_s(const nd_pen *p);
 uint64_t nd_pen_session_punctures(const nd_pen *p);
 double nd_pen_session_density_per_cm2(const nd_pen *p);
 /* What the ledger knows of the inserted cartridge ("none", "rejected", "in-use", "spent",
- * "fresh"; static); *known tells whether info was filled from the ledger. */
+ * "fresh"; static), from the lookup made off the loop (never a ledger read: see
+ * nd_pen_cartridge_lookup_pending()); *known tells whether info was filled from the ledger. */
 const char *nd_pen_cartridge_state(const nd_pen *p, nd_ledger_cartridge *info, bool *known);
+/* The same for what the Cartridge property shows (nd_pen.cartridge_shown); *view is set to it. */
+const char *nd_pen_cartridge_shown_state(const nd_pen *p, const nd_pen_cartridge_view **view);
+/* Whether the ledger's answer about the inserted cartridge is still on its way (Start waits). */
+bool nd_pen_cartridge_lookup_pending(const nd_pen *p);
+/* Looks up the inserted cartridge in the ledger again, off the loop (after a failed lookup). */
+void nd_pen_cartridge_lookup(nd_pen *p);
+/* Looks again for every pen whose lookup is on its way (the reader went: its jobs are dropped). */
+void nd_pen_cartridge_lookup_all(nd_daemon *d);
+/* Runs a Start that waited for the cartridge's lookup (pen-dbus.c); frees op. */
+void nd_pen_start_resume(nd_pen_op *op);
 /* A pending call on p (a reference on call is taken); NULL without memory. */
 nd_pen_op *nd_pen_op_new(nd_pen *p, sd_bus_message *call, double value);
 /* Unlinks and frees op (its call must have been answered). */
