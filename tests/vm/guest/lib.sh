@@ -18,7 +18,9 @@ GADGET=pen0
 PEN_SERIAL=VMPEN0001
 PEN_PATH=/org/needled/pen/$PEN_SERIAL # sd_bus_path_encode leaves [A-Za-z0-9] as it is
 GADGET_RUN=/run/needle-gadget
-MOTOR_LOG=$GADGET_RUN/motor.log
+# on the share, written line by line: what the pen did survives a guest that panics (the
+# motor log of the run where dummy_hcd panicked showed no unplug before it, only telemetry)
+MOTOR_LOG=$R/motor-log.txt
 GADGET_CTL=$GADGET_RUN/control.sock
 # Users of the authorization scenarios: a member of the clinic group of the example polkit
 # rules, and a local user outside it. Neither has a logind session, so polkit's defaults
