@@ -123,7 +123,14 @@ static void observe(ng_gadget *g, uint64_t mono_us, int cause_hint) {
                 ng_stop_cause cause = cause_hint >= 0                               ? (ng_stop_cause) cause_hint
                                       : (gained & ND_PROTO_FAULT_WATCHDOG_EXPIRED) ? NG_STOP_WATCHDOG
                                                                                     : NG_STOP_FAULT;
-                logf_at(g, mono_us, "motor-stop cause=%s", ng_stop_cause_to_string(cause));
+                if (cause == NG_STOP_WATCHDOG)
+                        /* how long the pen had gone without a heartbeat: a reader checks the
+                         * watchdog against its timeout without knowing when the host last spoke */
+                        logf_at(g, mono_us, "motor-stop cause=%s heartbeat_age_us=%" PRIu64,
+                                ng_stop_cause_to_string(cause),
+                                mono_us >= st.last_heartbeat_us ? mono_us - st.last_heartbeat_us : 0);
+                else
+                        logf_at(g, mono_us, "motor-stop cause=%s", ng_stop_cause_to_string(cause));
         } else if (!g->motor_on && st.motor_running)
                 logf_at(g, mono_us, "motor-start depth_mm=%.3f speed_hz=%.2f", st.set_depth_mm, st.set_speed_hz);
         if (gained)

@@ -252,7 +252,7 @@ START_TEST(test_motor_watchdog) {
         ng_gadget_advance(g, feed + 2 * USEC_PER_SEC);
         int i = find_line(0, "motor-stop");
         ck_assert_int_ge(i, 0);
-        ck_assert_str_eq(lines[i].text, "motor-stop cause=watchdog");
+        ck_assert_str_eq(lines[i].text, "motor-stop cause=watchdog heartbeat_age_us=300000");
         ck_assert_uint_eq(lines[i].mono_us, feed + MS(300));
         /* the stop first, then why */
         ck_assert_int_gt(find_line(0, "event fault-latched faults=heartbeat-lost"), i);
