@@ -61,7 +61,9 @@ typedef struct Pen {
         uint64_t samples;
         bool have_seq;
         uint32_t first_seq, last_seq;
-        unsigned out_of_order; /* verified here, independently of pendev's own check */
+        /* verified here, independently of pendev's own check: */
+        unsigned backwards;   /* a sequence number or device time not after the last one */
+        uint64_t missing;     /* sequence numbers skipped (the pen's queue overflowed) */
         uint64_t last_device_time_us;
 } Pen;
 
@@ -129,10 +131,14 @@ static void on_samples(nd_pendev *p, const nd_pendev_sample *s, size_t n, void *
                         pen->have_seq = true;
                         pen->first_seq = s[i].s.sequence;
                 } else {
-                        if (s[i].s.sequence != pen->last_seq + 1)
-                                pen->out_of_order++;
+                        /* uint32_t: the difference is right across a wrap */
+                        uint32_t step = s[i].s.sequence - pen->last_seq;
+                        if (step == 0 || step > UINT32_MAX / 2)
+                                pen->backwards++;
+                        else
+                                pen->missing += step - 1;
                         if (s[i].device_time_us < pen->last_device_time_us)
-                                pen->out_of_order++;
+                                pen->backwards++;
                 }
                 pen->last_seq = s[i].s.sequence;
                 pen->last_device_time_us = s[i].device_time_us;
@@ -332,12 +338,20 @@ static void test_identify(Fixture *f) {
         fakepen_free(fake);
 }
 
-/* Whether the test may expect the loop to keep up with the pen. Not under valgrind: there the
- * loop runs some 30 times slower and, on a loaded machine, gets a small share of a CPU, so the
- * pen's bounded queue overflows, samples arrive late and the emulated link resyncs: a measure
- * of the machine, not of the code. Duplicates, corruption and memory are still checked there. */
-static bool keeps_up(void) {
+/* Whether the test may check the order of the stream. Not under valgrind: there the loop runs
+ * some 30 times slower and, on a loaded machine, gets a small share of a CPU, so the pen's
+ * bounded queue overflows, samples arrive late and the emulated link resyncs: a measure of the
+ * machine, not of the code. Duplicates, corruption and memory are still checked there.
+ * Elsewhere the loop may still fall behind a 1 kHz pen when the machine is busy (the pen then
+ * drops its oldest samples); every check allows for the samples the pen says it dropped, and
+ * whether the loop keeps up is the usb-stream benchmark's question (keeps_up_required). */
+static bool order_checked(void) {
         return !getenv("NEEDLED_TEST_VALGRIND");
+}
+
+/* The usb-stream benchmark (NEEDLED_BENCH_STREAM=1): the loop must keep up, nothing dropped. */
+static bool keeps_up_required(void) {
+        return getenv("NEEDLED_BENCH_STREAM") != NULL;
 }
 
 static bool all_samples_in(Fixture *f, void *arg) {
@@ -395,17 +409,27 @@ static void test_stream(Fixture *f) {
         CHECK(s.duplicates == 0 && s.corrupt_packets == 0);
         CHECK(ts.stream_errors == 0);
         CHECK(fs.model_errors == 0);
-        if (keeps_up()) {
-                CHECK(pen->out_of_order == 0);
+        if (order_checked()) {
+                /* each sample the pen sent arrived once, in order; a sequence number never seen
+                 * is one the pen dropped itself (its queue overflowed: the loop fell behind) */
+                CHECK(pen->backwards == 0);
                 CHECK(pen->samples == st.samples_sent);
-                CHECK(st.samples_dropped == 0);
                 CHECK(pen->first_seq == 0);
-                CHECK(pen->last_seq + 1 == st.samples_sent);
-                CHECK(s.gaps == 0 && s.missing_samples == 0);
+                CHECK(pen->missing <= st.samples_dropped);
+                CHECK(pen->last_seq + 1 == st.samples_sent + pen->missing);
+                CHECK(s.missing_samples == pen->missing);
                 CHECK(pen->errors[ND_PENDEV_ERROR_TELEMETRY_STALLED] == 0);
+                if (st.samples_dropped > 0)
+                        printf("# the loop fell behind the pen (%" PRIu64 " samples dropped by the pen): a busy "
+                               "machine; the usb-stream benchmark requires none\n",
+                               st.samples_dropped);
+                if (keeps_up_required()) {
+                        CHECK(st.samples_dropped == 0);
+                        CHECK(s.gaps == 0 && s.missing_samples == 0);
+                }
         } else
                 printf("# under valgrind: throughput and order (nothing dropped or late; a starved link resyncs) "
-                       "not checked, see keeps_up()\n");
+                       "not checked, see order_checked()\n");
         fixture_done(f);
         fakepen_free(fake);
 }
@@ -644,7 +668,8 @@ static void test_unplug_replug(Fixture *f) {
         CHECK(strcmp(nd_pendev_get_serial(pen2->dev), "REPLUG-9") == 0);
         CHECK(strstr(nd_transport_describe(nd_pendev_get_transport(pen2->dev)), "device 3"));
         run_for(f, 200);
-        CHECK(pen2->samples > 0 && pen2->out_of_order == 0);
+        CHECK(pen2->samples > 0 && pen2->backwards == 0);
+        CHECK(pen2->missing <= model_state(fake2).samples_dropped);
         fixture_done(f);
         fakepen_free(fake);
         fakepen_free(fake2);
@@ -747,9 +772,10 @@ static void test_hostile(Fixture *f) {
         CHECK(pen->last_error[ND_PENDEV_ERROR_TELEMETRY_CORRUPT] == -EBADMSG);
         CHECK(ts.stream_errors == 1);
         /* the pen's own stream went on, untouched (gaps: only where the pen's queue overflowed
-         * because a valgrinded loop fell behind, see keeps_up()) */
-        CHECK(s.duplicates == 0 && pen->out_of_order == 0);
-        CHECK(s.gaps == 0 || (!keeps_up() && model_state(fake).samples_dropped > 0));
+         * because the loop fell behind, see order_checked()) */
+        CHECK(s.duplicates == 0 && pen->backwards == 0);
+        CHECK(pen->missing <= model_state(fake).samples_dropped);
+        CHECK(s.gaps == 0 || model_state(fake).samples_dropped > 0);
         uint64_t before = pen->samples;
         run_for(f, 200);
         CHECK(pen->samples > before);
