@@ -131,6 +131,17 @@ static int on_name_acquired(sd_bus_message *reply, void *userdata, sd_bus_error 
         return 0;
 }
 
+/* The bus went away (the bus daemon died or dropped us): no operator can reach a running
+ * treatment any more, so stop every motor and exit with an error; the service manager restarts
+ * needled (Restart=on-failure) and the restarted daemon finds the pens idle. */
+static int on_bus_disconnected(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
+        nd_daemon *d = userdata;
+        nd_log_error("lost the connection to the %s bus: stopping every motor, then exiting",
+                     d->opts.session_bus ? "session" : "system");
+        daemon_request_exit(d, -ECONNRESET);
+        return 0;
+}
+
 static int daemon_connect_bus(nd_daemon *d) {
         int r = d->opts.session_bus ? sd_bus_open_user(&d->bus) : sd_bus_open_system(&d->bus);
         if (r < 0) {
@@ -138,6 +149,11 @@ static int daemon_connect_bus(nd_daemon *d) {
                 return r;
         }
         r = sd_bus_attach_event(d->bus, d->event, SD_EVENT_PRIORITY_NORMAL);
+        if (r < 0)
+                return r;
+        /* sd-bus turns the loss of the connection into this local signal */
+        r = sd_bus_match_signal(d->bus, NULL, "org.freedesktop.DBus.Local", "/org/freedesktop/DBus/Local",
+                                "org.freedesktop.DBus.Local", "Disconnected", on_bus_disconnected, d);
         if (r < 0)
                 return r;
         return 0;

@@ -1159,7 +1159,13 @@ static void pen_free(nd_pen *p) {
 
 int nd_pen_on_owner_gone(sd_bus_track *track, void *userdata) {
         nd_pen *p = userdata;
-        if (p->session_active) {
+        if (p->session_active && sd_bus_is_open(sd_bus_track_get_bus(track)) <= 0) {
+                /* Not the owner leaving: our own connection is closing, which drops every tracked
+                 * name before it says Disconnected (and the daemon exits). Recorded as that stop. */
+                pen_log(p, LOG_WARNING, "%s: the bus connection is gone: stopping", p->serial);
+                nd_audit(p->daemon, NULL, "Stop", p->serial, "bus-lost");
+                nd_pen_stop_session(p, "stopped");
+        } else if (p->session_active) {
                 pen_log(p, LOG_WARNING, "%s: the session owner %s left the bus: stopping", p->serial,
                         strempty(p->session.owner_name));
                 nd_audit(p->daemon, NULL, "Stop", p->serial, "client-vanished");

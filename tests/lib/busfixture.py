@@ -295,7 +295,7 @@ class SystemBus:
 
     def _write_config(self):
         policy_dir = os.path.join(self.workdir, 'policy.d')
-        os.mkdir(policy_dir)
+        os.makedirs(policy_dir, exist_ok=True)  # exists when the bus is restarted
         for i, path in enumerate(self.policy_files):
             # Copied as they are: the bus reads exactly the bytes under test.
             shutil.copyfile(path, os.path.join(policy_dir, f'{i:02d}-{os.path.basename(path)}'))
@@ -469,6 +469,24 @@ class BusFixture:
             loop = dbus.mainloop.glib.DBusGMainLoop()
             self._connection = dbus.bus.BusConnection(self.bus.address, mainloop=loop)
         return self._connection
+
+    def kill_bus(self):
+        """SIGKILL to the bus daemon, as when it crashes: every connection to it is lost."""
+        self.bus.process.kill()
+        self.bus.process.wait()
+
+    def restart_bus(self):
+        """A new bus daemon at the same address after kill_bus(), with a new polkit mock and
+        this process's connection renewed; processes that lost the old bus are left to the test."""
+        if self.polkit is not None:
+            self.stop_process(self.polkit.process)
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        self.bus.stop()
+        self.bus.start()
+        if self.polkit is not None:
+            self.polkit.start()
 
     def spawn(self, argv, env=None, name=None):
         """Starts a process on this bus (env is added to env()); stopped by stop()."""

@@ -724,6 +724,8 @@ class NeedledTestCase(DaemonTestCase):
         log = ''
         if cls.daemon is not None and getattr(cls, '_failed', False):
             sys.stderr.write(f'---- needled log ({cls.__name__}) ----\n{cls.daemon.log()[-20000:]}\n----\n')
+            if cls.fixture is not None and cls.fixture.bus is not None:
+                sys.stderr.write(f'---- dbus-daemon log ----\n{cls.fixture.bus.log()[-4000:]}\n----\n')
         if cls.daemon is not None and cls.fixture is not None:
             log = cls.daemon.log()
             status = cls.fixture.stop_process(cls.daemon)
@@ -743,9 +745,10 @@ class NeedledTestCase(DaemonTestCase):
         self.addCleanup(self._note_failure)
 
     def _note_failure(self):
-        # A failed test makes tearDownClass print the daemon's log (meson keeps stderr).
-        outcome = getattr(self, '_outcome', None)
-        if outcome is not None and not getattr(outcome, 'success', True):
+        # A failed test makes tearDownClass print the daemon's log (meson keeps stderr). Python
+        # 3.11 reports an error to the result at once and leaves the outcome's success True.
+        result = getattr(getattr(self, '_outcome', None), 'result', None)
+        if result is not None and any(t is self for t, _ in list(result.errors) + list(result.failures)):
             type(self)._failed = True
 
     def assert_daemon_alive(self):

@@ -1,15 +1,16 @@
 #!/usr/bin/python3
 """Safety suite: liveness both ways and the limits in force. The session owner leaving the bus,
 a missed client heartbeat, the pen unplugged, the pen that stops answering, a reload that forbids
-the running treatment, a wrong limits file, and SIGTERM mid-session: each ends the session with
-its reason, records it, and the pen's telemetry shows the motor stopped."""
+the running treatment, a wrong limits file, SIGTERM mid-session and the bus daemon dying under a
+session: each ends the session with its reason, records it, and the pen's telemetry shows the
+motor stopped."""
 
 import hashlib
 import signal
 
 import dbus
 
-from needledtest import (ERR, PEN_HEARTBEAT_TIMEOUT_MS, SafetyTestCase, limits_text, main, profile_yaml,
+from needledtest import (ALL_ACTIONS, ERR, PEN_HEARTBEAT_TIMEOUT_MS, SafetyTestCase, limits_text, main, profile_yaml,
                          pump, running, timeout_multiplier, valgrind, wait_until)
 
 # The client heartbeat the tests use, long enough for a loaded machine to keep it when it tries.
@@ -228,6 +229,37 @@ class DaemonShutdown(SafetyTestCase):
         self.assertTrue(any(running(s) for s in tel.samples[first:]))
         self.start_needled()
         self.assert_recorded(sid, 'stopped', cartridge='CART-TERM')
+        self.audit_verify()
+
+
+class BusLiveness(SafetyTestCase):
+
+    def test_bus_daemon_dies_mid_session(self):
+        # No operator can reach the treatment any more: needled stops the motor and exits with
+        # an error, so that the service manager restarts it (Restart=on-failure).
+        self.start_needled()
+        pen = self.add_pen(cartridge=('CART-NOBUS', 12))
+        tel = self.telemetry(pen)
+        sid = self.start_session(pen)
+        self.assert_motor_running(tel)
+        daemon, self.daemon = self.daemon, None
+        self.fixture.kill_bus()
+        status = daemon.wait(10 * timeout_multiplier())
+        log = daemon.log()
+        self.fixture.stop_process(daemon)
+        self.assertIsNotNone(status, f'needled did not exit after losing the bus:\n{log[-4000:]}')
+        self.assertNotIn(status, (0, 99), f'needled exited with {status}:\n{log[-4000:]}')
+        self.assertGreater(status, 0, f'needled died by a signal:\n{log[-4000:]}')
+        self.assertIn('lost the connection to the system bus', log)
+        self.assertNotIn('not acknowledged before exit', log)  # the motor stop reached the pen
+        wait_until(lambda: tel.eof, 5, 'the telemetry socket closed')
+        # On a new bus, the session is on record as stopped, the cartridge spent.
+        self.fixture.restart_bus()
+        self.bus = self.fixture.connection()
+        self.polkit = self.fixture.polkit
+        self.polkit.set_allowed(ALL_ACTIONS)
+        self.start_needled()
+        self.assert_recorded(sid, 'stopped', cartridge='CART-NOBUS')
         self.audit_verify()
 
 
