@@ -117,6 +117,8 @@ static const char *scheduling_description(char *buf, size_t size) {
 static int on_name_acquired(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
         nd_daemon *d = userdata;
         const sd_bus_error *e = sd_bus_message_get_error(reply);
+        if (e && sd_bus_is_open(sd_bus_message_get_bus(reply)) <= 0)
+                return 0; /* no answer because the bus went away: on_bus_disconnected says so */
         if (e) {
                 nd_log_error("could not own the bus name %s: %s", ND_BUS_NAME, strempty(e->message));
                 daemon_request_exit(d, -EADDRINUSE);

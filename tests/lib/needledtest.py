@@ -747,8 +747,11 @@ class NeedledTestCase(DaemonTestCase):
     def _note_failure(self):
         # A failed test makes tearDownClass print the daemon's log (meson keeps stderr). Python
         # 3.11 reports an error to the result at once and leaves the outcome's success True.
-        result = getattr(getattr(self, '_outcome', None), 'result', None)
-        if result is not None and any(t is self for t, _ in list(result.errors) + list(result.failures)):
+        # Before 3.11 it is the other way round.
+        outcome = getattr(self, '_outcome', None)
+        result = getattr(outcome, 'result', None)
+        if not getattr(outcome, 'success', True) or (
+                result is not None and any(t is self for t, _ in list(result.errors) + list(result.failures))):
             type(self)._failed = True
 
     def assert_daemon_alive(self):

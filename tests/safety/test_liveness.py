@@ -244,19 +244,22 @@ class BusLiveness(SafetyTestCase):
         self.assert_motor_running(tel)
         daemon, self.daemon = self.daemon, None
         self.fixture.kill_bus()
-        status = daemon.wait(10 * timeout_multiplier())
-        log = daemon.log()
-        self.fixture.stop_process(daemon)
-        self.assertIsNotNone(status, f'needled did not exit after losing the bus:\n{log[-4000:]}')
-        self.assertNotIn(status, (0, 99), f'needled exited with {status}:\n{log[-4000:]}')
-        self.assertGreater(status, 0, f'needled died by a signal:\n{log[-4000:]}')
-        self.assertIn('lost the connection to the system bus', log)
-        self.assertNotIn('not acknowledged before exit', log)  # the motor stop reached the pen
-        wait_until(lambda: tel.eof, 5, 'the telemetry socket closed')
-        # On a new bus, the session is on record as stopped, the cartridge spent.
-        self.fixture.restart_bus()
-        self.bus = self.fixture.connection()
-        self.polkit = self.fixture.polkit
+        try:
+            status = daemon.wait(10 * timeout_multiplier())
+            log = daemon.log()
+            self.fixture.stop_process(daemon)
+            self.assertIsNotNone(status, f'needled did not exit after losing the bus:\n{log[-4000:]}')
+            self.assertNotIn(status, (0, 99), f'needled exited with {status}:\n{log[-4000:]}')
+            self.assertGreater(status, 0, f'needled died by a signal:\n{log[-4000:]}')
+            self.assertIn('lost the connection to the system bus', log)
+            self.assertNotIn('not acknowledged before exit', log)  # the motor stop reached the pen
+            wait_until(lambda: tel.eof, 5, 'the telemetry socket closed')
+        finally:
+            # a bus and polkit again for what follows (and for this class's next test)
+            self.fixture.restart_bus()
+            self._baseline.append(self.fixture.polkit.process)
+            self.bus = self.fixture.connection()
+        # On the new bus, the session is on record as stopped, the cartridge spent.
         self.polkit.set_allowed(ALL_ACTIONS)
         self.start_needled()
         self.assert_recorded(sid, 'stopped', cartridge='CART-NOBUS')

@@ -31,10 +31,11 @@ check "$OPERATOR starts a session" session_begin "$OPERATOR" acne-scars-cheeks v
 check "the motor runs" wait_for 10 motor_running
 sleep 1
 mark=$(motor_mark)
-# the kill happens between these two readings (bash's clock: no process to wait for)
-kill_from_us=${EPOCHREALTIME/./}
+# the kill happens between these two readings (bash's clock: no process to wait for; its
+# decimal point is the locale's, so every non-digit goes)
+kill_from_us=${EPOCHREALTIME//[!0-9]/}
 kill -KILL "$pid"
-kill_to_us=${EPOCHREALTIME/./}
+kill_to_us=${EPOCHREALTIME//[!0-9]/}
 stop=$(motor_stop_line "$mark")
 log "killed between $kill_from_us and $kill_to_us; motor log: $stop"
 check "the motor stopped" test -n "$stop"
