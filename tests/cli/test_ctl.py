@@ -4,7 +4,8 @@ system bus with a mock polkit (tests/lib/busfixture.py): every command, --json o
 parsed and checked, exit codes, watch and run --watch under a pseudo-terminal.
 
 Environment: NEEDLECTL, NEEDLED_BUILD_ROOT, NEEDLED_SOURCE_ROOT (set by meson).
-Under the valgrind setup (NEEDLED_TEST_VALGRIND=1) needlectl itself runs under valgrind too.
+Under the valgrind setup (NEEDLED_TEST_VALGRIND=1) needlectl itself runs under valgrind too: every
+call shape once (call_shape), or every call with NEEDLED_TEST_VALGRIND_EVERY_CALL=1.
 """
 
 import hashlib
@@ -49,14 +50,38 @@ HISTORY_KEYS = {'id', 'pen', 'cartridge', 'profile', 'profile_digest', 'limits_d
                 'max_temperature_c', 'max_current_ma', 'reason'}
 
 
-def wrapper():
-    """needlectl under valgrind in the valgrind setup, so its leaks and errors fail tests;
-    NEEDLECTL_WRAPPER (e.g. "strace -f -o /tmp/t") for debugging."""
+# Under the valgrind setup, the needlectl call shapes (call_shape) already run under valgrind in
+# this test process: a repeat of one runs natively. A valgrinded needlectl costs about a second of
+# start-up and leak check, and a suite repeats its common calls (add-pen, status, arm) hundreds of
+# times, which made the cli suite half of the valgrind stage. NEEDLED_TEST_VALGRIND_EVERY_CALL=1
+# runs every call under valgrind.
+_valgrinded_shapes = set()
+
+
+def call_shape(args, expect=None):
+    """What a needlectl call exercises, for the valgrind setup: its verb (with the sub-verb of sim
+    and audit), the options it names, how many other words it has, and the exit status expected
+    (so an error path is a shape of its own)."""
+    words = [a for a in args if not a.startswith('-')]
+    verb = tuple(words[:2]) if words[:1] in (['sim'], ['audit']) else tuple(words[:1])
+    options = tuple(sorted({a.split('=', 1)[0] for a in args if a.startswith('-')}))
+    return verb, options, len(words) - len(verb), expect
+
+
+def wrapper(args=None, expect=None):
+    """needlectl under valgrind in the valgrind setup, so its leaks and errors fail tests (with
+    args, only the first call of each call_shape); NEEDLECTL_WRAPPER (e.g. "strace -f -o /tmp/t")
+    for debugging."""
     if os.environ.get('NEEDLECTL_WRAPPER'):
         return shlex.split(os.environ['NEEDLECTL_WRAPPER'])
-    if os.environ.get('NEEDLED_TEST_VALGRIND') == '1':
-        return busfixture.daemon_wrapper()
-    return []
+    if os.environ.get('NEEDLED_TEST_VALGRIND') != '1':
+        return []
+    if args is not None and os.environ.get('NEEDLED_TEST_VALGRIND_EVERY_CALL') != '1':
+        shape = call_shape(args, expect)
+        if shape in _valgrinded_shapes:
+            return []
+        _valgrinded_shapes.add(shape)
+    return busfixture.daemon_wrapper()
 
 
 def profile_text(name='cli-test', **profile):
@@ -97,7 +122,7 @@ class NeedlectlTestCase(busfixture.BusTestCase):
 
     def ctl(self, *args, input=None, timeout=30, expect=None):
         """Runs needlectl; returns (exit status, stdout, stderr). With expect, asserts the status."""
-        p = subprocess.run(wrapper() + [NEEDLECTL, *args], input=input, capture_output=True, text=True,
+        p = subprocess.run(wrapper(args, expect) + [NEEDLECTL, *args], input=input, capture_output=True, text=True,
                            timeout=timeout * timeout_multiplier(), env=self.env())
         if expect is not None:
             self.assertEqual(p.returncode, EXIT[expect] if isinstance(expect, str) else expect,
