@@ -114,7 +114,7 @@ def daemon_wrapper():
         supp = os.path.join(source_root(), 'tests', 'valgrind.supp')
         return [valgrind, '--error-exitcode=99', '--leak-check=full',
                 '--show-leak-kinds=definite,indirect', '--errors-for-leak-kinds=definite,indirect',
-                '--track-origins=yes', '--quiet', f'--suppressions={supp}']
+                '--quiet', f'--suppressions={supp}']
     return []
 
 
