@@ -42,18 +42,21 @@ install_packages() {
         "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# configure_build DIR [meson options...]: sets up (or reconfigures) DIR and builds it; meson's
-# and ninja's output is shown only when they fail.
+# configure_build DIR [meson options...] [-- ninja targets...]: sets up (or reconfigures) DIR and
+# builds it (all of it, or the targets named after --); meson's and ninja's output is shown only
+# when they fail.
 configure_build() {
         local dir=$1; shift
-        local out
-        log "configuring and building $dir"
+        local options=() targets=() out
+        while [ $# -gt 0 ] && [ "$1" != -- ]; do options+=("$1"); shift; done
+        [ $# -eq 0 ] || { shift; targets=("$@"); }
+        log "configuring and building $dir${targets[*]:+ (${targets[*]})}"
         if [ -f "$dir/build.ninja" ]; then
-                out=$(meson setup --reconfigure "$dir" "$@" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
+                out=$(meson setup --reconfigure "$dir" "${options[@]}" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
         else
-                out=$(meson setup "$dir" "$@" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
+                out=$(meson setup "$dir" "${options[@]}" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
         fi
-        ninja -C "$dir" >/dev/null || ninja -C "$dir"
+        ninja -C "$dir" "${targets[@]}" >/dev/null || ninja -C "$dir" "${targets[@]}"
 }
 
 # The FHIR export's schema validator (tests/fhir, test cli-export-fhir): node and npm (Debian 12's
