@@ -53,22 +53,39 @@ HISTORY_KEYS = {'id', 'pen', 'cartridge', 'profile', 'profile_digest', 'limits_d
 # Under the valgrind setup, the needlectl call shapes (call_shape) already run under valgrind in
 # this test process: a repeat of one runs natively. A valgrinded needlectl costs about a second of
 # start-up and leak check, and a suite repeats its common calls (add-pen, status, arm) hundreds of
-# times, which made the cli suite half of the valgrind stage. NEEDLED_TEST_VALGRIND_EVERY_CALL=1
-# runs every call under valgrind.
+# times, which made the cli suite half of the valgrind stage. What a repeat may reach that the
+# first call did not (another pen state in `status`, more rows in `list`) is still checked by the
+# ASan+UBSan stage, where every call is sanitized. NEEDLED_TEST_VALGRIND_EVERY_CALL=1 runs every
+# call under valgrind.
 _valgrinded_shapes = set()
+# valgrind's exit status when it found errors (meson.build's setup, busfixture.daemon_wrapper);
+# needlectl's own statuses stop at 64.
+VALGRIND_ERRORS = 99
 
 
-def call_shape(args, expect=None):
+def _word_kind(word):
+    if os.path.isdir(word):
+        return 'directory'
+    if os.path.isfile(word):
+        return 'file'
+    if '/' in word or word.endswith(('.yaml', '.yml', '.csv', '.json')):
+        return 'missing path'
+    return 'word'
+
+
+def call_shape(args, expect=None, stdin=False):
     """What a needlectl call exercises, for the valgrind setup: its verb (with the sub-verb of sim
-    and audit), the options it names, how many other words it has, and the exit status expected
-    (so an error path is a shape of its own)."""
+    and audit), the options it names, the kind of each other word (a file, a directory, a path
+    that does not exist, a word), whether it reads standard input, and the exit status expected
+    (so an expected error is a shape of its own)."""
     words = [a for a in args if not a.startswith('-')]
     verb = tuple(words[:2]) if words[:1] in (['sim'], ['audit']) else tuple(words[:1])
     options = tuple(sorted({a.split('=', 1)[0] for a in args if a.startswith('-')}))
-    return verb, options, len(words) - len(verb), expect
+    kinds = tuple(_word_kind(w) for w in words[len(verb):])
+    return verb, options, kinds, stdin, expect
 
 
-def wrapper(args=None, expect=None):
+def wrapper(args=None, expect=None, stdin=False):
     """needlectl under valgrind in the valgrind setup, so its leaks and errors fail tests (with
     args, only the first call of each call_shape); NEEDLECTL_WRAPPER (e.g. "strace -f -o /tmp/t")
     for debugging."""
@@ -77,11 +94,15 @@ def wrapper(args=None, expect=None):
     if os.environ.get('NEEDLED_TEST_VALGRIND') != '1':
         return []
     if args is not None and os.environ.get('NEEDLED_TEST_VALGRIND_EVERY_CALL') != '1':
-        shape = call_shape(args, expect)
+        shape = call_shape(args, expect, stdin)
         if shape in _valgrinded_shapes:
             return []
         _valgrinded_shapes.add(shape)
     return busfixture.daemon_wrapper()
+
+
+def valgrinded(prefix):
+    return bool(prefix) and os.path.basename(prefix[0]) == 'valgrind'
 
 
 def profile_text(name='cli-test', **profile):
@@ -122,8 +143,13 @@ class NeedlectlTestCase(busfixture.BusTestCase):
 
     def ctl(self, *args, input=None, timeout=30, expect=None):
         """Runs needlectl; returns (exit status, stdout, stderr). With expect, asserts the status."""
-        p = subprocess.run(wrapper(args, expect) + [NEEDLECTL, *args], input=input, capture_output=True, text=True,
+        prefix = wrapper(args, expect, stdin=input is not None)
+        p = subprocess.run(prefix + [NEEDLECTL, *args], input=input, capture_output=True, text=True,
                            timeout=timeout * timeout_multiplier(), env=self.env())
+        # Whatever the caller expects (a poll may take any status as "not yet"): valgrind's errors
+        # fail the test.
+        if valgrinded(prefix) and p.returncode == VALGRIND_ERRORS:
+            self.fail(f'valgrind found errors in needlectl {" ".join(args)}\nstderr: {p.stderr}')
         if expect is not None:
             self.assertEqual(p.returncode, EXIT[expect] if isinstance(expect, str) else expect,
                              f'needlectl {" ".join(args)}\nstdout: {p.stdout}\nstderr: {p.stderr}')
