@@ -596,9 +596,11 @@ class PenErrors(NeedledTestCase):
 
 
 class PenClientHeartbeat(NeedledTestCase):
-    # 300 ms as the issue asks; scaled with the daemon's slowdown (valgrind), since the test
-    # is about the rule, not the figure.
-    HEARTBEAT_MS = 300 * (10 if os.environ.get('NEEDLED_TEST_VALGRIND') == '1' else 1)
+    # 300 ms as the issue asks; scaled with the setup's slowdown (timeout_multiplier: ASan 3,
+    # valgrind 10), since the test is about the rule, not the figure. Unscaled under ASan, on a
+    # loaded machine (the README test command beside stress-ng --cpu 2, load average 8) the
+    # first heartbeat came more than 300 ms after Start.
+    HEARTBEAT_MS = int(300 * timeout_multiplier())
     limits_text = limits_yaml(client_heartbeat_timeout_ms=HEARTBEAT_MS)
 
     def test_no_heartbeat_stops_the_session(self):
