@@ -354,10 +354,18 @@ static bool benchmark(void) {
         return getenv("NEEDLED_BENCH_STREAM") != NULL;
 }
 
+typedef struct Caught {
+        FakePen *fake;
+        nd_penmodel_state st; /* the pen's state when the condition was last tried */
+} Caught;
+
+/* Every sample the pen has handed out has arrived. The pen streams on meanwhile (it hands out
+ * packets from umockdev's thread), so the state this was true of is kept: read again, it may
+ * already count a packet in flight. */
 static bool all_samples_in(Fixture *f, void *arg) {
-        FakePen *fake = arg;
-        nd_penmodel_state st = model_state(fake);
-        return f->pens[0].samples >= st.samples_sent;
+        Caught *c = arg;
+        c->st = model_state(c->fake);
+        return f->pens[0].samples >= c->st.samples_sent;
 }
 
 static double cpu_seconds(const struct rusage *a, const struct rusage *b) {
@@ -385,8 +393,9 @@ static void test_stream(Fixture *f) {
         uint64_t received = pen->samples - samples0;
 
         /* whatever the pen has handed out must arrive, each sample once, in order */
-        (void) run_until(f, all_samples_in, fake, 2000);
-        nd_penmodel_state st = model_state(fake);
+        Caught caught = { .fake = fake };
+        bool caught_up = run_until(f, all_samples_in, &caught, 2000);
+        nd_penmodel_state st = caught.st;
         nd_pendev_stats s;
         nd_pendev_get_stats(pen->dev, &s);
         nd_usb_transport_stats ts;
@@ -413,6 +422,7 @@ static void test_stream(Fixture *f) {
                 /* each sample the pen sent arrived once, in order; a sequence number never seen
                  * is one the pen dropped itself (its queue overflowed: the loop fell behind) */
                 CHECK(pen->backwards == 0);
+                CHECK(caught_up);
                 CHECK(pen->samples == st.samples_sent);
                 CHECK(pen->first_seq <= st.samples_dropped); /* the first ones too, after a long stall */
                 CHECK(pen->first_seq + pen->missing <= st.samples_dropped);
