@@ -23,9 +23,13 @@
 #define URB_STATUS_STALL (-EPIPE)
 #define URB_STATUS_UNLINKED (-ENOENT)
 
+/* A URB belongs to the client (one open file of the device node) that submitted it: as in the
+ * kernel, only that client reaps or discards it, and its URBs go when it closes. Two clients may
+ * have the device open at once (a transport freed with URBs in flight, and the next one). */
 typedef struct Urb {
-        UMockdevIoctlData *urb; /* our copy of the client's struct usbdevfs_urb */
-        UMockdevIoctlData *buf; /* our copy of its buffer, written back on reap */
+        UMockdevIoctlClient *client; /* the client that submitted it */
+        UMockdevIoctlData *urb;      /* our copy of the client's struct usbdevfs_urb */
+        UMockdevIoctlData *buf;      /* our copy of its buffer, written back on reap */
 } Urb;
 
 struct FakePen {
@@ -51,6 +55,7 @@ uint64_t fakepen_now_us(void) {
 static void urb_free(Urb *u) {
         if (!u)
                 return;
+        g_clear_object(&u->client);
         g_clear_object(&u->urb);
         g_clear_object(&u->buf);
         g_free(u);
@@ -165,10 +170,10 @@ static void feed_interrupts(FakePen *p) {
         }
 }
 
-static bool discard_from(GQueue *q, FakePen *p, gulong addr) {
+static bool discard_from(GQueue *q, FakePen *p, UMockdevIoctlClient *client, gulong addr) {
         for (GList *l = q->head; l; l = l->next) {
                 Urb *u = l->data;
-                if (u->urb->client_addr != addr)
+                if (u->client != client || u->urb->client_addr != addr)
                         continue;
                 g_queue_delete_link(q, l);
                 urb_of(u)->status = URB_STATUS_UNLINKED;
@@ -178,6 +183,30 @@ static bool discard_from(GQueue *q, FakePen *p, gulong addr) {
                 return true;
         }
         return false;
+}
+
+/* The first completed URB of this client, taken off the queue; NULL when it has none. */
+static Urb *take_done(FakePen *p, UMockdevIoctlClient *client) {
+        for (GList *l = p->done.head; l; l = l->next) {
+                Urb *u = l->data;
+                if (u->client == client) {
+                        g_queue_delete_link(&p->done, l);
+                        return u;
+                }
+        }
+        return NULL;
+}
+
+/* Drops every URB of a client that closed the device, as the kernel kills them. */
+static void drop_client(GQueue *q, UMockdevIoctlClient *client) {
+        for (GList *l = q->head, *next; l; l = next) {
+                next = l->next;
+                Urb *u = l->data;
+                if (u->client == client) {
+                        g_queue_delete_link(q, l);
+                        urb_free(u);
+                }
+        }
 }
 
 static void shutdown_pending(FakePen *p, GQueue *q) {
@@ -220,6 +249,7 @@ static int handle_ioctl_locked(FakePen *p, UMockdevIoctlClient *client, gulong r
                 struct usbdevfs_urb *urb = (struct usbdevfs_urb *) (void *) data->data;
                 g_autoptr(GError) err = NULL;
                 Urb *u = g_new0(Urb, 1);
+                u->client = g_object_ref(client);
                 u->urb = g_object_ref(data);
                 if (urb->buffer_length > 0) {
                         u->buf = umockdev_ioctl_data_resolve(data, offsetof(struct usbdevfs_urb, buffer),
@@ -250,7 +280,7 @@ static int handle_ioctl_locked(FakePen *p, UMockdevIoctlClient *client, gulong r
                         shutdown_pending(p, &p->pending_ctrl);
                 } else
                         feed_interrupts(p);
-                Urb *u = g_queue_pop_head(&p->done);
+                Urb *u = take_done(p, client);
                 if (!u) {
                         p->stats.empty_reaps++;
                         return p->unplugged ? ENODEV : EAGAIN;
@@ -265,7 +295,7 @@ static int handle_ioctl_locked(FakePen *p, UMockdevIoctlClient *client, gulong r
         case USBDEVFS_DISCARDURB: {
                 /* the argument is the client's URB address itself */
                 gulong addr = *(gulong *) (void *) arg->data;
-                if (discard_from(&p->pending_int, p, addr) || discard_from(&p->pending_ctrl, p, addr))
+                if (discard_from(&p->pending_int, p, client, addr) || discard_from(&p->pending_ctrl, p, client, addr))
                         return 0;
                 return EINVAL; /* completed already */
         }
@@ -301,6 +331,15 @@ static gboolean on_ioctl(UMockdevIoctlBase *handler, UMockdevIoctlClient *client
         return TRUE;
 }
 
+static void on_client_vanished(UMockdevIoctlBase *handler, UMockdevIoctlClient *client, gpointer userdata) {
+        FakePen *p = userdata;
+        g_mutex_lock(&p->lock);
+        drop_client(&p->pending_int, client);
+        drop_client(&p->pending_ctrl, client);
+        drop_client(&p->done, client);
+        g_mutex_unlock(&p->lock);
+}
+
 FakePen *fakepen_new(UMockdevTestbed *tb, const nd_penmodel_config *config, unsigned devnum, unsigned port) {
         g_autoptr(GError) err = NULL;
         nd_penmodel_config defaults;
@@ -328,6 +367,7 @@ FakePen *fakepen_new(UMockdevTestbed *tb, const nd_penmodel_config *config, unsi
         /* the handler first: a hotplug client may open the node as soon as "add" arrives */
         p->handler = umockdev_ioctl_base_new();
         g_signal_connect(p->handler, "handle-ioctl", G_CALLBACK(on_ioctl), p);
+        g_signal_connect(p->handler, "client-vanished", G_CALLBACK(on_client_vanished), p);
         if (!umockdev_testbed_attach_ioctl(tb, p->devnode, p->handler, &err))
                 g_error("fakepen: attach_ioctl %s: %s", p->devnode, err->message);
 
@@ -366,7 +406,7 @@ void fakepen_free(FakePen *p) {
                 return;
         fakepen_unplug(p);
         umockdev_testbed_detach_ioctl(p->tb, p->devnode, NULL);
-        /* URBs still queued belong to a client that closed the device: drop them */
+        /* URBs of a client still connected when the handler goes */
         g_queue_clear_full(&p->pending_int, (GDestroyNotify) urb_free);
         g_queue_clear_full(&p->pending_ctrl, (GDestroyNotify) urb_free);
         g_queue_clear_full(&p->done, (GDestroyNotify) urb_free);
