@@ -406,6 +406,7 @@ void fakepen_free(FakePen *p) {
                 return;
         fakepen_unplug(p);
         umockdev_testbed_detach_ioctl(p->tb, p->devnode, NULL);
+        g_signal_handlers_disconnect_by_data(p->handler, p);
         /* URBs of a client still connected when the handler goes */
         g_queue_clear_full(&p->pending_int, (GDestroyNotify) urb_free);
         g_queue_clear_full(&p->pending_ctrl, (GDestroyNotify) urb_free);
