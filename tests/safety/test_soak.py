@@ -230,14 +230,18 @@ class Soak(SafetyTestCase):
         state = self.state(serial)
         if state not in ('idle', 'armed'):
             return f'skip-{state}'
-        if self.pprop(pen, 'Cartridge')['id'] in self.used:
-            self.fresh_cartridge(serial)
-        cart = self.pprop(pen, 'Cartridge')['id']
         depth = self.rng.choice([0.8, 0.8, 1.2])
         duration = self.rng.choice([600] * 9 + [1])
         separate = self.rng.random() < 0.4
         bus = self.new_connection() if separate else self.bus
+        cart = None
         try:
+            # A pen may show idle and not answer: its session ended (a 1 s duration) just as it
+            # stopped answering, before the heartbeat timed out. The daemon then refuses the
+            # cartridge it cannot query with Fault, as it refuses a Start.
+            if self.pprop(pen, 'Cartridge')['id'] in self.used:
+                self.fresh_cartridge(serial)
+            cart = self.pprop(pen, 'Cartridge')['id']
             self.pen_call(pen, 'LoadProfileData', profile_yaml(depth_mm=depth, duration_s=duration), bus=bus)
             sid = str(self.pen_call(pen, 'Start', dbus.Dictionary({}, signature='sv'), bus=bus))
         except dbus.exceptions.DBusException as e:
@@ -323,12 +327,14 @@ class Soak(SafetyTestCase):
         if self.state(serial) not in ('idle', 'armed') or not self.used:
             return 'skip'
         cart = self.rng.choice(sorted(self.used))
-        self.insert(serial, cart)
         pen = self.pens[serial]
         try:
+            self.insert(serial, cart)
             self.pen_call(pen, 'LoadProfileData', profile_yaml(depth_mm=0.8))
             self.pen_call(pen, 'Start', dbus.Dictionary({}, signature='sv'))
         except dbus.exceptions.DBusException as e:
+            if e.get_dbus_name() == ERR + 'Fault':
+                return 'refused-Fault'   # a pen that does not answer (see act_start): nothing ran
             if e.get_dbus_name() not in (ERR + 'CartridgeSpent', ERR + 'LowBattery'):
                 raise
             self.fresh_cartridge(serial)
