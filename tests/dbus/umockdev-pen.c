@@ -5,13 +5,18 @@
  * umockdev's testbed belongs to the process that creates it, so the daemon cannot be exec'd:
  * the testbed and the pen are set up here and then the daemon's own main loop runs here too
  * (nd_daemon_main from needled-core, the code the daemon runs). SIGUSR1 unplugs the pen (from
- * the daemon's loop, so the harness is driven from one thread as in tests/usb).
+ * the daemon's loop, so the harness is driven from one thread as in tests/usb). SIGUSR2 writes
+ * the pen's own telemetry counters to the --stats file (replaced whole, by rename): a pen whose
+ * host falls behind drops its oldest samples, as a real pen does, and a test may then allow
+ * exactly those gaps.
  *
  * Usage: umockdev-wrapper umockdev-pen [--serial S] [--cartridge ID:NEEDLES] [--telemetry-rate HZ]
- *                                      [--limits FILE] [--profiles DIR] [--state-dir DIR] [--verbose]
+ *                                      [--limits FILE] [--profiles DIR] [--state-dir DIR]
+ *                                      [--stats FILE] [--verbose]
  * Exit: 0 after SIGTERM, 1 on error, 77 when not under umockdev-wrapper. */
 #include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +47,38 @@ static int on_unplug_signal(sd_event_source *s, const struct signalfd_siginfo *s
         return sd_event_source_set_enabled(s, SD_EVENT_OFF);
 }
 
+typedef struct StatsTarget {
+        FakePen *pen;
+        const char *path;
+} StatsTarget;
+
+/* Writes "produced N\nsent N\ndropped N\n" to path.tmp, then renames it over path, so that a
+ * reader sees the whole of one report or none. */
+static int on_stats_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        StatsTarget *t = userdata;
+        nd_penmodel_state st;
+        char tmp[4096];
+        (void) s;
+        (void) si;
+
+        nd_penmodel_get_state(fakepen_lock(t->pen), &st);
+        fakepen_unlock(t->pen);
+        if (snprintf(tmp, sizeof tmp, "%s.tmp", t->path) >= (int) sizeof tmp) {
+                fprintf(stderr, "umockdev-pen: --stats path too long\n");
+                return 0;
+        }
+        FILE *f = fopen(tmp, "we");
+        if (!f) {
+                fprintf(stderr, "umockdev-pen: %s: %s\n", tmp, strerror(errno));
+                return 0;
+        }
+        fprintf(f, "produced %" PRIu64 "\nsent %" PRIu64 "\ndropped %" PRIu64 "\n",
+                st.samples_produced, st.samples_sent, st.samples_dropped);
+        if (fclose(f) != 0 || rename(tmp, t->path) < 0)
+                fprintf(stderr, "umockdev-pen: %s: %s\n", t->path, strerror(errno));
+        return 0;
+}
+
 /* Fits a cartridge given as ID:NEEDLES into the model, as if inserted before the pen was plugged. */
 static int insert_cartridge(FakePen *pen, const char *spec) {
         const char *colon = strrchr(spec, ':');
@@ -61,7 +98,7 @@ static int insert_cartridge(FakePen *pen, const char *spec) {
 }
 
 int main(int argc, char *argv[]) {
-        enum { ARG_SERIAL = 0x100, ARG_CARTRIDGE, ARG_RATE, ARG_LIMITS, ARG_PROFILES, ARG_STATE_DIR, ARG_VERBOSE };
+        enum { ARG_SERIAL = 0x100, ARG_CARTRIDGE, ARG_RATE, ARG_LIMITS, ARG_PROFILES, ARG_STATE_DIR, ARG_STATS, ARG_VERBOSE };
         static const struct option options[] = {
                 { "serial",    required_argument, NULL, ARG_SERIAL },
                 { "cartridge", required_argument, NULL, ARG_CARTRIDGE },
@@ -69,6 +106,7 @@ int main(int argc, char *argv[]) {
                 { "limits",    required_argument, NULL, ARG_LIMITS },
                 { "profiles",  required_argument, NULL, ARG_PROFILES },
                 { "state-dir", required_argument, NULL, ARG_STATE_DIR },
+                { "stats",     required_argument, NULL, ARG_STATS },
                 { "verbose",   no_argument,       NULL, ARG_VERBOSE },
                 { NULL, 0, NULL, 0 }
         };
@@ -79,6 +117,7 @@ int main(int argc, char *argv[]) {
         };
         nd_penmodel_config config;
         const char *cartridge = NULL;
+        StatsTarget stats = { .path = NULL };
         int c;
 
         nd_penmodel_config_init(&config);
@@ -109,6 +148,7 @@ int main(int argc, char *argv[]) {
                 case ARG_LIMITS: opts.limits_path = optarg; break;
                 case ARG_PROFILES: opts.profiles_dir = optarg; break;
                 case ARG_STATE_DIR: opts.state_dir = optarg; break;
+                case ARG_STATS: stats.path = optarg; break;
                 case ARG_VERBOSE: opts.verbose = true; break;
                 default: return EXIT_FAILURE;
                 }
@@ -127,6 +167,7 @@ int main(int argc, char *argv[]) {
         sigaddset(&mask, SIGINT);
         sigaddset(&mask, SIGHUP);
         sigaddset(&mask, SIGUSR1);
+        sigaddset(&mask, SIGUSR2);
         if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) {
                 fprintf(stderr, "umockdev-pen: sigprocmask: %s\n", strerror(errno));
                 return EXIT_FAILURE;
@@ -152,6 +193,9 @@ int main(int argc, char *argv[]) {
         int r = sd_event_default(&event);
         if (r >= 0)
                 r = sd_event_add_signal(event, NULL, SIGUSR1, on_unplug_signal, pen);
+        stats.pen = pen;
+        if (r >= 0 && stats.path)
+                r = sd_event_add_signal(event, NULL, SIGUSR2, on_stats_signal, &stats);
         opts.event = event;
         if (r >= 0)
                 r = nd_daemon_main(&opts);
