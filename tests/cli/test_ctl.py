@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 import unittest
 
@@ -614,21 +615,31 @@ class Sessions(NeedlectlTestCase):
         self.ctl('reload-limits', expect='ok')
         pen = self.add_pen(cartridge=('HB-1', 12))
         runner = self.spawn('run', pen, '--profile', 'acne-scars-cheeks', '--json', '--interval', '0.2')
+        # Its status lines are read as they come: a full pipe would block needlectl's loop, its
+        # heartbeats with it (64 KiB is about 20 s of lines at this interval).
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(runner.stdout), daemon=True)
         try:
             started = json.loads(runner.stdout.readline())
             self.assertEqual(started['event'], 'session-started')
             self.assertEqual(started['heartbeat_ms'], timeout_ms // 3)
+            reader.start()
             # Three heartbeat timeouts: without heartbeats the session would have ended.
             time.sleep(3 * timeout_ms / 1000)
-            self.assertEqual(self.pen(pen)['state'], 'running')
+            state = self.pen(pen)['state']
+            if state != 'running':
+                ended = self.ctl_json('history', '--pen', pen, '--limit', '1')
+                self.fail(f'the session did not keep running ({state}): {ended}')
             runner.send_signal(signal.SIGINT)
-            out, err = runner.communicate(timeout=15 * timeout_multiplier())
+            runner.wait(timeout=15 * timeout_multiplier())
+            reader.join(timeout=15 * timeout_multiplier())
+            err = runner.stderr.read()
         finally:
             if runner.poll() is None:
                 runner.kill()
                 runner.communicate()
         self.assertEqual(runner.returncode, EXIT['ended'], err)
-        self.assertIn('"reason":"stopped"', out)
+        self.assertIn('"reason":"stopped"', ''.join(lines))
 
     def restore_limits(self, text):
         with open(self.limits_path, 'w', encoding='utf-8') as f:
