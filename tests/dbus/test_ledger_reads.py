@@ -17,14 +17,16 @@ import time
 
 import dbus
 
-from needledtest import (NeedledTestCase, AsyncCall, main, pump, timeout_multiplier,
-                             unwrap, wait_until)
+from needledtest import (NeedledTestCase, AsyncCall, main, pump, sanitized, timeout_multiplier,
+                             unwrap, valgrind, wait_until)
 from test_pen import TelemetryReader, check_records
 
 # Sessions in the test ledger: large enough that a cold query of the old kind took far longer
-# than the pen's heartbeat (500 ms), small enough to write in a few seconds (fewer under valgrind).
+# than the pen's heartbeat (500 ms), small enough to write in a few seconds. Under ASan and
+# valgrind, which look for memory errors on the same paths, 5000: at 25,000 the ASan build's
+# make-ledger and the daemon's integrity check of the ledger cost a minute of CPU (docs/performance.md).
 LEDGER_SESSIONS = int(os.environ.get('NEEDLED_TEST_LEDGER_SESSIONS',
-                                     '5000' if os.environ.get('NEEDLED_TEST_VALGRIND') == '1' else '25000'))
+                                     '5000' if valgrind() or sanitized() else '25000'))
 # The loop's longest gap between two consecutive 1 kHz samples that the test accepts. The loop
 # runs time-shared here, on a busy 2-CPU machine: tens of ms happen; seconds are the failure.
 MAX_LOOP_GAP_MS = 250
