@@ -27,7 +27,8 @@ import unittest
 
 ROOT = os.environ.get('NEEDLED_SOURCE_ROOT') or os.path.join(os.path.dirname(__file__), '..', '..')
 import busfixture
-from needledtest import ALL_ACTIONS, limits_text, needled_binary, profile_yaml, timeout_multiplier
+from needledtest import (ALL_ACTIONS, limits_text, needled_binary, profile_yaml, realtime_prefix,
+                         timeout_multiplier)
 
 NEEDLECTL = os.environ.get('NEEDLECTL', 'needlectl')
 CONF = os.path.join(ROOT, 'conf')
@@ -123,8 +124,10 @@ class NeedlectlTestCase(busfixture.BusTestCase):
         state = os.path.join(cls.tmp, 'state')
         os.mkdir(state)
         # needlectl is what this suite checks (under valgrind in the valgrind setup); the daemon
-        # is checked under valgrind by the dbus and safety suites, so it runs natively here.
-        cls.daemon = cls.fixture.start_daemon([
+        # is checked under valgrind by the dbus and safety suites, so it runs natively here, and
+        # real-time as its unit runs it: a time-shared daemon on a loaded machine can miss the
+        # simulated pen's 500 ms heartbeat, and the session ends heartbeat-lost.
+        cls.daemon = cls.fixture.start_daemon(realtime_prefix(wrapped=False) + [
             needled_binary(), '--simulate',
             '--limits', cls.limits_path, '--profiles', PROFILES, '--state-dir', state], wrap=False)
 

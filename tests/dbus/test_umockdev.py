@@ -12,7 +12,8 @@ import dbus
 
 import introspect_compare as ic
 from needledtest import (MANAGER_PATH, OM_IFACE, OPERATE, PEN_IFACE, READ_HISTORY, SIM_IFACE,
-                         NeedledTestCase, SignalLog, main, pump, source_path, unwrap, wait_until)
+                         NeedledTestCase, SignalLog, main, pump, realtime_prefix, source_path, unwrap,
+                         wait_until)
 from test_pen import FLAG_MOTOR_RUNNING, TelemetryReader, check_consecutive, check_records
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
@@ -36,7 +37,10 @@ class UsbPen(NeedledTestCase):
         if not helper:
             raise AssertionError('NEEDLED_UMOCKDEV_PEN is not set (run through meson test)')
         cls.stats_path = os.path.join(cls.tmpdir, 'pen-stats')
-        argv = [helper] + list(cls.daemon_args) + [
+        # Real-time as needled.service runs the daemon (realtime_prefix): the daemon's loop runs
+        # in this process, and time-shared on a loaded machine it can miss the pen's 500 ms
+        # watchdog (the pen then stops its motor: heartbeat-lost).
+        argv = realtime_prefix() + [helper] + list(cls.daemon_args) + [
             '--limits', cls.limits_path, '--profiles', cls.profiles_path, '--state-dir', cls.state_dir,
             '--stats', cls.stats_path]
         # umockdev-wrapper's whole job, done here so that a valgrind wrapper wraps the program.

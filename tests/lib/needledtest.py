@@ -122,15 +122,17 @@ DAEMON_RT_PRIORITY = 20
 _realtime = []
 
 
-def realtime_prefix():
-    """['chrt', '-f', '20'] when the daemon can run real-time as its unit runs it, else []."""
+def realtime_prefix(wrapped=True):
+    """['chrt', '-f', '20'] when the daemon can run real-time as its unit runs it, else [].
+    wrapped: the daemon runs under the setup's wrapper (valgrind there: never real-time); a
+    daemon started with wrap=False runs natively and real-time in every setup."""
     if not _realtime:
         chrt = shutil.which('chrt')
-        ok = (chrt is not None and not valgrind() and not os.environ.get('NEEDLED_TEST_NO_REALTIME') and
+        ok = (chrt is not None and not os.environ.get('NEEDLED_TEST_NO_REALTIME') and
               subprocess.run([chrt, '-f', str(DAEMON_RT_PRIORITY), 'true'],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0)
         _realtime.append([chrt, '-f', str(DAEMON_RT_PRIORITY)] if ok else [])
-    return list(_realtime[0])
+    return [] if wrapped and valgrind() else list(_realtime[0])
 
 
 def source_path(*parts):
