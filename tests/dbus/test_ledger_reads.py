@@ -104,8 +104,8 @@ class TestHistoryBesideASession(NeedledTestCase):
         self.assertEqual([(h['id'], h['reason']) for h in mine], [(sid, 'stopped')])
 
         pump(0.2)
-        records = list(reader.records)
-        check_records(self, records)
+        records, received_us = reader.snapshot()
+        check_records(self, records, received_us=received_us)
         self.assertGreater(len(records), 1000)
         gaps_ms = [(b[4] - a[4]) / 1000 for a, b in zip(records, records[1:])]
         longest = max(gaps_ms)

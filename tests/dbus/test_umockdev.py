@@ -90,11 +90,11 @@ class UsbPen(NeedledTestCase):
         self.addCleanup(reader.close)
         wait_until(lambda: sum(len(a[0]) for _, a in telemetry.items) > 100 and len(reader.records) > 100, 10,
                    'telemetry from the USB pen')
-        records = list(reader.records)
+        records, received_us = reader.snapshot()
         samples = [s for _, a in telemetry.items for s in a[0]]
         dropped = self.pen_dropped()
         check_consecutive(self, [s[1] for s in samples], 'Telemetry sequences', dropped)
-        check_records(self, records, pen_dropped=dropped)
+        check_records(self, records, pen_dropped=dropped, received_us=received_us)
 
         # A treatment on the hardware path.
         self.pen_call(PEN_PATH, 'LoadProfile', 'acne-scars-cheeks')
@@ -117,7 +117,8 @@ class UsbPen(NeedledTestCase):
         removed.wait_for(lambda i: i[1][0] == PEN_PATH, 10, 'InterfacesRemoved')
         self.assertEqual(self.mprop('Pens'), [])
         wait_until(lambda: reader.eof, 10, 'end of file on the telemetry socket')
-        check_records(self, list(reader.records), pen_dropped=self.pen_dropped())
+        records, received_us = reader.snapshot()
+        check_records(self, records, pen_dropped=self.pen_dropped(), received_us=received_us)
         hist = [h for h in unwrap(self.mgr('GetHistory', EMPTY_SV)) if h['id'] == sid]
         self.assertEqual([(h['pen'], h['cartridge'], h['reason']) for h in hist], [(SERIAL, CARTRIDGE, 'device-lost')])
         self.assertEqual(unwrap(self.mgr('GetCartridge', CARTRIDGE))['state'], 'spent')
