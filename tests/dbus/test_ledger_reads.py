@@ -27,8 +27,11 @@ from test_pen import TelemetryReader, check_records
 # make-ledger and the daemon's integrity check of the ledger cost a minute of CPU (docs/performance.md).
 LEDGER_SESSIONS = int(os.environ.get('NEEDLED_TEST_LEDGER_SESSIONS',
                                      '5000' if valgrind() or sanitized() else '25000'))
-# The loop's longest gap between two consecutive 1 kHz samples that the test accepts. The loop
-# runs time-shared here, on a busy 2-CPU machine: tens of ms happen; seconds are the failure.
+# The loop's longest gap between two consecutive 1 kHz samples, while history is read, that the
+# test accepts: tens of ms happen on a busy 2-CPU machine; seconds are the failure. Only the reads'
+# window counts: Start and Stop write the session durably on the loop (fdatasync), and a machine
+# busy writing to disk can hold that for hundreds of ms (measured: 317 and 364 ms at Stop under
+# ASan with stress-ng --cpu 2 --hdd 2), which is not what this test is about.
 MAX_LOOP_GAP_MS = 250
 PULL_SECONDS = 4.0
 
@@ -79,6 +82,7 @@ class TestHistoryBesideASession(NeedledTestCase):
         pump(0.3)
 
         pulled = 0
+        reads_from_us = time.monotonic_ns() // 1000
         deadline = time.monotonic() + PULL_SECONDS * timeout_multiplier()
         while pulled < 2 or time.monotonic() < deadline:
             evict(self.state_dir)
@@ -96,6 +100,7 @@ class TestHistoryBesideASession(NeedledTestCase):
             self.assertEqual(unwrap(cart.reply)['state'], 'spent')
             pulled += 1
         self.assertGreaterEqual(pulled, 2)
+        reads_to_us = time.monotonic_ns() // 1000
 
         self.assertEqual(self.pprop(pen, 'State'), 'running', f'fault: {self.pprop(pen, "Fault")}')
         self.pen_call(pen, 'Stop')
@@ -107,9 +112,12 @@ class TestHistoryBesideASession(NeedledTestCase):
         records, received_us = reader.snapshot()
         check_records(self, records, received_us=received_us)
         self.assertGreater(len(records), 1000)
-        gaps_ms = [(b[4] - a[4]) / 1000 for a, b in zip(records, records[1:])]
+        during = [r for r in records if reads_from_us <= r[4] <= reads_to_us]
+        self.assertGreater(len(during), 1000, 'samples while history was read')
+        gaps_ms = [(b[4] - a[4]) / 1000 for a, b in zip(during, during[1:])]
         longest = max(gaps_ms)
-        print(f'{pulled} rounds of cold history; {len(records)} samples; longest loop gap {longest:.1f} ms')
+        print(f'{pulled} rounds of cold history; {len(records)} samples, {len(during)} while history was read; '
+              f'longest loop gap then {longest:.1f} ms')
         if os.environ.get('NEEDLED_TEST_VALGRIND') != '1':
             self.assertLess(longest, MAX_LOOP_GAP_MS, 'the loop stalled while history was read')
 
