@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <systemd/sd-journal.h>
 
 #include "log.h"
@@ -44,6 +45,10 @@ void nd_log_fullv(int level, const char *const *fields, const char *fmt, va_list
         if (level > max_level)
                 return;
         int saved_errno = errno;
+        /* When needled logged it: journald stamps an entry when it reads it, which on a starved
+         * machine can be long after (and after a kernel message that came later). */
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
         char message[LOG_MESSAGE_MAX];
         vsnprintf(message, sizeof message, fmt, ap);
 
@@ -51,13 +56,16 @@ void nd_log_fullv(int level, const char *const *fields, const char *fmt, va_list
                 to_journal = stderr_is_journal();
         if (to_journal) {
                 struct iovec iov[LOG_FIELDS_MAX + 3];
-                char priority[32];
+                char priority[32], monotonic[64];
                 _cleanup_free_ char *msg_field = NULL;
                 size_t n = 0;
                 if (asprintf(&msg_field, "MESSAGE=%s", message) >= 0) {
                         snprintf(priority, sizeof priority, "PRIORITY=%d", level);
                         iov[n++] = (struct iovec) { .iov_base = msg_field, .iov_len = strlen(msg_field) };
                         iov[n++] = (struct iovec) { .iov_base = priority, .iov_len = strlen(priority) };
+                        snprintf(monotonic, sizeof monotonic, "NEEDLED_MONOTONIC_USEC=%llu",
+                                 (unsigned long long) now.tv_sec * 1000000ULL + (unsigned long long) now.tv_nsec / 1000ULL);
+                        iov[n++] = (struct iovec) { .iov_base = monotonic, .iov_len = strlen(monotonic) };
                         for (size_t i = 0; fields && fields[i] && i < LOG_FIELDS_MAX; i++)
                                 iov[n++] = (struct iovec) { .iov_base = (void *) fields[i], .iov_len = strlen(fields[i]) };
                         if (sd_journal_sendv(iov, (int) n) >= 0) {

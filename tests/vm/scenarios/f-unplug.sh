@@ -22,18 +22,26 @@ check "needlectl run ends" session_end_wait 20
 reason=$(session_reason)
 # When needled saw the pen fail, if it did, and when the kernel announced the disconnect: one
 # unfiltered read after the cursor (journalctl before v255 skips the first match of a filter
-# after a cursor). needled's entry by the time journald received it (no earlier than the
-# failure), the kernel's by its printk time (both counted from boot): failed <= disconnect then
-# proves the order, however late journald read either.
+# after a cursor). needled's entry by the time needled logged it (NEEDLED_MONOTONIC_USEC, lib/log.c:
+# journald's own stamp is when it read the entry, which on a starved guest can come after a kernel
+# message printed later), the kernel's by its printk time (both counted from boot): failed <=
+# disconnect then proves the order, however late journald read either.
 journalctl --sync 2>/dev/null || true
 entries=$(journalctl --no-pager -o json --after-cursor="$cursor")
 failed=$(jq -r 'select(._SYSTEMD_UNIT == "needled.service" and
 	(.MESSAGE | strings | test("heartbeat not acknowledged|no telemetry for"))) |
-	"\(.__REALTIME_TIMESTAMP) \(.__MONOTONIC_TIMESTAMP)"' <<<"$entries" | head -n 1)
+	"\(.__REALTIME_TIMESTAMP) \(.NEEDLED_MONOTONIC_USEC)"' <<<"$entries" | head -n 1)
 failed_us=${failed% *}
 failed_mono=${failed#* }
 disconnect_mono=$(jq -r 'select(._TRANSPORT == "kernel" and (.MESSAGE | strings | test("USB disconnect"))) |
 	._SOURCE_MONOTONIC_TIMESTAMP // .__MONOTONIC_TIMESTAMP' <<<"$entries" | head -n 1)
+# Every entry of needled's carries the time needled logged it, no later than journald read it.
+stamps=$(jq -r 'select(._SYSTEMD_UNIT == "needled.service") |
+	"\(.NEEDLED_MONOTONIC_USEC // "none") \(.__MONOTONIC_TIMESTAMP)"' <<<"$entries" | head -n 1)
+stamps=${stamps:-none none}
+log "needled's first entry after the unplug: logged at ${stamps% *}, read by journald at ${stamps#* } (monotonic µs)"
+check "needled stamps its journal entries (NEEDLED_MONOTONIC_USEC)" test "${stamps% *}" != none
+check "needled logged the entry before journald read it" test "${stamps% *}" -le "${stamps#* }"
 log "unplug began $unplug_us (realtime µs); needled saw the pen fail: ${failed_us:-never} (realtime), ${failed_mono:--} (monotonic); the kernel's disconnect: ${disconnect_mono:-not seen} (monotonic)"
 if [ "$reason" = fault:heartbeat-lost ]; then
 	# The gadget goes first, the host's disconnect follows when the guest's hub thread runs. On a
