@@ -104,7 +104,7 @@ def wrapper(args=None, expect=None, stdin=False):
 
 
 def valgrinded(prefix):
-    return bool(prefix) and os.path.basename(prefix[0]) == 'valgrind'
+    return bool(prefix) and os.path.basename(prefix[0]) in ('valgrind', 'valgrind-wrap')
 
 
 def profile_text(name='cli-test', **profile):

@@ -749,7 +749,7 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_string_tables);
         suite_add_tcase(s, tc);
 
-        /* Abort tests need Check's fork mode (not under valgrind, where CK_FORK=no). */
+        /* Abort tests need Check's fork mode: not under ASan or valgrind (CK_FORK=no). */
         const char *fork_mode = getenv("CK_FORK");
         if (!fork_mode || !STREQ(fork_mode, "no")) {
                 tc = tcase_create("invariants");
