@@ -677,6 +677,16 @@ class DaemonTestCase(busfixture.BusTestCase):
         self.assertEqual(moving[:3], [], f'the motor ran ({len(moving)} samples)')
 
 
+def _test_failed(testcase):
+    """Whether the running test has failed so far (for a cleanup). Python 3.11 reports an error
+    to the result at once and leaves the outcome's success True; before 3.11 it is the other way
+    round."""
+    outcome = getattr(testcase, '_outcome', None)
+    result = getattr(outcome, 'result', None)
+    return not getattr(outcome, 'success', True) or (
+        result is not None and any(t is testcase for t, _ in list(result.errors) + list(result.failures)))
+
+
 class NeedledTestCase(DaemonTestCase):
     """Bus tests: one daemon per test class (started in setUpClass with daemon_args, a fresh
     state dir and limits_text/profiles_dir as chosen), polkit granting allowed_actions unless a
@@ -747,13 +757,8 @@ class NeedledTestCase(DaemonTestCase):
         self.addCleanup(self._note_failure)
 
     def _note_failure(self):
-        # A failed test makes tearDownClass print the daemon's log (meson keeps stderr). Python
-        # 3.11 reports an error to the result at once and leaves the outcome's success True.
-        # Before 3.11 it is the other way round.
-        outcome = getattr(self, '_outcome', None)
-        result = getattr(outcome, 'result', None)
-        if not getattr(outcome, 'success', True) or (
-                result is not None and any(t is self for t, _ in list(result.errors) + list(result.failures))):
+        # A failed test makes tearDownClass print the daemon's log (meson keeps stderr).
+        if _test_failed(self):
             type(self)._failed = True
 
     def assert_daemon_alive(self):
@@ -779,6 +784,12 @@ class SafetyTestCase(DaemonTestCase):
         self.daemon = None
         # Before the processes are stopped (cleanups run last-in first-out).
         self.addCleanup(self._check_daemon_at_end)
+        self.addCleanup(self._log_on_failure)
+
+    def _log_on_failure(self):
+        # meson keeps stderr: a failed test shows what the daemon it started logged.
+        if self.daemon is not None and _test_failed(self):
+            sys.stderr.write(f'---- needled log ({self.id()}) ----\n{self.daemon.log()[-20000:]}\n----\n')
 
     def write_limits(self, text):
         tmp = self.limits_path + '.tmp'
