@@ -57,7 +57,11 @@ def main():
             with open(limits, 'w', encoding='utf-8') as f:
                 f.write(shipped_limits_yaml())
         with open(log_path, 'w', encoding='utf-8') as log:
-            daemon = subprocess.Popen(wrapper + [needled, '--session', '--simulate',
+            # real-time where it may be, as needled.service runs it and the other suites do (a
+            # time-shared daemon on a busy machine can miss the pen's heartbeat); never under
+            # valgrind
+            from needledtest import realtime_prefix
+            daemon = subprocess.Popen(wrapper + realtime_prefix() + [needled, '--session', '--simulate',
                                        '--limits', limits,
                                        '--profiles', os.path.join(source_root, 'conf', 'profiles.d'),
                                        '--state-dir', os.path.join(tmp, 'state')], env=env, stderr=log)
