@@ -797,15 +797,15 @@ class SafetyTestCase(DaemonTestCase):
             f.write(text)
         os.replace(tmp, self.limits_path)
 
-    def start_needled(self, limits=None, state_dir=None, extra_args=(), simulate=True):
+    def start_needled(self, limits=None, state_dir=None, extra_args=(), simulate=True, env=None):
         """Starts needled on this test's bus; limits: text of the limits file (None: keep the
-        file written before, or the fixture's if none was)."""
+        file written before, or the fixture's if none was); env: added to its environment."""
         if limits is not None or not os.path.exists(self.limits_path):
             self.write_limits(limits if limits is not None else limits_text())
         argv = realtime_prefix() + [needled_binary()] + (['--simulate'] if simulate else []) + [
             '--limits', self.limits_path, '--profiles', self.profiles_dir,
             '--state-dir', state_dir or self.state_dir] + list(extra_args)
-        self.daemon = self.fixture.start_daemon(argv, timeout_s=20)
+        self.daemon = self.fixture.start_daemon(argv, env=env, timeout_s=20)
         self.manager = self.bus.get_object(BUS_NAME, MANAGER_PATH, introspect=False)
         return self.daemon
 

@@ -18,9 +18,8 @@ import time
 
 import dbus
 
-import busfixture
-from needledtest import (ERR, SafetyTestCase, limits_text, main, realtime_prefix, timeout_multiplier,
-                         valgrind, wait_until)
+from needledtest import (ERR, SafetyTestCase, limits_text, main, timeout_multiplier, valgrind,
+                         wait_until)
 
 PENBOX = os.environ.get('NEEDLED_UMOCKDEV_PENBOX')
 WATCHDOG_FAULT = 0x10   # docs/protocol.md: pen watchdog expired
@@ -103,15 +102,8 @@ class UsbSafety(SafetyTestCase):
         env = {'LD_PRELOAD': 'libumockdev-preload.so.0', 'UMOCKDEV_DIR': self.umockdev_dir,
                # The preload library comes before ASan's runtime; harmless here (tests/usb).
                'ASAN_OPTIONS': (asan + ':' if asan else '') + 'verify_asan_link_order=0'}
-        # real-time, as needled.service runs it and every other test does (a time-shared daemon
-        # on a busy machine can miss the pen's 500 ms heartbeat); never under valgrind
-        argv = busfixture.daemon_wrapper() + realtime_prefix() + [
-            os.path.join(busfixture.build_root(), 'daemon', 'needled'),
-            '--limits', self.limits_path, '--profiles', self.profiles_dir, '--state-dir', self.state_dir]
-        proc = self.fixture.spawn(argv, env=env, name='needled')
-        self.fixture.wait_for_name(busfixture.NEEDLED_NAME, 20, proc)
-        self.daemon = proc
-        return proc
+        # started as every other safety test starts it (real-time, under the setup's wrapper)
+        return self.start_needled(simulate=False, env=env)
 
     def wait_pen(self, serial, timeout_s=10):
         path = '/org/needled/pen/' + serial.replace('-', '_2d')
