@@ -54,6 +54,7 @@ static const method_action method_actions[] = {
         { ND_SIM_INTERFACE,     "EjectCartridge",   "" },
         { ND_SIM_INTERFACE,     "SetBattery",       "" },
         { ND_SIM_INTERFACE,     "InjectFault",      "" },
+        { ND_SIM_INTERFACE,     "GetPenCounters",   "" },
 };
 
 typedef struct auth_request auth_request;

@@ -241,6 +241,22 @@ static int method_inject_fault(sd_bus_message *m, void *userdata, sd_bus_error *
         return sd_bus_reply_method_return(m, NULL);
 }
 
+/* The pen's own telemetry counters, as its firmware keeps them: what it measured, sent, dropped
+ * (its queue full while the host did not read, or while unresponsive) and still holds. A client
+ * that sees a gap in the sequence numbers can tell a sample the pen never sent from one lost on
+ * the host side; the umockdev tests read the same counts from the emulated device. */
+static int method_get_pen_counters(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        nd_daemon *d = userdata;
+        nd_pen *p = read_sim_pen(m, d, error);
+        if (!p)
+                return -EINVAL;
+        nd_penmodel_state st;
+        nd_penmodel_get_state(nd_pen_get_model(p), &st);
+        return sd_bus_reply_method_return(m, "a{sv}", 5, "samples_produced", "t", st.samples_produced, "samples_sent", "t",
+                                          st.samples_sent, "samples_dropped", "t", st.samples_dropped, "samples_queued",
+                                          "u", st.queued, "next_sequence", "u", st.next_sequence);
+}
+
 /* Every method goes through the bouncer (daemon/bouncer.c), which maps them all to no
  * authorization: the simulator exists only when asked for on the command line. */
 static const nd_method simulator_methods[] = {
@@ -250,6 +266,7 @@ static const nd_method simulator_methods[] = {
         { "EjectCartridge", NULL, method_eject_cartridge },
         { "SetBattery", NULL, method_set_battery },
         { "InjectFault", NULL, method_inject_fault },
+        { "GetPenCounters", NULL, method_get_pen_counters },
 };
 
 static int simulator_dispatch(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -270,6 +287,8 @@ static const sd_bus_vtable simulator_vtable[] = {
         SD_BUS_METHOD_WITH_ARGS("SetBattery", SD_BUS_ARGS("o", pen, "u", percent), SD_BUS_NO_RESULT,
                                 simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("InjectFault", SD_BUS_ARGS("o", pen, "s", fault), SD_BUS_NO_RESULT,
+                                simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("GetPenCounters", SD_BUS_ARGS("o", pen), SD_BUS_RESULT("a{sv}", counters),
                                 simulator_dispatch, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END
 };

@@ -116,7 +116,7 @@ class TelemetryOnRequest(NeedledTestCase):
         self.pen_call(pen, 'WatchTelemetry')  # idempotent: still each batch once
         mine.wait_for(lambda i: True, 5, 'a Telemetry batch after WatchTelemetry')
         pump(0.5)
-        check_consecutive(self, self.samples(mine), 'watched Telemetry')
+        check_consecutive(self, self.samples(mine), 'watched Telemetry', self.pen_dropped(pen))
         self.assertEqual(unasked.items, [], 'a client that did not ask received Telemetry')
         # Unwatch: no more batches (one in flight may still arrive).
         self.pen_call(pen, 'UnwatchTelemetry')
@@ -206,7 +206,7 @@ class TelemetryOnRequest(NeedledTestCase):
         self.assertEqual(len(stream) % TELEMETRY_RECORD.size, 0, 'a record was split')
         first = [TELEMETRY_RECORD.unpack_from(stream, i) for i in range(0, len(stream), TELEMETRY_RECORD.size)]
         self.assertGreater(len(first), 200)
-        check_consecutive(self, [r[2] for r in first], 'pipe records')
+        check_consecutive(self, [r[2] for r in first], 'pipe records', self.pen_dropped(pen))
         self.assertEqual({r[5] for r in first}, {0})
         # Stall for longer than the pipe holds: the loss is counted, records stay whole.
         stream = b''

@@ -110,7 +110,7 @@ class TestHistoryBesideASession(NeedledTestCase):
 
         pump(0.2)
         records, received_us = reader.snapshot()
-        check_records(self, records, received_us=received_us)
+        check_records(self, records, received_us=received_us, pen_dropped=self.pen_dropped(pen))
         self.assertGreater(len(records), 1000)
         during = [r for r in records if reads_from_us <= r[4] <= reads_to_us]
         self.assertGreater(len(during), 1000, 'samples while history was read')

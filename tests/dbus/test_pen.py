@@ -370,7 +370,7 @@ class PenTreatment(NeedledTestCase):
         samples = [s for b in batches for s in b]
         self.assertGreaterEqual(len(batches), 10, 'about 20 batches a second')
         self.assertGreater(len(samples), 500)
-        check_consecutive(self, [s[1] for s in samples], 'Telemetry signal sequences')
+        check_consecutive(self, [s[1] for s in samples], 'Telemetry signal sequences', self.pen_dropped(pen))
         times = [s[0] for s in samples]
         self.assertEqual(times, sorted(times))
         running = [s for s in samples if s[6] & FLAG_MOTOR_RUNNING]
@@ -388,7 +388,7 @@ class PenTreatment(NeedledTestCase):
             self.assertEqual(size, 72)
             self.assertLessEqual(battery, 100)
         records, received_us = reader.snapshot()
-        check_records(self, records, received_us=received_us)
+        check_records(self, records, received_us=received_us, pen_dropped=self.pen_dropped(pen))
         # The fd and the signal carry the same samples.
         by_seq = {s[1]: s for s in samples}
         common = [r for r in reader.records if r[2] in by_seq]
@@ -460,7 +460,7 @@ class PenTreatment(NeedledTestCase):
         # Every sample of the session was on the bus before SessionEnded; the fd kept up.
         pump(0.3)
         samples = [s for _, args in telemetry.items for s in args[0]]
-        check_consecutive(self, [s[1] for s in samples], 'Telemetry signal sequences')
+        check_consecutive(self, [s[1] for s in samples], 'Telemetry signal sequences', self.pen_dropped(pen))
         records, received_us = reader.snapshot()
         check_records(self, records, received_us=received_us)
 

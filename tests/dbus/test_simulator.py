@@ -7,7 +7,7 @@ import dbus
 
 from needledtest import (ERR, INVALID_ARGS, MANAGER_PATH, OM_IFACE, PEN_IFACE, SIM_IFACE,
                          UNKNOWN_INTERFACE, UNKNOWN_METHOD, UNKNOWN_OBJECT, NeedledTestCase,
-                         SignalLog, main, unwrap)
+                         SignalLog, main, unwrap, wait_until)
 
 EMPTY_SV = dbus.Dictionary({}, signature='sv')
 NOWHERE = dbus.ObjectPath('/org/needled/pen/NOWHERE')
@@ -98,6 +98,29 @@ class Simulator(NeedledTestCase):
         self.assertDBusError(INVALID_ARGS, self.sim, 'SetBattery', pen, dbus.UInt32(2**32 - 1))
         self.assertDBusError(UNKNOWN_OBJECT, self.sim, 'SetBattery', NOWHERE, dbus.UInt32(50))
         self.wait_pen_prop(pen, 'BatteryPercent', lambda v: v <= 42)
+
+    def test_pen_counters(self):
+        pen = dbus.ObjectPath(self.add_pen())
+
+        def counters():
+            c = unwrap(self.sim('GetPenCounters', pen))
+            self.assertEqual(set(c), {'samples_produced', 'samples_sent', 'samples_dropped', 'samples_queued',
+                                      'next_sequence'})
+            # every sample measured was sent, dropped or is still queued
+            self.assertEqual(c['samples_produced'], c['samples_sent'] + c['samples_dropped'] + c['samples_queued'])
+            return c
+
+        first = counters()
+        wait_until(lambda: counters()['samples_sent'] > first['samples_sent'] + 2, 10,
+                   'the pen sending telemetry')
+        self.assertGreaterEqual(counters()['next_sequence'], first['next_sequence'] + 3)
+        # An unresponsive pen measures on but sends nothing: what it measures is dropped, and said so.
+        self.sim('InjectFault', pen, 'unresponsive')
+        before = counters()
+        wait_until(lambda: counters()['samples_dropped'] > before['samples_dropped'] + 2, 10,
+                   'the unresponsive pen dropping samples')
+        self.assertEqual(counters()['samples_sent'], before['samples_sent'])
+        self.assertDBusError(UNKNOWN_OBJECT, self.sim, 'GetPenCounters', NOWHERE)
 
     def test_inject_fault_bad_arguments(self):
         pen = dbus.ObjectPath(self.add_pen())
