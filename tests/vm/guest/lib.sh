@@ -66,10 +66,12 @@ finish() {
 
 # gone PID: the process has exited (bash reaps its children as they exit)
 gone() { ! kill -0 "$1" 2>/dev/null; }
-# wait_for SECONDS COMMAND...: polls by deadline (every process start is slow under TCG).
+# wait_for SECONDS COMMAND...: polls by deadline (every process start is slow under TCG). The
+# deadline is SECONDS times NEEDLED_VM_TIME_SCALE (run-vm-tests: 4 under TCG): each is only how
+# long to wait for something that must happen, and an emulated guest on a busy host is slow.
 wait_for() {
 	local end
-	end=$(awk -v t="$1" '{ printf "%.2f", $1 + t }' /proc/uptime); shift
+	end=$(awk -v t="$1" -v k="${NEEDLED_VM_TIME_SCALE:-1}" '{ printf "%.2f", $1 + t * k }' /proc/uptime); shift
 	until "$@" >/dev/null 2>&1; do
 		awk -v e="$end" '{ exit !($1 > e) }' /proc/uptime && return 1
 		sleep 0.1
