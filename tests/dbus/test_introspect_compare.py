@@ -58,6 +58,7 @@ API = {
         'AddPen(a{sv} options) -> o pen', 'RemovePen(o pen) -> ',
         'InsertCartridge(o pen, s id, u needles) -> ', 'EjectCartridge(o pen) -> ',
         'SetBattery(o pen, u percent) -> ', 'InjectFault(o pen, s fault) -> ',
+        'GetPenCounters(o pen) -> a{sv} counters',  # (ext)
     ],
 }
 
