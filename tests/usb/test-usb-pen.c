@@ -368,6 +368,20 @@ static bool all_samples_in(Fixture *f, void *arg) {
         return f->pens[0].samples >= c->st.samples_sent;
 }
 
+/* The pen stops streaming, as at a host's SET_TELEMETRY(off) (its queue is dropped); returns its
+ * state just before. */
+static nd_penmodel_state stop_stream(FakePen *fake) {
+        nd_control_setup setup;
+        uint8_t data[ND_PROTO_SET_TELEMETRY_SIZE];
+        nd_penmodel_state st;
+        CHECK_ERRNO(nd_proto_request_set_telemetry(&setup, data, 0, false), 0);
+        nd_penmodel *m = fakepen_lock(fake);
+        nd_penmodel_get_state(m, &st);
+        CHECK_ERRNO(nd_penmodel_control(m, fakepen_now_us(), &setup, data, sizeof data), 0);
+        fakepen_unlock(fake);
+        return st;
+}
+
 static double cpu_seconds(const struct rusage *a, const struct rusage *b) {
         return (double) (b->ru_utime.tv_sec - a->ru_utime.tv_sec + b->ru_stime.tv_sec - a->ru_stime.tv_sec) +
                (double) (b->ru_utime.tv_usec - a->ru_utime.tv_usec + b->ru_stime.tv_usec - a->ru_stime.tv_usec) / 1e6;
@@ -392,7 +406,12 @@ static void test_stream(Fixture *f) {
         uint64_t elapsed = now_us() - t0;
         uint64_t received = pen->samples - samples0;
 
-        /* whatever the pen has handed out must arrive, each sample once, in order */
+        /* The pen stops, then whatever it handed out must arrive, each sample once, in order. A pen
+         * streaming on is a moving target: under load (L13, the test process at 24 % of a core)
+         * the loop never caught it in 2 s. How the stream went is judged on the counts from
+         * before the stop (the stop drops the pen's queue, and the stream stalls after it). */
+        unsigned stalled = pen->errors[ND_PENDEV_ERROR_TELEMETRY_STALLED];
+        nd_penmodel_state streamed = stop_stream(fake);
         Caught caught = { .fake = fake };
         bool caught_up = run_until(f, all_samples_in, &caught, 2000);
         nd_penmodel_state st = caught.st;
@@ -406,8 +425,8 @@ static void test_stream(Fixture *f) {
                "pen: %" PRIu64 " produced, %" PRIu64 " sent, %" PRIu64 " dropped; gaps %" PRIu64 " duplicates %" PRIu64
                " corrupt %" PRIu64 "; CPU: test process %.0f%%, of which the sd-event loop thread %.0f%%\n",
                received, (double) elapsed / 1e6, (double) received * 1e6 / (double) elapsed, s.packets,
-               (double) s.samples / (double) MAX(s.packets, (uint64_t) 1), st.samples_produced, st.samples_sent,
-               st.samples_dropped, s.gaps, s.duplicates, s.corrupt_packets, 100.0 * cpu_s / ((double) elapsed / 1e6),
+               (double) s.samples / (double) MAX(s.packets, (uint64_t) 1), streamed.samples_produced,
+               streamed.samples_sent, streamed.samples_dropped, s.gaps, s.duplicates, s.corrupt_packets, 100.0 * cpu_s / ((double) elapsed / 1e6),
                100.0 * loop_cpu_s / ((double) elapsed / 1e6));
 
         FakePenStats fs;
@@ -429,14 +448,14 @@ static void test_stream(Fixture *f) {
                 CHECK(pen->last_seq + 1 == pen->first_seq + st.samples_sent + pen->missing);
                 CHECK(s.missing_samples == pen->missing);
                 /* a loop held off long enough to stall the stream is one the pen dropped for */
-                CHECK(pen->errors[ND_PENDEV_ERROR_TELEMETRY_STALLED] == 0 || st.samples_dropped > 0);
+                CHECK(stalled == 0 || streamed.samples_dropped > 0);
                 if (benchmark())
                         printf("# target: the loop keeps up with the pen at %u Hz, nothing dropped: %s\n", rate,
-                               st.samples_dropped == 0 ? "met" : "MISSED");
-                else if (st.samples_dropped > 0)
+                               streamed.samples_dropped == 0 ? "met" : "MISSED");
+                else if (streamed.samples_dropped > 0)
                         printf("# the loop fell behind the pen (%" PRIu64 " samples dropped by the pen): a busy "
                                "machine; the usb-stream benchmark judges it\n",
-                               st.samples_dropped);
+                               streamed.samples_dropped);
         } else
                 printf("# under valgrind: throughput and order (nothing dropped or late; a starved link resyncs) "
                        "not checked, see order_checked()\n");
