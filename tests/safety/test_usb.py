@@ -18,8 +18,8 @@ import time
 
 import dbus
 
-from needledtest import (ERR, SafetyTestCase, limits_text, main, timeout_multiplier, valgrind,
-                         wait_until)
+from needledtest import (ERR, SafetyTestCase, limits_text, main, realtime_prefix, timeout_multiplier,
+                         valgrind, wait_until)
 
 PENBOX = os.environ.get('NEEDLED_UMOCKDEV_PENBOX')
 WATCHDOG_FAULT = 0x10   # docs/protocol.md: pen watchdog expired
@@ -86,13 +86,20 @@ class UsbSafety(SafetyTestCase):
     def setUp(self):
         super().setUp()
         ctl = os.path.join(self.tmpdir, 'penbox.sock')
-        self.box_proc = self.fixture.spawn([PENBOX, ctl], name='penbox')
+        # Real-time, as needled is: the box is the pens' firmware, which runs on its own
+        # microcontroller and is never starved by the host's load. Time-shared, on a loaded machine
+        # (L13) a session here ended heartbeat-lost where the pen's restart was to end it
+        # telemetry-corrupt; a box that answered late is the likely cause.
+        self.box_proc = self.fixture.spawn(realtime_prefix(wrapped=False) + [PENBOX, ctl], name='penbox')
         wait_until(lambda: os.path.exists(ctl) or not self.box_proc.running(), 10, 'the penbox socket')
         self.assertTrue(self.box_proc.running(), self.box_proc.log())
         self.box = PenBox(ctl)
         self.addCleanup(self.box.close)
         # The daemon goes before the box: its preload library needs the testbed to exit cleanly.
         self.addCleanup(self._check_daemon_at_end)
+        # A failed test prints the daemon's log, before the cleanup above stops it (L13's failure
+        # printed none: SafetyTestCase's own cleanup for it runs after this one).
+        self.addCleanup(self._log_on_failure)
         self.umockdev_dir = self.box.cmd('env').split('UMOCKDEV_DIR=', 1)[1]
         self.write_limits(limits_text(heartbeat_timeout_ms=HEARTBEAT_MS))
 
