@@ -209,10 +209,13 @@ session_begin() {
 		--commands <"$SESSION_FIFO" >"$SESSION_OUT" 2>&1 &
 	SESSION_PID=$!
 	exec 7>"$SESSION_FIFO"
-	wait_for 30 pen_state_is running || { log "session did not start: $(cat "$SESSION_OUT")"; return 1; }
+	# needlectl run exiting (refused, say) ends the wait at once: nothing will start then
+	wait_for 30 session_running_or_over
+	pen_state_is running || { log "session did not start: $(cat "$SESSION_OUT")"; return 1; }
 	SESSION_ID=$(pen_value SessionId)
 	log "session $SESSION_ID running (needlectl run pid $SESSION_PID, user $user, profile $profile)"
 }
+session_running_or_over() { pen_state_is running || gone "$SESSION_PID"; }
 session_cmd() { echo "$*" >&7; }
 # session_end_wait SECONDS: waits for needlectl run to exit; its output in SESSION_OUT
 session_end_wait() {
