@@ -646,6 +646,11 @@ class DaemonTestCase(busfixture.BusTestCase):
         self.assertTrue(all(running(s) for s in tel.samples[i:j + 1]), 'the motor stopped by itself')
         return i
 
+    def first_running(self, tel, timeout_s=5):
+        """Index of the first sample with the motor running. Waits for it: a reader behind the
+        daemon (valgrind, a loaded machine: L15) may not have read it when a short session ends."""
+        return tel.wait_first(running, timeout_s, 'telemetry showing the motor running')
+
     def assert_motor_stops(self, tel, start, timeout_s=3, within_ms=None, pen_fault=None):
         """The pen's telemetry shows the motor stopped (status bit 0 clear) after sample index
         start, then the needles coming to rest (measured speed below STOPPED_SPEED_HZ) and the

@@ -185,7 +185,7 @@ class FaultsWhileRunning(SafetyTestCase):
         # Still hot (the injected heat decays slowly): ClearFault says why not.
         self.assertDBusError(ERR + 'Fault', self.pen_call, pen, 'ClearFault', message_contains='°C')
         self.assertEqual(self.pprop(pen, 'State'), 'fault')
-        stop = tel.wait_first(lambda s: not running(s), 3, 'the motor stopped', tel.first(running))
+        stop = tel.wait_first(lambda s: not running(s), 3, 'the motor stopped', self.first_running(tel))
         self.assert_motor_never_ran(tel, stop)
 
 
@@ -236,7 +236,7 @@ class SessionAndCartridgeLimits(SafetyTestCase):
         ended = self.ended_log(pen)
         sid1 = self.start_session(pen, duration_s=1)
         self.assertEqual(self.wait_ended(ended, sid1, 5), 'completed')
-        self.assert_motor_stops(tel, tel.first(running))
+        self.assert_motor_stops(tel, self.first_running(tel))
         self.assertEqual(self.cartridge('CART-RT')['state'], 'in-use')
         mark = tel.mark()
         sid2 = self.start_session(pen, duration_s=60)
@@ -265,7 +265,7 @@ class SessionAndCartridgeLimits(SafetyTestCase):
         sid = self.start_session(pen)
         self.pen_call(pen, 'Stop')
         self.assertEqual(self.wait_ended(ended, sid), 'stopped')
-        self.assert_motor_stops(tel, tel.first(running))
+        self.assert_motor_stops(tel, self.first_running(tel))
         self.assert_recorded(sid, 'stopped', cartridge='CART-ONCE')
         # Out and in again: the same id is spent.
         self.sim('EjectCartridge', dbus.ObjectPath(pen))
