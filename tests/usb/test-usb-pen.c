@@ -426,8 +426,8 @@ static void test_stream(Fixture *f) {
                " corrupt %" PRIu64 "; CPU: test process %.0f%%, of which the sd-event loop thread %.0f%%\n",
                received, (double) elapsed / 1e6, (double) received * 1e6 / (double) elapsed, s.packets,
                (double) s.samples / (double) MAX(s.packets, (uint64_t) 1), streamed.samples_produced,
-               streamed.samples_sent, streamed.samples_dropped, s.gaps, s.duplicates, s.corrupt_packets, 100.0 * cpu_s / ((double) elapsed / 1e6),
-               100.0 * loop_cpu_s / ((double) elapsed / 1e6));
+               streamed.samples_sent, streamed.samples_dropped, s.gaps, s.duplicates, s.corrupt_packets,
+               100.0 * cpu_s / ((double) elapsed / 1e6), 100.0 * loop_cpu_s / ((double) elapsed / 1e6));
 
         FakePenStats fs;
         fakepen_get_stats(fake, &fs);
