@@ -425,14 +425,15 @@ int ng_gadget_usb_reset(ng_gadget *g, uint64_t now_us) {
 
 /* ---- control commands ---------------------------------------------------------------------------- */
 
-/* Parses a whole decimal number in [min, max]. */
-static int parse_unsigned(const char *s, unsigned min, unsigned max, unsigned *ret) {
+int ng_parse_unsigned(const char *s, unsigned min, unsigned max, unsigned *ret) {
         char *end = NULL;
         if (!s || *s < '0' || *s > '9')
                 return -EINVAL;
         errno = 0;
         unsigned long v = strtoul(s, &end, 10);
-        if (errno != 0 || *end != '\0' || v < min || v > max)
+        if (*end != '\0')
+                return -EINVAL;
+        if (errno != 0 || v < min || v > max)
                 return -ERANGE;
         *ret = (unsigned) v;
         return 0;
@@ -487,7 +488,7 @@ static int command_hostile(ng_gadget *g, uint64_t now_us, char **argv, unsigned 
         kind = ng_hostile_from_string(argv[1]);
         if (kind < 0)
                 return reply_error(reply, size, -EINVAL, "unknown hostile kind '%s' (malformed, truncated, out-of-sequence, bad-crc)", argv[1]);
-        if (argc == 3 && parse_unsigned(argv[2], 1, NG_HOSTILE_COUNT_MAX, &count) < 0)
+        if (argc == 3 && ng_parse_unsigned(argv[2], 1, NG_HOSTILE_COUNT_MAX, &count) < 0)
                 return reply_error(reply, size, -ERANGE, "COUNT must be 1..%u, not '%s'", NG_HOSTILE_COUNT_MAX, argv[2]);
         if (g->hostile_len == NG_HOSTILE_QUEUE_MAX)
                 return reply_error(reply, size, -ENOSPC, "%u hostile commands are waiting already", NG_HOSTILE_QUEUE_MAX);
@@ -527,7 +528,7 @@ int ng_gadget_command(ng_gadget *g, uint64_t now_us, const char *line, char *rep
         if (STREQ(cmd, "insert-cartridge")) {
                 if (argc != 3)
                         return reply_error(reply, size, -EINVAL, "usage: insert-cartridge ID NEEDLES");
-                if (parse_unsigned(argv[2], 1, UINT8_MAX, &n) < 0)
+                if (ng_parse_unsigned(argv[2], 1, UINT8_MAX, &n) < 0)
                         return reply_error(reply, size, -ERANGE, "NEEDLES must be 1..%u, not '%s'", UINT8_MAX, argv[2]);
                 r = nd_penmodel_insert_cartridge(g->model, now_us, argv[1], n);
                 if (r == -EBUSY)
@@ -551,7 +552,7 @@ int ng_gadget_command(ng_gadget *g, uint64_t now_us, const char *line, char *rep
         if (STREQ(cmd, "battery")) {
                 if (argc != 2)
                         return reply_error(reply, size, -EINVAL, "usage: battery PERCENT");
-                if (parse_unsigned(argv[1], 0, ND_PROTO_BATTERY_MAX_PERCENT, &n) < 0)
+                if (ng_parse_unsigned(argv[1], 0, ND_PROTO_BATTERY_MAX_PERCENT, &n) < 0)
                         return reply_error(reply, size, -ERANGE, "PERCENT must be 0..%u, not '%s'",
                                            ND_PROTO_BATTERY_MAX_PERCENT, argv[1]);
                 r = nd_penmodel_set_battery(g->model, now_us, n);

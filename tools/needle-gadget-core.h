@@ -51,6 +51,10 @@ const char *ng_hostile_to_string(ng_hostile h);
 /* COUNT of one "hostile" command. */
 #define NG_HOSTILE_COUNT_MAX 1000u
 
+/* Parses a whole decimal number in [min, max] (nothing before or after it): 0, or -EINVAL (not a
+ * number), -ERANGE (out of range). The ctl commands' counts and the program's options. */
+int ng_parse_unsigned(const char *s, unsigned min, unsigned max, unsigned *ret);
+
 /* One motor log line without its timestamps: the event happened at mono_us (the model's clock,
  * which may be before the call that reports it), text is "motor-start depth_mm=...",
  * "motor-stop cause=..." or "event NAME ...". */

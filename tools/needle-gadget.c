@@ -605,6 +605,7 @@ static void usage(FILE *f) {
         fprintf(f,
                 "usage: needle-gadget --ffs DIR --serial SERIAL [--motor-log FILE] [--control SOCKET]\n"
                 "                     [--ready FILE] [--cartridge ID:NEEDLES] [--battery PERCENT]\n"
+                "                     [--telemetry-rate HZ]\n"
                 "       needle-gadget ctl SOCKET COMMAND [ARGS...]\n"
                 "A needle pen (the needled pen model, USB id %04x:%04x) on a mounted FunctionFS instance.\n"
                 "See docs/needle-gadget.md.\n",
@@ -635,6 +636,7 @@ int main(int argc, char **argv) {
                 { "ready", required_argument, NULL, 'r' },
                 { "cartridge", required_argument, NULL, 'k' },
                 { "battery", required_argument, NULL, 'b' },
+                { "telemetry-rate", required_argument, NULL, 't' },
                 { "help", no_argument, NULL, 'h' },
                 { NULL, 0, NULL, 0 },
         };
@@ -658,17 +660,21 @@ int main(int argc, char **argv) {
                 case 'c': g.control_path = optarg; break;
                 case 'r': ready = optarg; break;
                 case 'k': cartridge = optarg; break;
-                case 'b': {
-                        char *end = NULL;
-                        errno = 0;
-                        unsigned long v = strtoul(optarg, &end, 10);
-                        if (errno || *end || optarg[0] < '0' || optarg[0] > '9' || v > ND_PROTO_BATTERY_MAX_PERCENT) {
-                                fprintf(stderr, "needle-gadget: --battery must be 0..100, not '%s'\n", optarg);
+                case 'b':
+                        if (ng_parse_unsigned(optarg, 0, ND_PROTO_BATTERY_MAX_PERCENT, &battery) < 0) {
+                                fprintf(stderr, "needle-gadget: --battery must be 0..%u, not '%s'\n",
+                                        ND_PROTO_BATTERY_MAX_PERCENT, optarg);
                                 return EXIT_FAILURE;
                         }
-                        battery = (unsigned) v;
                         break;
-                }
+                case 't':
+                        if (ng_parse_unsigned(optarg, ND_PROTO_TELEMETRY_RATE_MIN_HZ, ND_PROTO_TELEMETRY_RATE_MAX_HZ,
+                                              &config.telemetry_rate_hz) < 0) {
+                                fprintf(stderr, "needle-gadget: --telemetry-rate must be %u..%u (Hz), not '%s'\n",
+                                        ND_PROTO_TELEMETRY_RATE_MIN_HZ, ND_PROTO_TELEMETRY_RATE_MAX_HZ, optarg);
+                                return EXIT_FAILURE;
+                        }
+                        break;
                 case 'h': usage(stdout); return EXIT_SUCCESS;
                 default: usage(stderr); return EXIT_FAILURE;
                 }

@@ -587,6 +587,31 @@ START_TEST(test_descriptors) {
 }
 END_TEST
 
+/* The ctl commands' counts and the program's --battery and --telemetry-rate. */
+START_TEST(test_parse_unsigned) {
+        unsigned v = 7;
+        ck_assert_int_eq(ng_parse_unsigned("250", 1, 1000, &v), 0);
+        ck_assert_uint_eq(v, 250);
+        ck_assert_int_eq(ng_parse_unsigned("1", 1, 1000, &v), 0);
+        ck_assert_uint_eq(v, 1);
+        ck_assert_int_eq(ng_parse_unsigned("1000", 1, 1000, &v), 0);
+        ck_assert_uint_eq(v, 1000);
+        ck_assert_int_eq(ng_parse_unsigned("0", 0, 100, &v), 0);
+        ck_assert_uint_eq(v, 0);
+        v = 7;
+        ck_assert_int_eq(ng_parse_unsigned("0", 1, 1000, &v), -ERANGE);
+        ck_assert_int_eq(ng_parse_unsigned("1001", 1, 1000, &v), -ERANGE);
+        ck_assert_int_eq(ng_parse_unsigned("99999999999999999999999", 1, 1000, &v), -ERANGE);
+        ck_assert_int_eq(ng_parse_unsigned("25x", 1, 1000, &v), -EINVAL);
+        ck_assert_int_eq(ng_parse_unsigned("-1", 0, 100, &v), -EINVAL);
+        ck_assert_int_eq(ng_parse_unsigned(" 5", 0, 100, &v), -EINVAL);
+        ck_assert_int_eq(ng_parse_unsigned("+5", 0, 100, &v), -EINVAL);
+        ck_assert_int_eq(ng_parse_unsigned("", 0, 100, &v), -EINVAL);
+        ck_assert_int_eq(ng_parse_unsigned(NULL, 0, 100, &v), -EINVAL);
+        ck_assert_uint_eq(v, 7); /* untouched by a refusal */
+}
+END_TEST
+
 START_TEST(test_names) {
         for (int c = 0; c < _NG_STOP_MAX; c++)
                 ck_assert_ptr_nonnull(ng_stop_cause_to_string((ng_stop_cause) c));
@@ -617,6 +642,7 @@ static Suite *gadget_suite(void) {
         tcase_add_test(tc, test_commands);
         tcase_add_test(tc, test_descriptors);
         tcase_add_test(tc, test_names);
+        tcase_add_test(tc, test_parse_unsigned);
         suite_add_tcase(s, tc);
         return s;
 }

@@ -124,6 +124,15 @@ pen_get() { busctl --system get-property org.needled "$PEN_PATH" org.needled1.Pe
 # unquoted: busctl prints 's "idle"', 'u 3'
 pen_value() { pen_get "$1" 2>/dev/null | sed -E 's/^[a-z]+ //; s/^"(.*)"$/\1/'; }
 pen_state_is() { [ "$(pen_value State)" = "$1" ]; }
+# wait_for_state STATE [SECONDS]: waits (10 s by default) for the pen's State; if it does not
+# come, says what the state and fault are and what needled logged last (CI keeps only the
+# stage's output, not the journal in the results)
+wait_for_state() {
+	wait_for "${2:-10}" pen_state_is "$1" && return 0
+	log "pen state '$(pen_value State)', fault '$(pen_value Fault)', not '$1'; needled's last lines:"
+	journalctl --no-pager -o short-monotonic -n 8 -u needled.service 2>&1 | sed 's/^/    /'
+	return 1
+}
 # the pen's object is listed by the manager (the same path after every replug)
 pen_on_bus() { mgr_get Pens 2>/dev/null | grep -q "\"$PEN_PATH\""; }
 pen_cartridge_state() { pen_get Cartridge 2>/dev/null | grep -o '"state" s "[a-z-]*"' | sed -E 's/.*"([a-z-]*)"$/\1/'; }

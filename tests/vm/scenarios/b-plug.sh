@@ -26,7 +26,9 @@ check "no D-Bus activation happened" sh -c \
 	"! journalctl --no-pager --since='$since' -u dbus.service | grep -q \"service name='org.needled'\""
 check "the pen appears on the bus: Manager.Pens lists $PEN_PATH" wait_for 30 pen_on_bus
 expect "its Serial" "$(pen_value Serial)" "$PEN_SERIAL"
-check "its state is idle" wait_for 10 pen_state_is idle
+check "its state is idle" wait_for_state idle
+# needled streams at the most the pen can (its IDENTIFY; needle-gadget --telemetry-rate)
+expect "its TelemetryRateHz (the pen's highest)" "$(pen_value TelemetryRateHz)" "$NEEDLED_VM_TELEMETRY_HZ"
 check "the journal says the pen connected" sh -c \
 	"journalctl --no-pager --since='$since' -u needled.service | grep -q 'pen connected'"
 finish

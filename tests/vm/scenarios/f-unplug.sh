@@ -84,5 +84,5 @@ check "replug: bind the UDC" pen_plug
 check "the pen is back on the bus" wait_for 30 pen_on_bus
 check "at the same object path" sh -c "busctl --system get-property org.needled /org/needled org.needled1.Manager Pens | grep -qx 'ao 1 \"$PEN_PATH\"'"
 expect "Generation one higher" "$(pen_value Generation)" "$((generation + 1))"
-check "idle" wait_for 10 pen_state_is idle
+check "idle" wait_for_state idle
 finish

@@ -62,7 +62,7 @@ check "systemd restarts needled" wait_for 30 sh -c "systemctl is-active --quiet 
 expect "NRestarts" "$(needled_restarts)" "$((restarts + 1))"
 session_end_wait 10 || session_cleanup
 check "the pen is back on the bus" wait_for 30 pen_on_bus
-check "idle" wait_for 15 pen_state_is idle
+check "idle" wait_for_state idle 15
 expect "ledger: the session was closed as" "$(history_get "$SESSION_ID" reason)" daemon-restart
 check "ledger: with an end" test "$(history_get "$SESSION_ID" end)" -gt 0
 expect "the cartridge stays spent (ledger)" "$(needlectl --json cartridge "$CARTRIDGE" | jq -r .state)" spent

@@ -49,7 +49,7 @@ for kind in bad-crc truncated malformed; do
 	expect "$kind: ledger" "$(history_get "$SESSION_ID" reason)" fault:telemetry-corrupt
 	check "$kind: the fault clears once good telemetry flows" wait_for 10 \
 		as_user "$OPERATOR" needlectl --no-ask-password clear-fault "$PEN_SERIAL"
-	check "$kind: idle again" wait_for 10 pen_state_is idle
+	check "$kind: idle again" wait_for_state idle
 done
 expect "needled stayed up (same pid)" "$(needled_pid)" "$pid"
 expect "and was never restarted" "$(needled_restarts)" "$restarts"
