@@ -681,8 +681,10 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
                 int r = -ENOMEM;
                 if (c) {
                         nd_proto_request_heartbeat(&c->setup);
-                        /* a heartbeat answered later than the watchdog is worth nothing */
-                        c->timeout_ms = MIN(c->timeout_ms, p->config.heartbeat_timeout_ms);
+                        /* The pen has until its watchdog to acknowledge a heartbeat: the silence the
+                         * limits allow the link (pen.heartbeat_timeout_ms), not the request timeout of
+                         * the other commands. A later answer is a heartbeat lost. */
+                        c->timeout_ms = p->config.heartbeat_timeout_ms;
                         r = command_submit(p, c);
                 }
                 if (r >= 0) {

@@ -706,6 +706,7 @@ typedef struct Scripted {
                 uint8_t data[8];
                 nd_control_done_fn done;
                 void *userdata;
+                uint32_t timeout_ms;
         } pending[SCRIPT_MAX];
         unsigned n_pending;
         bool streaming;
@@ -721,6 +722,7 @@ static int scripted_control(nd_transport *t, const nd_control_setup *setup, cons
                 memcpy(s->pending[s->n_pending].data, out_data, MIN((size_t) setup->length, sizeof s->pending[0].data));
         s->pending[s->n_pending].done = done;
         s->pending[s->n_pending].userdata = userdata;
+        s->pending[s->n_pending].timeout_ms = timeout_ms;
         s->n_pending++;
         return 0;
 }
@@ -783,16 +785,22 @@ typedef struct Script {
         Scripted *t;
         bool freed;
         Rec rec;
+        unsigned watchdog_ms; /* what SET_WATCHDOG must ask for */
 } Script;
 
-static void script_setup(Script *sc) {
+static void script_setup_with(Script *sc, const nd_pendev_config *config) {
         *sc = (Script) { 0 };
         ck_assert_int_eq(sd_event_new(&sc->e), 0);
         sc->t = scripted_new(sc->e, &sc->freed);
-        ck_assert_int_eq(nd_pendev_new(&sc->t->base, NULL, &callbacks, &sc->rec, &sc->rec.p), 0);
+        sc->watchdog_ms = config ? config->heartbeat_timeout_ms : ND_PENDEV_HEARTBEAT_TIMEOUT_MS_DEFAULT;
+        ck_assert_int_eq(nd_pendev_new(&sc->t->base, config, &callbacks, &sc->rec, &sc->rec.p), 0);
         ck_assert_uint_eq(sc->t->n_pending, 1);
         ck_assert_uint_eq(sc->t->pending[0].setup.request, ND_PROTO_REQ_IDENTIFY);
         ck_assert_uint_eq(sc->t->pending[0].setup.value, ND_PROTO_VERSION_MAJOR << 8 | ND_PROTO_VERSION_MINOR);
+}
+
+static void script_setup(Script *sc) {
+        script_setup_with(sc, NULL);
 }
 
 /* Answers the whole opening sequence successfully. */
@@ -808,7 +816,7 @@ static void script_open(Script *sc) {
         ck_assert_uint_eq(scripted_answer(sc->t, ND_PROTO_CARTRIDGE_SIZE, buf, ND_PROTO_CARTRIDGE_SIZE), ND_PROTO_REQ_GET_CARTRIDGE);
         ck_assert_int_eq(nd_proto_encode_status(&st, buf, sizeof buf), ND_PROTO_STATUS_SIZE);
         ck_assert_uint_eq(scripted_answer(sc->t, ND_PROTO_STATUS_SIZE, buf, ND_PROTO_STATUS_SIZE), ND_PROTO_REQ_GET_STATUS);
-        ck_assert_uint_eq(sc->t->pending[0].setup.value, ND_PENDEV_HEARTBEAT_TIMEOUT_MS_DEFAULT);
+        ck_assert_uint_eq(sc->t->pending[0].setup.value, sc->watchdog_ms);
         ck_assert_uint_eq(scripted_answer(sc->t, 0, NULL, 0), ND_PROTO_REQ_SET_WATCHDOG);
         ck_assert(sc->t->streaming); /* listening before the pen is told to talk */
         ck_assert_uint_eq(scripted_answer(sc->t, 0, NULL, 0), ND_PROTO_REQ_SET_TELEMETRY);
@@ -1021,6 +1029,39 @@ START_TEST(test_queue_waits_and_gone_fails_queued) {
 }
 END_TEST
 
+/* A heartbeat may take until the watchdog to be acknowledged, even when the limits' watchdog is
+ * longer than the request timeout of the other commands (an emulated or passed-through link). */
+START_TEST(test_heartbeat_waits_for_the_watchdog) {
+        nd_pendev_config config;
+        nd_pendev_config_init(&config);
+        config.heartbeat_timeout_ms = 3000;
+        config.heartbeat_interval_ms = 100;
+        config.request_timeout_ms = 1000;
+        Script sc;
+        script_setup_with(&sc, &config);
+        script_open(&sc);
+        Done a = { 0 };
+        ck_assert_int_eq(nd_pendev_set_depth(sc.rec.p, 1.0, on_done, &a), 0);
+        ck_assert_uint_eq(sc.t->n_pending, 1);
+        ck_assert_uint_eq(sc.t->pending[0].setup.request, ND_PROTO_REQ_SET_DEPTH);
+        ck_assert_uint_eq(sc.t->pending[0].timeout_ms, 1000);
+        scripted_answer(sc.t, 0, NULL, 0);
+        ck_assert_int_eq(a.status, 0);
+        /* the first heartbeat, a tenth of a second on */
+        uint64_t deadline = mono_us() + 10 * USEC_PER_SEC;
+        while (sc.t->n_pending == 0 && mono_us() < deadline)
+                ck_assert_int_ge(sd_event_run(sc.e, 10 * USEC_PER_MSEC), 0);
+        ck_assert_uint_eq(sc.t->n_pending, 1);
+        ck_assert_uint_eq(sc.t->pending[0].setup.request, ND_PROTO_REQ_HEARTBEAT);
+        ck_assert_uint_eq(sc.t->pending[0].timeout_ms, 3000);
+        /* a heartbeat the transport times out is a failure, told as such */
+        scripted_answer(sc.t, -ETIMEDOUT, NULL, 0);
+        ck_assert_uint_eq(sc.rec.errors[ND_PENDEV_ERROR_HEARTBEAT], 1);
+        ck_assert_int_eq(sc.rec.last_error[ND_PENDEV_ERROR_HEARTBEAT], -ETIMEDOUT);
+        script_teardown(&sc);
+}
+END_TEST
+
 START_TEST(test_free_with_requests_pending) {
         Script sc;
         script_setup(&sc);
@@ -1059,6 +1100,7 @@ Suite *nd_test_suite(void) {
         tcase_add_test(tc, test_sequence_wraps);
         tcase_add_test(tc, test_queue_waits_and_gone_fails_queued);
         tcase_add_test(tc, test_free_with_requests_pending);
+        tcase_add_test(tc, test_heartbeat_waits_for_the_watchdog);
         suite_add_tcase(s, tc);
         return s;
 }
