@@ -111,10 +111,13 @@ class Simulator(NeedledTestCase):
             return c
 
         first = counters()
+
+        def measured_and_sent():
+            c = counters()
+            return c['samples_sent'] > first['samples_sent'] + 2 and c['next_sequence'] > first['next_sequence'] + 2
+
         # it measures and sends on (what it sends may have been queued before the first read)
-        wait_until(lambda: (lambda c: c['samples_sent'] > first['samples_sent'] + 2 and
-                            c['next_sequence'] > first['next_sequence'] + 2)(counters()), 10,
-                   'the pen measuring and sending telemetry')
+        wait_until(measured_and_sent, 10, 'the pen measuring and sending telemetry')
         # An unresponsive pen measures on but sends nothing: what it measures is dropped, and said so.
         self.sim('InjectFault', pen, 'unresponsive')
         before = counters()
