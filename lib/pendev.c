@@ -4,6 +4,7 @@
  * callbacks, the timer) holds a dispatch count; nd_pendev_free() inside a callback frees the
  * transport at once (so no callback can follow) but leaves the struct to be released when the
  * outermost dispatch returns. After each user callback the code checks p->freed and stops. */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -65,6 +66,7 @@ struct command {
         nd_control_setup setup;
         uint8_t data[ND_PROTO_SET_TELEMETRY_SIZE]; /* the OUT data stage, when there is one */
         uint32_t timeout_ms;
+        unsigned attempt;        /* opening requests: 0 the first time, then one more per timeout */
         bool submitted;
         bool cancelled;          /* a queued motor start overtaken by a motor stop */
         unsigned watchdog_ms;    /* CMD_CHANGE_WATCHDOG: the new timeout */
@@ -392,12 +394,17 @@ static bool pendev_refuse(nd_pendev *p, nd_pendev_error_kind kind, int error, co
         return pendev_report(p, kind, error, true, 1, "pen refused: %s", message);
 }
 
-static int open_step(nd_pendev *p, command_kind kind) {
+/* Sends one request of the opening sequence; attempt and timeout_ms as open_ask_again() sets
+ * them, 0 and 0 the first time (the request timeout). */
+static int open_step_attempt(nd_pendev *p, command_kind kind, unsigned attempt, uint32_t timeout_ms) {
         command *c = command_new(p, kind);
         int r;
 
         if (!c)
                 return -ENOMEM;
+        c->attempt = attempt;
+        if (timeout_ms > 0)
+                c->timeout_ms = timeout_ms;
         switch (kind) {
         case CMD_IDENTIFY:
                 nd_proto_request_identify(&c->setup, ND_PROTO_VERSION_MAJOR, ND_PROTO_VERSION_MINOR);
@@ -429,6 +436,10 @@ static int open_step(nd_pendev *p, command_kind kind) {
         return queue_command(p, c);
 }
 
+static int open_step(nd_pendev *p, command_kind kind) {
+        return open_step_attempt(p, kind, 0, 0);
+}
+
 static bool open_continue(nd_pendev *p, command_kind next) {
         int r = open_step(p, next);
         if (r < 0)
@@ -450,19 +461,45 @@ static int heartbeat_timer_start(nd_pendev *p) {
         return 0;
 }
 
+/* A request of the opening sequence that timed out is sent again, with twice the time to answer.
+ * Each only reads or sets a value (docs/protocol.md §2), so asking twice does no harm, and a pen
+ * that has just enumerated, or an emulated one on a busy host, may answer its first requests late
+ * (the booted-system test saw IDENTIFY time out after a replug). Returns false when the pendev
+ * was freed. */
+static bool open_ask_again(nd_pendev *p, const command *c) {
+        unsigned attempt = c->attempt + 1;
+        uint32_t timeout_ms = c->timeout_ms > UINT32_MAX / 2 ? UINT32_MAX : c->timeout_ms * 2;
+
+        assert(attempt < ND_PENDEV_OPEN_ATTEMPTS);
+        pendev_log(p, LOG_NOTICE, "%s: no answer within %" PRIu32 " ms, asking again (attempt %u of %u, "
+                   "waiting up to %" PRIu32 " ms)", command_names[c->kind], c->timeout_ms, attempt + 1,
+                   ND_PENDEV_OPEN_ATTEMPTS, timeout_ms);
+        int r = open_step_attempt(p, c->kind, attempt, timeout_ms);
+        if (r < 0)
+                return pendev_refuse(p, c->kind == CMD_IDENTIFY ? ND_PENDEV_ERROR_IDENTIFY : ND_PENDEV_ERROR_SETUP,
+                                     r, "cannot send %s again: %s", command_names[c->kind], strerror(-r));
+        return true;
+}
+
 /* Handles a reply during opening. Returns false when the pendev was freed. */
 static bool open_handle_reply(nd_pendev *p, command *c, int status, const uint8_t *data, size_t len) {
         nd_proto_error err = { 0 };
+        char tries[64] = "";
         int r;
 
         if (status == -ENODEV)
                 return true; /* on_gone follows and says so, once */
+        if (status == -ETIMEDOUT && c->attempt + 1 < ND_PENDEV_OPEN_ATTEMPTS)
+                return open_ask_again(p, c);
         if (status < 0) {
+                if (c->attempt > 0)
+                        snprintf(tries, sizeof tries, " (asked %u times, the last with %" PRIu32 " ms to answer)",
+                                 c->attempt + 1, c->timeout_ms);
                 if (c->kind == CMD_IDENTIFY)
-                        return pendev_refuse(p, ND_PENDEV_ERROR_IDENTIFY, status, "IDENTIFY failed: %s",
-                                             strerror(-status));
-                return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, status, "%s failed: %s", command_names[c->kind],
-                                     strerror(-status));
+                        return pendev_refuse(p, ND_PENDEV_ERROR_IDENTIFY, status, "IDENTIFY failed: %s%s",
+                                             strerror(-status), tries);
+                return pendev_refuse(p, ND_PENDEV_ERROR_SETUP, status, "%s failed: %s%s", command_names[c->kind],
+                                     strerror(-status), tries);
         }
 
         switch (c->kind) {

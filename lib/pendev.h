@@ -3,8 +3,10 @@
  * Opening (started by nd_pendev_new, all asynchronous): IDENTIFY (the host's protocol version;
  * an unknown major or a malformed reply refuses the pen), GET_CARTRIDGE, GET_STATUS,
  * SET_WATCHDOG (the heartbeat timeout), start of the interrupt stream, SET_TELEMETRY (on, at
- * the configured rate). Then `ready` runs, a heartbeat goes out periodically, and every
- * telemetry packet is decoded into samples handed to `samples` in sequence order.
+ * the configured rate). A request of these that times out is asked again, with twice the time
+ * (ND_PENDEV_OPEN_ATTEMPTS); any other failure refuses the pen at once. Then `ready` runs, a
+ * heartbeat goes out periodically, and every telemetry packet is decoded into samples handed to
+ * `samples` in sequence order.
  *
  * Problems are reported through `error`, one call per problem, and counted (nd_pendev_stats);
  * each is also logged (log.h) with the pen's serial as PEN_SERIAL= journal field. Telemetry
@@ -39,6 +41,9 @@ typedef struct nd_pendev nd_pendev;
 #define ND_PENDEV_HEARTBEAT_TIMEOUT_MS_DEFAULT ND_PROTO_WATCHDOG_DEFAULT_MS
 #define ND_PENDEV_HEARTBEAT_DIVISOR_DEFAULT    4u   /* heartbeat every timeout / 4 */
 #define ND_PENDEV_REQUEST_TIMEOUT_MS_DEFAULT   1000u
+/* A request of the opening sequence that times out is sent again, each time with twice the time
+ * to answer: at most this many times in all (1 + 2 + 4 s at the default request timeout). */
+#define ND_PENDEV_OPEN_ATTEMPTS 3u
 /* A pen sampling slower than the stall time allows is stalled after this many silent periods. */
 #define ND_PENDEV_STALL_PERIODS 4u
 

@@ -887,7 +887,14 @@ START_TEST(test_refuse_malformed_identify) {
                         memcpy(buf, "EVIL", 4); /* magic */
                 else
                         status = -ETIMEDOUT, expected = -ETIMEDOUT, len = 0; /* no answer at all */
+                /* a time-out is asked again, ND_PENDEV_OPEN_ATTEMPTS in all; the rest refuse at once */
+                for (unsigned a = 1; status == -ETIMEDOUT && a < ND_PENDEV_OPEN_ATTEMPTS; a++) {
+                        ck_assert_uint_eq(scripted_answer(sc.t, status, NULL, 0), ND_PROTO_REQ_IDENTIFY);
+                        ck_assert_int_eq(nd_pendev_get_state(sc.rec.p), ND_PENDEV_OPENING);
+                        ck_assert_uint_eq(sc.rec.errors[ND_PENDEV_ERROR_IDENTIFY], 0);
+                }
                 scripted_answer(sc.t, status, buf, len);
+                ck_assert_uint_eq(sc.t->n_pending, 0);
                 ck_assert_int_eq(nd_pendev_get_state(sc.rec.p), ND_PENDEV_REFUSED);
                 ck_assert_uint_eq(sc.rec.errors[ND_PENDEV_ERROR_IDENTIFY], 1);
                 ck_assert_int_eq(sc.rec.last_error[ND_PENDEV_ERROR_IDENTIFY], expected);
@@ -895,6 +902,74 @@ START_TEST(test_refuse_malformed_identify) {
                 ck_assert_str_eq(nd_pendev_get_serial(sc.rec.p), "");
                 script_teardown(&sc);
         }
+}
+END_TEST
+
+/* A request of the opening sequence that times out is asked again with twice the time, up to
+ * ND_PENDEV_OPEN_ATTEMPTS in all: a pen answering late after it enumerated is not refused for it.
+ * A pen that refuses (STALL) is refused at once. */
+START_TEST(test_opening_asks_again_after_a_timeout) {
+        nd_pendev_config config;
+        nd_pendev_config_init(&config);
+        config.request_timeout_ms = 1000;
+        Script sc;
+        script_setup_with(&sc, &config);
+        ck_assert_uint_eq(sc.t->pending[0].timeout_ms, 1000);
+        ck_assert_uint_eq(scripted_answer(sc.t, -ETIMEDOUT, NULL, 0), ND_PROTO_REQ_IDENTIFY);
+        ck_assert_uint_eq(sc.t->n_pending, 1);
+        ck_assert_uint_eq(sc.t->pending[0].setup.request, ND_PROTO_REQ_IDENTIFY);
+        ck_assert_uint_eq(sc.t->pending[0].timeout_ms, 2000);
+        ck_assert_int_eq(nd_pendev_get_state(sc.rec.p), ND_PENDEV_OPENING);
+        ck_assert_uint_eq(sc.rec.errors[ND_PENDEV_ERROR_IDENTIFY], 0);
+        /* the second IDENTIFY is answered: opening goes on, each later request with its own 1 s */
+        uint8_t buf[ND_PROTO_IDENTITY_SIZE];
+        identity_bytes(buf, ND_PROTO_VERSION_MAJOR);
+        ck_assert_uint_eq(scripted_answer(sc.t, ND_PROTO_IDENTITY_SIZE, buf, sizeof buf), ND_PROTO_REQ_IDENTIFY);
+        ck_assert_uint_eq(sc.t->pending[0].setup.request, ND_PROTO_REQ_GET_CARTRIDGE);
+        ck_assert_uint_eq(sc.t->pending[0].timeout_ms, 1000);
+        /* a set-up request that times out three times refuses the pen, with what was tried */
+        ck_assert_uint_eq(scripted_answer(sc.t, -ETIMEDOUT, NULL, 0), ND_PROTO_REQ_GET_CARTRIDGE);
+        ck_assert_uint_eq(sc.t->pending[0].timeout_ms, 2000);
+        ck_assert_uint_eq(scripted_answer(sc.t, -ETIMEDOUT, NULL, 0), ND_PROTO_REQ_GET_CARTRIDGE);
+        ck_assert_uint_eq(sc.t->pending[0].timeout_ms, 4000);
+        ck_assert_int_eq(nd_pendev_get_state(sc.rec.p), ND_PENDEV_OPENING);
+        ck_assert_uint_eq(scripted_answer(sc.t, -ETIMEDOUT, NULL, 0), ND_PROTO_REQ_GET_CARTRIDGE);
+        ck_assert_uint_eq(sc.t->n_pending, 0);
+        ck_assert_int_eq(nd_pendev_get_state(sc.rec.p), ND_PENDEV_REFUSED);
+        ck_assert_uint_eq(sc.rec.errors[ND_PENDEV_ERROR_SETUP], 1);
+        ck_assert_int_eq(sc.rec.last_error[ND_PENDEV_ERROR_SETUP], -ETIMEDOUT);
+        ck_assert(!sc.rec.ready);
+        script_teardown(&sc);
+
+        /* a STALL is an answer: no second IDENTIFY */
+        script_setup(&sc);
+        ck_assert_uint_eq(scripted_answer(sc.t, -EPIPE, NULL, 0), ND_PROTO_REQ_IDENTIFY);
+        ck_assert_uint_eq(sc.t->n_pending, 0);
+        ck_assert_int_eq(nd_pendev_get_state(sc.rec.p), ND_PENDEV_REFUSED);
+        ck_assert_int_eq(sc.rec.last_error[ND_PENDEV_ERROR_IDENTIFY], -EPIPE);
+        script_teardown(&sc);
+
+        /* each step has its own attempts: a late SET_WATCHDOG, then a late SET_TELEMETRY */
+        script_setup(&sc);
+        nd_proto_cartridge cart = { .present = false };
+        nd_proto_status st = { .battery_percent = 80, .temperature_c = 30, .watchdog_timeout_ms = 500 };
+        scripted_answer(sc.t, ND_PROTO_IDENTITY_SIZE, buf, sizeof buf);
+        ck_assert_int_eq(nd_proto_encode_cartridge(&cart, buf, sizeof buf), ND_PROTO_CARTRIDGE_SIZE);
+        scripted_answer(sc.t, ND_PROTO_CARTRIDGE_SIZE, buf, ND_PROTO_CARTRIDGE_SIZE);
+        ck_assert_int_eq(nd_proto_encode_status(&st, buf, sizeof buf), ND_PROTO_STATUS_SIZE);
+        scripted_answer(sc.t, ND_PROTO_STATUS_SIZE, buf, ND_PROTO_STATUS_SIZE);
+        ck_assert_uint_eq(scripted_answer(sc.t, -ETIMEDOUT, NULL, 0), ND_PROTO_REQ_SET_WATCHDOG);
+        ck_assert(!sc.t->streaming);
+        ck_assert_uint_eq(scripted_answer(sc.t, 0, NULL, 0), ND_PROTO_REQ_SET_WATCHDOG);
+        ck_assert(sc.t->streaming);
+        ck_assert_uint_eq(scripted_answer(sc.t, -ETIMEDOUT, NULL, 0), ND_PROTO_REQ_SET_TELEMETRY);
+        ck_assert(!sc.rec.ready);
+        ck_assert_uint_eq(scripted_answer(sc.t, 0, NULL, 0), ND_PROTO_REQ_SET_TELEMETRY);
+        ck_assert(sc.rec.ready);
+        ck_assert_int_eq(nd_pendev_get_state(sc.rec.p), ND_PENDEV_READY);
+        for (unsigned k = 0; k < _ND_PENDEV_ERROR_KIND_MAX; k++)
+                ck_assert_uint_eq(sc.rec.errors[k], 0);
+        script_teardown(&sc);
 }
 END_TEST
 
@@ -1095,6 +1170,7 @@ Suite *nd_test_suite(void) {
         tc = tcase_create("scripted");
         tcase_add_test(tc, test_refuse_unknown_major);
         tcase_add_test(tc, test_refuse_malformed_identify);
+        tcase_add_test(tc, test_opening_asks_again_after_a_timeout);
         tcase_add_test(tc, test_refuse_bad_setup_reply);
         tcase_add_test(tc, test_sequence_checks);
         tcase_add_test(tc, test_sequence_wraps);
