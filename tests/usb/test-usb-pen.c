@@ -612,6 +612,41 @@ static void test_timeout(Fixture *f) {
         fakepen_free(fake);
 }
 
+static bool control_unanswered(Fixture *f, void *arg) {
+        FakePenStats fs;
+        fakepen_get_stats(arg, &fs);
+        return fs.control_unanswered >= 1;
+}
+
+/* A pen that lets the first IDENTIFY time out (as a pen just enumerated, or an emulated one on a
+ * busy host, may) and then answers: pendev asks again with twice the time, and the pen is ready,
+ * not refused. libusb cancelled the first request on its time-out. */
+static void test_identify_late(Fixture *f) {
+        f->config.request_timeout_ms = 200 * f->slow;
+        FakePen *fake = fakepen_new(f->tb, NULL, 2, 1);
+        nd_penmodel *m = fakepen_lock(fake);
+        CHECK_ERRNO(nd_penmodel_inject_fault(m, fakepen_now_us(), ND_PENMODEL_FAULT_UNRESPONSIVE), 0);
+        fakepen_unlock(fake);
+        fixture_watch(f);
+        unsigned one = 1;
+        CHECK(run_until(f, n_pens_at_least, &one, 2000));
+        Pen *pen = &f->pens[0];
+        CHECK(run_until(f, control_unanswered, fake, 2000));
+        m = fakepen_lock(fake);
+        CHECK_ERRNO(nd_penmodel_inject_fault(m, fakepen_now_us(), ND_PENMODEL_FAULT_CLEAR), 0);
+        fakepen_unlock(fake);
+        CHECK(run_until(f, pen_ready, pen, 3000));
+        CHECK(pen->errors[ND_PENDEV_ERROR_IDENTIFY] == 0);
+        CHECK(nd_pendev_get_state(pen->dev) == ND_PENDEV_READY);
+        CHECK(strcmp(nd_pendev_get_identity(pen->dev)->serial, "") != 0);
+        FakePenStats fs;
+        fakepen_get_stats(fake, &fs);
+        CHECK(fs.control_unanswered == 1);
+        CHECK(fs.discarded >= 1);
+        fixture_done(f);
+        fakepen_free(fake);
+}
+
 static void test_unresponsive(Fixture *f) {
         FakePen *fake;
         f->config.request_timeout_ms = 200 * f->slow;
@@ -994,6 +1029,7 @@ static const struct {
         { "stall", test_stall },
         { "timeout", test_timeout },
         { "unresponsive", test_unresponsive },
+        { "identify-late", test_identify_late },
         { "unplug-replug", test_unplug_replug },
         { "hostile-packets", test_hostile },
         { "refuse-version", test_refuse_version },
