@@ -5,6 +5,8 @@ and teardown leaves no process and no zombie behind."""
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import unittest
 
@@ -22,6 +24,14 @@ def children_of_self():
         with open(f'/proc/self/task/{tid}/children', encoding='ascii') as f:
             pids.update(int(p) for p in f.read().split())
     return pids
+
+
+def comm(pid):
+    try:
+        with open(f'/proc/{pid}/comm', encoding='ascii') as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
 
 
 def pid_alive(pid):
@@ -148,6 +158,38 @@ class Processes(busfixture.BusTestCase):
         self.assertFalse(pid_alive(grandchild))
         self.assertFalse(os.path.exists(f'/proc/{grandchild}'), 'left as a zombie')
         self.assertEqual(children_of_self() & {proc.pid, grandchild}, set())
+
+    def test_children_die_with_the_test(self):
+        """A test that meson kills at its timeout (SIGTERM to the test's group, SIGKILL soon
+        after) leaves none of the fixture's processes running: they live in groups of their
+        own, and the kernel kills each when the test process dies."""
+        script = ('import os, sys, time, busfixture; '
+                  'p = busfixture.Process(["sleep", "60"], dict(os.environ), sys.argv[1]); '
+                  'print(p.pid, flush=True); time.sleep(60)')
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        test = subprocess.Popen([busfixture.PYTHON, '-c', script, os.path.join(self.fixture.workdir, 'orphan.log')],
+                                env=env, stdout=subprocess.PIPE)
+        self.addCleanup(test.stdout.close)
+        child = int(test.stdout.readline())
+        # Popen returns once setpriv runs; it sets the parent-death signal, then execs sleep
+        deadline = time.monotonic() + 10 * busfixture.timeout_multiplier()
+        while comm(child) != 'sleep' and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(comm(child), 'sleep')
+        test.kill()
+        test.wait()
+        # the child is this process's now (a subreaper): reaped here once it has died
+        deadline = time.monotonic() + 10 * busfixture.timeout_multiplier()
+        while pid_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        alive = pid_alive(child)
+        if alive:
+            os.kill(child, signal.SIGKILL)
+        try:
+            os.waitpid(child, 0)
+        except ChildProcessError:
+            pass
+        self.assertFalse(alive, 'the test process died and its child ran on')
 
 
 if __name__ == '__main__':

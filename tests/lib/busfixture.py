@@ -25,7 +25,8 @@ What it builds, per fixture:
   offers the same mock controls, e.g. tests/dbus/polkitd_challenge.py.
 - Processes started with start_daemon() or spawn(): each in its own process group, its
   output in a log file, stopped with SIGTERM then SIGKILL and always waited for (PID 1
-  does not reap orphans here). The test process makes itself a child subreaper, so the
+  does not reap orphans here). Each, and the bus, is killed by the kernel if the test
+  process dies first (meson's timeout: setpriv --pdeathsig). The test process makes itself a child subreaper, so the
   rest of a stopped process's group (children of a wrapper) is reaped too; other children
   of the test process are never touched.
 
@@ -146,6 +147,17 @@ def unprivileged(argv, user='nobody', group='nogroup'):
     return ['setpriv', f'--reuid={user}', f'--regid={group}', '--clear-groups', '--'] + list(argv)
 
 
+def _dies_with_this_process(argv):
+    """argv run so that the kernel kills it (SIGKILL) when this process dies, however it dies.
+    meson stops a test that overran its timeout with SIGTERM to the test's process group and
+    SIGKILL half a second later; the fixture's children live in groups of their own and this
+    process's teardown does not run, so they ran on: in a quiet run of the README test command a
+    real-time daemon left so used most of a core until the run was stopped (docs/performance.md,
+    twelfth session). setpriv sets the parent-death signal and execs argv, which keeps it; a
+    child that changes its user (unprivileged()) loses it, and those are short-lived callers."""
+    return ['setpriv', '--pdeathsig', 'KILL', '--'] + list(argv)
+
+
 def _become_subreaper():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -162,7 +174,7 @@ class Process:
         self.name = name or os.path.basename(self.argv[0])
         self.log_path = log_path
         with open(log_path, 'wb') as log:
-            self.popen = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
+            self.popen = subprocess.Popen(_dies_with_this_process(self.argv), env=env, stdin=subprocess.DEVNULL,
                                           stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
         self.pid = self.popen.pid
@@ -321,8 +333,8 @@ class SystemBus:
         config = self._write_config()
         log_path = os.path.join(self.workdir, 'dbus-daemon.log')
         with open(log_path, 'wb') as log:
-            popen = subprocess.Popen(['dbus-daemon', f'--config-file={config}', '--nofork',
-                                      '--nopidfile', '--print-address=1'],
+            popen = subprocess.Popen(_dies_with_this_process(['dbus-daemon', f'--config-file={config}', '--nofork',
+                                                              '--nopidfile', '--print-address=1']),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=log, start_new_session=True)
         self.process = popen
