@@ -194,7 +194,7 @@ class WithoutThePolicy(busfixture.BusTestCase):
 
 
 if __name__ == '__main__':
-    busfixture.skip_unless_available(need_setpriv=True)
+    busfixture.skip_unless_available()
     if os.getuid() != 0:
         print('skipping: needs root to start callers as other users')
         sys.exit(busfixture.EXIT_SKIP)

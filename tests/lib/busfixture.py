@@ -26,9 +26,9 @@ What it builds, per fixture:
 - Processes started with start_daemon() or spawn(): each in its own process group, its
   output in a log file, stopped with SIGTERM then SIGKILL and always waited for (PID 1
   does not reap orphans here). Each, and the bus, is killed by the kernel if the test
-  process dies first (meson's timeout: setpriv --pdeathsig). The test process makes itself a child subreaper, so the
-  rest of a stopped process's group (children of a wrapper) is reaped too; other children
-  of the test process are never touched.
+  process dies first (meson's timeout: setpriv --pdeathsig). The test process makes itself
+  a child subreaper, so the rest of a stopped process's group (children of a wrapper) is
+  reaped too; other children of the test process are never touched.
 
 Environment read: NEEDLED_BUILD_ROOT, NEEDLED_SOURCE_ROOT, NEEDLED_DBUS_POLICY (the policy
 file under test), NEEDLED_TEST_VALGRIND=1 (daemons run under valgrind, errors make their
@@ -36,7 +36,7 @@ exit status 99), NEEDLED_TEST_SANITIZED=1 (longer timeouts), NEEDLED_DAEMON_WRAP
 command prefix of your own, e.g. "strace -f -o /tmp/t").
 
 Needs Debian packages: dbus (dbus-daemon), python3-dbus, python3-dbusmock, python3-gi
-(the GLib main loop of dbus-python), util-linux (setpriv, for unprivileged callers).
+(the GLib main loop of dbus-python), util-linux (setpriv: every process it starts).
 """
 
 import ctypes
@@ -116,7 +116,7 @@ def daemon_wrapper():
     return []
 
 
-def missing_requirements(need_setpriv=False):
+def missing_requirements():
     """Returns a list of what this machine lacks to run bus tests (empty: all there)."""
     missing = []
     if not shutil.which('dbus-daemon'):
@@ -129,14 +129,14 @@ def missing_requirements(need_setpriv=False):
             __import__(module)
         except ImportError:
             missing.append(f'python module {module} (package {package})')
-    if need_setpriv and not shutil.which('setpriv'):
+    if not shutil.which('setpriv'):  # every process: _dies_with_this_process(), unprivileged()
         missing.append('setpriv (package util-linux)')
     return missing
 
 
-def skip_unless_available(need_setpriv=False):
+def skip_unless_available():
     """Exits with 77 (meson's skip) naming what is missing; call before unittest.main()."""
-    missing = missing_requirements(need_setpriv)
+    missing = missing_requirements()
     if missing:
         print('skipping, missing: ' + ', '.join(missing))
         sys.exit(EXIT_SKIP)
