@@ -154,7 +154,9 @@ def _dies_with_this_process(argv):
     process's teardown does not run, so they ran on: in a quiet run of the README test command a
     real-time daemon left so used most of a core until the run was stopped (docs/performance.md,
     twelfth session). setpriv sets the parent-death signal and execs argv, which keeps it; a
-    child that changes its user (unprivileged()) loses it, and those are short-lived callers."""
+    child that changes its user (unprivileged()) loses it, and those are short-lived callers.
+    The kernel sends the signal when the thread that started the child exits, not only the
+    process: start fixture processes from the main thread, never from a worker thread that ends."""
     return ['setpriv', '--pdeathsig', 'KILL', '--'] + list(argv)
 
 
